@@ -1,0 +1,176 @@
+// EWA projection of 3D Gaussians to screen space, forward and backward.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+#include "splat_math.h"
+
+namespace splat_cpu {
+using namespace splat;
+
+namespace {
+template <typename T> struct Camera {
+  Mat3<T> R;
+  Vec3<T> t;
+  T fx, fy, cx, cy;
+};
+
+template <typename T> Camera<T> load_camera(const T* viewmat, const T* K) {
+  Camera<T> cam;
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) cam.R.m[i][j] = viewmat[i * 4 + j];
+  }
+  cam.t = {viewmat[3], viewmat[7], viewmat[11]};
+  cam.fx = K[0];
+  cam.fy = K[4];
+  cam.cx = K[2];
+  cam.cy = K[5];
+  return cam;
+}
+
+template <typename T> Vec4<T> load_quat(const T* q) { return {q[0], q[1], q[2], q[3]}; }
+template <typename T> Vec3<T> load_vec3(const T* v) { return {v[0], v[1], v[2]}; }
+}  // namespace
+
+template <typename T>
+void project_forward(int64_t C, int64_t N, const T* means, const T* quats, const T* scales,
+                     const T* opacities, const T* viewmats, const T* Ks, int width, int height,
+                     T eps2d, T near_plane, T far_plane, bool antialiased, int32_t* radii,
+                     T* means2d, T* depths, T* conics, T* compensations, int num_threads) {
+  std::vector<Camera<T>> cams(C);
+  for (int64_t c = 0; c < C; ++c) cams[c] = load_camera(viewmats + c * 16, Ks + c * 9);
+
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t n = 0; n < N; ++n) {
+    const Vec3<T> p = load_vec3(means + n * 3);
+    const Mat3<T> cov = quat_scale_to_covar(load_quat(quats + n * 4), load_vec3(scales + n * 3));
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = c * N + n;
+      const Camera<T>& cam = cams[c];
+      Vec3<T> pc;
+      Mat3<T> covc;
+      world_to_cam(cam.R, cam.t, p, cov, pc, covc);
+      depths[i] = pc.z;
+      radii[2 * i] = radii[2 * i + 1] = 0;
+      means2d[2 * i] = means2d[2 * i + 1] = 0;
+      conics[3 * i] = conics[3 * i + 1] = conics[3 * i + 2] = 0;
+      compensations[i] = 0;
+      if (!(pc.z > near_plane && pc.z < far_plane)) continue;  // also rejects NaN
+
+      Vec2<T> m2;
+      Mat2<T> cov2d;
+      persp_proj(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, m2, cov2d);
+      T comp;
+      const T det = add_blur(cov2d, eps2d, comp);
+      if (!(det > 0)) continue;  // degenerate
+      const Vec3<T> conic = inverse_conic(cov2d, det);
+
+      const T opacity = antialiased ? opacities[n] * comp : opacities[n];
+      const T k = extent_sigmas(opacity);
+      if (!(k > 0)) continue;  // can never reach alpha >= 1/255
+      const T rx = std::ceil(k * std::sqrt(cov2d.m[0][0]));
+      const T ry = std::ceil(k * std::sqrt(cov2d.m[1][1]));
+      if (!(rx > 0 && ry > 0)) continue;
+      if (m2.x + rx <= 0 || m2.x - rx >= width || m2.y + ry <= 0 || m2.y - ry >= height) continue;
+
+      radii[2 * i] = static_cast<int32_t>(rx);
+      radii[2 * i + 1] = static_cast<int32_t>(ry);
+      means2d[2 * i] = m2.x;
+      means2d[2 * i + 1] = m2.y;
+      conics[3 * i] = conic.x;
+      conics[3 * i + 1] = conic.y;
+      conics[3 * i + 2] = conic.z;
+      compensations[i] = comp;
+    }
+  }
+}
+
+template <typename T>
+void project_backward(int64_t C, int64_t N, const T* means, const T* quats, const T* scales,
+                      const T* viewmats, const T* Ks, int width, int height, T eps2d,
+                      const int32_t* radii, const T* conics, const T* compensations,
+                      const T* v_means2d, const T* v_depths, const T* v_conics,
+                      const T* v_compensations, T* v_means, T* v_quats, T* v_scales,
+                      T* v_viewmats, int num_threads) {
+  std::vector<Camera<T>> cams(C);
+  for (int64_t c = 0; c < C; ++c) cams[c] = load_camera(viewmats + c * 16, Ks + c * 9);
+  if (v_viewmats) std::fill(v_viewmats, v_viewmats + C * 16, T(0));
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    // Camera gradients are summed over Gaussians: per-thread partial sums, merged once.
+    std::vector<T> local_vm(v_viewmats ? C * 16 : 0, T(0));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const Vec3<T> p = load_vec3(means + n * 3);
+      const Vec4<T> q = load_quat(quats + n * 4);
+      const Vec3<T> s = load_vec3(scales + n * 3);
+      const Mat3<T> cov = quat_scale_to_covar(q, s);
+      Vec3<T> v_p_sum = {0, 0, 0};
+      Mat3<T> v_cov_sum = {};
+      bool any = false;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = c * N + n;
+        if (radii[2 * i] <= 0 || radii[2 * i + 1] <= 0) continue;
+        any = true;
+        const Camera<T>& cam = cams[c];
+        Vec3<T> pc;
+        Mat3<T> covc;
+        world_to_cam(cam.R, cam.t, p, cov, pc, covc);
+        Vec2<T> m2;
+        Mat2<T> cov2d;
+        persp_proj(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, m2, cov2d);
+        T comp;
+        add_blur(cov2d, eps2d, comp);
+
+        Mat2<T> v_cov2d;
+        inverse_conic_vjp(load_vec3(conics + 3 * i), load_vec3(v_conics + 3 * i), v_cov2d);
+        if (v_compensations) add_blur_vjp(cov2d, eps2d, compensations[i], v_compensations[i], v_cov2d);
+
+        Vec3<T> v_pc;
+        Mat3<T> v_covc;
+        const Vec2<T> v_m2 = {v_means2d[2 * i], v_means2d[2 * i + 1]};
+        persp_proj_vjp(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, v_m2, v_cov2d, v_pc, v_covc);
+        v_pc.z += v_depths[i];
+
+        Mat3<T> v_R = {};
+        Vec3<T> v_t = {0, 0, 0};
+        Vec3<T> v_p;
+        Mat3<T> v_cov;
+        world_to_cam_vjp(cam.R, p, cov, v_pc, v_covc, v_R, v_t, v_p, v_cov);
+        v_p_sum.x += v_p.x; v_p_sum.y += v_p.y; v_p_sum.z += v_p.z;
+        v_cov_sum = add(v_cov_sum, v_cov);
+        if (v_viewmats) {
+          T* vm = local_vm.data() + c * 16;
+          for (int a = 0; a < 3; ++a)
+            for (int b = 0; b < 3; ++b) vm[a * 4 + b] += v_R.m[a][b];
+          vm[3] += v_t.x; vm[7] += v_t.y; vm[11] += v_t.z;
+        }
+      }
+      Vec4<T> v_q = {0, 0, 0, 0};
+      Vec3<T> v_s = {0, 0, 0};
+      if (any) quat_scale_to_covar_vjp(q, s, v_cov_sum, v_q, v_s);
+      v_means[3 * n] = v_p_sum.x; v_means[3 * n + 1] = v_p_sum.y; v_means[3 * n + 2] = v_p_sum.z;
+      v_quats[4 * n] = v_q.w; v_quats[4 * n + 1] = v_q.x; v_quats[4 * n + 2] = v_q.y; v_quats[4 * n + 3] = v_q.z;
+      v_scales[3 * n] = v_s.x; v_scales[3 * n + 1] = v_s.y; v_scales[3 * n + 2] = v_s.z;
+    }
+    if (v_viewmats) {
+#pragma omp critical
+      for (int64_t j = 0; j < C * 16; ++j) v_viewmats[j] += local_vm[j];
+    }
+  }
+}
+
+#define INSTANTIATE(T)                                                                          \
+  template void project_forward<T>(int64_t, int64_t, const T*, const T*, const T*, const T*,   \
+                                   const T*, const T*, int, int, T, T, T, bool, int32_t*, T*,  \
+                                   T*, T*, T*, int);                                           \
+  template void project_backward<T>(int64_t, int64_t, const T*, const T*, const T*, const T*,  \
+                                    const T*, int, int, T, const int32_t*, const T*, const T*, \
+                                    const T*, const T*, const T*, const T*, T*, T*, T*, T*, int);
+INSTANTIATE(float)
+INSTANTIATE(double)
+#undef INSTANTIATE
+
+}  // namespace splat_cpu

@@ -1,0 +1,379 @@
+// Shared Gaussian-splatting math for the C++ CPU path and the CUDA path.
+//
+// Every function is inline, branch-light and templated on the scalar type T, so the
+// CPU extension can run in float (speed) or double (finite-difference checks) and
+// the CUDA kernels reuse the exact same code in float. Each forward function has a
+// hand-written vector-Jacobian product (`*_vjp`) next to it.
+//
+// Conventions (identical to gsplat and Inria 3DGS):
+//   quaternions are (w, x, y, z), normalised inside; scales are linear (not log);
+//   matrices are row-major 3x3; pixel centres sit at (i + 0.5, j + 0.5);
+//   conic = inverse 2D covariance stored as (a, b, c) for [[a, b], [b, c]];
+//   sigma = 0.5 * (a dx^2 + c dy^2) + b dx dy,  alpha = min(0.99, opacity * exp(-sigma)).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define SPLAT_HD __host__ __device__ __forceinline__
+#else
+#define SPLAT_HD inline
+#endif
+
+namespace splat {
+
+// 3DGS numerical conventions.
+constexpr double kAlphaMin = 1.0 / 255.0;   // contributions below this are skipped
+constexpr double kAlphaMax = 0.99;          // alpha clamp (keeps 1 - alpha invertible)
+constexpr double kTransmittanceMin = 1e-4;  // front-to-back early stop
+constexpr double kClipFov = 0.3;            // Jacobian clamp margin beyond the frustum
+
+template <typename T> struct Vec2 { T x, y; };
+template <typename T> struct Vec3 { T x, y, z; };
+template <typename T> struct Vec4 { T w, x, y, z; };
+template <typename T> struct Mat2 { T m[2][2]; };
+template <typename T> struct Mat3 { T m[3][3]; };
+
+// ---------------------------------------------------------------- small algebra
+template <typename T> SPLAT_HD Vec3<T> matvec(const Mat3<T>& A, const Vec3<T>& v) {
+  return {A.m[0][0] * v.x + A.m[0][1] * v.y + A.m[0][2] * v.z,
+          A.m[1][0] * v.x + A.m[1][1] * v.y + A.m[1][2] * v.z,
+          A.m[2][0] * v.x + A.m[2][1] * v.y + A.m[2][2] * v.z};
+}
+template <typename T> SPLAT_HD Vec3<T> matTvec(const Mat3<T>& A, const Vec3<T>& v) {
+  return {A.m[0][0] * v.x + A.m[1][0] * v.y + A.m[2][0] * v.z,
+          A.m[0][1] * v.x + A.m[1][1] * v.y + A.m[2][1] * v.z,
+          A.m[0][2] * v.x + A.m[1][2] * v.y + A.m[2][2] * v.z};
+}
+template <typename T> SPLAT_HD Mat3<T> matmul(const Mat3<T>& A, const Mat3<T>& B) {
+  Mat3<T> C;
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j)
+      C.m[i][j] = A.m[i][0] * B.m[0][j] + A.m[i][1] * B.m[1][j] + A.m[i][2] * B.m[2][j];
+  return C;
+}
+template <typename T> SPLAT_HD Mat3<T> transpose(const Mat3<T>& A) {
+  Mat3<T> B;
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) B.m[i][j] = A.m[j][i];
+  return B;
+}
+template <typename T> SPLAT_HD Mat3<T> add(const Mat3<T>& A, const Mat3<T>& B) {
+  Mat3<T> C;
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) C.m[i][j] = A.m[i][j] + B.m[i][j];
+  return C;
+}
+
+// ---------------------------------------------------------------- rotation
+template <typename T> SPLAT_HD Vec4<T> normalize_quat(const Vec4<T>& q) {
+  const T inv = T(1) / sqrt(q.w * q.w + q.x * q.x + q.y * q.y + q.z * q.z);
+  return {q.w * inv, q.x * inv, q.y * inv, q.z * inv};
+}
+
+// R(q) for a unit quaternion.
+template <typename T> SPLAT_HD Mat3<T> quat_to_rotmat(const Vec4<T>& q) {
+  const T w = q.w, x = q.x, y = q.y, z = q.z;
+  Mat3<T> R;
+  R.m[0][0] = 1 - 2 * (y * y + z * z); R.m[0][1] = 2 * (x * y - w * z); R.m[0][2] = 2 * (x * z + w * y);
+  R.m[1][0] = 2 * (x * y + w * z); R.m[1][1] = 1 - 2 * (x * x + z * z); R.m[1][2] = 2 * (y * z - w * x);
+  R.m[2][0] = 2 * (x * z - w * y); R.m[2][1] = 2 * (y * z + w * x); R.m[2][2] = 1 - 2 * (x * x + y * y);
+  return R;
+}
+
+// VJP of R(normalize(q_raw)) with respect to the raw quaternion.
+template <typename T>
+SPLAT_HD Vec4<T> quat_to_rotmat_vjp(const Vec4<T>& q_raw, const Mat3<T>& v_R) {
+  const Vec4<T> q = normalize_quat(q_raw);
+  const T w = q.w, x = q.x, y = q.y, z = q.z;
+  const auto& v = v_R.m;
+  Vec4<T> g;  // gradient with respect to the unit quaternion
+  g.w = 2 * (-z * v[0][1] + y * v[0][2] + z * v[1][0] - x * v[1][2] - y * v[2][0] + x * v[2][1]);
+  g.x = 2 * (y * v[0][1] + z * v[0][2] + y * v[1][0] - 2 * x * v[1][1] - w * v[1][2] + z * v[2][0] +
+             w * v[2][1] - 2 * x * v[2][2]);
+  g.y = 2 * (-2 * y * v[0][0] + x * v[0][1] + w * v[0][2] + x * v[1][0] + z * v[1][2] - w * v[2][0] +
+             z * v[2][1] - 2 * y * v[2][2]);
+  g.z = 2 * (-2 * z * v[0][0] - w * v[0][1] + x * v[0][2] + w * v[1][0] - 2 * z * v[1][1] + y * v[1][2] +
+             x * v[2][0] + y * v[2][1]);
+  // Through the normalisation: (I - q q^T) g / |q_raw|.
+  const T inv_norm = T(1) / sqrt(q_raw.w * q_raw.w + q_raw.x * q_raw.x + q_raw.y * q_raw.y + q_raw.z * q_raw.z);
+  const T dot = g.w * w + g.x * x + g.y * y + g.z * z;
+  return {(g.w - dot * w) * inv_norm, (g.x - dot * x) * inv_norm, (g.y - dot * y) * inv_norm,
+          (g.z - dot * z) * inv_norm};
+}
+
+// ---------------------------------------------------------------- 3D covariance
+// Sigma = R S S^T R^T with S = diag(scales).
+template <typename T>
+SPLAT_HD Mat3<T> quat_scale_to_covar(const Vec4<T>& q_raw, const Vec3<T>& s) {
+  const Mat3<T> R = quat_to_rotmat(normalize_quat(q_raw));
+  const T sv[3] = {s.x, s.y, s.z};
+  Mat3<T> M;  // M = R S
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) M.m[i][j] = R.m[i][j] * sv[j];
+  return matmul(M, transpose(M));
+}
+
+template <typename T>
+SPLAT_HD void quat_scale_to_covar_vjp(const Vec4<T>& q_raw, const Vec3<T>& s, const Mat3<T>& v_cov,
+                                      Vec4<T>& v_q, Vec3<T>& v_s) {
+  const Mat3<T> R = quat_to_rotmat(normalize_quat(q_raw));
+  const T sv[3] = {s.x, s.y, s.z};
+  Mat3<T> M;
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) M.m[i][j] = R.m[i][j] * sv[j];
+  const Mat3<T> v_M = matmul(add(v_cov, transpose(v_cov)), M);  // d(M M^T)
+  Mat3<T> v_R;
+  T gs[3] = {0, 0, 0};
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      v_R.m[i][j] = v_M.m[i][j] * sv[j];
+      gs[j] += v_M.m[i][j] * R.m[i][j];
+    }
+  v_q = quat_to_rotmat_vjp(q_raw, v_R);
+  v_s = {gs[0], gs[1], gs[2]};
+}
+
+// ---------------------------------------------------------------- world -> camera
+template <typename T>
+SPLAT_HD void world_to_cam(const Mat3<T>& R, const Vec3<T>& t, const Vec3<T>& p, const Mat3<T>& cov,
+                           Vec3<T>& p_c, Mat3<T>& cov_c) {
+  const Vec3<T> rp = matvec(R, p);
+  p_c = {rp.x + t.x, rp.y + t.y, rp.z + t.z};
+  cov_c = matmul(matmul(R, cov), transpose(R));
+}
+
+// Accumulates into v_R, v_t (camera) and writes v_p, v_cov (Gaussian).
+template <typename T>
+SPLAT_HD void world_to_cam_vjp(const Mat3<T>& R, const Vec3<T>& p, const Mat3<T>& cov,
+                               const Vec3<T>& v_pc, const Mat3<T>& v_covc, Mat3<T>& v_R,
+                               Vec3<T>& v_t, Vec3<T>& v_p, Mat3<T>& v_cov) {
+  v_p = matTvec(R, v_pc);
+  v_t.x += v_pc.x; v_t.y += v_pc.y; v_t.z += v_pc.z;
+  const T pv[3] = {p.x, p.y, p.z};
+  const T gv[3] = {v_pc.x, v_pc.y, v_pc.z};
+  // d(R cov R^T)/dR = (V + V^T) R cov, for symmetric cov.
+  const Mat3<T> vR_cov = matmul(matmul(add(v_covc, transpose(v_covc)), R), cov);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) v_R.m[i][j] += gv[i] * pv[j] + vR_cov.m[i][j];
+  v_cov = matmul(matmul(transpose(R), v_covc), R);
+}
+
+// ---------------------------------------------------------------- perspective (EWA)
+// Projects a camera-space Gaussian. The Jacobian is evaluated at the mean clamped to
+// the frustum widened by kClipFov (3DGS), so Gaussians far off-axis stay stable.
+template <typename T>
+SPLAT_HD void persp_proj(const Vec3<T>& p, const Mat3<T>& cov, T fx, T fy, T cx, T cy, int width,
+                         int height, Vec2<T>& mean2d, Mat2<T>& cov2d) {
+  const T z = p.z, rz = T(1) / z, rz2 = rz * rz;
+  const T tan_fovx = T(0.5) * width / fx, tan_fovy = T(0.5) * height / fy;
+  const T lim_x_pos = (width - cx) / fx + T(kClipFov) * tan_fovx;
+  const T lim_x_neg = cx / fx + T(kClipFov) * tan_fovx;
+  const T lim_y_pos = (height - cy) / fy + T(kClipFov) * tan_fovy;
+  const T lim_y_neg = cy / fy + T(kClipFov) * tan_fovy;
+  const T tx = z * fmin(lim_x_pos, fmax(-lim_x_neg, p.x * rz));
+  const T ty = z * fmin(lim_y_pos, fmax(-lim_y_neg, p.y * rz));
+  // J = [[fx/z, 0, -fx tx/z^2], [0, fy/z, -fy ty/z^2]]
+  const T J[2][3] = {{fx * rz, 0, -fx * tx * rz2}, {0, fy * rz, -fy * ty * rz2}};
+  T JS[2][3];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 3; ++j)
+      JS[i][j] = J[i][0] * cov.m[0][j] + J[i][1] * cov.m[1][j] + J[i][2] * cov.m[2][j];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      cov2d.m[i][j] = JS[i][0] * J[j][0] + JS[i][1] * J[j][1] + JS[i][2] * J[j][2];
+  mean2d = {fx * p.x * rz + cx, fy * p.y * rz + cy};
+}
+
+template <typename T>
+SPLAT_HD void persp_proj_vjp(const Vec3<T>& p, const Mat3<T>& cov, T fx, T fy, T cx, T cy, int width,
+                             int height, const Vec2<T>& v_mean2d, const Mat2<T>& v_cov2d,
+                             Vec3<T>& v_p, Mat3<T>& v_cov) {
+  const T x = p.x, y = p.y, z = p.z, rz = T(1) / z, rz2 = rz * rz, rz3 = rz2 * rz;
+  const T tan_fovx = T(0.5) * width / fx, tan_fovy = T(0.5) * height / fy;
+  const T lim_x_pos = (width - cx) / fx + T(kClipFov) * tan_fovx;
+  const T lim_x_neg = cx / fx + T(kClipFov) * tan_fovx;
+  const T lim_y_pos = (height - cy) / fy + T(kClipFov) * tan_fovy;
+  const T lim_y_neg = cy / fy + T(kClipFov) * tan_fovy;
+  const T ux = x * rz, uy = y * rz;
+  const bool x_clipped = ux < -lim_x_neg || ux > lim_x_pos;
+  const bool y_clipped = uy < -lim_y_neg || uy > lim_y_pos;
+  const T tx = z * fmin(lim_x_pos, fmax(-lim_x_neg, ux));
+  const T ty = z * fmin(lim_y_pos, fmax(-lim_y_neg, uy));
+  const T J[2][3] = {{fx * rz, 0, -fx * tx * rz2}, {0, fy * rz, -fy * ty * rz2}};
+
+  // cov2d = J cov J^T:  v_cov = J^T V J,  v_J = (V + V^T) J cov.
+  T Vs[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) Vs[i][j] = v_cov2d.m[i][j] + v_cov2d.m[j][i];
+  for (int a = 0; a < 3; ++a)
+    for (int b = 0; b < 3; ++b) {
+      T acc = 0;
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) acc += J[i][a] * v_cov2d.m[i][j] * J[j][b];
+      v_cov.m[a][b] = acc;
+    }
+  T JC[2][3];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 3; ++j)
+      JC[i][j] = J[i][0] * cov.m[0][j] + J[i][1] * cov.m[1][j] + J[i][2] * cov.m[2][j];
+  T v_J[2][3];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 3; ++j) v_J[i][j] = Vs[i][0] * JC[0][j] + Vs[i][1] * JC[1][j];
+
+  // mean2d = (fx x/z + cx, fy y/z + cy)
+  v_p.x = fx * rz * v_mean2d.x;
+  v_p.y = fy * rz * v_mean2d.y;
+  v_p.z = -(fx * x * v_mean2d.x + fy * y * v_mean2d.y) * rz2;
+  // J's dependence on z and on the (possibly clamped) tx, ty.
+  v_p.z += -fx * rz2 * v_J[0][0] - fy * rz2 * v_J[1][1] + 2 * fx * tx * rz3 * v_J[0][2] +
+           2 * fy * ty * rz3 * v_J[1][2];
+  const T v_tx = -fx * rz2 * v_J[0][2], v_ty = -fy * rz2 * v_J[1][2];
+  if (x_clipped) v_p.z += v_tx * tx * rz; else v_p.x += v_tx;
+  if (y_clipped) v_p.z += v_ty * ty * rz; else v_p.y += v_ty;
+}
+
+// ---------------------------------------------------------------- 2D low-pass + inverse
+// Adds eps2d to the diagonal (the 0.3 px dilation); returns det of the dilated matrix
+// and the antialiasing compensation sqrt(det_orig / det_dilated) (Mip-Splatting).
+template <typename T>
+SPLAT_HD T add_blur(Mat2<T>& cov2d, T eps2d, T& compensation) {
+  const T det_orig = cov2d.m[0][0] * cov2d.m[1][1] - cov2d.m[0][1] * cov2d.m[1][0];
+  cov2d.m[0][0] += eps2d;
+  cov2d.m[1][1] += eps2d;
+  const T det = cov2d.m[0][0] * cov2d.m[1][1] - cov2d.m[0][1] * cov2d.m[1][0];
+  compensation = det > 0 ? sqrt(fmax(T(0), det_orig / det)) : T(0);
+  return det;
+}
+
+// VJP of the compensation factor with respect to the undilated covariance,
+// accumulated into v_cov2d. cov2d_blur is the dilated matrix.
+template <typename T>
+SPLAT_HD void add_blur_vjp(const Mat2<T>& cov2d_blur, T eps2d, T compensation, T v_compensation,
+                           Mat2<T>& v_cov2d) {
+  if (!(compensation > 0)) return;
+  const T a1 = cov2d_blur.m[0][0], c1 = cov2d_blur.m[1][1];
+  const T b = T(0.5) * (cov2d_blur.m[0][1] + cov2d_blur.m[1][0]);
+  const T a0 = a1 - eps2d, c0 = c1 - eps2d;
+  const T det0 = a0 * c0 - b * b, det1 = a1 * c1 - b * b;
+  const T k = v_compensation / (2 * compensation);
+  const T r = det0 / (det1 * det1);
+  // d det/d cov = adj(cov)^T for each entry of the full 2x2 matrix.
+  v_cov2d.m[0][0] += k * (c0 / det1 - r * c1);
+  v_cov2d.m[1][1] += k * (a0 / det1 - r * a1);
+  v_cov2d.m[0][1] += k * (-b / det1 + r * b);
+  v_cov2d.m[1][0] += k * (-b / det1 + r * b);
+}
+
+// conic = (a, b, c) of the inverse of cov2d.
+template <typename T> SPLAT_HD Vec3<T> inverse_conic(const Mat2<T>& cov2d, T det) {
+  const T inv = T(1) / det;
+  return {cov2d.m[1][1] * inv, -T(0.5) * (cov2d.m[0][1] + cov2d.m[1][0]) * inv, cov2d.m[0][0] * inv};
+}
+
+// VJP of the conic: v_cov = -Sigma^-1 G Sigma^-1 with G the symmetric gradient of
+// the inverse (its off-diagonal entry appears twice).
+template <typename T>
+SPLAT_HD void inverse_conic_vjp(const Vec3<T>& conic, const Vec3<T>& v_conic, Mat2<T>& v_cov2d) {
+  const T I[2][2] = {{conic.x, conic.y}, {conic.y, conic.z}};
+  const T G[2][2] = {{v_conic.x, T(0.5) * v_conic.y}, {T(0.5) * v_conic.y, v_conic.z}};
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      T acc = 0;
+      for (int k = 0; k < 2; ++k)
+        for (int l = 0; l < 2; ++l) acc += I[i][k] * G[k][l] * I[l][j];
+      v_cov2d.m[i][j] = -acc;
+    }
+}
+
+// Opacity-aware extent (StopThePop-style): beyond this many standard deviations the
+// Gaussian's alpha is below 1/255 and is skipped anyway. Returns 0 when the Gaussian
+// can never reach the threshold. Never exceeds 3.33 (= sqrt(2 ln 255)) for opacity <= 1.
+template <typename T> SPLAT_HD T extent_sigmas(T opacity) {
+  const T q = T(2) * log(opacity / T(kAlphaMin));
+  return q > 0 ? sqrt(q) : T(0);
+}
+
+// ---------------------------------------------------------------- pixel evaluation
+template <typename T> SPLAT_HD T gaussian_sigma(const Vec3<T>& conic, T dx, T dy) {
+  return T(0.5) * (conic.x * dx * dx + conic.z * dy * dy) + conic.y * dx * dy;
+}
+
+// ---------------------------------------------------------------- spherical harmonics
+// Real SH bases up to degree 3 in the ordering and constants of Sloan (JCGT 2013),
+// as used by 3DGS and gsplat. `dir` must be unit length. Writes (degree+1)^2 values.
+template <typename T> SPLAT_HD void sh_basis(int degree, const Vec3<T>& dir, T* b) {
+  const T x = dir.x, y = dir.y, z = dir.z;
+  b[0] = T(0.2820947917738781);
+  if (degree < 1) return;
+  b[1] = T(-0.48860251190292) * y;
+  b[2] = T(0.48860251190292) * z;
+  b[3] = T(-0.48860251190292) * x;
+  if (degree < 2) return;
+  const T z2 = z * z, c1 = x * x - y * y, s1 = 2 * x * y;
+  b[4] = T(0.5462742152960395) * s1;
+  b[5] = T(-1.092548430592079) * z * y;
+  b[6] = T(0.9461746957575601) * z2 - T(0.3153915652525201);
+  b[7] = T(-1.092548430592079) * z * x;
+  b[8] = T(0.5462742152960395) * c1;
+  if (degree < 3) return;
+  const T tc = T(-2.285228997322329) * z2 + T(0.4570457994644658);
+  const T tb = T(1.445305721320277) * z;
+  const T ta = T(-0.5900435899266435);
+  const T c2 = x * c1 - y * s1, s2 = x * s1 + y * c1;
+  b[9] = ta * s2;
+  b[10] = tb * s1;
+  b[11] = tc * y;
+  b[12] = z * (T(1.865881662950577) * z2 - T(1.119528997770346));
+  b[13] = tc * x;
+  b[14] = tb * c1;
+  b[15] = ta * c2;
+}
+
+// Gradient of sum_k w[k] * basis_k(dir) with respect to the (unit) direction
+// components, treating x, y, z as independent.
+template <typename T> SPLAT_HD Vec3<T> sh_basis_grad(int degree, const Vec3<T>& dir, const T* w) {
+  const T x = dir.x, y = dir.y, z = dir.z;
+  Vec3<T> g = {0, 0, 0};
+  if (degree < 1) return g;
+  const T k1 = T(0.48860251190292);
+  g.y += -k1 * w[1];
+  g.z += k1 * w[2];
+  g.x += -k1 * w[3];
+  if (degree < 2) return g;
+  const T a2 = T(0.5462742152960395), b2 = T(1.092548430592079);
+  g.x += 2 * a2 * y * w[4];
+  g.y += 2 * a2 * x * w[4];
+  g.y += -b2 * z * w[5];
+  g.z += -b2 * y * w[5];
+  g.z += 2 * T(0.9461746957575601) * z * w[6];
+  g.x += -b2 * z * w[7];
+  g.z += -b2 * x * w[7];
+  g.x += 2 * a2 * x * w[8];
+  g.y += -2 * a2 * y * w[8];
+  if (degree < 3) return g;
+  const T z2 = z * z, c1 = x * x - y * y, s1 = 2 * x * y;
+  const T tc = T(-2.285228997322329) * z2 + T(0.4570457994644658);
+  const T dtc_dz = 2 * T(-2.285228997322329) * z;
+  const T kb = T(1.445305721320277);
+  const T ta = T(-0.5900435899266435);
+  // b9 = ta * s2, ds2 = (3 s1, 3 c1, 0);  b15 = ta * c2, dc2 = (3 c1, -3 s1, 0)
+  g.x += 3 * ta * s1 * w[9];
+  g.y += 3 * ta * c1 * w[9];
+  g.x += kb * z * 2 * y * w[10];
+  g.y += kb * z * 2 * x * w[10];
+  g.z += kb * s1 * w[10];
+  g.y += tc * w[11];
+  g.z += dtc_dz * y * w[11];
+  g.z += (3 * T(1.865881662950577) * z2 - T(1.119528997770346)) * w[12];
+  g.x += tc * w[13];
+  g.z += dtc_dz * x * w[13];
+  g.x += kb * z * 2 * x * w[14];
+  g.y += -kb * z * 2 * y * w[14];
+  g.z += kb * c1 * w[14];
+  g.x += 3 * ta * c1 * w[15];
+  g.y += -3 * ta * s1 * w[15];
+  return g;
+}
+
+}  // namespace splat

@@ -1,0 +1,13 @@
+"""Differentiable 3D Gaussian rasterization with three backends.
+
+>>> from recon.raster import rasterize
+>>> out = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
+>>> out.image  # [C, H, W, D]
+
+Backends: ``torch`` (pure-PyTorch reference, :mod:`.reference`), ``cpu`` (OpenMP C++
+kernels built from ``cuda/cpu``, :mod:`.cpu_backend`), ``cuda`` (custom CUDA kernels).
+"""
+
+from .api import BACKENDS, RasterizerArgumentError, RasterOutput, rasterize
+
+__all__ = ["BACKENDS", "RasterOutput", "RasterizerArgumentError", "rasterize"]

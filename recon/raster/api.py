@@ -1,0 +1,217 @@
+"""The one rasterization entry point used by training, rendering and the viewer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._build import KernelBuildError
+
+BACKENDS = ("auto", "torch", "cpu", "cuda")
+
+
+@dataclass
+class RasterOutput:
+    """Everything :func:`rasterize` returns. C cameras, N Gaussians, D channels."""
+
+    image: Tensor
+    """[C, H, W, D] composited colours/features, background blended in."""
+    alpha: Tensor
+    """[C, H, W, 1] accumulated opacity."""
+    depth: Tensor
+    """[C, H, W, 1] expected depth (alpha-normalised camera z; 0 where alpha = 0)."""
+    means2d: Tensor
+    """[C, N, 2] projected centres in pixels. Call ``.retain_grad()`` before backward to
+    read the view-space positional gradient that 3DGS densification thresholds."""
+    radii: Tensor
+    """[C, N, 2] int32 screen-space half extents in pixels; 0 for culled Gaussians."""
+    depths: Tensor
+    """[C, N] camera-space z of each centre."""
+    conics: Tensor
+    """[C, N, 3] inverse 2D covariances (a, b, c) after the low-pass dilation."""
+    backend: str
+    """The backend that actually ran."""
+
+    @property
+    def visible(self) -> Tensor:
+        """[C, N] bool: the Gaussian touched the image in that camera."""
+        return (self.radii > 0).all(dim=-1)
+
+
+class RasterizerArgumentError(ValueError):
+    """An argument of :func:`rasterize` has the wrong shape, dtype, device or value."""
+
+
+def _check(
+    means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds, tile_size
+) -> tuple[int, int]:
+    tensors = dict(means=means, quats=quats, scales=scales, opacities=opacities, colors=colors, viewmats=viewmats, Ks=Ks)
+    if backgrounds is not None:
+        tensors["backgrounds"] = backgrounds
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise RasterizerArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise RasterizerArgumentError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype != means.dtype:
+            raise RasterizerArgumentError(f"{name} has dtype {t.dtype} but means has {means.dtype}")
+        if t.device != means.device:
+            raise RasterizerArgumentError(f"{name} is on {t.device} but means is on {means.device}")
+    N = means.shape[0] if means.dim() == 2 else -1
+    C = viewmats.shape[0] if viewmats.dim() == 3 else -1
+    expect = {
+        "means": ("[N, 3]", (N, 3)), "quats": ("[N, 4]", (N, 4)), "scales": ("[N, 3]", (N, 3)),
+        "opacities": ("[N]", (N,)), "viewmats": ("[C, 4, 4]", (C, 4, 4)), "Ks": ("[C, 3, 3]", (C, 3, 3)),
+    }
+    for name, (text, shape) in expect.items():
+        if N < 0 or C < 0 or tuple(tensors[name].shape) != shape:
+            raise RasterizerArgumentError(
+                f"{name} must have shape {text}, got {list(tensors[name].shape)} "
+                f"(N = {N} from means, C = {C} from viewmats)"
+            )
+    if C == 0:
+        raise RasterizerArgumentError("viewmats must hold at least one camera")
+    if sh_degree is not None:
+        if not 0 <= sh_degree <= 3:
+            raise RasterizerArgumentError(f"sh_degree must be in [0, 3], got {sh_degree}")
+        nb = (sh_degree + 1) ** 2
+        if colors.dim() != 3 or colors.shape[0] != N or colors.shape[2] != 3 or colors.shape[1] < nb:
+            raise RasterizerArgumentError(
+                f"with sh_degree={sh_degree}, colors must be SH coefficients [N, K>={nb}, 3], got {list(colors.shape)}"
+            )
+        D = 3
+    else:
+        if not (colors.dim() == 2 and colors.shape[0] == N) and not (
+            colors.dim() == 3 and colors.shape[:2] == (C, N)
+        ):
+            raise RasterizerArgumentError(
+                f"colors must be features [N, D] or [C, N, D] (or pass sh_degree for SH), got {list(colors.shape)}"
+            )
+        D = colors.shape[-1]
+    if backgrounds is not None and tuple(backgrounds.shape) not in ((D,), (C, D)):
+        raise RasterizerArgumentError(f"backgrounds must have shape [{D}] or [C, {D}], got {list(backgrounds.shape)}")
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise RasterizerArgumentError(f"width and height must be positive ints, got {width!r} x {height!r}")
+    if tile_size not in (8, 16, 32):
+        raise RasterizerArgumentError(f"tile_size must be 8, 16 or 32, got {tile_size}")
+    for name, t in tensors.items():
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise RasterizerArgumentError(f"{name} contains NaN or Inf")
+    if opacities.numel() and bool(((opacities < 0) | (opacities > 1)).any()):
+        raise RasterizerArgumentError("opacities must lie in [0, 1] (apply sigmoid to logits first)")
+    if scales.numel() and bool((scales < 0).any()):
+        raise RasterizerArgumentError("scales must be non-negative (linear scales; apply exp to log-scales first)")
+    return C, D
+
+
+def _pick_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
+    if name not in BACKENDS:
+        raise RasterizerArgumentError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "cuda":
+        raise NotImplementedError(
+            "backend='cuda': the custom CUDA kernels are not built yet; use backend='torch' on GPU tensors"
+        )
+    if name == "cpu" or (name == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise RasterizerArgumentError(f"backend='cpu' needs CPU tensors, got {device}")
+        try:
+            from . import cpu_backend
+            from ._build import load_cpu_extension
+
+            load_cpu_extension()
+            return "cpu", cpu_backend
+        except KernelBuildError as exc:
+            if name == "cpu":
+                raise
+            warnings.warn(f"{exc}\nFalling back to the pure-torch rasterizer.", RuntimeWarning, stacklevel=3)
+    return "torch", reference
+
+
+def rasterize(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    sh_degree: int | None = None,
+    backgrounds: Tensor | None = None,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    antialiased: bool = False,
+    tile_size: int = 16,
+    backend: str = "auto",
+) -> RasterOutput:
+    """Render 3D Gaussians into C pinhole cameras (3DGS conventions, differentiable).
+
+    Args:
+        means: [N, 3] world-space centres.
+        quats: [N, 4] rotations as (w, x, y, z) quaternions; normalised internally.
+        scales: [N, 3] **linear** standard deviations along the local axes (apply
+            ``exp`` to log-scales before calling).
+        opacities: [N] in [0, 1] (apply ``sigmoid`` to logits before calling).
+        colors: SH coefficients [N, K, 3] when ``sh_degree`` is given (K >= (d+1)^2;
+            colour = SH(view dir) + 0.5, clamped at 0 as in 3DGS), otherwise plain
+            features [N, D] or per-camera features [C, N, D].
+        viewmats: [C, 4, 4] world-to-camera (OpenCV axes: x right, y down, z forward).
+        Ks: [C, 3, 3] pinhole intrinsics in pixels.
+        width, height: image size in pixels.
+        sh_degree: SH degree to evaluate (0..3), or None for plain features.
+        backgrounds: [D] or [C, D] colour behind the Gaussians (default: none, i.e. 0).
+        near_plane, far_plane: camera-z culling range.
+        eps2d: low-pass dilation added to the 2D covariance (3DGS: 0.3 px^2).
+        antialiased: scale opacity by sqrt(det / det_dilated) (Mip-Splatting's 2D
+            filter), so small Gaussians do not bloat when rendered far away.
+        tile_size: tile edge in pixels (16 as in 3DGS).
+        backend: "auto" (cuda > cpu > torch by availability), "torch" (pure-PyTorch
+            reference), "cpu" (OpenMP C++ kernels), "cuda" (custom CUDA kernels).
+
+    Returns:
+        A :class:`RasterOutput`. Differentiable with respect to means, quats, scales,
+        opacities, colors, viewmats and backgrounds (not Ks).
+    """
+    C, D = _check(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds, tile_size)
+    name, ops = _pick_backend(backend, means.device)
+    N = means.shape[0]
+
+    radii, means2d, depths, conics, comps = ops.project(
+        means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, antialiased
+    )
+    if sh_degree is not None:
+        # View direction from each camera centre (-R^T t) to each Gaussian.
+        campos = -torch.einsum("cji,cj->ci", viewmats[:, :3, :3], viewmats[:, :3, 3])  # [C, 3]
+        dirs = means[None] - campos[:, None]  # [C, N, 3]
+        feats = torch.clamp_min(ops.spherical_harmonics(sh_degree, dirs, colors) + 0.5, 0.0)
+    else:
+        feats = colors.expand(C, N, D) if colors.dim() == 2 else colors
+    opac = opacities[None].expand(C, N)
+    if antialiased:
+        opac = opac * comps
+    # Depth rides along as one more channel, so one compositing pass yields both.
+    feats = torch.cat([feats, depths[..., None]], dim=-1)
+    bg = None
+    if backgrounds is not None:
+        bg = torch.cat([backgrounds.expand(C, D), torch.zeros_like(backgrounds.expand(C, D)[:, :1])], dim=-1)
+
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    tile_offsets, flat_ids = ops.isect_tiles(means2d, radii, depths, tile_size, tiles_x, tiles_y)
+    render, alpha = ops.composite(
+        means2d, conics, feats, opac, bg, width, height, tile_size, tile_offsets, flat_ids
+    )
+    image, depth_acc = render[..., :D], render[..., D:]
+    depth = torch.where(alpha > 0, depth_acc / alpha.clamp_min(1e-10), torch.zeros_like(depth_acc))
+    return RasterOutput(
+        image=image, alpha=alpha, depth=depth, means2d=means2d, radii=radii,
+        depths=depths, conics=conics, backend=name,
+    )
