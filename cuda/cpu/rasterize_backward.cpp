@@ -78,6 +78,7 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
         const T mx = means2d[2 * i], my = means2d[2 * i + 1];
         const Vec3<T> conic = {conics[3 * i], conics[3 * i + 1], conics[3 * i + 2]};
         const T o = opacities[i];
+        const T sigma_cut = max_sigma(o);
         const T* f = features + i * D;
         const PixelWindow win = pixel_window(mx, my, conic, o, tx0, ty0, tw, th);
         T g_mx = 0, g_my = 0, g_ca = 0, g_cb = 0, g_cc = 0, g_o = 0;
@@ -90,7 +91,7 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
             if (rank >= last[p]) continue;
             const T dx = x + T(0.5) - mx;
             const T sigma = gaussian_sigma(conic, dx, dy);
-            if (sigma < 0) continue;
+            if (sigma < 0 || sigma > sigma_cut) continue;
             const T g = std::exp(-sigma);
             const T og = o * g;
             const T a = std::min(alpha_max, og);

@@ -47,6 +47,7 @@ void rasterize_forward(int64_t C, int64_t N, int64_t D, const T* means2d, const 
         const T mx = means2d[2 * i], my = means2d[2 * i + 1];
         const Vec3<T> conic = {conics[3 * i], conics[3 * i + 1], conics[3 * i + 2]};
         const T o = opacities[i];
+        const T sigma_cut = max_sigma(o);
         const T* f = features + i * D;
         const PixelWindow win = pixel_window(mx, my, conic, o, tx0, ty0, tw, th);
         for (int y = win.y0; y <= win.y1; ++y) {
@@ -55,7 +56,7 @@ void rasterize_forward(int64_t C, int64_t N, int64_t D, const T* means2d, const 
             const int p = (y - ty0) * tile_size + (x - tx0);
             if (done[p]) continue;
             const T sigma = gaussian_sigma(conic, x + T(0.5) - mx, dy);
-            if (sigma < 0) continue;
+            if (sigma < 0 || sigma > sigma_cut) continue;
             const T a = std::min(alpha_max, o * std::exp(-sigma));
             if (a < alpha_min) continue;
             const T next = trans[p] * (1 - a);

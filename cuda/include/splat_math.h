@@ -294,6 +294,10 @@ template <typename T> SPLAT_HD T extent_sigmas(T opacity) {
   return q > 0 ? sqrt(q) : T(0);
 }
 
+// Largest sigma at which opacity * exp(-sigma) still reaches 1/255: pixels beyond it are
+// skipped before paying for exp().
+template <typename T> SPLAT_HD T max_sigma(T opacity) { return log(opacity / T(kAlphaMin)); }
+
 // ---------------------------------------------------------------- pixel evaluation
 template <typename T> SPLAT_HD T gaussian_sigma(const Vec3<T>& conic, T dx, T dy) {
   return T(0.5) * (conic.x * dx * dx + conic.z * dy * dy) + conic.y * dx * dy;
