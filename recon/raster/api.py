@@ -63,14 +63,15 @@ def _check(
             raise RasterizerArgumentError(f"{name} has dtype {t.dtype} but means has {means.dtype}")
         if t.device != means.device:
             raise RasterizerArgumentError(f"{name} is on {t.device} but means is on {means.device}")
-    N = means.shape[0] if means.dim() == 2 else -1
-    C = viewmats.shape[0] if viewmats.dim() == 3 else -1
-    expect = {
-        "means": ("[N, 3]", (N, 3)), "quats": ("[N, 4]", (N, 4)), "scales": ("[N, 3]", (N, 3)),
-        "opacities": ("[N]", (N,)), "viewmats": ("[C, 4, 4]", (C, 4, 4)), "Ks": ("[C, 3, 3]", (C, 3, 3)),
-    }
+    if means.dim() != 2 or means.shape[1] != 3:
+        raise RasterizerArgumentError(f"means must have shape [N, 3], got {list(means.shape)}")
+    if viewmats.dim() != 3 or viewmats.shape[1:] != (4, 4):
+        raise RasterizerArgumentError(f"viewmats must have shape [C, 4, 4], got {list(viewmats.shape)}")
+    N, C = means.shape[0], viewmats.shape[0]
+    expect = {"quats": ("[N, 4]", (N, 4)), "scales": ("[N, 3]", (N, 3)), "opacities": ("[N]", (N,)),
+              "Ks": ("[C, 3, 3]", (C, 3, 3))}
     for name, (text, shape) in expect.items():
-        if N < 0 or C < 0 or tuple(tensors[name].shape) != shape:
+        if tuple(tensors[name].shape) != shape:
             raise RasterizerArgumentError(
                 f"{name} must have shape {text}, got {list(tensors[name].shape)} "
                 f"(N = {N} from means, C = {C} from viewmats)"
