@@ -11,7 +11,6 @@ import functools
 import hashlib
 import os
 import platform
-import sys
 from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +91,3 @@ def load_cpu_extension():
             "Set AVATAR_VERBOSE_BUILD=1 to see the compiler output, or use backend='torch'."
         ) from exc
 
-
-if __name__ == "__main__":  # `python -m recon.raster._build` prebuilds the kernels
-    load_cpu_extension()
-    print("CPU rasterizer ready", file=sys.stderr)
