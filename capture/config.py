@@ -1,0 +1,44 @@
+"""Typed configuration of `avatar capture`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class CaptureConfig:
+    """How a talking-head video becomes a dataset folder."""
+
+    video: Path
+    """Input video (any container/codec FFmpeg reads; phone rotation metadata honoured)."""
+    out: Path
+    """Dataset folder to write."""
+    audio: Path | None = None
+    """Speech to use instead of the video's audio track (wav/mp3/flac, any rate)."""
+    audio_features: list[Path] = field(default_factory=list)
+    """Precomputed ER-NeRF features to carry along (aud_ds.npy [N,16,29], aud_hu.npy [N,2,1024])."""
+    fps: float = 25.0
+    """Target frame rate; frames are resampled to it by nearest timestamp."""
+    size: int = 512
+    """Side of the square output frames in pixels."""
+    crop_scale: float = 2.6
+    """Crop side as a multiple of the face height (chin to brow); includes hair and shoulders."""
+    min_duration: float = 3.0
+    """Shortest clip accepted, in seconds."""
+    min_face_px: float = 80.0
+    """Smallest median face height (chin to brow) accepted in the source video, in pixels."""
+    min_tracked_fraction: float = 0.5
+    """Fail when fewer frames than this have a face."""
+    focal_sweep_fov_deg: tuple[float, float] = (8.0, 70.0)
+    """Range of horizontal fields of view tried by the focal sweep."""
+    focal_sweep_steps: int = 24
+    """Number of focal lengths tried by the sweep (log-spaced)."""
+    smoothness: float = 4.0
+    """Weight of the temporal smoothness (acceleration) prior on head pose."""
+    background_samples: int = 64
+    """Frames sampled to build the background plate."""
+    jpeg_quality: int = 95
+    """JPEG quality of images/."""
+    force: bool = False
+    """Redo every stage even when its output exists."""

@@ -1,0 +1,90 @@
+"""Face tracking with mediapipe 0.10.21's bundled face mesh (478 landmarks, offline).
+
+Landmarks are returned in pixels: x, y in the image, z in the same pixel scale as x
+(mediapipe's relative depth, positive away from the camera).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Landmarks that do not move with speech or expression: forehead, brow ridge, nose
+# bridge and tip, temples, eye corners (not eyelids, lips, cheeks or jaw).
+RIGID = (
+    10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 109, 338, 67, 297, 108, 337, 69, 299, 104, 333,
+    54, 284, 21, 251, 103, 332, 127, 356, 162, 389, 33, 133, 362, 263, 130, 359, 243, 463, 226, 446,
+)
+FACE_OVAL = (
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+    148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+)
+INNER_LIPS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
+OUTER_LIPS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
+RIGHT_EYE = (33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7)
+LEFT_EYE = (263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249)
+# Eye aspect ratio points (p1..p6: outer corner, two upper lid, inner corner, two lower lid).
+RIGHT_EAR = (33, 160, 158, 133, 153, 144)
+LEFT_EAR = (263, 387, 385, 362, 380, 373)
+EYE_OUTER = (33, 263)
+UPPER_LIP, LOWER_LIP = 13, 14
+BROW_TOP, CHIN = 10, 152
+N_LANDMARKS = 478
+
+
+def face_height(lm: np.ndarray) -> np.ndarray:
+    """Brow-to-chin distance in pixels. lm: [..., 478, >=2] -> [...]."""
+    return np.linalg.norm(lm[..., BROW_TOP, :2] - lm[..., CHIN, :2], axis=-1)
+
+
+class FaceTracker:
+    """mediapipe face mesh in video mode; returns every face found, largest first."""
+
+    def __init__(self, max_faces: int = 2, video_mode: bool = True):
+        import mediapipe as mp
+
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
+            min_detection_confidence=0.5, min_tracking_confidence=0.5,
+        )
+
+    def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """rgb: [H, W, 3] uint8 -> list of [478, 3] float32 landmark arrays in pixels."""
+        h, w = rgb.shape[:2]
+        result = self._mesh.process(np.ascontiguousarray(rgb))
+        faces = []
+        for face in result.multi_face_landmarks or []:
+            pts = np.array([(p.x * w, p.y * h, p.z * w) for p in face.landmark], np.float32)
+            faces.append(pts)
+        faces.sort(key=lambda f: -float(face_height(f)))
+        return faces
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> "FaceTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PersonSegmenter:
+    """mediapipe selfie segmentation (bundled model): person probability per pixel."""
+
+    def __init__(self):
+        import mediapipe as mp
+
+        self._seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """rgb: [H, W, 3] uint8 -> [H, W] float32 in [0, 1]."""
+        return self._seg.process(np.ascontiguousarray(rgb)).segmentation_mask.astype(np.float32)
+
+    def close(self) -> None:
+        self._seg.close()
+
+    def __enter__(self) -> "PersonSegmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
