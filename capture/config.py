@@ -23,19 +23,19 @@ class CaptureConfig:
     size: int = 512
     """Side of the square output frames in pixels."""
     crop_scale: float = 2.6
-    """Crop side as a multiple of the face height (chin to brow); includes hair and shoulders."""
+    """Crop side as a multiple of the detected face height; includes hair and shoulders."""
     min_duration: float = 3.0
     """Shortest clip accepted, in seconds."""
     min_face_px: float = 80.0
-    """Smallest median face height (chin to brow) accepted in the source video, in pixels."""
+    """Smallest median face height (detector box) accepted in the source video, in pixels."""
     min_tracked_fraction: float = 0.5
     """Fail when fewer frames than this have a face."""
     focal_sweep_fov_deg: tuple[float, float] = (8.0, 70.0)
     """Range of horizontal fields of view tried by the focal sweep."""
     focal_sweep_steps: int = 24
     """Number of focal lengths tried by the sweep (log-spaced)."""
-    smoothness: float = 4.0
-    """Weight of the temporal smoothness (acceleration) prior on head pose."""
+    smoothness: float = 2.0
+    """Weight of the robust temporal (acceleration) prior on head pose."""
     background_samples: int = 64
     """Frames sampled to build the background plate."""
     jpeg_quality: int = 95

@@ -11,8 +11,8 @@
    the right focal makes the shapes agree across head rotations.
 3. Joint refinement in torch (L-BFGS, float64): per-frame rotation and
    translation, and small per-subject offsets of the canonical rigid points, under a
-   robust (pseudo-Huber) reprojection loss and a temporal prior on the acceleration of
-   the projected rigid points. Only rigid landmarks enter, so speech cannot wobble the
+   robust (pseudo-Huber) reprojection loss and a robust temporal prior on the
+   acceleration of the projected rigid points (frames adjacent in time only). Only rigid landmarks enter, so speech cannot wobble the
    head.
 """
 
@@ -134,10 +134,11 @@ def _so3_exp(r: torch.Tensor) -> torch.Tensor:
 
 
 def rotation_jitter_deg(R: np.ndarray, window: int = 5) -> float:
-    """RMS angle (degrees) between each rotation and its centred moving average.
+    """Median angle (degrees) between each rotation and its centred moving average.
 
     A 5-frame window at 25 fps removes motion slower than ~5 Hz, so what remains is the
-    jitter (landmark noise, speech-driven wobble) a stabilised head must not have.
+    jitter (landmark noise, speech-driven wobble) a stabilised head must not have. The
+    median keeps the few genuine quick head turns of a clip from dominating.
     """
     if len(R) < window:
         return 0.0
@@ -147,7 +148,7 @@ def rotation_jitter_deg(R: np.ndarray, window: int = 5) -> float:
         # Window mean as an average of rotation vectors relative to R_i (small angles).
         rel = [cv2.Rodrigues(R[j] @ R[i].T)[0].reshape(3) for j in range(i - half, i + half + 1)]
         angles.append(float(np.linalg.norm(np.mean(rel, axis=0))))
-    return math.degrees(math.sqrt(np.mean(np.square(angles))))
+    return math.degrees(float(np.median(angles)))
 
 
 def fit_head_pose(
@@ -156,8 +157,9 @@ def fit_head_pose(
     height: int,
     fov_range_deg: tuple[float, float] = (8.0, 70.0),
     sweep_steps: int = 24,
-    smoothness: float = 4.0,
+    smoothness: float = 2.0,
     canonical: np.ndarray | None = None,
+    frame_ids: np.ndarray | None = None,
 ) -> PoseFit:
     """Fit poses and focal to landmarks.
 
@@ -165,12 +167,17 @@ def fit_head_pose(
         lm: [T, 478, 3] landmarks in pixels (x, y) plus mediapipe's relative depth (z).
         width, height: image size; the principal point is its centre.
         canonical: optional [478, 3] head-frame face to start from (default: from `lm`).
+        frame_ids: [T] increasing frame numbers; the temporal prior only links frames
+            that are adjacent in time (default: 0..T-1).
     """
     T = len(lm)
     rigid = list(RIGID)
     X0 = None if canonical is None else canonical.astype(np.float64)
     obs = lm[:, rigid, :2].astype(np.float64)
     cx, cy = width / 2.0, height / 2.0
+    ids = np.arange(T) if frame_ids is None else np.asarray(frame_ids)
+    # Triples (t-1, t, t+1) of consecutive frames carry the acceleration prior.
+    triple = torch.tensor((ids[2:] - ids[:-2] == 2) if T >= 3 else np.zeros(0, bool))
 
     def bundle_adjust(f: float, poses, free_focal: bool):
         """Poses + per-subject shape offsets (+ focal): robust loss, temporal prior."""
@@ -183,6 +190,7 @@ def fit_head_pose(
         target = torch.tensor(obs, dtype=dt)
         center = torch.tensor([cx, cy], dtype=dt)
         delta = 1.5  # px: pseudo-Huber scale; mediapipe noise is about a pixel
+        delta_acc = 2.0  # px/frame^2: pseudo-Huber scale of the temporal prior
         px_per_mm = f / float(np.median([p[1][2] for p in poses])) * 1e-3
 
         def project() -> torch.Tensor:
@@ -194,7 +202,10 @@ def fit_head_pose(
             r2 = ((uv - target) ** 2).sum(-1)
             loss = (delta**2 * (torch.sqrt(1 + r2 / delta**2) - 1)).sum()
             if T >= 3:
-                loss = loss + smoothness * ((uv[2:] - 2 * uv[1:-1] + uv[:-2]) ** 2).sum()
+                # Robust too: landmark jitter (a pixel or so) is damped, a real quick head
+                # movement (tens of pixels of acceleration) is followed.
+                a2 = ((uv[2:] - 2 * uv[1:-1] + uv[:-2]) ** 2).sum(-1)[triple]
+                loss = loss + smoothness * (delta_acc**2 * (torch.sqrt(1 + a2 / delta_acc**2) - 1)).sum()
             # Weak shape prior: a 1 mm offset costs about 1 px^2 per 100 frames.
             return loss + 0.01 * T * ((dX_mm * px_per_mm) ** 2).sum()
 

@@ -68,6 +68,34 @@ class FaceTracker:
         self.close()
 
 
+class FaceDetector:
+    """mediapipe's full-range face detector (bundled): finds small and distant faces too."""
+
+    def __init__(self, min_confidence: float = 0.5):
+        import mediapipe as mp
+
+        self._det = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+
+    def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """rgb: [H, W, 3] uint8 -> boxes [x0, y0, w, h] in pixels, largest first."""
+        h, w = rgb.shape[:2]
+        boxes = []
+        for d in self._det.process(np.ascontiguousarray(rgb)).detections or []:
+            b = d.location_data.relative_bounding_box
+            boxes.append(np.array([b.xmin * w, b.ymin * h, b.width * w, b.height * h], np.float32))
+        boxes.sort(key=lambda b: -float(b[2] * b[3]))
+        return boxes
+
+    def close(self) -> None:
+        self._det.close()
+
+    def __enter__(self) -> "FaceDetector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class PersonSegmenter:
     """mediapipe selfie segmentation (bundled model): person probability per pixel."""
 

@@ -1,0 +1,155 @@
+"""`avatar capture --from-ernerf DIR`: import an ER-NeRF / TalkingGaussian preprocessed folder.
+
+Read: transforms_{train,val}.json (focal_len, cx, cy, frames[img_id, aud_id,
+transform_matrix]), ori_imgs/<id>.jpg (+ <id>.lms, 68 landmarks), parsing/<id>.png
+(BiSeNet colours: head red, neck green, torso blue, background white), bc.jpg, aud.wav,
+aud_ds.npy / aud_hu.npy, au.csv (OpenFace AU45_r blink, AU25_r lips part).
+
+Poses are copied unchanged: ER-NeRF stores camera-to-world matrices in the NeRF/OpenGL
+convention, in its own head frame and units.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from avatar.errors import AvatarError
+from avatar.io import write_json
+
+from . import audio as audio_mod
+from .masks import MASK_NAMES, polygon_mask
+from .pipeline import DATASET_FORMAT, _write_jpg, _write_png
+
+_EYES68 = (tuple(range(36, 42)), tuple(range(42, 48)))
+_INNER_MOUTH68 = tuple(range(60, 68))
+
+
+def _read_frames(src: Path) -> tuple[dict, list[dict]]:
+    frames, meta = [], None
+    for split in ("train", "val"):
+        p = src / f"transforms_{split}.json"
+        if not p.is_file():
+            continue
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise AvatarError(p, f"is not valid JSON ({exc})") from exc
+        for key in ("focal_len", "cx", "cy", "frames"):
+            if key not in d:
+                raise AvatarError(p, f"has no '{key}' field; not an ER-NeRF transforms file")
+        meta = meta or d
+        frames += d["frames"]
+    if meta is None:
+        raise AvatarError(src, "has no transforms_train.json / transforms_val.json",
+                          "point --from-ernerf at an ER-NeRF or TalkingGaussian data/<name> folder")
+    frames.sort(key=lambda f: int(f["img_id"]))
+    return meta, frames
+
+
+def _read_au(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = {k.strip(): k for k in rows[0]} if rows else {}
+    return {name: np.array([float(r[cols[name]]) for r in rows], np.float32) for name in ("AU45_r", "AU25_r") if name in cols}
+
+
+def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) -> Path:
+    """Convert an ER-NeRF folder into a dataset folder (format avatar-dataset/1)."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise AvatarError(src, "is not a folder")
+    if (out / "transforms.json").is_file() and not force:
+        return out
+    meta, frames = _read_frames(src)
+    first = src / "ori_imgs" / f"{int(frames[0]['img_id'])}.jpg"
+    img0 = cv2.imread(str(first))
+    if img0 is None:
+        raise AvatarError(first, "missing or unreadable; ER-NeRF keeps the frames in ori_imgs/")
+    H, W = img0.shape[:2]
+    wav = src / "aud.wav"
+    pcm = audio_mod.load_audio(wav)
+    speech = audio_mod.check_speech(pcm, wav)
+    n_audio = max(int(f.get("aud_id", f["img_id"])) for f in frames) + 1
+    au = _read_au(src / "au.csv") if (src / "au.csv").is_file() else {}
+
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        for name in MASK_NAMES:
+            (work / "masks" / name).mkdir(parents=True, exist_ok=True)
+        (work / "images").mkdir()
+        out_frames, lms68 = [], []
+        for f in tqdm(frames, desc="import", unit="frame", leave=False):
+            i = int(f["img_id"])
+            name = f"{i:06d}"
+            img = cv2.imread(str(src / "ori_imgs" / f"{i}.jpg"))
+            seg = cv2.imread(str(src / "parsing" / f"{i}.png"))
+            if img is None or seg is None:
+                raise AvatarError(src / "ori_imgs" / f"{i}.jpg", "frame or its parsing/ mask is missing or unreadable")
+            _write_jpg(work / "images" / f"{name}.jpg", cv2.cvtColor(img, cv2.COLOR_BGR2RGB), 95)
+            b, g, r = (seg[..., c].astype(int) for c in range(3))
+            head = (r == 255) & (g == 0) & (b == 0)
+            torso = ((r == 0) & (g == 255) & (b == 0)) | ((r == 0) & (g == 0) & (b == 255))
+            person = ~((r == 255) & (g == 255) & (b == 255))
+            lms_path = src / "ori_imgs" / f"{i}.lms"
+            lm = np.loadtxt(lms_path, dtype=np.float32).reshape(-1, 2) if lms_path.is_file() else None
+            mouth = polygon_mask((H, W), lm[list(_INNER_MOUTH68)]) if lm is not None and len(lm) == 68 else np.zeros((H, W), bool)
+            eyes = np.zeros((H, W), bool)
+            if lm is not None and len(lm) == 68:
+                eyes = polygon_mask((H, W), lm[list(_EYES68[0])]) | polygon_mask((H, W), lm[list(_EYES68[1])])
+                lms68.append(lm)
+            for mname, m in zip(MASK_NAMES, (person, head, mouth, eyes, torso)):
+                _write_png(work / "masks" / mname / f"{name}.png", m)
+            k = int(f.get("aud_id", i))
+            entry = {
+                "file_path": f"images/{name}.jpg",
+                **{f"{m}_mask_path": f"masks/{m}/{name}.png" for m in MASK_NAMES},
+                "transform_matrix": f["transform_matrix"],
+                "time": round(k / fps, 6),
+                "frame_index": k,
+            }
+            if "AU45_r" in au and i < len(au["AU45_r"]):
+                entry["eye_openness"] = float(1 - np.clip(au["AU45_r"][i] / 3.0, 0, 1))
+            if "AU25_r" in au and i < len(au["AU25_r"]):
+                entry["mouth_opening"] = float(np.clip(au["AU25_r"][i] / 5.0, 0, 1))
+            out_frames.append(entry)
+
+        bg = cv2.imread(str(src / "bc.jpg"))
+        if bg is None:
+            raise AvatarError(src / "bc.jpg", "background image missing or unreadable")
+        _write_png(work / "background.png", cv2.cvtColor(bg, cv2.COLOR_BGR2RGB))
+        audio_mod.write_wav(work / "audio.wav", pcm)
+        extra = dict(audio_mod.load_ernerf_features(p, n_audio) for p in (src / "aud_ds.npy", src / "aud_hu.npy")
+                     if p.is_file())
+        feats = audio_mod.compute_features(pcm, n_audio, fps, extra)
+        audio_mod.save_features(work / "audio_features.npz", feats, fps)
+        transforms = {
+            "format": DATASET_FORMAT, "camera_model": "OPENCV", "source": "ernerf",
+            "fl_x": float(meta["focal_len"]), "fl_y": float(meta["focal_len"]),
+            "cx": float(meta["cx"]), "cy": float(meta["cy"]), "w": W, "h": H,
+            "fps": fps, "num_source_frames": n_audio,
+            "audio": "audio.wav", "audio_features": "audio_features.npz", "background": "background.png",
+            "frames": out_frames,
+        }
+        if len(lms68) == len(out_frames):
+            np.save(work / "landmarks68.npy", np.stack(lms68))
+            transforms["landmarks68"] = "landmarks68.npy"
+        write_json(work / "transforms.json", transforms)
+        write_json(work / "capture_report.json", {
+            "format": DATASET_FORMAT, "source": {"ernerf": str(src)}, "frames": {"total": len(out_frames)},
+            "audio": speech, "eye_openness_from": "au.csv AU45_r" if "AU45_r" in au else None,
+        })
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return out
