@@ -1,0 +1,50 @@
+"""Video output shared by every stage that writes one: H.264 + AAC mp4, audio muxed in."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable
+
+import av
+import numpy as np
+
+from .io import atomic_path
+
+
+def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: float, audio: np.ndarray | None = None,
+              sample_rate: int = 16_000, crf: int = 18) -> Path:
+    """Encode RGB frames ([H, W, 3] uint8, even sizes) and optional mono float audio in [-1, 1].
+
+    Written to a temp file and renamed, so a crash never leaves a broken video behind.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            video = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            video.pix_fmt = "yuv420p"
+            video.options = {"crf": str(crf), "preset": "medium"}
+            sound = None
+            if audio is not None:
+                sound = container.add_stream("aac", rate=sample_rate)
+                sound.layout = "mono"
+            for i, rgb in enumerate(frames):
+                if i == 0:
+                    video.height, video.width = rgb.shape[:2]
+                for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+                    container.mux(packet)
+            for packet in video.encode():
+                container.mux(packet)
+            if sound is not None:
+                pcm = np.clip(np.asarray(audio, np.float32), -1, 1)[None]
+                for start in range(0, pcm.shape[1], 1024):
+                    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, start : start + 1024]),
+                                                       format="flt", layout="mono")
+                    frame.sample_rate = sample_rate
+                    frame.pts = start
+                    frame.time_base = Fraction(1, sample_rate)
+                    for packet in sound.encode(frame):
+                        container.mux(packet)
+                for packet in sound.encode():
+                    container.mux(packet)
+    return path
