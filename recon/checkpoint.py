@@ -1,0 +1,57 @@
+"""Avatar checkpoints: safetensors (no pickle execution) with JSON metadata.
+
+Format `avatar-checkpoint/1`: one `.safetensors` file; tensors under dotted names
+(`gaussians.means`, `deform.*`, `optim.*`), and the metadata entry `avatar` holding a JSON
+object with at least {"format", "step", "config"}. Written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from avatar.errors import AvatarError
+from avatar.io import atomic_path
+
+CHECKPOINT_FORMAT = "avatar-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AvatarError(path, f"refusing to save a checkpoint with NaN/Inf in {name}",
+                              "training diverged; resume from the previous checkpoint with a lower learning rate")
+    meta = {"format": CHECKPOINT_FORMAT, **meta}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"avatar": json.dumps(meta)})
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load tensors and metadata; raises AvatarError if missing, corrupt, foreign or NaN."""
+    path = Path(path)
+    if not path.is_file():
+        raise AvatarError(path, "checkpoint not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("avatar")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AvatarError(path, f"is not a readable checkpoint ({exc})", "the file is corrupt or truncated") from exc
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise AvatarError(path, f"has unreadable metadata ({exc})") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise AvatarError(path, f"is not an avatar checkpoint (format {meta.get('format')!r})")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AvatarError(path, f"holds NaN/Inf values in {name}", "resume from an earlier checkpoint")
+    return tensors, meta

@@ -1,0 +1,120 @@
+"""Reader of capture's dataset folders (format avatar-dataset/1), streamed from disk.
+
+Frames, masks and features are read on demand through a small LRU cache, so memory
+stays bounded however long the clip is (today's tools preload 60 GB+).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from avatar.errors import AvatarError
+from capture.audio import load_features
+
+SUPPORTED_FORMATS = ("avatar-dataset/1",)
+MASKS = ("person", "head", "mouth", "eyes", "torso")
+
+
+@dataclass
+class Frame:
+    """One training frame at `size` x `size` (float32 tensors, values in [0, 1])."""
+
+    index: int  # position in the dataset
+    frame_index: int  # row of the audio features
+    image: torch.Tensor  # [H, W, 3]
+    masks: dict[str, torch.Tensor]  # name -> [H, W] bool
+    c2w: torch.Tensor  # [4, 4] camera-to-world, OpenGL axes
+    eye_openness: float
+    mouth_opening: float
+
+
+class Dataset:
+    """Random access to a captured dataset; images are decoded lazily.
+
+    Args:
+        root: the dataset folder written by `avatar capture`.
+        size: resize frames to size x size (None keeps the capture size).
+        cache_frames: how many decoded frames to keep in memory.
+    """
+
+    def __init__(self, root: str | Path, size: int | None = None, cache_frames: int = 64):
+        self.root = Path(root)
+        tpath = self.root / "transforms.json"
+        if not tpath.is_file():
+            raise AvatarError(self.root, "is not a dataset folder (no transforms.json)",
+                              "create one with `avatar capture VIDEO --out DIR`")
+        try:
+            self.meta = json.loads(tpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise AvatarError(tpath, f"is not valid JSON ({exc})") from exc
+        fmt = self.meta.get("format")
+        if fmt not in SUPPORTED_FORMATS:
+            raise AvatarError(tpath, f"has format {fmt!r}; this version reads {', '.join(SUPPORTED_FORMATS)}")
+        self.frames = self.meta["frames"]
+        if not self.frames:
+            raise AvatarError(tpath, "lists no frames")
+        for key in ("audio_features", "background"):
+            if not (self.root / self.meta[key]).is_file():
+                raise AvatarError(self.root / self.meta[key], "missing from the dataset", "re-run `avatar capture --force`")
+        self.capture_size = int(self.meta["w"])
+        self.size = size or self.capture_size
+        s = self.size / self.capture_size
+        self.K = torch.tensor([[self.meta["fl_x"] * s, 0, self.meta["cx"] * s],
+                               [0, self.meta["fl_y"] * s, self.meta["cy"] * s], [0, 0, 1]], dtype=torch.float32)
+        self.features = load_features(self.root / self.meta["audio_features"])
+        self.background = self._read_rgb(self.root / self.meta["background"])
+        self._cache: OrderedDict[int, Frame] = OrderedDict()
+        self._cache_frames = cache_frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def _read(self, path: Path, flags: int) -> np.ndarray:
+        img = cv2.imread(str(path), flags)
+        if img is None:
+            raise AvatarError(path, "missing or unreadable in the dataset", "re-run `avatar capture --force`")
+        if img.shape[0] != self.size:
+            interp = cv2.INTER_AREA if img.shape[0] > self.size else cv2.INTER_LINEAR
+            img = cv2.resize(img, (self.size, self.size), interpolation=interp)
+        return img
+
+    def _read_rgb(self, path: Path) -> torch.Tensor:
+        img = cv2.cvtColor(self._read(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        return torch.from_numpy(img).float() / 255
+
+    def __getitem__(self, i: int) -> Frame:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        f = self.frames[i]
+        frame = Frame(
+            index=i,
+            frame_index=int(f["frame_index"]),
+            image=self._read_rgb(self.root / f["file_path"]),
+            masks={m: torch.from_numpy(self._read(self.root / f[f"{m}_mask_path"], cv2.IMREAD_GRAYSCALE) > 127)
+                   for m in MASKS},
+            c2w=torch.tensor(f["transform_matrix"], dtype=torch.float32),
+            eye_openness=float(f.get("eye_openness", 1.0)),
+            mouth_opening=float(f.get("mouth_opening", 0.0)),
+        )
+        self._cache[i] = frame
+        if len(self._cache) > self._cache_frames:
+            self._cache.popitem(last=False)
+        return frame
+
+    def split(self, holdout_fraction: float = 1 / 11) -> tuple[list[int], list[int]]:
+        """Train / held-out indices: the last `holdout_fraction` of the clip is held out."""
+        n_test = max(1, int(round(len(self) * holdout_fraction)))
+        return list(range(len(self) - n_test)), list(range(len(self) - n_test, len(self)))
+
+    def viewmat(self, i: int) -> torch.Tensor:
+        """[4, 4] world-to-camera in OpenCV axes (what the rasterizer takes)."""
+        c2w = torch.tensor(self.frames[i]["transform_matrix"], dtype=torch.float32)
+        return torch.linalg.inv(c2w @ torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])))

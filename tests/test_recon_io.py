@@ -1,0 +1,122 @@
+"""Dataset reader, 3DGS .ply round trip and checkpoints (safetensors, no pickle)."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from plyfile import PlyData
+
+from avatar.errors import AvatarError
+from capture.audio import save_features
+from recon.checkpoint import load_checkpoint, save_checkpoint
+from recon.dataset import Dataset
+from recon.gaussians import Gaussians, load_ply, save_ply
+
+
+def make_dataset(root, n=6, size=32):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    frames = []
+    for k in range(n):
+        cv2.imwrite(str(root / "images" / f"{k:06d}.jpg"), rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        entry = {"file_path": f"images/{k:06d}.jpg", "transform_matrix": np.eye(4).tolist(), "time": k / 25,
+                 "frame_index": k, "eye_openness": 0.5, "mouth_opening": 0.1}
+        for m in ("person", "head", "mouth", "eyes", "torso"):
+            (root / "masks" / m).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / "masks" / m / f"{k:06d}.png"), np.full((size, size), 255 * (m != "mouth"), np.uint8))
+            entry[f"{m}_mask_path"] = f"masks/{m}/{k:06d}.png"
+        frames.append(entry)
+    cv2.imwrite(str(root / "background.png"), np.zeros((size, size, 3), np.uint8))
+    save_features(root / "audio_features.npz", {"mel": np.zeros((n, 16, 80), np.float32),
+                                                "energy": np.zeros(n, np.float32)}, 25.0)
+    (root / "transforms.json").write_text(json.dumps({
+        "format": "avatar-dataset/1", "fl_x": 40.0, "fl_y": 40.0, "cx": size / 2, "cy": size / 2, "w": size, "h": size,
+        "fps": 25.0, "audio_features": "audio_features.npz", "background": "background.png", "frames": frames}))
+
+
+def test_dataset_streams_with_bounded_cache(tmp_path):
+    make_dataset(tmp_path / "ds", n=11)
+    ds = Dataset(tmp_path / "ds", size=16, cache_frames=3)
+    assert len(ds) == 11 and ds.K[0, 0] == 20.0
+    for i in range(len(ds)):
+        f = ds[i]
+        assert f.image.shape == (16, 16, 3) and f.masks["head"].all() and not f.masks["mouth"].any()
+    assert len(ds._cache) == 3
+    train, held_out = ds.split()
+    assert held_out == [10] and train == list(range(10))
+    assert torch.allclose(ds.viewmat(0), torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])))
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(AvatarError, match="no transforms.json"):
+        Dataset(tmp_path)
+    make_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "images" / "000002.jpg").unlink()
+    ds = Dataset(tmp_path / "ds")
+    with pytest.raises(AvatarError, match="000002.jpg: missing or unreadable"):
+        ds[2]
+    (tmp_path / "ds" / "background.png").unlink()
+    with pytest.raises(AvatarError, match="background.png: missing from the dataset"):
+        Dataset(tmp_path / "ds")
+
+
+def random_gaussians(n=50, degree=2):
+    g = torch.Generator().manual_seed(0)
+    return Gaussians(torch.randn(n, 3, generator=g), torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g),
+                     torch.randn(n, generator=g), torch.randn(n, (degree + 1) ** 2, 3, generator=g),
+                     (torch.rand(n, generator=g) > 0.7).to(torch.uint8))
+
+
+def test_ply_round_trip_and_standard_layout(tmp_path):
+    g = random_gaussians()
+    save_ply(tmp_path / "a.ply", g)
+    names = PlyData.read(str(tmp_path / "a.ply"))["vertex"].data.dtype.names
+    assert names[:9] == ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2")
+    assert "f_rest_23" in names and "f_rest_24" not in names and names[-1] == "branch"
+    h = load_ply(tmp_path / "a.ply")
+    for k in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch"):
+        assert torch.equal(getattr(h, k), getattr(g, k)), k
+    # Inria's layout: f_rest is channel-major (all red coefficients first).
+    v = PlyData.read(str(tmp_path / "a.ply"))["vertex"]
+    assert np.isclose(v["f_rest_1"][0], g.sh[0, 2, 0]) and np.isclose(v["f_rest_8"][0], g.sh[0, 1, 1])
+
+
+def test_malformed_ply(tmp_path):
+    (tmp_path / "junk.ply").write_bytes(b"not a ply at all")
+    with pytest.raises(AvatarError, match="junk.ply: is not a readable PLY"):
+        load_ply(tmp_path / "junk.ply")
+    from plyfile import PlyElement
+    arr = np.zeros(3, dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+    PlyData([PlyElement.describe(arr, "vertex")]).write(str(tmp_path / "points.ply"))
+    with pytest.raises(AvatarError, match="is not a 3DGS PLY: missing"):
+        load_ply(tmp_path / "points.ply")
+    g = random_gaussians()
+    g.means[3, 1] = float("nan")
+    save_ply(tmp_path / "nan.ply", g)
+    with pytest.raises(AvatarError, match="NaN or Inf values in means"):
+        load_ply(tmp_path / "nan.ply")
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    t = {"gaussians.means": torch.randn(10, 3), "step_count": torch.tensor([5])}
+    save_checkpoint(tmp_path / "c.safetensors", t, {"step": 5, "config": {"lr": 1e-3}})
+    back, meta = load_checkpoint(tmp_path / "c.safetensors")
+    assert torch.equal(back["gaussians.means"], t["gaussians.means"]) and meta["step"] == 5
+    assert meta["format"] == "avatar-checkpoint/1"
+    with pytest.raises(AvatarError, match="refusing to save a checkpoint with NaN"):
+        save_checkpoint(tmp_path / "d.safetensors", {"x": torch.tensor([float("nan")])}, {})
+    assert not (tmp_path / "d.safetensors").exists()
+    data = (tmp_path / "c.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AvatarError, match="cut.safetensors: is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.tensor([float("inf")])}, str(tmp_path / "inf.safetensors"),
+              metadata={"avatar": json.dumps({"format": "avatar-checkpoint/1"})})
+    with pytest.raises(AvatarError, match="NaN/Inf values in x"):
+        load_checkpoint(tmp_path / "inf.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(AvatarError, match="not an avatar checkpoint"):
+        load_checkpoint(tmp_path / "foreign.safetensors")
