@@ -15,7 +15,6 @@ _PENDING = {
     "render": ("render an avatar driven by a speech file to an mp4 with audio", 5),
     "export": ("export an avatar to a standard 3DGS .ply", 5),
     "view": ("open the live browser viewer", 6),
-    "demo": ("run the whole pipeline on the built-in sample subject", 4),
 }
 
 
@@ -52,6 +51,14 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scenes.demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.target == "raster":
         from bench.rasterizer import main as bench_raster
@@ -83,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-ernerf", metavar="DIR", help="import an ER-NeRF / TalkingGaussian preprocessed folder")
     p.add_argument("--force", action="store_true", help="redo every stage and replace an existing dataset")
     p.set_defaults(func=_capture)
+    p = sub.add_parser("demo", help="run the pipeline on the built-in sample subject (capture so far)")
+    p.add_argument("--out", default="outputs/demo", help="working folder (default outputs/demo); reruns reuse it")
+    p.set_defaults(func=_demo)
     p = sub.add_parser("bench", help="benchmarks (raster: rasterizer backends vs gsplat)")
     p.add_argument("target", choices=["raster"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `avatar bench raster --help`)")
