@@ -9,7 +9,19 @@ from typing import Iterable
 import av
 import numpy as np
 
+from .errors import AvatarError
 from .io import atomic_path
+
+
+def open_media(path: str | Path, what: str, remedy: str):
+    """av.open with the project's errors: missing file, or not readable as `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise AvatarError(path, "file not found")
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise AvatarError(path, f"cannot be read as {what} ({exc.__class__.__name__}: {exc})", remedy) from exc
 
 
 def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: float, audio: np.ndarray | None = None,

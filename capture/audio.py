@@ -26,6 +26,7 @@ import torch
 
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
+from avatar.media import open_media
 
 SAMPLE_RATE = 16_000
 HOP = 160  # 10 ms
@@ -49,13 +50,7 @@ _PHONE_TO_VISEME = {
 def load_audio(path: Path) -> np.ndarray:
     """Any audio (or video's audio track), any rate and channel count -> float32 mono 16 kHz."""
     path = Path(path)
-    if not path.is_file():
-        raise AvatarError(path, "file not found")
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise AvatarError(path, f"cannot be read as audio ({exc})", "pass a wav, mp3, flac or video file") from exc
-    with container:
+    with open_media(path, "audio", "pass a wav, mp3, flac or video file") as container:
         if not container.streams.audio:
             raise AvatarError(path, "has no audio stream",
                               "record with sound, or give the speech separately with --audio FILE")

@@ -11,6 +11,7 @@ import av
 import numpy as np
 
 from avatar.errors import AvatarError
+from avatar.media import open_media
 
 
 @dataclass
@@ -35,14 +36,7 @@ class VideoInfo:
 def probe_video(path: Path) -> VideoInfo:
     """Read stream metadata; raise :class:`AvatarError` for unreadable input."""
     path = Path(path)
-    if not path.is_file():
-        raise AvatarError(path, "file not found")
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise AvatarError(path, f"cannot be read as a video ({exc.__class__.__name__}: {exc})",
-                          "check that the file is a complete video (mp4, mov, mkv, webm) and re-export it") from exc
-    with container:
+    with open_media(path, "a video", "check that the file is a complete video (mp4, mov, mkv, webm) and re-export it") as container:
         if not container.streams.video:
             raise AvatarError(path, "has no video stream", "pass a video file, not an audio or image file")
         vs = container.streams.video[0]

@@ -3,7 +3,6 @@ the real clip gives a complete, accurate dataset; ER-NeRF folders import."""
 
 import json
 import time
-from fractions import Fraction
 
 import av
 import cv2
@@ -12,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from avatar.cli import main
+from avatar.media import write_mp4
 from bench.scenes import SHARED_DATA
 from capture.audio import load_audio
 
@@ -19,33 +19,9 @@ CLIP = SHARED_DATA / "video" / "hdtf_katie_512_8s.mp4"
 SPEECH = SHARED_DATA / "audio" / "zozo_16k_stereo_11s.wav"
 
 
-def write_video(path, frames, fps=25, audio=None, rate=16000):
-    """frames: iterable of [H, W, 3] uint8; audio: float32 mono samples or None."""
-    frames = list(frames)
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        a_s = c.add_stream("aac", rate=rate) if audio is not None else None
-        if a_s is not None:
-            a_s.layout = "mono"
-        for img in frames:
-            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(pkt)
-        for pkt in vs.encode():
-            c.mux(pkt)
-        if a_s is not None:
-            pcm = audio.astype(np.float32)[None]
-            step = 1024
-            for i in range(0, pcm.shape[1], step):
-                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, i : i + step]), format="flt", layout="mono")
-                fr.sample_rate = rate
-                fr.pts = i
-                fr.time_base = Fraction(1, rate)
-                for pkt in a_s.encode(fr):
-                    c.mux(pkt)
-            for pkt in a_s.encode():
-                c.mux(pkt)
+def write_video(path, frames, fps=25, audio=None):
+    """frames: iterable of [H, W, 3] uint8; audio: float32 mono 16 kHz samples or None."""
+    write_mp4(path, frames, fps, audio)
 
 
 def clip_frames(limit=None):
