@@ -179,12 +179,11 @@ def fit_head_pose(
     # Triples (t-1, t, t+1) of consecutive frames carry the acceleration prior.
     triple = torch.tensor((ids[2:] - ids[:-2] == 2) if T >= 3 else np.zeros(0, bool))
 
-    def bundle_adjust(f: float, poses, free_focal: bool):
-        """Poses + per-subject shape offsets (+ focal): robust loss, temporal prior."""
+    def bundle_adjust(f: float, poses):
+        """Poses + per-subject shape offsets at a fixed focal: robust loss, temporal prior."""
         dt = torch.float64
         rvec = torch.tensor(np.stack([p[0] for p in poses]), dtype=dt, requires_grad=True)
         tvec = torch.tensor(np.stack([p[1] for p in poses]), dtype=dt, requires_grad=True)
-        log_f = torch.tensor(math.log(f), dtype=dt, requires_grad=free_focal)
         dX_mm = torch.zeros(len(rigid), 3, dtype=dt, requires_grad=True)
         X = torch.tensor(Xr, dtype=dt)
         target = torch.tensor(obs, dtype=dt)
@@ -195,7 +194,7 @@ def fit_head_pose(
 
         def project() -> torch.Tensor:
             Xc = (X + 1e-3 * dX_mm)[None] @ _so3_exp(rvec).transpose(1, 2) + tvec[:, None]
-            return torch.exp(log_f) * Xc[..., :2] / Xc[..., 2:] + center
+            return f * Xc[..., :2] / Xc[..., 2:] + center
 
         def objective() -> torch.Tensor:
             uv = project()
@@ -209,8 +208,7 @@ def fit_head_pose(
             # Weak shape prior: a 1 mm offset costs about 1 px^2 per 100 frames.
             return loss + 0.01 * T * ((dX_mm * px_per_mm) ** 2).sum()
 
-        params = [rvec, tvec, dX_mm] + ([log_f] if free_focal else [])
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=400, tolerance_grad=1e-10, tolerance_change=1e-12,
+        opt = torch.optim.LBFGS([rvec, tvec, dX_mm], lr=1.0, max_iter=400, tolerance_grad=1e-10, tolerance_change=1e-12,
                                 history_size=50, line_search_fn="strong_wolfe")
 
         def closure():
@@ -223,7 +221,7 @@ def fit_head_pose(
         with torch.no_grad():
             uv = project().numpy()
             err = float(np.median(np.linalg.norm(uv - obs, axis=-1)))
-        return err, math.exp(float(log_f)), rvec.detach(), tvec.detach(), dX_mm.detach(), uv
+        return err, rvec.detach(), tvec.detach(), dX_mm.detach(), uv
 
     # 2. Focal sweep, coarse to fine: a canonical face consistent with each focal, PnP
     #    per frame (on at most 100 evenly spaced frames, to bound the cost).
@@ -259,12 +257,12 @@ def fit_head_pose(
 
     # 3. Joint refinement of poses and face shape at that focal (the free shape offsets
     #    would absorb a free focal, so the sweep decides it).
-    _, focal, rvec, tvec, dX_mm, uv = bundle_adjust(f0, poses0, free_focal=False)
+    _, rvec, tvec, dX_mm, uv = bundle_adjust(f0, poses0)
     R = _so3_exp(rvec).numpy()
     canon = X0.copy()
     canon[rigid] += 1e-3 * dX_mm.numpy()
     reproj = np.median(np.linalg.norm(uv - obs, axis=-1), axis=1)
     return PoseFit(
-        focal=focal, R=R, t=tvec.numpy().copy(), canonical=canon,
+        focal=f0, R=R, t=tvec.numpy().copy(), canonical=canon,
         reproj_px=reproj, sweep=sweep, jitter_deg=rotation_jitter_deg(R), jitter_raw_deg=rotation_jitter_deg(R_raw),
     )
