@@ -14,7 +14,6 @@ _PENDING = {
     "eval": ("score a trained avatar on held-out frames", 5),
     "render": ("render an avatar driven by a speech file to an mp4 with audio", 5),
     "export": ("export an avatar to a standard 3DGS .ply", 5),
-    "view": ("open the live browser viewer", 6),
 }
 
 
@@ -49,6 +48,19 @@ def _capture(args: argparse.Namespace) -> int:
         out = run_capture(cfg)
     print(f"dataset: {out}\n  report:  {out / 'capture_report.json'}\n  preview: {out / 'preview.png'}")
     return 0
+
+
+def _view(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    path = Path(args.path)
+    if (path / "transforms.json").is_file():
+        from viewer.dataset_view import run_dataset_viewer
+
+        return run_dataset_viewer(path, args.host, args.port)
+    print(f"avatar view: {path} is not a dataset folder; viewing trained avatars is not built yet (tracked in "
+          "issue #6).", file=sys.stderr)
+    return 2
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -90,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-ernerf", metavar="DIR", help="import an ER-NeRF / TalkingGaussian preprocessed folder")
     p.add_argument("--force", action="store_true", help="redo every stage and replace an existing dataset")
     p.set_defaults(func=_capture)
+    p = sub.add_parser("view", help="open the browser viewer on a dataset (capture inspection); avatars: not built yet")
+    p.add_argument("path", help="dataset folder written by `avatar capture`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=_view)
     p = sub.add_parser("demo", help="run the pipeline on the built-in sample subject (capture so far)")
     p.add_argument("--out", default="outputs/demo", help="working folder (default outputs/demo); reruns reuse it")
     p.set_defaults(func=_demo)

@@ -15,7 +15,7 @@ def test_help_lists_every_stage(capsys):
         assert cmd in out
 
 
-@pytest.mark.parametrize("cmd,issue", [("train", 5), ("render", 5), ("view", 6), ("export", 5)])
+@pytest.mark.parametrize("cmd,issue", [("train", 5), ("render", 5), ("eval", 5), ("export", 5)])
 def test_unbuilt_stage_says_so_and_fails(cmd, issue, capsys):
     assert main([cmd, "whatever"]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,44 @@
+"""`avatar view DATASET` serves the capture on loopback only."""
+
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+
+from avatar.cli import main
+from test_recon_io import make_dataset
+from viewer.dataset_view import serve_dataset
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dataset_viewer_serves_scene_on_loopback(tmp_path):
+    make_dataset(tmp_path / "ds", n=5)
+    np.save(tmp_path / "ds" / "landmarks.npy", np.full((5, 478, 3), 16.0, np.float32))
+    import json
+    meta = json.loads((tmp_path / "ds" / "transforms.json").read_text())
+    meta["landmarks"] = "landmarks.npy"
+    (tmp_path / "ds" / "transforms.json").write_text(json.dumps(meta))
+    np.savez(tmp_path / "ds" / "face_geometry.npz", canonical=np.zeros((478, 3), np.float32), focal=np.float32(40))
+    port = free_port()
+    server = serve_dataset(tmp_path / "ds", port=port)
+    try:
+        html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        assert "<html" in html.lower()
+        # Bound to loopback: the machine's other addresses do not answer.
+        host_ip = socket.gethostbyname(socket.gethostname())
+        if not host_ip.startswith("127."):
+            with pytest.raises(OSError):
+                socket.create_connection((host_ip, port), timeout=2).close()
+    finally:
+        server.stop()
+
+
+def test_view_refuses_non_dataset(tmp_path, capsys):
+    assert main(["view", str(tmp_path)]) == 2
+    assert "not a dataset folder" in capsys.readouterr().err
