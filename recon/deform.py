@@ -1,0 +1,139 @@
+"""Audio- and eye-driven deformation of the canonical Gaussians (TalkingGaussian style).
+
+Contract (shared with the hash-grid radiance-field backend of a later issue):
+
+    DeformationHead(inputs: DeformInputs) -> DeformOutputs
+      inputs.xyz      [N, 3]        canonical positions (head frame, metres)
+      inputs.audio    [B, W, 16, 80] log-mel windows of W consecutive frames around each of B frames
+      inputs.eye      [B, 1]        eye openness in [0, 1]
+      outputs.d_xyz   [B, N, 3]     position offsets
+      outputs.d_rot   [B, N, 4]     quaternion offsets (added to wxyz before normalising)
+      outputs.d_scale [B, N, 3]     log-scale offsets
+      outputs.audio_attention [B, N, 1]  how much audio drives each point (inspectable)
+
+The face branch predicts all three offsets from audio and eye; the inside-mouth branch
+(`audio_only=True`) predicts positions from audio alone. Output layers start at zero, so
+training starts from the identity deformation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SpatialEncoding(nn.Module):
+    """Interface: positions [N, 3] -> features [N, out_dim]. A faster kernel (e.g. a
+    tiny-cuda-nn hash grid) plugs in by subclassing and keeping `out_dim`."""
+
+    out_dim: int
+
+
+class TriPlaneEncoding(SpatialEncoding):
+    """Multi-resolution tri-plane features (ER-NeRF): the xy, yz and xz planes are sampled
+    bilinearly at several resolutions and concatenated.
+
+    Args:
+        bound: half-extent of the encoded cube; positions are divided by it.
+        resolutions: plane resolutions, coarse to fine.
+        channels: features per plane and resolution.
+    """
+
+    def __init__(self, bound: float = 0.15, resolutions: tuple[int, ...] = (16, 32, 64), channels: int = 4):
+        super().__init__()
+        self.bound = bound
+        self.planes = nn.ParameterList(
+            [nn.Parameter(1e-1 * torch.randn(3, channels, r, r)) for r in resolutions]
+        )
+        self.out_dim = 3 * channels * len(resolutions)
+
+    def forward(self, xyz: Tensor) -> Tensor:
+        p = (xyz / self.bound).clamp(-1, 1)
+        coords = torch.stack([p[:, [0, 1]], p[:, [1, 2]], p[:, [0, 2]]])  # [3, N, 2]
+        feats = []
+        for planes in self.planes:
+            s = F.grid_sample(planes, coords[:, None], mode="bilinear", align_corners=True)  # [3, C, 1, N]
+            feats.append(s[:, :, 0].permute(2, 0, 1).reshape(xyz.shape[0], -1))
+        return torch.cat(feats, dim=-1)
+
+
+class AudioEncoder(nn.Module):
+    """Per-frame audio code from a [16, 80] log-mel window, then a learned attention over
+    W neighbouring frames (AD-NeRF's temporal smoothing). [B, W, 16, 80] -> [B, dim]."""
+
+    def __init__(self, n_mels: int = 80, dim: int = 32):
+        super().__init__()
+        self.frame_net = nn.Sequential(
+            nn.Conv1d(n_mels, 64, 3, padding=1), nn.LeakyReLU(0.02),
+            nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.02),
+            nn.Conv1d(64, dim, 3, stride=2, padding=1), nn.LeakyReLU(0.02),
+            nn.AdaptiveAvgPool1d(1),
+        )
+        self.attention = nn.Sequential(nn.Conv1d(dim, 16, 3, padding=1), nn.LeakyReLU(0.02), nn.Conv1d(16, 1, 3, padding=1))
+        self.dim = dim
+
+    def forward(self, mel: Tensor) -> Tensor:
+        B, W, T, M = mel.shape
+        codes = self.frame_net(mel.reshape(B * W, T, M).transpose(1, 2)).reshape(B, W, self.dim)
+        weights = torch.softmax(self.attention(codes.transpose(1, 2)), dim=-1)  # [B, 1, W]
+        return (weights @ codes)[:, 0]
+
+
+@dataclass
+class DeformInputs:
+    xyz: Tensor  # [N, 3]
+    audio: Tensor  # [B, W, 16, 80]
+    eye: Tensor  # [B, 1]
+
+
+@dataclass
+class DeformOutputs:
+    d_xyz: Tensor  # [B, N, 3]
+    d_rot: Tensor  # [B, N, 4]
+    d_scale: Tensor  # [B, N, 3]
+    audio_attention: Tensor  # [B, N, 1]
+
+
+def _mlp(d_in: int, width: int, d_out: int) -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d_out))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)  # identity deformation at the start
+    return net
+
+
+class DeformationHead(nn.Module):
+    """One branch's deformation network. See the module docstring for the contract."""
+
+    def __init__(self, audio_only: bool = False, encoding: SpatialEncoding | None = None, audio_dim: int = 32,
+                 width: int = 64):
+        super().__init__()
+        self.audio_only = audio_only
+        self.encoding = encoding or TriPlaneEncoding()
+        self.audio = AudioEncoder(dim=audio_dim)
+        f = self.encoding.out_dim
+        # Region attention: each point decides how much of the audio (and eye) code it takes.
+        self.audio_gate = nn.Sequential(nn.Linear(f, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.eye_gate = None if audio_only else nn.Sequential(nn.Linear(f, 32), nn.ReLU(), nn.Linear(32, 1))
+        d_cond = audio_dim + (0 if audio_only else 1)
+        self.out = _mlp(f + d_cond, width, 3 if audio_only else 10)
+
+    def forward(self, inputs: DeformInputs) -> DeformOutputs:
+        feats = self.encoding(inputs.xyz)  # [N, F]
+        a = self.audio(inputs.audio)  # [B, A]
+        B, N = a.shape[0], feats.shape[0]
+        att_a = torch.sigmoid(self.audio_gate(feats))[None].expand(B, N, 1)
+        cond = [att_a * a[:, None]]
+        if not self.audio_only:
+            att_e = torch.sigmoid(self.eye_gate(feats))[None].expand(B, N, 1)
+            cond.append(att_e * inputs.eye[:, None])
+        x = torch.cat([feats[None].expand(B, N, -1)] + cond, dim=-1)
+        y = self.out(x)
+        zeros = y.new_zeros(B, N, 1)
+        if self.audio_only:
+            d_xyz, d_rot, d_scale = y, torch.cat([zeros] * 4, -1), torch.cat([zeros] * 3, -1)
+        else:
+            d_xyz, d_rot, d_scale = y[..., :3], y[..., 3:7], y[..., 7:10]
+        return DeformOutputs(d_xyz=d_xyz, d_rot=d_rot, d_scale=d_scale, audio_attention=att_a)
