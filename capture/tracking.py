@@ -36,13 +36,28 @@ def face_height(lm: np.ndarray) -> np.ndarray:
     return np.linalg.norm(lm[..., BROW_TOP, :2] - lm[..., CHIN, :2], axis=-1)
 
 
-class FaceTracker:
+class _Solution:
+    """A mediapipe solution graph, closed on exit (`with Tracker() as t:`)."""
+
+    _graph = None
+
+    def close(self) -> None:
+        self._graph.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FaceTracker(_Solution):
     """mediapipe face mesh in video mode; returns every face found, largest first."""
 
     def __init__(self, max_faces: int = 2, video_mode: bool = True):
         import mediapipe as mp
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
+        self._graph = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
             min_detection_confidence=0.5, min_tracking_confidence=0.5,
         )
@@ -50,7 +65,7 @@ class FaceTracker:
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
         """rgb: [H, W, 3] uint8 -> list of [478, 3] float32 landmark arrays in pixels."""
         h, w = rgb.shape[:2]
-        result = self._mesh.process(np.ascontiguousarray(rgb))
+        result = self._graph.process(np.ascontiguousarray(rgb))
         faces = []
         for face in result.multi_face_landmarks or []:
             pts = np.array([(p.x * w, p.y * h, p.z * w) for p in face.landmark], np.float32)
@@ -58,61 +73,35 @@ class FaceTracker:
         faces.sort(key=lambda f: -float(face_height(f)))
         return faces
 
-    def close(self) -> None:
-        self._mesh.close()
 
-    def __enter__(self) -> "FaceTracker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class FaceDetector:
+class FaceDetector(_Solution):
     """mediapipe's full-range face detector (bundled): finds small and distant faces too."""
 
     def __init__(self, min_confidence: float = 0.5):
         import mediapipe as mp
 
-        self._det = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        self._graph = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
 
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
         """rgb: [H, W, 3] uint8 -> boxes [x0, y0, w, h] in pixels, largest first."""
         h, w = rgb.shape[:2]
         boxes = []
-        for d in self._det.process(np.ascontiguousarray(rgb)).detections or []:
+        for d in self._graph.process(np.ascontiguousarray(rgb)).detections or []:
             b = d.location_data.relative_bounding_box
             boxes.append(np.array([b.xmin * w, b.ymin * h, b.width * w, b.height * h], np.float32))
         boxes.sort(key=lambda b: -float(b[2] * b[3]))
         return boxes
 
-    def close(self) -> None:
-        self._det.close()
 
-    def __enter__(self) -> "FaceDetector":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class PersonSegmenter:
+class PersonSegmenter(_Solution):
     """mediapipe selfie segmentation (bundled model): person probability per pixel."""
 
     def __init__(self):
         import mediapipe as mp
 
-        self._seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        self._graph = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """rgb: [H, W, 3] uint8 -> [H, W] float32 in [0, 1]."""
-        return self._seg.process(np.ascontiguousarray(rgb)).segmentation_mask.astype(np.float32)
+        return self._graph.process(np.ascontiguousarray(rgb)).segmentation_mask.astype(np.float32)
 
-    def close(self) -> None:
-        self._seg.close()
-
-    def __enter__(self) -> "PersonSegmenter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

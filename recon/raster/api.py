@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -205,7 +204,7 @@ def rasterize(
     if backgrounds is not None:
         bg = torch.cat([backgrounds.expand(C, D), torch.zeros_like(backgrounds.expand(C, D)[:, :1])], dim=-1)
 
-    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    tiles_x, tiles_y = reference.tile_grid(width, height, tile_size)
     tile_offsets, flat_ids = ops.isect_tiles(means2d, radii, depths, tile_size, tiles_x, tiles_y)
     render, alpha = ops.composite(
         means2d, conics, feats, opac, bg, width, height, tile_size, tile_offsets, flat_ids
