@@ -4,29 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 from . import __version__
-
-# Stages still to be built, with the issue that tracks each.
-_PENDING = {
-    "train": ("fit a talking Gaussian avatar to a dataset", 5),
-    "eval": ("score a trained avatar on held-out frames", 5),
-    "render": ("render an avatar driven by a speech file to an mp4 with audio", 5),
-    "export": ("export an avatar to a standard 3DGS .ply", 5),
-}
-
-
-def _pending(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(
-            f"avatar {name}: this stage is not built yet (tracked in issue #{issue}).",
-            file=sys.stderr,
-        )
-        return 2
-
-    return run
-
 
 def _capture(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -47,6 +26,55 @@ def _capture(args: argparse.Namespace) -> int:
                             force=args.force)
         out = run_capture(cfg)
     print(f"dataset: {out}\n  report:  {out / 'capture_report.json'}\n  preview: {out / 'preview.png'}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from recon.config import load_config, preset
+    from recon.train import train
+
+    overrides = dict(iterations=args.iterations, size=args.size, seed=args.seed, backend=args.backend)
+    if args.config:
+        cfg = load_config(Path(args.config), args.preset, **overrides)
+    else:
+        cfg = preset(args.preset or "cpu", **overrides)
+    out = train(args.dataset, args.out, cfg, resume=args.resume)
+    print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from recon.evaluate import evaluate
+
+    r = evaluate(args.avatar)
+
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    print(f"""held-out frames: {len(r['held_out_frames'])} at {r['size']}x{r['size']}
+  PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB
+  SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
+  LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
+  FPS   {r['fps']:.1f}
+results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from recon.render import render_video
+
+    r = render_video(args.avatar, args.audio, args.out, camera=args.camera, size=args.size)
+    print(f"video: {r['video']} ({r['frames']} frames, {r['seconds']:.2f} s; audio {r['audio_seconds']:.2f} s)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from recon.export import export
+
+    paths = export(args.avatar, ply=args.ply, frame=args.frame, audio=args.audio, frames_dir=args.frames)
+    print(f"wrote {paths[0]}" if len(paths) == 1 else f"wrote {len(paths)} files to {paths[0].parent}")
     return 0
 
 
@@ -86,10 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"avatar-studio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, issue) in _PENDING.items():
-        p = sub.add_parser(name, help=f"{help_text} (not built yet)", add_help=True)
-        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_pending(name, issue))
     p = sub.add_parser("capture", help="turn a talking-head video into a calibrated dataset folder",
                        description="Video -> dataset folder (transforms.json, images, masks, audio features).")
     p.add_argument("video", nargs="?", help="talking-head video (phone or camera; any length >= 3 s)")
@@ -102,6 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-ernerf", metavar="DIR", help="import an ER-NeRF / TalkingGaussian preprocessed folder")
     p.add_argument("--force", action="store_true", help="redo every stage and replace an existing dataset")
     p.set_defaults(func=_capture)
+    p = sub.add_parser("train", help="fit a talking Gaussian avatar to a dataset",
+                       description="Dataset folder -> avatar folder (checkpoint, config, metrics, canonical.ply).")
+    p.add_argument("dataset", help="dataset folder written by `avatar capture`")
+    p.add_argument("--out", required=True, help="avatar folder to write")
+    p.add_argument("--preset", choices=["cpu", "gpu", "demo"],
+                   help="cpu: 256^2, bounded Gaussians (default); gpu: 512^2, paper-scale schedule; demo: short")
+    p.add_argument("--config", help="JSON file of training settings over the preset (see recon/config.py)")
+    p.add_argument("--iterations", type=int, help="override the preset's number of steps")
+    p.add_argument("--size", type=int, help="override the preset's resolution")
+    p.add_argument("--seed", type=int, help="override the seed (default 0)")
+    p.add_argument("--backend", choices=["auto", "cpu", "torch", "cuda"], help="rasterizer backend (default auto)")
+    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="score an avatar on held-out frames (PSNR, SSIM, LMD, FPS)",
+                       description="Writes AVATAR/eval.json and AVATAR/eval_strip.png.")
+    p.add_argument("avatar", help="avatar folder written by `avatar train`")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("render", help="drive an avatar with speech: mp4 with H.264 video and AAC audio")
+    p.add_argument("avatar", help="avatar folder written by `avatar train`")
+    p.add_argument("--audio", required=True, help="speech file (wav, mp3, flac; any rate and channels)")
+    p.add_argument("--out", required=True, help="mp4 to write")
+    p.add_argument("--camera", default="dataset",
+                   help="dataset (replay the capture's head motion), orbit, or fixed:YAW,PITCH in degrees")
+    p.add_argument("--size", type=int, help="frame side in pixels (default: the avatar's training size)")
+    p.set_defaults(func=_render)
+    p = sub.add_parser("export", help="export an avatar to standard 3DGS .ply (canonical or deformed)")
+    p.add_argument("avatar", help="avatar folder written by `avatar train`")
+    p.add_argument("--ply", help="the .ply to write (canonical, or dataset frame --frame K)")
+    p.add_argument("--frame", type=int, help="deform as in this dataset frame")
+    p.add_argument("--audio", help="speech file: write one deformed .ply per video frame into --frames")
+    p.add_argument("--frames", help="folder for the per-frame .ply files")
+    p.set_defaults(func=_export)
     p = sub.add_parser("view", help="open the browser viewer on a dataset (capture inspection); avatars: not built yet")
     p.add_argument("path", help="dataset folder written by `avatar capture`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

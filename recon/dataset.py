@@ -109,6 +109,16 @@ class Dataset:
             self._cache.popitem(last=False)
         return frame
 
+    def landmarks(self, i: int) -> np.ndarray | None:
+        """[478, 2] mediapipe landmarks of frame i in pixels at `size`, or None when the dataset
+        has none (ER-NeRF imports). Read through a memory map, never loaded whole."""
+        name = self.meta.get("landmarks")
+        if not name or not (self.root / name).is_file():
+            return None
+        if not hasattr(self, "_landmarks"):
+            self._landmarks = np.load(self.root / name, mmap_mode="r")
+        return np.asarray(self._landmarks[i, :, :2], np.float32) * (self.size / self.capture_size)
+
     def split(self, holdout_fraction: float = 1 / 11) -> tuple[list[int], list[int]]:
         """Train / held-out indices: the last `holdout_fraction` of the clip is held out."""
         n_test = max(1, int(round(len(self) * holdout_fraction)))

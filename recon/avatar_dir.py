@@ -1,0 +1,128 @@
+"""The trained-avatar folder (format `avatar/1`), the hand-off from training to rendering,
+evaluation, export and the viewer.
+
+    AVATAR/
+      checkpoint.safetensors  model, optimizer and densification state (avatar-checkpoint/1)
+      config.json             the TrainConfig it was trained with, and the dataset path
+      metrics.jsonl           one JSON object per logged training step
+      canonical.ply           canonical Gaussians, standard 3DGS layout (+ branch), at the end
+      eval.json, eval_strip.png   written by `avatar eval`
+
+Checkpoint tensors (safetensors, no pickle):
+    face.{means,quats,log_scales,opacity_logits,sh_dc,sh_rest}   face branch [n_face, ...]
+    mouth.{...}                                                  inside-mouth branch
+    face_deform.*, mouth_deform.*                                deformation heads (state_dict)
+    optim.<group>.{exp_avg,exp_avg_sq}                           Adam moments per tensor
+    densify.<branch>.{grad_sum,count}                            densification statistics
+    background                                                   [S, S, 3] plate at training size
+    K                                                            [3, 3] intrinsics at training size
+Metadata (JSON): format, step, config, dataset, fps, size, extent, optim_steps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from avatar.errors import AvatarError
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .gaussians import FACE, MOUTH, Gaussians
+from .model import AvatarModel, BranchParams
+
+CHECKPOINT = "checkpoint.safetensors"
+AVATAR_FORMAT = "avatar/1"
+
+
+def model_tensors(model: AvatarModel) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix in ("face", "mouth"):
+        p = getattr(model, prefix)
+        out.update({f"{prefix}.{k}": getattr(p, k).detach() for k in BranchParams.NAMES})
+    for prefix in ("face_deform", "mouth_deform"):
+        out.update({f"{prefix}.{k}": v for k, v in getattr(model, prefix).state_dict().items()})
+    return out
+
+
+def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarModel:
+    try:
+        parts = []
+        for prefix, b in (("face", FACE), ("mouth", MOUTH)):
+            t = {k: tensors[f"{prefix}.{k}"] for k in BranchParams.NAMES}
+            parts.append(Gaussians(t["means"], t["quats"], t["log_scales"], t["opacity_logits"],
+                                   torch.cat([t["sh_dc"], t["sh_rest"]], 1),
+                                   torch.full((len(t["means"]),), b, dtype=torch.uint8)))
+        g = Gaussians(*(torch.cat([getattr(p, k) for p in parts])
+                        for k in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
+        model = AvatarModel(g)
+        for prefix in ("face_deform", "mouth_deform"):
+            state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            getattr(model, prefix).load_state_dict(state)
+    except (KeyError, RuntimeError) as exc:
+        raise AvatarError(path, f"does not hold a complete avatar model ({exc.__class__.__name__}: {exc})",
+                          "it was written by another version or is damaged; retrain or resume from a copy") from exc
+    return model
+
+
+@dataclass
+class LoadedAvatar:
+    """A trained avatar ready to render."""
+
+    root: Path
+    model: AvatarModel
+    config: TrainConfig
+    meta: dict
+    background: torch.Tensor  # [S, S, 3]
+    K: torch.Tensor  # [3, 3] at size S
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def fps(self) -> float:
+        return float(self.meta["fps"])
+
+    @property
+    def dataset(self) -> Path:
+        return Path(self.meta["dataset"])
+
+
+def load_avatar(root: str | Path) -> LoadedAvatar:
+    """Open an avatar folder; AvatarError if it is missing, corrupt or not an avatar."""
+    root = Path(root)
+    path = root / CHECKPOINT
+    if not root.is_dir():
+        raise AvatarError(root, "is not an avatar folder (it does not exist)", "train one with `avatar train`")
+    if not path.is_file():
+        raise AvatarError(root, f"is not an avatar folder (no {CHECKPOINT})", "train one with `avatar train`")
+    tensors, meta = load_checkpoint(path)
+    for key in ("background", "K"):
+        if key not in tensors:
+            raise AvatarError(path, f"lacks the tensor {key!r}; it is not an avatar checkpoint")
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AvatarError(path, f"has an unreadable config ({exc})") from exc
+    model = model_from_tensors(tensors, path)
+    model.eval()
+    return LoadedAvatar(root, model, config, meta, tensors["background"], tensors["K"])
+
+
+def save_avatar(root: Path, model: AvatarModel, meta: dict, extra: dict[str, torch.Tensor]) -> Path:
+    """Write checkpoint.safetensors atomically (model + `extra` tensors) and config.json."""
+    save_checkpoint(root / CHECKPOINT, {**model_tensors(model), **extra}, meta)
+    from avatar.io import write_json
+
+    write_json(root / "config.json", {"format": AVATAR_FORMAT, "dataset": meta["dataset"], "config": meta["config"]})
+    return root / CHECKPOINT
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,69 @@
+"""What drives the avatar: audio feature windows and the eye signal.
+
+Both training and `avatar render` go through these functions, so a new speech file is
+conditioned exactly as the training clip was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar.errors import AvatarError
+
+
+def normalize_mel(mel: np.ndarray) -> Tensor:
+    """Per-clip, per-mel-bin mean/variance normalisation (CMVN) of log-mel windows.
+
+    mel: [N, 16, 80] log-mel windows -> [N, 16, 80] float32 tensor with zero mean and unit
+    variance per bin over the clip. It removes recording level and microphone colour,
+    so speech recorded elsewhere drives the avatar like the training clip did. All-zero
+    features therefore mean "average sound": the static-mouth baseline of `avatar eval`.
+    """
+    x = torch.as_tensor(np.asarray(mel, np.float32))
+    flat = x.reshape(-1, x.shape[-1])
+    return (x - flat.mean(0)) / flat.std(0).clamp_min(1e-3)
+
+
+def audio_windows(mel: Tensor, frame_indices: Tensor | list[int], window: int) -> Tensor:
+    """Windows of `window` consecutive frames centred on each frame (edges clamped).
+
+    mel: [N, 16, 80]; frame_indices: [B] rows of mel -> [B, window, 16, 80].
+    """
+    idx = torch.as_tensor(frame_indices, dtype=torch.long)[:, None] + torch.arange(window) - window // 2
+    return mel[idx.clamp(0, mel.shape[0] - 1)]
+
+
+def blink_schedule(n_frames: int, fps: float, seed: int = 0, mean_interval_s: float = 4.0,
+                   duration_s: float = 0.2) -> np.ndarray:
+    """Natural blinks when no eye signal is given: eye openness [n_frames] in [0, 1].
+
+    Intervals are drawn from a gamma distribution (mean 4 s, rarely under 1.5 s; people blink
+    10-20 times a minute) and each blink is a smooth close-and-open lasting `duration_s`.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_frames) / fps
+    openness = np.ones(n_frames, np.float32)
+    at = rng.gamma(4.0, mean_interval_s / 4.0) * 0.5
+    while at < t[-1] if n_frames else False:
+        phase = (t - at) / duration_s
+        inside = (phase >= 0) & (phase <= 1)
+        openness[inside] = np.minimum(openness[inside], 0.5 + 0.5 * np.cos(2 * np.pi * phase[inside]))
+        at += max(rng.gamma(4.0, mean_interval_s / 4.0), 1.0)
+    return openness
+
+
+def speech_features(path: Path, fps: float) -> tuple[np.ndarray, dict]:
+    """Audio of any speech file -> (16 kHz mono pcm, per-frame features), exactly as capture
+    computes them. Raises AvatarError for unreadable files or audio without speech."""
+    from capture.audio import SAMPLE_RATE, check_speech, frame_features, load_audio
+
+    pcm = load_audio(Path(path))
+    if pcm.size < SAMPLE_RATE // fps:
+        raise AvatarError(path, "holds less than one video frame of audio")
+    check_speech(pcm, Path(path))
+    n = int(np.ceil(len(pcm) / SAMPLE_RATE * fps - 1e-6))
+    return pcm, frame_features(pcm, n, fps)

@@ -1,0 +1,164 @@
+"""Typed configuration of `avatar train`, with the `cpu` and `gpu` presets.
+
+The config is saved beside every checkpoint (`config.json`), so an avatar folder always
+says how it was made, and `--resume` continues with exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+
+@dataclass
+class StageSchedule:
+    """Fractions of `iterations` spent in each stage (TalkingGaussian's order)."""
+
+    static: float = 0.25
+    """Warm-up: canonical Gaussians of both branches, no deformation, full composite."""
+    mouth: float = 0.15
+    """Inside-mouth branch and its audio-driven deformation, on the inner-mouth region."""
+    face: float = 0.35
+    """Face branch and its audio/eye-driven deformation; its alpha must open over the mouth."""
+    fuse: float = 0.25
+    """Everything jointly on the full composite."""
+
+    def boundaries(self, iterations: int) -> list[tuple[str, int]]:
+        """[(stage, first step)] in order; the stages cover [0, iterations)."""
+        total = self.static + self.mouth + self.face + self.fuse
+        out, acc = [], 0.0
+        for name in ("static", "mouth", "face", "fuse"):
+            out.append((name, int(round(acc / total * iterations))))
+            acc += getattr(self, name)
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """How an avatar is fitted to a dataset. Defaults are the `cpu` preset."""
+
+    preset: str = "cpu"
+    """Name of the preset these values started from."""
+    size: int = 256
+    """Training and rendering resolution (square)."""
+    iterations: int = 3000
+    """Optimisation steps (one frame per step)."""
+    stages: StageSchedule = field(default_factory=StageSchedule)
+    """How the steps split into TalkingGaussian's stages."""
+    seed: int = 0
+    """Seed of the initialisation, frame order and everything random."""
+    sh_degree: int = 1
+    """Spherical-harmonics degree of the colours (0..3)."""
+    init_volume_points: int = 12_000
+    """Face-branch points sampled in the carved head volume at initialisation."""
+    init_mouth_points: int = 1_500
+    """Inside-mouth points at initialisation."""
+    max_gaussians: int = 30_000
+    """Densification stops adding points at this count (both branches together)."""
+    audio_window: int = 8
+    """Video frames of audio features the deformation head attends over."""
+    # Learning rates (Adam). Positions are in metres: the head is about 0.25 m across.
+    lr_means: float = 1e-4
+    """Initial learning rate of the Gaussian centres (decays 100x, as in 3DGS)."""
+    lr_sh: float = 2.5e-3
+    """Learning rate of the DC colour; higher SH bands use 1/20 of it."""
+    lr_opacity: float = 0.05
+    """Learning rate of opacity logits."""
+    lr_scales: float = 5e-3
+    """Learning rate of log-scales."""
+    lr_quats: float = 1e-3
+    """Learning rate of the quaternions."""
+    lr_deform: float = 1e-3
+    """Learning rate of the deformation MLPs and audio encoders."""
+    lr_planes: float = 1e-2
+    """Learning rate of the tri-plane features of the deformation heads."""
+    # Losses.
+    ssim_weight: float = 0.2
+    """L = (1 - w) L1 + w D-SSIM (3DGS)."""
+    lip_weight: float = 1.0
+    """Extra L1 weight on the lip region (box around the outer lips)."""
+    alpha_weight: float = 0.1
+    """Weight of |alpha - head mask| (face alpha vs head-minus-mouth in the face stage)."""
+    deform_weight: float = 1e-2
+    """Weight of the mean squared deformation (positions in cm, log-scales, quaternions)."""
+    # Densification (3DGS rules, per branch).
+    densify_from: float = 0.05
+    """Start densifying at this fraction of the iterations."""
+    densify_until: float = 0.7
+    """Stop densifying at this fraction of the iterations."""
+    densify_every: int = 100
+    """Steps between densification rounds."""
+    densify_grad: float = 2e-4
+    """View-space positional gradient threshold (NDC units, as in 3DGS)."""
+    percent_dense: float = 0.01
+    """Clone below / split above this fraction of the head extent."""
+    opacity_reset_at: float = 0.35
+    """Reset opacities to 0.01 once, at this fraction of the iterations (0 disables)."""
+    prune_opacity: float = 0.005
+    """Prune Gaussians whose opacity falls below this."""
+    # Bookkeeping.
+    checkpoint_every: int = 250
+    """Steps between checkpoints (one is also written at the end)."""
+    log_every: int = 25
+    """Steps between metric lines in metrics.jsonl."""
+    cache_frames: int = 256
+    """Decoded frames kept in memory (data streams from disk; 256 frames at 256^2 is ~0.3 GB)."""
+    backend: str = "auto"
+    """Rasterizer backend (auto, cpu, torch, cuda)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        d = dict(d)
+        if "stages" in d:
+            d["stages"] = StageSchedule(**d["stages"])
+        return cls(**d)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "cpu": TrainConfig(),
+    "gpu": TrainConfig(preset="gpu", size=512, iterations=30_000, sh_degree=3, init_volume_points=40_000,
+                       init_mouth_points=5_000, max_gaussians=300_000, checkpoint_every=2000, log_every=100,
+                       cache_frames=512, densify_until=0.5, opacity_reset_at=0.1),
+    # The demo's shortened schedule: same model, fewer steps and points.
+    "demo": TrainConfig(preset="demo", iterations=900, init_volume_points=6_000, init_mouth_points=800,
+                        max_gaussians=15_000, checkpoint_every=150),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A preset with some fields replaced (None values are ignored; `stages` may be a dict)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}")
+    if isinstance(overrides.get("stages"), dict):
+        overrides["stages"] = StageSchedule(**overrides["stages"])
+    return replace(PRESETS[name], **overrides)
+
+
+def load_config(path: Path, name: str | None = None, **overrides) -> TrainConfig:
+    """A JSON file of TrainConfig fields over a preset (its own "preset" key, or `name`);
+    keyword overrides win over both. Raises AvatarError naming the file when it is bad."""
+    from avatar.errors import AvatarError
+
+    try:
+        d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict):
+            raise ValueError("the top level must be an object of config fields")
+        base = name or d.pop("preset", "cpu")
+        d.pop("preset", None)
+        return preset(base, **{**d, **{k: v for k, v in overrides.items() if v is not None}})
+    except FileNotFoundError as exc:
+        raise AvatarError(path, "config file not found") from exc
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise AvatarError(path, f"is not a valid training config ({exc})") from exc

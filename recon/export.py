@@ -1,0 +1,50 @@
+"""`avatar export`: standard 3DGS `.ply` files of an avatar, readable by common splat viewers.
+
+  --ply OUT.ply                 the canonical Gaussians (both branches)
+  --ply OUT.ply --frame K       deformed as in dataset frame K (its audio and eye signal)
+  --audio SPEECH --frames DIR   one deformed .ply per video frame of the speech
+The extra `branch` property (0 face, 1 inside-mouth) is ignored by other viewers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from avatar.errors import AvatarError
+
+from .avatar_dir import load_avatar
+from .conditioning import blink_schedule, normalize_mel, speech_features
+from .gaussians import save_ply
+from .render import Drive, deformed_gaussians, open_dataset
+
+
+def export(avatar: str | Path, ply: str | Path | None = None, frame: int | None = None,
+           audio: str | Path | None = None, frames_dir: str | Path | None = None, progress: bool = True) -> list[Path]:
+    av = load_avatar(avatar)
+    if audio is not None:
+        if frames_dir is None:
+            raise AvatarError(Path(audio), "--audio needs --frames DIR to write one .ply per frame")
+        _, feats = speech_features(Path(audio), av.fps)
+        drive = Drive(normalize_mel(feats["mel"]), blink_schedule(len(feats["mel"]), av.fps), av.config.audio_window)
+        out = Path(frames_dir)
+        paths = []
+        for k in tqdm(range(len(drive)), desc="avatar export", unit="frame", disable=not progress, file=sys.stderr):
+            paths.append(save_ply(out / f"frame_{k:06d}.ply", deformed_gaussians(av, drive, k)))
+        return paths
+    if ply is None:
+        raise AvatarError(Path(avatar), "nothing to export: give --ply OUT.ply, or --audio SPEECH --frames DIR")
+    if frame is None:
+        return [save_ply(ply, av.model.gaussians())]
+    ds = open_dataset(av, av.size, required=True)
+    if not 0 <= frame < len(ds):
+        raise AvatarError(ds.root, f"has frames 0..{len(ds) - 1}; --frame {frame} is out of range")
+    f = ds[frame]
+    drive = Drive(normalize_mel(ds.features["mel"]), np.full(len(ds.features["mel"]), f.eye_openness, np.float32),
+                  av.config.audio_window)
+    with torch.no_grad():
+        return [save_ply(ply, deformed_gaussians(av, drive, f.frame_index))]

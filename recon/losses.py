@@ -1,0 +1,55 @@
+"""Image losses and metrics: L1, SSIM (3DGS's 11x11 Gaussian window), PSNR."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _window(size: int = 11, sigma: float = 1.5) -> Tensor:
+    """1D Gaussian taps; the 2D window is their outer product, applied separably."""
+    x = torch.arange(size, dtype=torch.float32) - size // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim_map(a: Tensor, b: Tensor) -> Tensor:
+    """Per-pixel SSIM of two images [H, W, C] in [0, 1] -> [H, W] (mean over channels)."""
+    C = a.shape[-1]
+    x, y = a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]
+    g = _window().to(a)
+    wx, wy = g.reshape(1, 1, 1, 11).expand(5 * C, 1, 1, 11), g.reshape(1, 1, 11, 1).expand(5 * C, 1, 11, 1)
+
+    def blur(t: Tensor) -> Tensor:
+        t = F.conv2d(F.pad(t, (5, 5, 0, 0)), wx, groups=t.shape[1])
+        return F.conv2d(F.pad(t, (0, 0, 5, 5)), wy, groups=t.shape[1])
+
+    # One grouped convolution for all five moments (zero padding, as 3DGS's conv2d).
+    mx, my, xx, yy, xy = blur(torch.cat([x, y, x * x, y * y, x * y], 1)).split(C, 1)
+    sxx, syy, sxy = xx - mx**2, yy - my**2, xy - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s[0].mean(0)
+
+
+def photometric_loss(pred: Tensor, gt: Tensor, ssim_weight: float, weight: Tensor | None = None) -> Tensor:
+    """(1 - w) L1 + w (1 - SSIM), as 3DGS. weight: optional [H, W] per-pixel L1 weights."""
+    l1 = (pred - gt).abs().mean(-1)
+    l1 = (l1 * weight).sum() / weight.sum().clamp_min(1) if weight is not None else l1.mean()
+    return (1 - ssim_weight) * l1 + ssim_weight * (1 - ssim_map(pred, gt).mean())
+
+
+def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
+    """PSNR in dB over all pixels, or over mask [H, W] (bool) only."""
+    se = ((pred - gt) ** 2).mean(-1)
+    mse = float(se[mask].mean()) if mask is not None else float(se.mean())
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def ssim(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
+    """Mean SSIM over all pixels, or over mask [H, W] (bool) only."""
+    m = ssim_map(pred, gt)
+    return float(m[mask].mean()) if mask is not None else float(m.mean())

@@ -1,0 +1,155 @@
+"""The talking avatar: persistent canonical Gaussians in two branches, each moved by its
+own deformation head, rendered mouth first, face over it, both over torso and background.
+
+    canonical Gaussians (face | mouth) --deform(audio, eye)--> per-frame Gaussians
+    mouth layer = rasterize(mouth branch)          (inside-mouth: teeth, tongue, cavity)
+    face layer  = rasterize(face branch)
+    image = face + (1 - a_face) * (mouth + (1 - a_mouth) * under)
+
+`under` is the torso and background behind the head: during training the frame's own
+torso over the background plate; when rendering new speech, the background plate with
+the torso of a dataset frame (or no torso for novel views; see recon/render.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from recon.raster import rasterize
+
+from .deform import DeformationHead, DeformInputs, TriPlaneEncoding
+from .gaussians import FACE, MOUTH, Gaussians
+
+HEAD_BOUND_M = 0.25
+"""Half-extent of the cube the deformation heads encode (head frame, metres)."""
+
+
+@dataclass
+class Layer:
+    """One branch rendered into one camera. H x W pixels."""
+
+    rgb: Tensor  # [H, W, 3] premultiplied by alpha (black behind)
+    alpha: Tensor  # [H, W, 1]
+    depth: Tensor  # [H, W, 1] expected camera z
+    means2d: Tensor  # [1, n, 2] the rasterizer's projected centres (retain_grad() it for densification)
+    radii: Tensor  # [n, 2]
+
+
+@dataclass
+class Frame:
+    """The composite of both layers over what lies behind the head."""
+
+    image: Tensor  # [H, W, 3]
+    alpha: Tensor  # [H, W, 1] head coverage: 1 - (1 - a_face)(1 - a_mouth)
+    face: Layer
+    mouth: Layer
+    deformation: Tensor  # [] mean squared offset (positions in cm, rotations, log-scales); 0 if none
+
+
+class BranchParams(nn.Module):
+    """One branch's canonical Gaussians, as 3DGS optimises them. Each branch is its own set
+    of tensors, so stages can train one branch while the other stays exactly as it is, and
+    densification adds and prunes points within a branch."""
+
+    NAMES = ("means", "quats", "log_scales", "opacity_logits", "sh_dc", "sh_rest")
+
+    def __init__(self, g: Gaussians):
+        super().__init__()
+        self.means = nn.Parameter(g.means.clone())  # [n, 3]
+        self.quats = nn.Parameter(g.quats.clone())  # [n, 4]
+        self.log_scales = nn.Parameter(g.log_scales.clone())  # [n, 3]
+        self.opacity_logits = nn.Parameter(g.opacity_logits.clone())  # [n]
+        self.sh_dc = nn.Parameter(g.sh[:, :1].clone())  # [n, 1, 3]
+        self.sh_rest = nn.Parameter(g.sh[:, 1:].clone())  # [n, K - 1, 3]
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+
+class AvatarModel(nn.Module):
+    """The two branches' canonical Gaussians and their deformation heads."""
+
+    def __init__(self, g: Gaussians):
+        super().__init__()
+        self.face = BranchParams(g.select(g.branch == FACE))
+        self.mouth = BranchParams(g.select(g.branch == MOUTH))
+        self.face_deform = DeformationHead(audio_only=False, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M))
+        self.mouth_deform = DeformationHead(audio_only=True, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M))
+
+    def __len__(self) -> int:
+        return len(self.face) + len(self.mouth)
+
+    @property
+    def sh_degree(self) -> int:
+        return int(round((1 + self.face.sh_rest.shape[1]) ** 0.5)) - 1
+
+    def branch(self, branch: int) -> BranchParams:
+        return self.face if branch == FACE else self.mouth
+
+    def gaussians(self) -> Gaussians:
+        """The canonical state of both branches as one detached :class:`Gaussians`."""
+        parts = [self.face, self.mouth]
+        cat = {k: torch.cat([getattr(p, k).detach() for p in parts]) for k in BranchParams.NAMES}
+        return Gaussians(cat["means"], cat["quats"], cat["log_scales"], cat["opacity_logits"],
+                         torch.cat([cat["sh_dc"], cat["sh_rest"]], 1),
+                         torch.cat([torch.full((len(p),), b, dtype=torch.uint8) for b, p in ((FACE, self.face),
+                                                                                             (MOUTH, self.mouth))]))
+
+    def deformed(self, branch: int, audio: Tensor | None, eye: Tensor | None, *, frozen: bool = False,
+                 mouth_scale: float = 1.0) -> tuple[Gaussians, Tensor]:
+        """The branch's Gaussians for one frame (differentiable).
+
+        audio: [W, 16, 80] normalised window, or None for the canonical (undeformed) state.
+        eye: [1] eye openness. frozen: detach the canonical parameters (a stage that does
+        not train this branch). mouth_scale multiplies the deformation (viewer's amplitude).
+        Returns the frame's Gaussians and the mean squared offset (positions in cm).
+        """
+        p = self.branch(branch)
+        get = (lambda t: t.detach()) if frozen else (lambda t: t)
+        means, quats, log_scales = get(p.means), get(p.quats), get(p.log_scales)
+        penalty = means.new_zeros(())
+        if audio is not None and len(p):
+            head = self.face_deform if branch == FACE else self.mouth_deform
+            eye_in = (eye if eye is not None else torch.ones(1)).reshape(1, 1).to(means)
+            out = head(DeformInputs(xyz=means.detach(), audio=audio[None].to(means), eye=eye_in))
+            means = means + mouth_scale * out.d_xyz[0]
+            if branch == FACE:
+                quats = quats + mouth_scale * out.d_rot[0]
+                log_scales = log_scales + mouth_scale * out.d_scale[0]
+            penalty = ((100 * out.d_xyz) ** 2).mean() + (out.d_rot**2).mean() + (out.d_scale**2).mean()
+        sh = torch.cat([get(p.sh_dc), get(p.sh_rest)], 1)
+        return Gaussians(means, quats, log_scales, get(p.opacity_logits), sh,
+                         torch.full((len(p),), branch, dtype=torch.uint8)), penalty
+
+    def render_layer(self, g: Gaussians, viewmat: Tensor, K: Tensor, size: int, sh_degree: int,
+                     backend: str = "auto") -> Layer:
+        means, quats, scales, opacities = g.activated()
+        out = rasterize(means, quats, scales, opacities, g.sh, viewmat[None], K[None], size, size,
+                        sh_degree=min(sh_degree, self.sh_degree), backend=backend)
+        return Layer(rgb=out.image[0], alpha=out.alpha[0], depth=out.depth[0], means2d=out.means2d,
+                     radii=out.radii[0])
+
+    def render(self, viewmat: Tensor, K: Tensor, size: int, under: Tensor, audio: Tensor | None,
+               eye: Tensor | None, *, deform: tuple[bool, bool] = (True, True),
+               frozen: tuple[bool, bool] = (False, False), sh_degree: int | None = None,
+               mouth_scale: float = 1.0, backend: str = "auto") -> Frame:
+        """Render one frame.
+
+        viewmat: [4, 4] world-to-camera (OpenCV); K: [3, 3]; under: [H, W, 3] what lies behind
+        the head; audio: [W, 16, 80] normalised window; eye: [1]. deform / frozen: per
+        (face, mouth) branch, whether its head moves it this frame, and whether its
+        canonical parameters are held fixed (detached).
+        """
+        d = self.sh_degree if sh_degree is None else sh_degree
+        layers, penalty = [], 0
+        for k, b in enumerate((FACE, MOUTH)):
+            g, pen = self.deformed(b, audio if deform[k] else None, eye, frozen=frozen[k], mouth_scale=mouth_scale)
+            layers.append(self.render_layer(g, viewmat, K, size, d, backend))
+            penalty = penalty + pen
+        face, mouth = layers
+        image = face.rgb + (1 - face.alpha) * (mouth.rgb + (1 - mouth.alpha) * under)
+        alpha = 1 - (1 - face.alpha) * (1 - mouth.alpha)
+        return Frame(image=image, alpha=alpha, face=face, mouth=mouth, deformation=penalty)

@@ -1,0 +1,177 @@
+"""`avatar render`: drive a trained avatar with any speech file and write an mp4 (H.264 +
+AAC, the speech muxed in, as long as the audio).
+
+Cameras (head frame; the head is still, the camera moves around it):
+  dataset      replay the capture's camera (head) motion, ping-pong over the clip, with
+               each frame's own torso under the head;
+  orbit        a slow yaw/pitch orbit around the head at the capture's mean distance;
+  fixed:Y,P    a still camera at yaw Y and pitch P degrees from the capture's mean view.
+Novel views (orbit, fixed) show the head over the background plate: the torso exists only
+as 2D pixels of the dataset frames and cannot be moved to a new view.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from avatar.errors import AvatarError
+from avatar.media import write_mp4
+
+from .avatar_dir import LoadedAvatar, load_avatar
+from .conditioning import audio_windows, blink_schedule, normalize_mel, speech_features
+from .dataset import Dataset
+from .gaussians import FACE
+
+GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+
+
+@dataclass
+class Drive:
+    """Per-frame conditioning of a rendered clip: normalised audio windows and eye openness."""
+
+    mel: Tensor  # [N, 16, 80] normalised
+    eye: np.ndarray  # [N]
+    window: int
+
+    def __len__(self) -> int:
+        return self.mel.shape[0]
+
+    def audio(self, k: int) -> Tensor:
+        """[W, 16, 80] window of frame k."""
+        return audio_windows(self.mel, [k], self.window)[0]
+
+
+def look_at(eye: Tensor, target: Tensor, up: Tensor = torch.tensor([0.0, 1.0, 0.0])) -> Tensor:
+    """[4, 4] world-to-camera (OpenCV axes) of a camera at `eye` looking at `target`."""
+    z = target - eye
+    z = z / z.norm()
+    x = torch.linalg.cross(z, -up)
+    x = x / x.norm()
+    y = torch.linalg.cross(z, x)
+    R = torch.stack([x, y, z])  # rows: camera axes in world
+    w2c = torch.eye(4)
+    w2c[:3, :3] = R
+    w2c[:3, 3] = -R @ eye
+    return w2c
+
+
+class CameraRig:
+    """Cameras around a trained avatar, from the capture's mean viewpoint."""
+
+    def __init__(self, av: LoadedAvatar, ds: Dataset | None):
+        face = av.model.face.means.detach()
+        self.target = face.median(0).values
+        if ds is not None:
+            centres = torch.stack([torch.tensor(f["transform_matrix"])[:3, 3] for f in ds.frames]).float()
+            mean_centre = centres.mean(0)
+        else:  # a camera straight in front of the face at a typical phone distance
+            mean_centre = self.target + torch.tensor([0.0, 0.0, 0.5])
+        offset = mean_centre - self.target
+        self.distance = float(offset.norm())
+        self.base_dir = offset / offset.norm()
+
+    def at(self, yaw_deg: float, pitch_deg: float, distance: float | None = None) -> Tensor:
+        """[4, 4] viewmat at yaw/pitch degrees away from the capture's mean view."""
+        yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
+        ry = torch.tensor([[math.cos(yaw), 0, math.sin(yaw)], [0, 1, 0], [-math.sin(yaw), 0, math.cos(yaw)]])
+        rx = torch.tensor([[1, 0, 0], [0, math.cos(pitch), -math.sin(pitch)], [0, math.sin(pitch), math.cos(pitch)]])
+        d = ry @ rx @ self.base_dir
+        return look_at(self.target + (distance or self.distance) * d, self.target)
+
+    def orbit(self, k: int, fps: float, period_s: float = 8.0, yaw_deg: float = 30.0, pitch_deg: float = 8.0) -> Tensor:
+        phase = 2 * math.pi * k / (fps * period_s)
+        return self.at(yaw_deg * math.sin(phase), pitch_deg * math.sin(2 * phase))
+
+
+def parse_camera(spec: str) -> tuple[str, tuple[float, float]]:
+    if spec in ("dataset", "orbit"):
+        return spec, (0.0, 0.0)
+    if spec.startswith("fixed:"):
+        try:
+            yaw, pitch = (float(v) for v in spec[6:].split(","))
+            return "fixed", (yaw, pitch)
+        except ValueError:
+            pass
+    raise AvatarError(Path(spec), "is not a camera: use dataset, orbit or fixed:YAW,PITCH (degrees)")
+
+
+def open_dataset(av: LoadedAvatar, size: int, required: bool) -> Dataset | None:
+    if av.dataset.is_dir():
+        return Dataset(av.dataset, size=size, cache_frames=32)
+    if required:
+        raise AvatarError(av.dataset, "the avatar's dataset folder is missing; `--camera dataset` replays its "
+                          "cameras and torso", "use --camera orbit or fixed:YAW,PITCH, or restore the dataset")
+    return None
+
+
+def scaled(av: LoadedAvatar, size: int) -> tuple[Tensor, Tensor]:
+    """(K [3, 3], background [size, size, 3]) at a render size."""
+    s = size / av.size
+    K = av.K.clone()
+    K[:2] *= s
+    bg = av.background.numpy()
+    if size != av.size:
+        bg = cv2.resize(bg, (size, size), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return K, torch.from_numpy(np.ascontiguousarray(bg))
+
+
+def ping_pong(k: int, n: int) -> int:
+    """k-th index of 0, 1, .., n-1, n-2, .., 1, 0, 1, .. (smooth replay of a clip)."""
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    j = k % period
+    return j if j < n else period - j
+
+
+def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera: str = "dataset",
+                 size: int | None = None, progress: bool = True, seed: int = 0) -> dict:
+    """Render `audio` through the avatar to an mp4. Returns a summary dict."""
+    mode, (yaw, pitch) = parse_camera(camera)
+    av = load_avatar(avatar)
+    size = size or av.size
+    if size % 2:
+        raise AvatarError(Path(out), f"--size {size} must be even (H.264 needs even frame sizes)")
+    pcm, feats = speech_features(Path(audio), av.fps)
+    drive = Drive(normalize_mel(feats["mel"]), blink_schedule(len(feats["mel"]), av.fps, seed), av.config.audio_window)
+    ds = open_dataset(av, size, required=mode == "dataset")
+    rig = CameraRig(av, ds)
+    K, plate = scaled(av, size)
+
+    def frames():
+        with torch.no_grad():
+            for k in tqdm(range(len(drive)), desc="avatar render", unit="frame", disable=not progress, file=sys.stderr):
+                if mode == "dataset":
+                    i = ping_pong(k, len(ds))
+                    f = ds[i]
+                    viewmat, under = ds.viewmat(i), torch.where(f.masks["torso"][..., None], f.image, plate)
+                else:
+                    viewmat = rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
+                    under = plate
+                fr = av.model.render(viewmat, K, size, under, drive.audio(k), torch.tensor([float(drive.eye[k])]),
+                                     backend=av.config.backend)
+                yield (fr.image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+
+    path = write_mp4(out, frames(), av.fps, audio=pcm)
+    return {"video": str(path), "frames": len(drive), "seconds": len(drive) / av.fps,
+            "audio_seconds": len(pcm) / 16_000, "camera": camera, "size": size}
+
+
+def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int):
+    """Both branches' Gaussians at frame k of a drive, concatenated (face first)."""
+    from .gaussians import Gaussians, MOUTH
+
+    eye = torch.tensor([float(drive.eye[k])])
+    with torch.no_grad():
+        parts = [av.model.deformed(b, drive.audio(k), eye)[0] for b in (FACE, MOUTH)]
+    return Gaussians(*(torch.cat([getattr(p, f) for p in parts])
+                       for f in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))

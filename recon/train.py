@@ -1,0 +1,318 @@
+"""`avatar train`: fit the two-branch talking Gaussian avatar to a captured dataset.
+
+Stages (TalkingGaussian's order; fractions in TrainConfig.stages):
+  static  both branches' canonical Gaussians, no deformation, full composite;
+  mouth   the inside-mouth branch and its audio-only head, on the inner-mouth region:
+          its layer over the torso/background must match the frame inside the inner lips;
+  face    the face branch and its audio/eye head; its layer is laid over the frame's own
+          inner mouth, and its alpha must match head-minus-mouth, so the lips learn to open;
+  fuse    everything, on the full composite.
+Loss: (1 - 0.2) L1 + 0.2 D-SSIM with extra weight on the lips, + |alpha - mask|,
++ a small penalty on deformation magnitude.
+
+Checkpoints are atomic and periodic; `--resume` continues from the last one, with the
+same frame order and randomness as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from avatar.errors import AvatarError
+from avatar.io import atomic_path
+from capture.tracking import OUTER_LIPS
+
+from .avatar_dir import CHECKPOINT, model_from_tensors, read_json_lines, save_avatar
+from .checkpoint import load_checkpoint
+from .conditioning import audio_windows, normalize_mel
+from .config import TrainConfig
+from .dataset import Dataset
+from .densify import GradStats, densify_and_prune, reset_opacity
+from .gaussians import FACE, MOUTH, save_ply
+from .init import init_gaussians
+from .losses import photometric_loss, psnr
+from .model import AvatarModel, BranchParams
+
+BRANCHES = (("face", FACE), ("mouth", MOUTH))
+
+
+def make_optimizer(model: AvatarModel, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with one named group per tensor ("face.means", ..., "face_deform", ...)."""
+    lrs = {"means": cfg.lr_means, "quats": cfg.lr_quats, "log_scales": cfg.lr_scales,
+           "opacity_logits": cfg.lr_opacity, "sh_dc": cfg.lr_sh, "sh_rest": cfg.lr_sh / 20}
+    groups = [{"params": [getattr(model.branch(b), k)], "name": f"{prefix}.{k}", "lr": lrs[k]}
+              for prefix, b in BRANCHES for k in BranchParams.NAMES]
+    for prefix in ("face_deform", "mouth_deform"):
+        head = getattr(model, prefix)
+        planes = list(head.encoding.parameters())
+        plane_ids = {id(p) for p in planes}
+        groups.append({"params": planes, "name": f"{prefix}.planes", "lr": cfg.lr_planes})
+        groups.append({"params": [p for p in head.parameters() if id(p) not in plane_ids],
+                       "name": f"{prefix}.mlp", "lr": cfg.lr_deform})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.Adam(groups, eps=1e-15)
+
+
+def optimizer_tensors(optim: torch.optim.Adam) -> dict[str, torch.Tensor]:
+    out = {}
+    for g in optim.param_groups:
+        for j, p in enumerate(g["params"]):
+            st = optim.state.get(p)
+            if st:
+                out[f"optim.{g['name']}.{j}.exp_avg"] = st["exp_avg"]
+                out[f"optim.{g['name']}.{j}.exp_avg_sq"] = st["exp_avg_sq"]
+                out[f"optim.{g['name']}.{j}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    return out
+
+
+def load_optimizer_tensors(optim: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> None:
+    for g in optim.param_groups:
+        for j, p in enumerate(g["params"]):
+            key = f"optim.{g['name']}.{j}"
+            if f"{key}.exp_avg" in tensors:
+                optim.state[p] = {"step": tensors[f"{key}.step"].reshape(()).clone(),
+                                  "exp_avg": tensors[f"{key}.exp_avg"].clone(),
+                                  "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].clone()}
+
+
+def stage_at(cfg: TrainConfig, step: int) -> str:
+    current = "static"
+    for name, first in cfg.stages.boundaries(cfg.iterations):
+        if step >= first:
+            current = name
+    return current
+
+
+# Which branches each stage trains (face, mouth), and which heads deform.
+STAGE_TRAINS = {"static": (True, True), "mouth": (False, True), "face": (True, False), "fuse": (True, True)}
+STAGE_DEFORMS = {"static": (False, False), "mouth": (False, True), "face": (True, False), "fuse": (True, True)}
+
+
+def lip_weights(ds: Dataset, i: int, margin: float = 0.25) -> torch.Tensor | None:
+    """[S, S] 1 inside a box around the outer lips (widened by `margin`), else 0."""
+    lm = ds.landmarks(i)
+    if lm is None:
+        return None
+    lips = lm[list(OUTER_LIPS)]
+    lo, hi = lips.min(0), lips.max(0)
+    pad = (hi - lo) * margin
+    (x0, y0), (x1, y1) = np.floor(lo - pad).astype(int), np.ceil(hi + pad).astype(int)
+    w = torch.zeros(ds.size, ds.size)
+    w[max(y0, 0): max(y1, 0), max(x0, 0): max(x1, 0)] = 1
+    return w
+
+
+def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """[H, W] bool -> bool, dilated by a (2 px + 1) square."""
+    return F.max_pool2d(mask[None, None].float(), 2 * px + 1, stride=1, padding=px)[0, 0] > 0
+
+
+class Trainer:
+    """State of one training run (model, optimizer, statistics) and its steps."""
+
+    def __init__(self, dataset: Path, out: Path, cfg: TrainConfig, resume: bool):
+        self.out, self.cfg = Path(out), cfg
+        ckpt = self.out / CHECKPOINT
+        if ckpt.exists() and not resume:
+            raise AvatarError(self.out, "already holds a trained avatar",
+                              "pass --resume to continue it, or choose another --out")
+        self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames)
+        self.mel = normalize_mel(self.ds.features["mel"])
+        self.train_ids, self.held_out = self.ds.split()
+        self.step = 0
+        if resume and ckpt.exists():
+            tensors, meta = load_checkpoint(ckpt)
+            saved = TrainConfig.from_dict(meta["config"])
+            if saved != cfg:
+                print(f"avatar train: resuming with the config saved in {ckpt} (command-line settings ignored)",
+                      file=sys.stderr)
+            self.cfg = cfg = saved
+            self.model = model_from_tensors(tensors, ckpt)
+            self.optim = make_optimizer(self.model, cfg)
+            load_optimizer_tensors(self.optim, tensors)
+            self.stats = {name: GradStats.from_state({k: tensors[f"densify.{name}.{k}"] for k in ("grad_sum", "count")})
+                          for name, _ in BRANCHES}
+            self.step, self.extent = int(meta["step"]), float(meta["extent"])
+            self._trim_metrics()
+        else:
+            torch.manual_seed(cfg.seed)
+            g = init_gaussians(self.ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
+                               sh_degree=cfg.sh_degree, seed=cfg.seed)
+            self.model = AvatarModel(g)
+            self.optim = make_optimizer(self.model, cfg)
+            self.stats = {name: GradStats(len(self.model.branch(b))) for name, b in BRANCHES}
+            face = g.means[g.branch == FACE]
+            self.extent = float((face.max(0).values - face.min(0).values).norm())
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _trim_metrics(self) -> None:
+        """Drop metric lines logged after the checkpoint we resume from."""
+        path = self.out / "metrics.jsonl"
+        lines = [r for r in read_json_lines(path) if r["step"] <= self.step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def meta(self) -> dict:
+        return {"step": self.step, "config": self.cfg.to_dict(), "dataset": str(self.ds.root.resolve()),
+                "fps": float(self.ds.meta.get("fps", 25.0)), "size": self.cfg.size, "extent": self.extent,
+                "n_face": len(self.model.face), "n_mouth": len(self.model.mouth)}
+
+    def save(self) -> Path:
+        extra = {"background": self.ds.background, "K": self.ds.K, **optimizer_tensors(self.optim)}
+        for name, _ in BRANCHES:
+            extra.update({f"densify.{name}.{k}": v for k, v in self.stats[name].state().items()})
+        return save_avatar(self.out, self.model, self.meta(), extra)
+
+    # -- one step ----------------------------------------------------------------------
+    def frame_for_step(self, step: int) -> int:
+        """Shuffled epochs, a pure function of (seed, step): a resumed run sees the same frames."""
+        n = len(self.train_ids)
+        epoch, k = divmod(step, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch))
+        return self.train_ids[int(perm[k])]
+
+    def set_learning_rates(self, step: int) -> None:
+        t = step / max(self.cfg.iterations - 1, 1)
+        for g in self.optim.param_groups:
+            if g["name"].endswith(".means"):
+                g["lr"] = g["base_lr"] * 0.01**t  # 3DGS's exponential decay to 1/100
+            elif g["name"].endswith((".mlp", ".planes")):
+                g["lr"] = g["base_lr"] * 0.1**t
+
+    def active_sh_degree(self, step: int) -> int:
+        """One more SH band every iterations / (2 (degree + 1)) steps (3DGS ramps every 1000)."""
+        return min(self.cfg.sh_degree, step * 2 * (self.cfg.sh_degree + 1) // max(self.cfg.iterations, 1))
+
+    def loss_at(self, step: int) -> tuple[torch.Tensor, dict, list]:
+        cfg, ds, model = self.cfg, self.ds, self.model
+        stage = stage_at(cfg, step)
+        i = self.frame_for_step(step)
+        f = ds[i]
+        gt, masks = f.image, f.masks
+        under = torch.where(masks["torso"][..., None], gt, ds.background)
+        audio = audio_windows(self.mel, [f.frame_index], cfg.audio_window)[0]
+        eye = torch.tensor([f.eye_openness])
+        lips = lip_weights(ds, i)
+        weight = 1 + cfg.lip_weight * lips if lips is not None else None
+        inner_mouth = dilate(masks["mouth"], max(1, ds.size // 128))
+        trains, deforms = STAGE_TRAINS[stage], STAGE_DEFORMS[stage]
+        sh = self.active_sh_degree(step)
+        layers, penalty = [], torch.zeros(())
+        for k, b in enumerate((FACE, MOUTH)):
+            if stage in ("mouth", "face") and not trains[k]:
+                layers.append(None)  # the other branch is not rendered in its single-branch stage
+                continue
+            g, pen = model.deformed(b, audio if deforms[k] else None, eye, frozen=not trains[k])
+            layer = model.render_layer(g, ds.viewmat(i), ds.K, ds.size, sh, cfg.backend)
+            layer.means2d.retain_grad()
+            layers.append(layer)
+            penalty = penalty + pen
+        face, mouth = layers
+        if stage == "mouth":
+            pred = mouth.rgb + (1 - mouth.alpha) * under
+            m = inner_mouth
+            loss = (pred - gt).abs().mean(-1)[m].mean() if m.any() else pred.sum() * 0
+            loss = loss + cfg.alpha_weight * (1 - mouth.alpha[..., 0][m]).mean() if m.any() else loss
+            shown = torch.where(m[..., None], pred, gt)
+        elif stage == "face":
+            pred = face.rgb + (1 - face.alpha) * torch.where(inner_mouth[..., None], gt, under)
+            target_alpha = (masks["head"] & ~inner_mouth).float()
+            loss = photometric_loss(pred, gt, cfg.ssim_weight, weight)
+            loss = loss + cfg.alpha_weight * (face.alpha[..., 0] - target_alpha).abs().mean()
+            shown = pred
+        else:
+            pred = face.rgb + (1 - face.alpha) * (mouth.rgb + (1 - mouth.alpha) * under)
+            alpha = 1 - (1 - face.alpha) * (1 - mouth.alpha)
+            loss = photometric_loss(pred, gt, cfg.ssim_weight, weight)
+            loss = loss + cfg.alpha_weight * (alpha[..., 0] - masks["head"].float()).abs().mean()
+            shown = pred
+        loss = loss + cfg.deform_weight * penalty
+        info = {"stage": stage, "frame": i, "psnr": psnr(shown.detach(), gt, masks["head"] if masks["head"].any() else None)}
+        return loss, info, layers
+
+    def densify(self, step: int) -> dict:
+        cfg = self.cfg
+        stage = stage_at(cfg, step)
+        counts = {}
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        for k, (name, b) in enumerate(BRANCHES):
+            if not STAGE_TRAINS[stage][k]:
+                continue
+            p = self.model.branch(b)
+            budget = cfg.max_gaussians - len(self.model)
+            counts[name] = densify_and_prune(p, name, self.optim, self.stats[name], grad_threshold=cfg.densify_grad,
+                                             extent=self.extent, percent_dense=cfg.percent_dense,
+                                             prune_opacity=cfg.prune_opacity, budget=budget, generator=g)
+            self.stats[name] = GradStats(len(p))
+        return counts
+
+    def run(self, progress: bool = True) -> Path:
+        cfg = self.cfg
+        metrics_path = self.out / "metrics.jsonl"
+        t_start, done_at_start = time.perf_counter(), self.step
+        bar = tqdm(total=cfg.iterations, initial=self.step, desc="avatar train", unit="it", disable=not progress,
+                   dynamic_ncols=True, file=sys.stderr)
+        densify_from, densify_until = int(cfg.densify_from * cfg.iterations), int(cfg.densify_until * cfg.iterations)
+        reset_at = int(cfg.opacity_reset_at * cfg.iterations) if cfg.opacity_reset_at > 0 else -1
+        log = open(metrics_path, "a")
+        try:
+            while self.step < cfg.iterations:
+                step = self.step
+                self.set_learning_rates(step)
+                loss, info, layers = self.loss_at(step)
+                if not torch.isfinite(loss):
+                    raise AvatarError(self.out, f"training diverged at step {step} (loss {float(loss)})",
+                                      "resume from the last checkpoint with --resume after lowering learning rates")
+                loss.backward()
+                for (name, _), layer in zip(BRANCHES, layers):
+                    if layer is not None:
+                        self.stats[name].update(layer, cfg.size)
+                self.optim.step()
+                self.optim.zero_grad(set_to_none=True)
+                self.step = step + 1
+                event = {}
+                if densify_from <= self.step < densify_until and self.step % cfg.densify_every == 0:
+                    event["densify"] = self.densify(step)
+                if self.step == reset_at:
+                    for name, b in BRANCHES:
+                        reset_opacity(self.model.branch(b), name, self.optim)
+                    event["opacity_reset"] = True
+                bar.update(1)
+                bar.set_postfix(stage=info["stage"], loss=f"{float(loss):.4f}", psnr=f"{info['psnr']:.2f}",
+                                gaussians=len(self.model), refresh=False)
+                if self.step % cfg.log_every == 0 or event or self.step == cfg.iterations:
+                    elapsed = time.perf_counter() - t_start
+                    record = {"step": self.step, "stage": info["stage"], "loss": float(loss), "psnr_head": info["psnr"],
+                              "n_face": len(self.model.face), "n_mouth": len(self.model.mouth),
+                              "it_per_s": (self.step - done_at_start) / max(elapsed, 1e-9),
+                              "elapsed_s": elapsed, **event}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                    self.save()
+        finally:
+            log.close()
+            bar.close()
+        save_ply(self.out / "canonical.ply", self.model.gaussians())
+        return self.out
+
+
+def train(dataset: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) an avatar; returns the avatar folder. See the module docstring."""
+    trainer = Trainer(Path(dataset), Path(out), cfg, resume)
+    if trainer.step >= trainer.cfg.iterations:
+        print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
+        if not (trainer.out / "canonical.ply").is_file():
+            save_ply(trainer.out / "canonical.ply", trainer.model.gaussians())
+        return trainer.out
+    return trainer.run(progress)
