@@ -86,8 +86,14 @@ def _view(args: argparse.Namespace) -> int:
         from viewer.dataset_view import run_dataset_viewer
 
         return run_dataset_viewer(path, args.host, args.port)
-    print(f"avatar view: {path} is not a dataset folder; viewing trained avatars is not built yet (tracked in "
-          "issue #6).", file=sys.stderr)
+    from recon.avatar_dir import CHECKPOINT
+
+    if (path / CHECKPOINT).is_file():
+        from viewer.avatar_view import run_avatar_viewer
+
+        return run_avatar_viewer(path, [Path(a) for a in args.audio], args.host, args.port, args.resolution)
+    print(f"avatar view: {path} is neither a dataset folder (transforms.json) nor an avatar folder ({CHECKPOINT})",
+          file=sys.stderr)
     return 2
 
 
@@ -96,7 +102,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     from scenes.demo import run_demo
 
-    return run_demo(Path(args.out))
+    return run_demo(Path(args.out) if args.out else None)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from scenes.job import load_job, run_job
+
+    result = run_job(load_job(Path(args.job), args.out))
+    print(json.dumps({k: v for k, v in result.items() if k != "eval"}, indent=2))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -158,14 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", help="speech file: write one deformed .ply per video frame into --frames")
     p.add_argument("--frames", help="folder for the per-frame .ply files")
     p.set_defaults(func=_export)
-    p = sub.add_parser("view", help="open the browser viewer on a dataset (capture inspection); avatars: not built yet")
-    p.add_argument("path", help="dataset folder written by `avatar capture`")
+    p = sub.add_parser("view", help="open the browser studio on an avatar (or a dataset, to inspect a capture)")
+    p.add_argument("path", help="avatar folder (`avatar train`) or dataset folder (`avatar capture`)")
+    p.add_argument("--audio", nargs="*", default=[], help="speech files to offer for playback (avatars)")
+    p.add_argument("--resolution", type=int, help="long side of rendered frames (default: the training size on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.set_defaults(func=_view)
-    p = sub.add_parser("demo", help="run the pipeline on the built-in sample subject (capture so far)")
-    p.add_argument("--out", default="outputs/demo", help="working folder (default outputs/demo); reruns reuse it")
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in sample subject (scenes/demo.toml)")
+    p.add_argument("--out", help="working folder (default outputs/demo); reruns reuse it")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("run", help="run a job config: capture -> train -> render -> eval (see scenes/*.toml)")
+    p.add_argument("job", help="job TOML file (scenes/phone_video.toml shows every option)")
+    p.add_argument("--out", help="working folder (default: the job's [job] out)")
+    p.set_defaults(func=_run)
     p = sub.add_parser("bench", help="benchmarks (raster: rasterizer backends vs gsplat)")
     p.add_argument("target", choices=["raster"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `avatar bench raster --help`)")

@@ -120,15 +120,29 @@ class DeformationHead(nn.Module):
         d_cond = audio_dim + (0 if audio_only else 1)
         self.out = _mlp(f + d_cond, width, 3 if audio_only else 10)
 
+    def _point_features(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Encoding and region-attention gates of the points: [N, F], [N, 1], [N, 1] | None.
+        They depend on the canonical positions only, so inference (rendering, the viewer)
+        computes them once per set of positions."""
+        key = (xyz.data_ptr(), xyz._version, tuple(xyz.shape))
+        cached = getattr(self, "_cache", None)
+        if not torch.is_grad_enabled() and not self.training and cached is not None and cached[0] == key:
+            return cached[1]
+        feats = self.encoding(xyz)
+        att_a = torch.sigmoid(self.audio_gate(feats))
+        att_e = None if self.audio_only else torch.sigmoid(self.eye_gate(feats))
+        out = (feats, att_a, att_e)
+        self._cache = (key, out) if not torch.is_grad_enabled() and not self.training else None
+        return out
+
     def forward(self, inputs: DeformInputs) -> DeformOutputs:
-        feats = self.encoding(inputs.xyz)  # [N, F]
+        feats, gate_a, gate_e = self._point_features(inputs.xyz)  # [N, F], [N, 1], [N, 1]
         a = self.audio(inputs.audio)  # [B, A]
         B, N = a.shape[0], feats.shape[0]
-        att_a = torch.sigmoid(self.audio_gate(feats))[None].expand(B, N, 1)
+        att_a = gate_a[None].expand(B, N, 1)
         cond = [att_a * a[:, None]]
         if not self.audio_only:
-            att_e = torch.sigmoid(self.eye_gate(feats))[None].expand(B, N, 1)
-            cond.append(att_e * inputs.eye[:, None])
+            cond.append(gate_e[None].expand(B, N, 1) * inputs.eye[:, None])
         x = torch.cat([feats[None].expand(B, N, -1)] + cond, dim=-1)
         y = self.out(x)
         zeros = y.new_zeros(B, N, 1)

@@ -124,21 +124,23 @@ class AvatarModel(nn.Module):
         return Gaussians(means, quats, log_scales, get(p.opacity_logits), sh,
                          torch.full((len(p),), branch, dtype=torch.uint8)), penalty
 
-    def render_layer(self, g: Gaussians, viewmat: Tensor, K: Tensor, size: int, sh_degree: int,
+    def render_layer(self, g: Gaussians, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], sh_degree: int,
                      backend: str = "auto") -> Layer:
+        """Rasterize one branch's Gaussians; size is S (square) or (width, height)."""
+        width, height = (size, size) if isinstance(size, int) else size
         means, quats, scales, opacities = g.activated()
-        out = rasterize(means, quats, scales, opacities, g.sh, viewmat[None], K[None], size, size,
+        out = rasterize(means, quats, scales, opacities, g.sh, viewmat[None], K[None], width, height,
                         sh_degree=min(sh_degree, self.sh_degree), backend=backend)
         return Layer(rgb=out.image[0], alpha=out.alpha[0], depth=out.depth[0], means2d=out.means2d,
                      radii=out.radii[0])
 
-    def render(self, viewmat: Tensor, K: Tensor, size: int, under: Tensor, audio: Tensor | None,
+    def render(self, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], under: Tensor, audio: Tensor | None,
                eye: Tensor | None, *, deform: tuple[bool, bool] = (True, True),
                frozen: tuple[bool, bool] = (False, False), sh_degree: int | None = None,
                mouth_scale: float = 1.0, backend: str = "auto") -> Frame:
         """Render one frame.
 
-        viewmat: [4, 4] world-to-camera (OpenCV); K: [3, 3]; under: [H, W, 3] what lies behind
+        viewmat: [4, 4] world-to-camera (OpenCV); K: [3, 3]; size: S or (W, H); under: [H, W, 3] behind
         the head; audio: [W, 16, 80] normalised window; eye: [1]. deform / frozen: per
         (face, mouth) branch, whether its head moves it this frame, and whether its
         canonical parameters are held fixed (detached).

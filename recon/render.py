@@ -54,7 +54,7 @@ def look_at(eye: Tensor, target: Tensor, up: Tensor = torch.tensor([0.0, 1.0, 0.
     """[4, 4] world-to-camera (OpenCV axes) of a camera at `eye` looking at `target`."""
     z = target - eye
     z = z / z.norm()
-    x = torch.linalg.cross(z, -up)
+    x = torch.linalg.cross(-up, z)
     x = x / x.norm()
     y = torch.linalg.cross(z, x)
     R = torch.stack([x, y, z])  # rows: camera axes in world
@@ -175,3 +175,26 @@ def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int):
         parts = [av.model.deformed(b, drive.audio(k), eye)[0] for b in (FACE, MOUTH)]
     return Gaussians(*(torch.cat([getattr(p, f) for p in parts])
                        for f in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
+
+
+def contact_sheet(video: str | Path, out: str | Path, n: int = 8, columns: int = 4) -> Path:
+    """A grid of n frames evenly spread over a video, each labelled with its time."""
+    from avatar.io import atomic_path
+    from avatar.media import open_media
+
+    with open_media(video, "video", "render it again with `avatar render`") as c:
+        frames = [(f.time, f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    if not frames:
+        raise AvatarError(Path(video), "holds no video frames")
+    picks = [frames[int(k)] for k in np.linspace(0, len(frames) - 1, min(n, len(frames))).round()]
+    tiles = []
+    for t, img in picks:
+        img = img.copy()
+        cv2.putText(img, f"{t:.2f} s", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 0), 1, cv2.LINE_AA)
+        tiles.append(img)
+    while len(tiles) % columns:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.concatenate([np.concatenate(tiles[r:r + columns], 1) for r in range(0, len(tiles), columns)], 0)
+    with atomic_path(out) as tmp:
+        cv2.imwrite(str(tmp), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    return Path(out)

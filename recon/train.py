@@ -142,7 +142,10 @@ class Trainer:
             self.stats = {name: GradStats.from_state({k: tensors[f"densify.{name}.{k}"] for k in ("grad_sum", "count")})
                           for name, _ in BRANCHES}
             self.step, self.extent = int(meta["step"]), float(meta["extent"])
+            for stale in self.out.glob(".*.tmp*"):  # a write cut short by a crash
+                stale.unlink()
             self._trim_metrics()
+            print(f"avatar train: resuming {self.out} from step {self.step}", file=sys.stderr)
         else:
             torch.manual_seed(cfg.seed)
             g = init_gaussians(self.ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
@@ -288,11 +291,11 @@ class Trainer:
                         reset_opacity(self.model.branch(b), name, self.optim)
                     event["opacity_reset"] = True
                 bar.update(1)
-                bar.set_postfix(stage=info["stage"], loss=f"{float(loss):.4f}", psnr=f"{info['psnr']:.2f}",
+                bar.set_postfix(stage=info["stage"], loss=f"{loss.item():.4f}", psnr=f"{info['psnr']:.2f}",
                                 gaussians=len(self.model), refresh=False)
                 if self.step % cfg.log_every == 0 or event or self.step == cfg.iterations:
                     elapsed = time.perf_counter() - t_start
-                    record = {"step": self.step, "stage": info["stage"], "loss": float(loss), "psnr_head": info["psnr"],
+                    record = {"step": self.step, "stage": info["stage"], "loss": loss.item(), "psnr_head": info["psnr"],
                               "n_face": len(self.model.face), "n_mouth": len(self.model.mouth),
                               "it_per_s": (self.step - done_at_start) / max(elapsed, 1e-9),
                               "elapsed_s": elapsed, **event}

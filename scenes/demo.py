@@ -1,9 +1,9 @@
-"""`avatar demo`: the main job on the built-in sample subject.
+"""`avatar demo`: the main job (scenes/demo.toml) on the built-in sample subject.
 
-Runs every stage that exists today and reuses finished ones on a second run:
-generate the sample clip -> `avatar capture` -> score the capture against ground truth.
-Training, rendering and the viewer come with issues #5 and #6; until then the demo
-stops after capture with a clear message and a non-zero exit status.
+generate the sample clip -> avatar capture -> avatar train (demo preset) -> avatar render
+with a second, different voice on an orbiting camera -> avatar eval, then a summary:
+capture accuracy against ground truth, held-out PSNR, the video and its contact sheet,
+and the command that opens the viewer. A second run reuses every finished stage.
 """
 
 from __future__ import annotations
@@ -13,36 +13,49 @@ import sys
 import time
 from pathlib import Path
 
-from capture.config import CaptureConfig
-from capture.pipeline import run_capture
-
+from .job import JOB_DIR, load_job, run_job
 from .sample import SampleConfig, compare_capture, generate_sample
 
 
-def run_demo(out: Path) -> int:
-    out = Path(out)
+def run_demo(out: Path | None = None, job_file: Path = JOB_DIR / "demo.toml") -> int:
     t0 = time.perf_counter()
-    truth_path = out / "sample" / "sample_truth.json"
+    job = load_job(job_file, out)
+    truth_path = job.out / "sample" / "sample_truth.json"
     if truth_path.is_file():
         truth = json.loads(truth_path.read_text())
-        print(f"[1/2] sample clip: reusing {out / 'sample' / 'sample.mp4'}", file=sys.stderr)
+        print(f"[sample] reusing {job.out / 'sample' / 'sample.mp4'}", file=sys.stderr)
     else:
-        print("[1/2] generating the sample subject (astronaut relief, synthetic speech)", file=sys.stderr)
-        truth = generate_sample(out / "sample", SampleConfig())
-    print("[2/2] avatar capture", file=sys.stderr)
-    dataset = run_capture(CaptureConfig(video=out / "sample" / "sample.mp4", out=out / "dataset"))
+        print("[sample] generating the sample subject (astronaut relief, synthetic speech)", file=sys.stderr)
+        truth = generate_sample(job.out / "sample", SampleConfig())
+    result = run_job(job)
+    dataset = Path(result["dataset"])
     score = compare_capture(truth, json.loads((dataset / "transforms.json").read_text()))
     report = json.loads((dataset / "capture_report.json").read_text())
+    from recon.render import contact_sheet
+
+    video = Path(result["videos"][0])
+    sheet = contact_sheet(video, video.with_name(video.stem + "_sheet.png"))
+    ev = result.get("eval", {})
+    summary = {"capture_vs_truth": score, "eval": {k: ev.get(k) for k in ("psnr", "psnr_face", "ssim", "lmd",
+                                                                          "lmd_static_mouth", "fps")},
+               "video": str(video), "contact_sheet": str(sheet), "wall_time_s": time.perf_counter() - t0}
+    from avatar.io import write_json
+
+    write_json(job.out / "demo_summary.json", summary)
     print(f"""
 capture vs ground truth ({score['frames_compared']} frames):
   head rotation error   median {score['rotation_error_deg']['median']:.2f} deg, p90 {score['rotation_error_deg']['p90']:.2f} deg
   focal length error    {100 * score['focal_error']:+.1f} %
   mouth vs jaw opening  correlation {score['mouth_vs_jaw_correlation']:.2f}
   reprojection error    median {report['pose']['reprojection_px']['median']:.2f} px
-dataset:  {dataset}
-preview:  {dataset / 'preview.png'}
-wall time {time.perf_counter() - t0:.0f} s
+avatar on held-out frames:
+  PSNR                  {ev.get('psnr', float('nan')):.2f} dB (face {ev.get('psnr_face') or float('nan'):.2f} dB)
+  mouth LMD             {ev.get('lmd') or float('nan'):.2f} px (static-mouth baseline {ev.get('lmd_static_mouth') or float('nan'):.2f} px)
+video:          {video}
+contact sheet:  {sheet}
+capture sheet:  {dataset / 'preview.png'}
+summary:        {job.out / 'demo_summary.json'}
+wall time       {summary['wall_time_s']:.0f} s
 
-avatar demo: training, rendering and the viewer are not built yet (issues #5 and #6);
-the demo stops after capture.""")
-    return 2
+open the viewer:  avatar view {result['avatar']} --audio {job.render_audio[0]}""")
+    return 0

@@ -42,3 +42,9 @@ def random_scene(n=300, cameras=2, width=70, height=45, sh_degree=None, feat_dim
         Ks.append(torch.tensor([[f, 0.0, width / 2 + c], [0.0, f * 1.02, height / 2 - c], [0.0, 0.0, 1.0]]))
     return Scene("random", means, quats, scales, opacities, colors, torch.stack(viewmats), torch.stack(Ks),
                  width, height, sh_degree)
+
+
+# A training schedule small enough for tests: 64 px, 60 steps, every stage visited.
+TINY_TRAIN = dict(size=64, iterations=60, init_volume_points=1500, init_mouth_points=200, max_gaussians=2500,
+                  checkpoint_every=20, log_every=5, densify_every=10, densify_from=0.1, densify_until=0.8,
+                  opacity_reset_at=0.0)

@@ -15,11 +15,27 @@ def test_help_lists_every_stage(capsys):
         assert cmd in out
 
 
-@pytest.mark.parametrize("cmd,issue", [("train", 5), ("render", 5), ("eval", 5), ("export", 5)])
-def test_unbuilt_stage_says_so_and_fails(cmd, issue, capsys):
-    assert main([cmd, "whatever"]) == 2
-    err = capsys.readouterr().err
-    assert f"avatar {cmd}: this stage is not built yet" in err and f"#{issue}" in err
+def test_job_configs_in_scenes_parse(tmp_path):
+    from scenes.job import JOB_DIR, load_job
+
+    demo = load_job(JOB_DIR / "demo.toml", tmp_path / "d")
+    assert demo.sample and demo.train["preset"] == "demo" and demo.render_camera == "orbit"
+    assert demo.render_audio == [tmp_path / "d" / "sample" / "speech_b.wav"]
+    phone = load_job(JOB_DIR / "phone_video.toml")
+    assert phone.video.name == "me.mp4" and phone.capture == {"fps": 25.0, "size": 512}
+    assert load_job(JOB_DIR / "ernerf_dataset.toml").ernerf.name == "obama"
+
+
+def test_bad_job_configs_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "job.toml"
+    for text, problem in [("[input\n", "is not valid TOML"), ("[input]\n", "needs exactly one input"),
+                          ("[input]\nsample = true\n[trian]\n", "unknown sections")]:
+        bad.write_text(text)
+        assert main(["run", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert "job.toml" in err and problem in err
+    assert main(["run", str(tmp_path / "none.toml")]) == 1
+    assert "job config not found" in capsys.readouterr().err
 
 
 def test_console_entry_point_runs():

@@ -41,4 +41,4 @@ def test_dataset_viewer_serves_scene_on_loopback(tmp_path):
 
 def test_view_refuses_non_dataset(tmp_path, capsys):
     assert main(["view", str(tmp_path)]) == 2
-    assert "not a dataset folder" in capsys.readouterr().err
+    assert "neither a dataset folder" in capsys.readouterr().err

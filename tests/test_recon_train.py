@@ -1,0 +1,155 @@
+"""Training, evaluation, rendering and export end to end on a small sample dataset,
+resume after kill -9, and the errors of bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from _scenes import TINY_TRAIN
+from avatar.cli import main as cli
+from avatar.errors import AvatarError
+from recon.avatar_dir import load_avatar
+from recon.config import preset
+from recon.evaluate import evaluate
+from recon.export import export
+from recon.gaussians import load_ply
+from recon.render import render_video
+from recon.train import train
+
+pytestmark = pytest.mark.slow
+
+TINY = TINY_TRAIN
+
+
+@pytest.fixture(scope="module")
+def trained(trained_avatar):
+    return trained_avatar
+
+
+def test_training_writes_a_documented_avatar(trained, sample_dataset):
+    metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+    assert {m["stage"] for m in metrics} == {"static", "mouth", "face", "fuse"}
+    psnrs = [m["psnr_head"] for m in metrics]
+    assert np.mean(psnrs[-3:]) > psnrs[0] + 1.5, psnrs  # it learns
+    assert any(m.get("densify", {}).get("face", {}).get("split", 0) + m.get("densify", {}).get("face", {}).get("cloned", 0)
+               for m in metrics)
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["format"] == "avatar/1" and cfg["config"]["size"] == 64 and cfg["config"]["iterations"] == 60
+    a = load_avatar(trained)
+    g = load_ply(trained / "canonical.ply")
+    assert len(g) == len(a.model) and set(g.branch.tolist()) == {0, 1}
+    assert a.background.shape == (64, 64, 3) and a.meta["step"] == 60
+    # A second run finds it trained and does nothing; without --resume it refuses to overwrite.
+    with pytest.raises(AvatarError, match="already holds a trained avatar"):
+        train(sample_dataset, trained, preset("cpu", **TINY), progress=False)
+
+
+def test_eval_render_export(trained, speech_wav, tmp_path):
+    r = evaluate(trained, progress=False)
+    saved = json.loads((trained / "eval.json").read_text())
+    assert saved["format"] == "avatar-eval/1" and saved["held_out_frames"] == r["held_out_frames"]
+    assert len(r["held_out_frames"]) == round(80 / 11)
+    assert 10 < r["psnr"] < 60 and 0 < r["ssim"] <= 1 and r["psnr_face"] is not None and r["fps"] > 0
+    assert (trained / "eval_strip.png").is_file()
+
+    for camera in ("dataset", "orbit", "fixed:20,-5"):
+        out = tmp_path / f"{camera.replace(':', '_')}.mp4"
+        info = render_video(trained, speech_wav, out, camera=camera, progress=False)
+        with av.open(str(out)) as c:
+            kinds = {s.type: s.codec_context.name for s in c.streams}
+            video = c.streams.video[0]
+            n_frames = sum(1 for _ in c.decode(video=0))
+        assert kinds == {"video": "h264", "audio": "aac"}
+        assert abs(n_frames / 25.0 - 2.3) < 0.1 and abs(info["seconds"] - info["audio_seconds"]) < 0.1
+        assert (video.codec_context.width, video.codec_context.height) == (64, 64)
+
+    paths = export(trained, ply=tmp_path / "canonical.ply")
+    assert len(load_ply(paths[0])) == len(load_avatar(trained).model)
+    export(trained, ply=tmp_path / "frame3.ply", frame=3)
+    assert load_ply(tmp_path / "frame3.ply").means.shape == load_ply(paths[0]).means.shape
+    frames = export(trained, audio=speech_wav, frames_dir=tmp_path / "frames", progress=False)
+    assert len(frames) == int(np.ceil(2.3 * 25)) and frames[0].name == "frame_000000.ply"
+
+
+def test_cli_errors_on_bad_inputs(trained, sample_dataset, tmp_path, capsys):
+    # Audio without speech.
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000 * 2, np.float32), 16000)
+    assert cli(["render", str(trained), "--audio", str(silent), "--out", str(tmp_path / "x.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert "silent.wav" in err and not (tmp_path / "x.mp4").exists()
+    assert cli(["render", str(trained), "--audio", str(silent), "--out", str(tmp_path / "x.mp4"),
+                "--camera", "sideways"]) == 1
+    assert "dataset, orbit or fixed" in capsys.readouterr().err
+    # Corrupt and NaN checkpoints.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.safetensors").write_bytes((trained / "checkpoint.safetensors").read_bytes()[:5000])
+    assert cli(["eval", str(bad)]) == 1
+    assert "checkpoint.safetensors: is not a readable checkpoint" in capsys.readouterr().err
+    from recon.checkpoint import load_checkpoint
+    from safetensors.torch import save_file
+
+    tensors, meta = load_checkpoint(trained / "checkpoint.safetensors")
+    tensors["face.means"][0, 0] = float("nan")
+    save_file(tensors, str(bad / "checkpoint.safetensors"), metadata={"avatar": json.dumps(meta)})
+    assert cli(["export", str(bad), "--ply", str(tmp_path / "nan.ply")]) == 1
+    assert "NaN/Inf values in face.means" in capsys.readouterr().err and not (tmp_path / "nan.ply").exists()
+    assert cli(["eval", str(tmp_path / "nowhere")]) == 1
+    assert "is not an avatar folder" in capsys.readouterr().err
+    # A dataset missing files.
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(sample_dataset, broken)
+    (broken / "audio_features.npz").unlink()
+    assert cli(["train", str(broken), "--out", str(tmp_path / "a2")]) == 1
+    assert "audio_features.npz: missing from the dataset" in capsys.readouterr().err
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"iterations": "many"}')
+    assert cli(["train", str(sample_dataset), "--out", str(tmp_path / "a3"), "--config", str(cfg)]) == 1
+    assert "cfg.json" in capsys.readouterr().err
+
+
+def test_resume_after_kill_9(sample_dataset, tmp_path):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**TINY, "iterations": 400, "checkpoint_every": 25}))
+    out = tmp_path / "avatar"
+    cmd = [sys.executable, "-m", "avatar", "train", str(sample_dataset), "--out", str(out), "--config", str(cfg)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint.safetensors"
+    deadline = time.time() + 300
+    from recon.checkpoint import load_checkpoint
+
+    while time.time() < deadline:
+        if ckpt.is_file() and load_checkpoint(ckpt)[1]["step"] >= 50:
+            break
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(ckpt)[1]["step"]
+    assert 50 <= killed_at < 400
+    # Resuming continues from the last checkpoint and finishes; the metrics log has each step once.
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, meta = load_checkpoint(ckpt)
+    assert meta["step"] == 400
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert not list(out.glob(".*.tmp*"))  # a write cut short by the kill was cleaned up
+    assert f"{killed_at}/400" in done.stderr  # the progress bar restarted where the checkpoint was
+    a = load_avatar(out)
+    assert torch.isfinite(a.model.face.means).all()

@@ -1,0 +1,560 @@
+"""`avatar view AVATAR`: the live studio in the browser (viser).
+
+Frames are rendered server-side with our rasterizer from each browser tab's own camera
+(as nerfstudio's viewer does) and streamed as JPEG backgrounds. While the camera moves
+the resolution drops; it sharpens when the camera stops. Each tab has its own GUI:
+speech playback (files from the command line or uploaded), render modes, torso and
+background toggles, blink and mouth-amplitude controls, an FPS readout with the frame
+time split into deform / rasterize / encode, PNG snapshots and mp4 recordings of the
+camera path with the speech muxed in (the writer of `avatar render`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import soundfile as sf
+import torch
+
+from avatar.errors import AvatarError
+from avatar.io import atomic_path
+from avatar.media import write_mp4
+from recon.avatar_dir import LoadedAvatar, load_avatar
+from recon.conditioning import blink_schedule, normalize_mel, speech_features
+from recon.gaussians import FACE, MOUTH
+from recon.render import CameraRig, Drive, open_dataset, scaled
+
+MODES = ("RGB", "depth", "alpha", "face branch", "mouth branch", "centres")
+MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_TRACK_SECONDS = 180.0
+BRANCH_COLOURS = torch.tensor([[0.95, 0.75, 0.2], [0.9, 0.1, 0.35]])  # face, mouth
+SAMPLE_RATE = 16_000
+
+
+@dataclass
+class Track:
+    """A speech file prepared to drive the avatar."""
+
+    name: str
+    pcm: np.ndarray  # 16 kHz mono
+    drive: Drive
+
+    @property
+    def seconds(self) -> float:
+        return len(self.pcm) / SAMPLE_RATE
+
+
+def load_track(path: Path, av: LoadedAvatar, name: str | None = None) -> Track:
+    """Speech file -> Track; AvatarError for unreadable, silent or over-long audio."""
+    pcm, feats = speech_features(path, av.fps)
+    if len(pcm) / SAMPLE_RATE > MAX_TRACK_SECONDS:
+        raise AvatarError(path, f"is {len(pcm) / SAMPLE_RATE:.0f} s long; the viewer plays up to "
+                          f"{MAX_TRACK_SECONDS:.0f} s", "render long speech with `avatar render`")
+    drive = Drive(normalize_mel(feats["mel"]), np.ones(len(feats["mel"]), np.float32), av.config.audio_window)
+    return Track(name or Path(path).name, pcm, drive)
+
+
+def track_from_upload(name: str, content: bytes, av: LoadedAvatar) -> Track:
+    """An uploaded file -> Track (validated as load_track, plus size limits)."""
+    if not content:
+        raise AvatarError(Path(name), "is empty")
+    if len(content) > MAX_UPLOAD_BYTES:
+        raise AvatarError(Path(name), f"is {len(content) / 2**20:.0f} MB; uploads are limited to "
+                          f"{MAX_UPLOAD_BYTES // 2**20} MB")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(name).name
+        path.write_bytes(content)
+        return load_track(path, av, Path(name).name)
+
+
+@dataclass
+class ViewSettings:
+    """What one tab asks the renderer for."""
+
+    mode: str = "RGB"
+    background: bool = True
+    torso: bool = False
+    mouth_scale: float = 1.0
+    eye: float = 1.0
+
+
+class ViewRenderer:
+    """Renders an avatar into an arbitrary camera with the viewer's modes; thread-safe
+    (one render at a time, so tabs share the cores instead of fighting over them)."""
+
+    def __init__(self, av: LoadedAvatar):
+        self.av = av
+        self.ds = open_dataset(av, av.size, required=False)
+        self.rig = CameraRig(av, self.ds)
+        self.lock = threading.Lock()
+        self._torso = None
+        if self.ds is not None:
+            f = self.ds[0]
+            self._torso = (f.image, f.masks["torso"])
+
+    def under(self, width: int, height: int, s: ViewSettings) -> torch.Tensor:
+        plate = self.av.background.numpy() if s.background else np.full((self.av.size,) * 2 + (3,), 0.12, np.float32)
+        if s.torso and self._torso is not None:
+            img, mask = self._torso
+            plate = np.where(mask.numpy()[..., None], img.numpy(), plate)
+        return torch.from_numpy(cv2.resize(np.ascontiguousarray(plate), (width, height),
+                                           interpolation=cv2.INTER_AREA)).float()
+
+    def intrinsics(self, fov_y: float, width: int, height: int) -> torch.Tensor:
+        f = height / (2 * np.tan(fov_y / 2))
+        return torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]], dtype=torch.float32)
+
+    def render(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, audio: torch.Tensor | None,
+               s: ViewSettings) -> tuple[np.ndarray, dict[str, float]]:
+        """-> ([H, W, 3] uint8, timings in ms {deform, rasterize})."""
+        model, backend = self.av.model, self.av.config.backend
+        eye = torch.tensor([s.eye])
+        with self.lock, torch.no_grad():
+            t0 = time.perf_counter()
+            face, _ = model.deformed(FACE, audio, eye, mouth_scale=s.mouth_scale)
+            mouth, _ = model.deformed(MOUTH, audio, eye, mouth_scale=s.mouth_scale)
+            t1 = time.perf_counter()
+            under = self.under(width, height, s)
+            if s.mode == "centres":
+                from recon.raster import rasterize
+
+                means = torch.cat([face.means, mouth.means])
+                colours = BRANCH_COLOURS[torch.cat([face.branch, mouth.branch]).long()]
+                n = len(means)
+                out = rasterize(means, torch.tensor([1.0, 0, 0, 0]).expand(n, 4), torch.full((n, 3), 6e-4),
+                                torch.ones(n), colours, viewmat[None], K[None], width, height, backend=backend)
+                img = out.image[0] + (1 - out.alpha[0]) * under * 0.3
+            else:
+                fl = model.render_layer(face, viewmat, K, (width, height), model.sh_degree, backend)
+                ml = model.render_layer(mouth, viewmat, K, (width, height), model.sh_degree, backend)
+                if s.mode == "face branch":
+                    img = fl.rgb + (1 - fl.alpha) * under
+                elif s.mode == "mouth branch":
+                    img = ml.rgb + (1 - ml.alpha) * under
+                elif s.mode == "alpha":
+                    img = (1 - (1 - fl.alpha) * (1 - ml.alpha)).expand(-1, -1, 3)
+                elif s.mode == "depth":
+                    img = self._depth(fl, ml)
+                else:
+                    img = fl.rgb + (1 - fl.alpha) * (ml.rgb + (1 - ml.alpha) * under)
+            t2 = time.perf_counter()
+        rgb = (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+        return rgb, {"deform": 1e3 * (t1 - t0), "rasterize": 1e3 * (t2 - t1)}
+
+    @staticmethod
+    def _depth(fl, ml) -> torch.Tensor:
+        depth = torch.where(fl.alpha > 0.5, fl.depth, ml.depth)[..., 0]
+        cover = (1 - (1 - fl.alpha) * (1 - ml.alpha))[..., 0] > 0.5
+        if not cover.any():
+            return torch.zeros(*depth.shape, 3)
+        lo, hi = torch.quantile(depth[cover], torch.tensor([0.02, 0.98]))
+        d = ((depth - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+        u8 = (255 * (1 - d)).to(torch.uint8).numpy()
+        col = cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
+        return torch.from_numpy(col).float() / 255 * cover[..., None]
+
+
+@dataclass
+class Playback:
+    """The speech clock of one tab."""
+
+    track: Track | None = None
+    playing: bool = False
+    speed: float = 1.0
+    t0: float = 0.0  # track time at `wall0`
+    wall0: float = 0.0
+
+    def time(self) -> float:
+        if self.track is None:
+            return 0.0
+        if not self.playing:
+            return self.t0
+        t = self.t0 + self.speed * (time.perf_counter() - self.wall0)
+        if t >= self.track.seconds:
+            self.playing, self.t0 = False, self.track.seconds
+            return self.t0
+        return t
+
+    def seek(self, t: float) -> None:
+        self.t0, self.wall0 = t, time.perf_counter()
+
+
+@dataclass
+class Recording:
+    cameras: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=dict)
+
+
+class ClientSession:
+    """One browser tab: its GUI, camera, clock and render loop (its own thread)."""
+
+    def __init__(self, studio: "Studio", client):
+        self.studio, self.client = studio, client
+        self.settings = ViewSettings()
+        self.play = Playback(track=next(iter(studio.tracks.values()), None))
+        self.blink_at = -1.0
+        self.auto_blinks = True
+        self.dirty = True
+        self.last_move = 0.0
+        self.sharp = False
+        self.recording: Recording | None = None
+        self.stats = {"fps": 0.0}
+        self.alive = True
+        self._build_gui()
+        self._place_camera()
+        client.camera.on_update(self._camera_moved)
+        self.thread = threading.Thread(target=self._loop, name=f"viewer-client-{client.client_id}", daemon=True)
+        self.thread.start()
+
+    # -- GUI ---------------------------------------------------------------------------
+    def _build_gui(self) -> None:
+        gui = self.client.gui
+        studio = self.studio
+        with gui.add_folder("Speech"):
+            self.track_menu = gui.add_dropdown("Track", tuple(studio.tracks) or ("(none)",),
+                                               initial_value=self.play.track.name if self.play.track else "(none)")
+            self.upload = gui.add_upload_button("Upload speech", icon=None, mime_type="audio/*",
+                                                hint="wav, mp3 or flac with speech, up to 3 minutes")
+            self.play_button = gui.add_button("Play")
+            self.pause_button = gui.add_button("Pause")
+            self.scrub = gui.add_slider("Time (s)", 0.0, max(self.play.track.seconds if self.play.track else 1.0, 0.1),
+                                        0.04, 0.0)
+            self.speed = gui.add_slider("Speed", 0.25, 2.0, 0.25, 1.0)
+            self.audio_html = gui.add_html("")
+        with gui.add_folder("Render"):
+            self.mode = gui.add_dropdown("Mode", MODES, initial_value="RGB")
+            self.background = gui.add_checkbox("Background", True)
+            self.torso = gui.add_checkbox("Torso (capture's, 2D)", False)
+            self.mouth_amp = gui.add_slider("Mouth amplitude", 0.0, 2.0, 0.05, 1.0)
+            self.eye = gui.add_slider("Eye openness", 0.0, 1.0, 0.05, 1.0)
+            self.auto_blink = gui.add_checkbox("Natural blinks", True)
+            self.blink_button = gui.add_button("Blink")
+            self.max_res = gui.add_slider("Resolution", 64, studio.max_resolution, 16, studio.default_resolution)
+        with gui.add_folder("Output"):
+            self.snapshot_button = gui.add_button("Snapshot (PNG)")
+            self.record_button = gui.add_button("Record")
+        self.stats_md = gui.add_markdown("")
+
+        def changed(_=None) -> None:
+            s = self.settings
+            s.mode, s.background, s.torso = self.mode.value, self.background.value, self.torso.value
+            s.mouth_scale, self.auto_blinks = float(self.mouth_amp.value), self.auto_blink.value
+            self.dirty = True
+
+        for h in (self.mode, self.background, self.torso, self.mouth_amp, self.eye, self.auto_blink, self.max_res):
+            h.on_update(changed)
+        self.track_menu.on_update(lambda _: self._select(self.track_menu.value))
+        self.upload.on_upload(lambda _: self.studio.start_upload(self, self.upload.value))
+        self.play_button.on_click(lambda _: self.start())
+        self.pause_button.on_click(lambda _: self.pause())
+        self.scrub.on_update(self._scrubbed)
+        self.speed.on_update(self._speed)
+        self.blink_button.on_click(lambda _: setattr(self, "blink_at", time.perf_counter()))
+        self.snapshot_button.on_click(lambda _: self.studio.pool(self.snapshot))
+        self.record_button.on_click(lambda _: self._toggle_record())
+
+    def _select(self, name: str) -> None:
+        if name in self.studio.tracks:
+            self.play.track = self.studio.tracks[name]
+            self.play.playing = False
+            self.play.seek(0.0)
+            self.scrub.max = max(self.play.track.seconds, 0.1)
+            self.scrub.value = 0.0
+            self._audio_tag(False)
+            self.dirty = True
+
+    def add_track(self, track: Track) -> None:
+        self.track_menu.options = tuple(self.studio.tracks)
+        self.track_menu.value = track.name
+        self._select(track.name)
+
+    def start(self) -> None:
+        if self.play.track is None:
+            self.client.add_notification("No speech", "Pick or upload a speech file first.", color="yellow",
+                                         auto_close_seconds=4)
+            return
+        t = 0.0 if self.play.time() >= self.play.track.seconds - 1e-3 else self.play.time()
+        self.play.seek(t)
+        self.play.playing = True
+        self._audio_tag(True)
+
+    def pause(self) -> None:
+        self.play.seek(self.play.time())
+        self.play.playing = False
+        self._audio_tag(False)
+        self.dirty = True
+
+    def _scrubbed(self, _=None) -> None:
+        if abs(self.scrub.value - self.play.time()) > 0.06:  # a user drag, not our own update
+            self.play.seek(float(self.scrub.value))
+            if self.play.playing:
+                self._audio_tag(True)
+            self.dirty = True
+
+    def _speed(self, _=None) -> None:
+        self.play.seek(self.play.time())
+        self.play.speed = float(self.speed.value)
+        if self.play.playing:
+            self._audio_tag(True)
+
+    def _audio_tag(self, playing: bool) -> None:
+        """Browser-side audio in step with the server clock, where the browser allows
+        autoplay (after a click on the page it does). Muted at speeds other than 1."""
+        track = self.play.track
+        if not playing or track is None or abs(self.play.speed - 1.0) > 1e-6:
+            self.audio_html.content = ""
+            return
+        self.audio_html.content = (f'<audio autoplay src="data:audio/wav;base64,{self.studio.wav_b64(track)}'
+                                   f'#t={self.play.time():.2f}"></audio>')
+
+    # -- camera ------------------------------------------------------------------------
+    def _place_camera(self) -> None:
+        rig = self.studio.renderer.rig
+        cam = self.client.camera
+        cam.fov = float(self.studio.fov_y)
+        cam.up_direction = (0.0, 1.0, 0.0)
+        cam.position = (rig.target + rig.distance * rig.base_dir).numpy().astype(np.float64)
+        cam.look_at = rig.target.numpy().astype(np.float64)  # after position: it re-aims the camera
+
+    def _camera_moved(self, _=None) -> None:
+        self.last_move = time.perf_counter()
+        self.dirty = True
+
+    def view(self, resolution: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(viewmat, K, width, height) of the tab's camera at `resolution` on the long side."""
+        import viser.transforms as vtf
+
+        cam = self.client.camera
+        aspect = float(cam.aspect) if cam.aspect else 1.0
+        width, height = (resolution, max(16, int(resolution / aspect))) if aspect >= 1 else \
+            (max(16, int(resolution * aspect)), resolution)
+        width, height = width - width % 2, height - height % 2
+        R = vtf.SO3(np.asarray(cam.wxyz)).as_matrix()  # camera-to-world, OpenCV axes
+        w2c = np.eye(4)
+        w2c[:3, :3] = R.T
+        w2c[:3, 3] = -R.T @ np.asarray(cam.position)
+        K = self.studio.renderer.intrinsics(float(cam.fov), width, height)
+        return torch.from_numpy(w2c).float(), K, width, height
+
+    # -- frames --------------------------------------------------------------------------
+    def eye_now(self, t: float) -> float:
+        eye = float(self.eye.value)
+        now = time.perf_counter()
+        if 0 <= now - self.blink_at < 0.25:
+            eye = min(eye, 0.5 + 0.5 * np.cos(2 * np.pi * (now - self.blink_at) / 0.25))
+        elif self.auto_blinks and self.play.track is not None:
+            sched = self.studio.blinks(self.play.track)
+            eye = min(eye, float(sched[min(int(t * self.studio.av.fps), len(sched) - 1)]))
+        return eye
+
+    def frame_index(self, t: float) -> int | None:
+        if self.play.track is None:
+            return None
+        return min(int(t * self.studio.av.fps), len(self.play.track.drive) - 1)
+
+    def render_now(self, resolution: int) -> tuple[np.ndarray, dict]:
+        t = self.play.time()
+        k = self.frame_index(t)
+        audio = self.play.track.drive.audio(k) if k is not None else None
+        self.settings.eye = self.eye_now(t)
+        viewmat, K, width, height = self.view(resolution)
+        if self.recording is not None and self.play.playing and k is not None:
+            self.recording.cameras[k] = (viewmat, K, width, height)
+        return self.studio.renderer.render(viewmat, K, width, height, audio, self.settings)
+
+    def _loop(self) -> None:
+        studio = self.studio
+        while self.alive and studio.running:
+            moving = time.perf_counter() - self.last_move < 0.3
+            animating = self.play.playing or time.perf_counter() - self.blink_at < 0.3
+            if not (self.dirty or animating or (not moving and not self.sharp)):
+                time.sleep(0.01)
+                continue
+            full = int(self.max_res.value)
+            resolution = max(64, full // 2) if (moving or animating) else full
+            self.dirty = False
+            self.sharp = not (moving or animating)
+            t0 = time.perf_counter()
+            try:
+                rgb, timings = self.render_now(resolution)
+                t1 = time.perf_counter()
+                if not self.alive:
+                    return
+                self.client.scene.set_background_image(rgb, format="jpeg", jpeg_quality=85)
+                timings["encode"] = 1e3 * (time.perf_counter() - t1)
+            except Exception as exc:  # a tab that closed mid-frame: stop this loop only
+                if self.alive and studio.running and self.client.client_id in studio.sessions:
+                    studio.log(f"client {self.client.client_id}: frame failed ({exc.__class__.__name__}: {exc})")
+                    time.sleep(0.2)
+                    continue
+                return
+            dt = time.perf_counter() - t0
+            self.stats = {"fps": 1 / max(dt, 1e-6), "resolution": rgb.shape[:2], **timings}
+            if self.play.playing:
+                self.scrub.value = round(self.play.time(), 2)
+            self.stats_md.content = (f"**{self.stats['fps']:.1f} FPS** at {rgb.shape[1]}x{rgb.shape[0]} · "
+                                     f"deform {timings['deform']:.0f} ms · rasterize {timings['rasterize']:.0f} ms · "
+                                     f"encode {timings['encode']:.0f} ms")
+
+    # -- outputs -------------------------------------------------------------------------
+    def snapshot(self) -> Path:
+        rgb, _ = self.render_now(int(self.max_res.value))
+        path = self.studio.output_path("snapshots", "png")
+        with atomic_path(path) as tmp:
+            cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        self.client.send_file_download(path.name, path.read_bytes())
+        self.client.add_notification("Snapshot saved", str(path), auto_close_seconds=5)
+        return path
+
+    def _toggle_record(self) -> None:
+        if self.recording is None:
+            self.recording = Recording()
+            self.record_button.label = "Stop recording"
+            self.start()
+        else:
+            rec, self.recording = self.recording, None
+            self.record_button.label = "Record"
+            self.studio.pool(lambda: self.save_recording(rec))
+
+    def save_recording(self, rec: Recording) -> Path | None:
+        """The recorded camera path, re-rendered at every video frame, with its speech."""
+        track = self.play.track
+        if track is None or not rec.cameras:
+            self.client.add_notification("Nothing recorded", "Press Record, let the speech play, press Stop.",
+                                         color="yellow", auto_close_seconds=5)
+            return None
+        first, last = min(rec.cameras), max(rec.cameras)
+        note = self.client.add_notification("Recording", f"rendering {last - first + 1} frames", loading=True,
+                                            with_close_button=False)
+        fps = self.studio.av.fps
+        sched = self.studio.blinks(track)
+
+        def frames():
+            cam = rec.cameras[first]
+            for k in range(first, last + 1):
+                cam = rec.cameras.get(k, cam)
+                s = ViewSettings(**{**self.settings.__dict__, "eye": float(sched[k])})
+                yield self.studio.renderer.render(*cam[:2], cam[2], cam[3], track.drive.audio(k), s)[0]
+
+        pcm = track.pcm[int(first / fps * SAMPLE_RATE): int((last + 1) / fps * SAMPLE_RATE)]
+        path = write_mp4(self.studio.output_path("recordings", "mp4"), frames(), fps, audio=pcm)
+        note.remove()
+        self.client.send_file_download(path.name, path.read_bytes())
+        self.client.add_notification("Recording saved", str(path), auto_close_seconds=5)
+        return path
+
+
+class Studio:
+    """The viewer server: one avatar, shared speech tracks, one session per browser tab."""
+
+    def __init__(self, avatar: str | Path, audio: list[Path] = (), host: str = "127.0.0.1", port: int = 8080,
+                 resolution: int | None = None, verbose: bool = True):
+        import viser
+
+        self.av = load_avatar(avatar)
+        self.renderer = ViewRenderer(self.av)
+        self.tracks: dict[str, Track] = {}
+        for path in audio:
+            track = load_track(Path(path), self.av)
+            self.tracks[track.name] = track
+        self.fov_y = 2 * float(np.arctan(self.av.size / (2 * float(self.av.K[1, 1]))))
+        gpu = torch.cuda.is_available() and self.av.config.backend in ("auto", "cuda")
+        self.max_resolution = 1024 if gpu else 512
+        self.default_resolution = resolution or (512 if gpu else self.av.size)
+        self.verbose = verbose
+        self.sessions: dict[int, ClientSession] = {}
+        self._blinks: dict[str, np.ndarray] = {}
+        self._wav: dict[str, str] = {}
+        self._counter = 0
+        self._lock = threading.Lock()
+        self.running = True
+        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        self.server.scene.set_up_direction("+y")
+        self.server.gui.configure_theme(control_width="large")
+        self.server.on_client_connect(self._connect)
+        self.server.on_client_disconnect(self._disconnect)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.get_host()}:{self.server.get_port()}"
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            print(f"avatar view: {text}", flush=True)
+
+    def _connect(self, client) -> None:
+        self.sessions[client.client_id] = ClientSession(self, client)
+
+    def _disconnect(self, client) -> None:
+        session = self.sessions.pop(client.client_id, None)
+        if session is not None:
+            session.alive = False
+
+    def pool(self, fn) -> None:
+        threading.Thread(target=fn, daemon=True).start()
+
+    def blinks(self, track: Track) -> np.ndarray:
+        if track.name not in self._blinks:
+            self._blinks[track.name] = blink_schedule(len(track.drive), self.av.fps)
+        return self._blinks[track.name]
+
+    def wav_b64(self, track: Track) -> str:
+        if track.name not in self._wav:
+            buf = io.BytesIO()
+            sf.write(buf, track.pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+            self._wav[track.name] = base64.b64encode(buf.getvalue()).decode()
+        return self._wav[track.name]
+
+    def output_path(self, kind: str, ext: str) -> Path:
+        with self._lock:
+            self._counter += 1
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            return self.av.root / kind / f"{kind[:-1]}_{stamp}_{self._counter:03d}.{ext}"
+
+    def start_upload(self, session: ClientSession, upload) -> None:
+        """Compute features of an uploaded file in the background; refuse bad files in the GUI."""
+        def work() -> None:
+            note = session.client.add_notification("Speech upload", f"computing features of {upload.name}",
+                                                   loading=True, with_close_button=False)
+            try:
+                track = track_from_upload(upload.name, upload.content, self.av)
+            except AvatarError as exc:
+                note.remove()
+                session.client.add_notification("Upload refused", str(exc), color="red", auto_close_seconds=10)
+                return
+            except Exception as exc:  # anything a decoder throws: refuse the file, keep serving
+                note.remove()
+                session.client.add_notification("Upload refused", f"{upload.name}: {exc}", color="red",
+                                                auto_close_seconds=10)
+                return
+            note.remove()
+            self.tracks[track.name] = track
+            session.add_track(track)
+            session.client.add_notification("Speech ready", f"{track.name}: {track.seconds:.1f} s",
+                                            auto_close_seconds=4)
+
+        self.pool(work)
+
+    def stop(self) -> None:
+        self.running = False
+        for s in list(self.sessions.values()):
+            s.alive = False
+        self.server.stop()
+
+
+def run_avatar_viewer(avatar: Path, audio: list[Path], host: str, port: int, resolution: int | None) -> int:
+    studio = Studio(avatar, audio, host, port, resolution)
+    print(f"avatar view: {avatar} at {studio.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        studio.stop()
+    return 0
