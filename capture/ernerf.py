@@ -5,8 +5,12 @@ transform_matrix]), ori_imgs/<id>.jpg (+ <id>.lms, 68 landmarks), parsing/<id>.p
 (BiSeNet colours: head red, neck green, torso blue, background white), bc.jpg, aud.wav,
 aud_ds.npy / aud_hu.npy, au.csv (OpenFace AU45_r blink, AU25_r lips part).
 
-Poses are copied unchanged: ER-NeRF stores camera-to-world matrices in the NeRF/OpenGL
-convention, in its own head frame and units.
+ER-NeRF stores camera-to-world matrices in the NeRF/OpenGL convention, in its own head
+frame and units. When every frame has its 68 landmarks, the import triangulates them
+with those cameras and moves the poses into this project's head frame (metres, x to the
+subject's left, y up, z out of the face, outer eye corners 9 cm apart, eyes 9 cm in front
+of the origin); the triangulated face becomes face_geometry.npz, which Gaussian
+initialisation needs. Without landmarks the poses are kept as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from .masks import MASK_NAMES, polygon_mask
 from .pipeline import DATASET_FORMAT, _write_jpg, _write_png
 
 _EYES68 = (tuple(range(36, 42)), tuple(range(42, 48)))
-_INNER_MOUTH68 = tuple(range(60, 68))
+INNER_MOUTH68 = tuple(range(60, 68))
 
 
 def _read_frames(src: Path) -> tuple[dict, list[dict]]:
@@ -51,6 +55,48 @@ def _read_frames(src: Path) -> tuple[dict, list[dict]]:
                           "point --from-ernerf at an ER-NeRF or TalkingGaussian data/<name> folder")
     frames.sort(key=lambda f: int(f["img_id"]))
     return meta, frames
+
+
+_EYE_OUTER68, _CHIN68, _NOSE_BRIDGE68 = (36, 45), 8, 27
+EYE_DISTANCE_M = 0.09
+
+
+def triangulate(lms: np.ndarray, c2w_gl: np.ndarray, focal: float, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear (DLT) triangulation of landmarks tracked over posed frames.
+
+    lms: [F, L, 2] pixels; c2w_gl: [F, 4, 4] camera-to-world, OpenGL axes.
+    Returns points [L, 3] and the reprojection error [F, L] in pixels.
+    """
+    K = np.array([[focal, 0, cx], [0, focal, cy], [0, 0, 1]])
+    w2c = np.linalg.inv(c2w_gl @ np.diag([1.0, -1.0, -1.0, 1.0]))  # OpenCV camera axes
+    P = K @ w2c[:, :3]  # [F, 3, 4]
+    u, v = lms[..., 0], lms[..., 1]  # [F, L]
+    rows = np.concatenate([u[..., None] * P[:, None, 2] - P[:, None, 0],
+                           v[..., None] * P[:, None, 2] - P[:, None, 1]], axis=0)  # [2F, L, 4]
+    A = rows.transpose(1, 0, 2)  # [L, 2F, 4]
+    A = A / np.linalg.norm(A, axis=-1, keepdims=True).clip(1e-12)
+    X = np.linalg.svd(A)[2][:, -1]  # [L, 4]
+    X = X[:, :3] / X[:, 3:]
+    proj = np.einsum("fij,lj->fli", P, np.concatenate([X, np.ones((len(X), 1))], 1))
+    err = np.linalg.norm(proj[..., :2] / proj[..., 2:] - lms, axis=-1)
+    return X, err
+
+
+def metric_head_frame(points68: np.ndarray) -> np.ndarray:
+    """[4, 4] similarity taking ER-NeRF world points to this project's head frame (see the
+    module docstring), from triangulated 68-point landmarks."""
+    x = points68[_EYE_OUTER68[1]] - points68[_EYE_OUTER68[0]]  # towards the subject's left
+    scale = EYE_DISTANCE_M / np.linalg.norm(x)
+    x = x / np.linalg.norm(x)
+    y = points68[_NOSE_BRIDGE68] - points68[_CHIN68]
+    y = y - (y @ x) * x
+    y = y / np.linalg.norm(y)
+    R = np.stack([x, y, np.cross(x, y)])
+    eyes = points68[list(_EYE_OUTER68)].mean(0)
+    T = np.eye(4)
+    T[:3, :3] = scale * R
+    T[:3, 3] = np.array([0.0, 0.0, EYE_DISTANCE_M]) - scale * R @ eyes
+    return T
 
 
 def _read_au(path: Path) -> dict[str, np.ndarray]:
@@ -100,7 +146,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
             person = ~((r == 255) & (g == 255) & (b == 255))
             lms_path = src / "ori_imgs" / f"{i}.lms"
             lm = np.loadtxt(lms_path, dtype=np.float32).reshape(-1, 2) if lms_path.is_file() else None
-            mouth = polygon_mask((H, W), lm[list(_INNER_MOUTH68)]) if lm is not None and len(lm) == 68 else np.zeros((H, W), bool)
+            mouth = polygon_mask((H, W), lm[list(INNER_MOUTH68)]) if lm is not None and len(lm) == 68 else np.zeros((H, W), bool)
             eyes = np.zeros((H, W), bool)
             if lm is not None and len(lm) == 68:
                 eyes = polygon_mask((H, W), lm[list(_EYES68[0])]) | polygon_mask((H, W), lm[list(_EYES68[1])])
@@ -138,14 +184,30 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
             "audio": "audio.wav", "audio_features": "audio_features.npz", "background": "background.png",
             "frames": out_frames,
         }
+        report = {"format": DATASET_FORMAT, "source": {"ernerf": str(src)}, "frames": {"total": len(out_frames)},
+                  "audio": speech, "eye_openness_from": "au.csv AU45_r" if "AU45_r" in au else None}
         if len(lms68) == len(out_frames):
-            np.save(work / "landmarks68.npy", np.stack(lms68))
+            lms = np.stack(lms68)
+            np.save(work / "landmarks68.npy", lms)
             transforms["landmarks68"] = "landmarks68.npy"
+            c2w = np.array([f["transform_matrix"] for f in out_frames], np.float64)
+            points, err = triangulate(lms, c2w, float(meta["focal_len"]), float(meta["cx"]), float(meta["cy"]))
+            T = metric_head_frame(points)
+            scale = float(np.cbrt(np.linalg.det(T[:3, :3])))
+            for f, m in zip(out_frames, c2w):
+                moved = T @ m
+                moved[:3, :3] /= scale  # rotate and move the camera; it stays a rigid camera
+                f["transform_matrix"] = moved.tolist()
+            face = (points @ T[:3, :3].T + T[:3, 3]).astype(np.float32)
+            np.savez(work / "face_geometry.npz", canonical=face, focal=np.float32(meta["focal_len"]),
+                     landmark_set=np.array("ibug68"))
+            transforms["face_geometry"] = "face_geometry.npz"
+            transforms["source_to_head_frame"] = T.tolist()
+            report["head_frame"] = {"from": "triangulated 68 landmarks", "scale_to_metres": scale,
+                                    "reprojection_px": {"median": float(np.median(err)),
+                                                        "p90": float(np.percentile(err, 90))}}
         write_json(work / "transforms.json", transforms)
-        write_json(work / "capture_report.json", {
-            "format": DATASET_FORMAT, "source": {"ernerf": str(src)}, "frames": {"total": len(out_frames)},
-            "audio": speech, "eye_openness_from": "au.csv AU45_r" if "AU45_r" in au else None,
-        })
+        write_json(work / "capture_report.json", report)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -54,18 +54,21 @@ class TrainConfig:
     """Face-branch points sampled in the carved head volume at initialisation."""
     init_mouth_points: int = 1_500
     """Inside-mouth points at initialisation."""
-    max_gaussians: int = 30_000
+    max_gaussians: int = 25_000
     """Densification stops adding points at this count (both branches together)."""
     audio_window: int = 8
     """Video frames of audio features the deformation head attends over."""
+    audio_noise: float = 0.2
+    """Std of Gaussian noise added to the normalised audio features in training (a few
+    seconds of speech are easy to memorise; noise makes the mouth follow the sound)."""
     # Learning rates (Adam). Positions are in metres: the head is about 0.25 m across.
-    lr_means: float = 1e-4
+    lr_means: float = 2.5e-4
     """Initial learning rate of the Gaussian centres (decays 100x, as in 3DGS)."""
-    lr_sh: float = 2.5e-3
+    lr_sh: float = 5e-3
     """Learning rate of the DC colour; higher SH bands use 1/20 of it."""
     lr_opacity: float = 0.05
     """Learning rate of opacity logits."""
-    lr_scales: float = 5e-3
+    lr_scales: float = 1e-2
     """Learning rate of log-scales."""
     lr_quats: float = 1e-3
     """Learning rate of the quaternions."""

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from avatar.errors import AvatarError
-from capture.tracking import INNER_LIPS
+from capture.ernerf import INNER_MOUTH68
+from capture.tracking import INNER_LIPS, N_LANDMARKS
 
 from .dataset import Dataset
 from .gaussians import FACE, MOUTH, Gaussians, rgb_to_sh_dc
@@ -55,7 +56,7 @@ def init_gaussians(ds: Dataset, n_volume: int = 20_000, n_mouth: int = 2_000, sh
     geom = ds.root / ds.meta.get("face_geometry", "face_geometry.npz")
     if not geom.is_file():
         raise AvatarError(geom, "missing: the dataset has no fitted face geometry",
-                          "capture it with `avatar capture` (ER-NeRF imports are not supported for Gaussian init)")
+                          "capture it with `avatar capture`, or import an ER-NeRF folder whose frames all have .lms landmarks")
     with np.load(geom) as z:
         face = torch.from_numpy(z["canonical"].astype(np.float32))
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +75,7 @@ def init_gaussians(ds: Dataset, n_volume: int = 20_000, n_mouth: int = 2_000, sh
     face_col = torch.cat([face_colour, colour])
 
     # Mouth branch: behind the inner-lip contour.
-    lips = face[list(INNER_LIPS)]
+    lips = face[list(INNER_LIPS if len(face) == N_LANDMARKS else INNER_MOUTH68)]
     centre, spread = lips.mean(0), (lips.max(0).values - lips.min(0).values) / 2
     u = torch.rand(n_mouth, 3, generator=g) * 2 - 1
     mouth_pts = centre + u * torch.tensor([spread[0], max(spread[1], 0.004), 0.0])

@@ -204,6 +204,9 @@ class Trainer:
         gt, masks = f.image, f.masks
         under = torch.where(masks["torso"][..., None], gt, ds.background)
         audio = audio_windows(self.mel, [f.frame_index], cfg.audio_window)[0]
+        if cfg.audio_noise > 0:
+            noise = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+            audio = audio + cfg.audio_noise * torch.randn(audio.shape, generator=noise)
         eye = torch.tensor([f.eye_openness])
         lips = lip_weights(ds, i)
         weight = 1 + cfg.lip_weight * lips if lips is not None else None

@@ -179,8 +179,23 @@ def test_real_clip(tmp_path, clip_path, capsys):
     assert time.perf_counter() - t0 < 5
 
 
+def _face68(rng):
+    """A head-like set of 68 landmarks in metres (x to the subject's left, y up, z out)."""
+    pts = np.column_stack([rng.uniform(-0.06, 0.06, 68), rng.uniform(-0.08, 0.05, 68), rng.uniform(0.06, 0.1, 68)])
+    pts[36], pts[45] = (-0.045, 0.03, 0.09), (0.045, 0.03, 0.09)  # outer eye corners
+    pts[8], pts[27] = (0.0, -0.09, 0.08), (0.0, 0.035, 0.1)  # chin, nose bridge
+    pts[60:68] = np.column_stack([0.015 * np.cos(np.arange(8)), -0.045 + 0.005 * np.sin(np.arange(8)), np.full(8, 0.095)])
+    return pts
+
+
+# ER-NeRF's own world: another scale, rotation and origin than this project's head frame.
+ERNERF_SCALE, ERNERF_SHIFT = 3.0, np.array([0.2, -0.1, 0.3])
+ERNERF_ROT = np.array([[np.cos(0.4), -np.sin(0.4), 0], [np.sin(0.4), np.cos(0.4), 0], [0, 0, 1]])
+
+
 def _fake_ernerf(root, n=12, size=64):
     rng = np.random.default_rng(0)
+    face = _face68(rng)
     (root / "ori_imgs").mkdir(parents=True)
     (root / "parsing").mkdir()
     frames = []
@@ -190,11 +205,19 @@ def _fake_ernerf(root, n=12, size=64):
         seg[10:40, 20:44] = (0, 0, 255)  # head: red in RGB, stored BGR
         seg[40:64, 8:56] = (255, 0, 0)  # torso: blue in RGB
         cv2.imwrite(str(root / "parsing" / f"{i}.png"), seg)
-        lm = np.stack([np.linspace(20, 44, 68), np.linspace(15, 38, 68)], 1)
+        yaw = np.radians(-15 + 30 * i / (n - 1))
+        centre = np.array([0.6 * np.sin(yaw), 0.02, 0.6 * np.cos(yaw)])  # metres, looking at the origin
+        z = -centre / np.linalg.norm(centre)
+        x = np.cross(np.array([0.0, -1.0, 0.0]), z)
+        x /= np.linalg.norm(x)
+        R_cv = np.stack([x, np.cross(z, x), z], 1)  # camera-to-world columns, OpenCV axes
+        uv = (face - centre) @ R_cv
+        lm = uv[:, :2] / uv[:, 2:] * 70.0 + 32.0
         np.savetxt(root / "ori_imgs" / f"{i}.lms", lm, "%f")
         c2w = np.eye(4)
-        c2w[2, 3] = 2.0 + 0.01 * i
-        frames.append({"img_id": i, "aud_id": i, "transform_matrix": c2w.tolist()})
+        c2w[:3, :3] = ERNERF_ROT @ R_cv @ np.diag([1.0, -1.0, -1.0])  # OpenGL axes, ER-NeRF world
+        c2w[:3, 3] = ERNERF_SCALE * ERNERF_ROT @ centre + ERNERF_SHIFT
+        frames.append({"img_id": i, "aud_id": i, "transform_matrix": c2w.tolist(), "face_m": face.tolist()})
     split = n - 2
     for name, fr in (("train", frames[:split]), ("val", frames[split:])):
         (root / f"transforms_{name}.json").write_text(json.dumps({"focal_len": 70.0, "cx": 32.0, "cy": 32.0, "frames": fr}))
@@ -213,7 +236,31 @@ def test_ernerf_import(tmp_path):
     assert run_cli("--from-ernerf", src, "--out", out) == 0
     tr = json.loads((out / "transforms.json").read_text())
     assert tr["source"] == "ernerf" and tr["fl_x"] == 70.0 and len(tr["frames"]) == 12
-    assert tr["frames"][3]["transform_matrix"] == frames[3]["transform_matrix"]
+    # The poses moved into the metric head frame (a rigid move of the truth in metres) ...
+    c2w = np.array([f["transform_matrix"] for f in tr["frames"]])
+    truth = np.array(frames[0]["face_m"])
+    eyes = truth[[36, 45]].mean(0)
+    centres = np.array([[0.6 * np.sin(y), 0.02, 0.6 * np.cos(y)] for y in np.radians(np.linspace(-15, 15, 12))])
+    assert np.allclose(np.linalg.norm(c2w[:, :3, 3] - [0, 0, 0.09], axis=1),
+                       np.linalg.norm(centres - eyes, axis=1), atol=1e-3)
+    assert np.allclose(c2w[:, :3, :3] @ c2w[:, :3, :3].transpose(0, 2, 1), np.eye(3), atol=1e-6)
+    # ... and the triangulated face is the truth: 9 cm between the outer eye corners, which
+    # sit on the x axis 9 cm in front of the origin, and every distance as in the truth.
+    face = np.load(out / "face_geometry.npz")["canonical"]
+    assert np.allclose(face[[36, 45]], [[-0.045, 0, 0.09], [0.045, 0, 0.09]], atol=1e-4)
+    assert face[27, 1] > face[8, 1]  # nose bridge above the chin: y is up
+    dist = lambda p: np.linalg.norm(p[:, None] - p[None], axis=-1)  # noqa: E731
+    assert np.allclose(dist(face), dist(truth), atol=1e-3)
+    report = json.loads((out / "capture_report.json").read_text())
+    assert report["head_frame"]["reprojection_px"]["median"] < 0.01
+    # So an imported folder can be trained: Gaussians initialise from it.
+    from recon.dataset import Dataset
+    from recon.init import init_gaussians
+
+    g = init_gaussians(Dataset(out), n_volume=400, n_mouth=50)
+    assert int((g.branch == 1).sum()) == 50 and int((g.branch == 0).sum()) > 68 + 100
+    mouth = g.means[g.branch == 1].mean(0).numpy()
+    assert np.linalg.norm(mouth[:2] - face[60:68, :2].mean(0)) < 0.01
     assert tr["frames"][4]["eye_openness"] == 0.0 and tr["frames"][1]["eye_openness"] == 1.0
     head = cv2.imread(str(out / tr["frames"][0]["head_mask_path"]), cv2.IMREAD_GRAYSCALE) > 0
     torso = cv2.imread(str(out / tr["frames"][0]["torso_mask_path"]), cv2.IMREAD_GRAYSCALE) > 0

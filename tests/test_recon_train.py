@@ -153,3 +153,31 @@ def test_resume_after_kill_9(sample_dataset, tmp_path):
     assert f"{killed_at}/400" in done.stderr  # the progress bar restarted where the checkpoint was
     a = load_avatar(out)
     assert torch.isfinite(a.model.face.means).all()
+
+
+def test_job_runs_every_stage_and_reuses_them(sample_dataset, speech_wav, tmp_path, capsys):
+    video = sample_dataset.parent / "sample" / "sample.mp4"
+    train = ", ".join(f"{k} = {json.dumps(v)}" for k, v in TINY_TRAIN.items())
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[job]
+out = "{tmp_path / 'work'}"
+[input]
+video = "{video}"
+[capture]
+size = 128
+[train]
+preset = "cpu"
+{train.replace(', ', chr(10))}
+[render]
+audio = ["{speech_wav}"]
+camera = "fixed:10,0"
+""")
+    assert cli(["run", str(job)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["videos"] == [str(tmp_path / "work" / "renders" / "speech_fixed_10_0.mp4")]
+    assert (tmp_path / "work" / "avatar" / "eval.json").is_file()
+    t0 = time.time()
+    assert cli(["run", str(job)]) == 0
+    err = capsys.readouterr().err
+    assert "reusing" in err and time.time() - t0 < 30
