@@ -121,30 +121,35 @@ class DeformationHead(nn.Module):
         self.out = _mlp(f + d_cond, width, 3 if audio_only else 10)
 
     def _point_features(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Encoding and region-attention gates of the points: [N, F], [N, 1], [N, 1] | None.
-        They depend on the canonical positions only, so inference (rendering, the viewer)
-        computes them once per set of positions."""
+        """Per-point terms that depend on the canonical positions only: the first MLP
+        layer's share of the encoding [N, width], and the region-attention gates [N, 1]
+        (audio) and [N, 1] | None (eye). Inference (rendering, the viewer) computes them
+        once per set of positions."""
         key = (xyz.data_ptr(), xyz._version, tuple(xyz.shape))
         cached = getattr(self, "_cache", None)
         if not torch.is_grad_enabled() and not self.training and cached is not None and cached[0] == key:
             return cached[1]
         feats = self.encoding(xyz)
+        first = self.out[0]
+        f = feats.shape[1]
+        spatial = F.linear(feats, first.weight[:, :f], first.bias)
         att_a = torch.sigmoid(self.audio_gate(feats))
         att_e = None if self.audio_only else torch.sigmoid(self.eye_gate(feats))
-        out = (feats, att_a, att_e)
+        out = (spatial, att_a, att_e)
         self._cache = (key, out) if not torch.is_grad_enabled() and not self.training else None
         return out
 
     def forward(self, inputs: DeformInputs) -> DeformOutputs:
-        feats, gate_a, gate_e = self._point_features(inputs.xyz)  # [N, F], [N, 1], [N, 1]
+        spatial, gate_a, gate_e = self._point_features(inputs.xyz)  # [N, width], [N, 1], [N, 1]
         a = self.audio(inputs.audio)  # [B, A]
-        B, N = a.shape[0], feats.shape[0]
+        B, N = a.shape[0], spatial.shape[0]
         att_a = gate_a[None].expand(B, N, 1)
         cond = [att_a * a[:, None]]
         if not self.audio_only:
             cond.append(gate_e[None].expand(B, N, 1) * inputs.eye[:, None])
-        x = torch.cat([feats[None].expand(B, N, -1)] + cond, dim=-1)
-        y = self.out(x)
+        # The first layer on cat([encoding, conditioning]), split in its two shares.
+        w_cond = self.out[0].weight[:, self.out[0].in_features - sum(c.shape[-1] for c in cond):]
+        y = self.out[1:](spatial[None] + torch.cat(cond, dim=-1) @ w_cond.T)
         zeros = y.new_zeros(B, N, 1)
         if self.audio_only:
             d_xyz, d_rot, d_scale = y, torch.cat([zeros] * 4, -1), torch.cat([zeros] * 3, -1)

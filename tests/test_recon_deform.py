@@ -57,3 +57,26 @@ def test_learns_audio_dependent_motion():
     out = head(x).d_xyz
     assert loss.item() < 1e-6
     assert out[0, :, 1].mean() > 0.008 and out[1, :, 1].mean() < -0.008
+
+
+@pytest.mark.parametrize("audio_only", [False, True])
+def test_split_first_layer_matches_the_plain_mlp_and_caches_in_inference(audio_only):
+    head = DeformationHead(audio_only=audio_only)
+    for p in head.out[-1].parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = inputs(B=2, N=50)
+    feats = head.encoding(x.xyz)
+    a = head.audio(x.audio)
+    cond = [torch.sigmoid(head.audio_gate(feats))[None] * a[:, None]]
+    if not audio_only:
+        cond.append(torch.sigmoid(head.eye_gate(feats))[None] * x.eye[:, None])
+    plain = head.out(torch.cat([feats[None].expand(2, -1, -1)] + [c.expand(2, 50, -1) for c in cond], -1))
+    got = head(x)
+    torch.testing.assert_close(got.d_xyz, plain[..., :3])
+    head.eval()
+    with torch.no_grad():
+        first = head(x).d_xyz
+        assert head._cache is not None
+        torch.testing.assert_close(head(x).d_xyz, first)
+        moved = DeformInputs(xyz=x.xyz + 0.01, audio=x.audio, eye=x.eye)
+        assert not torch.allclose(head(moved).d_xyz, first)  # new positions are not served from the cache
