@@ -56,8 +56,9 @@ class TrainConfig:
     """Inside-mouth points at initialisation."""
     max_gaussians: int = 25_000
     """Densification stops adding points at this count (both branches together)."""
-    audio_window: int = 8
-    """Video frames of audio features the deformation head attends over."""
+    audio_window: int = 16
+    """Video frames of audio features the deformation head attends over (16 = +-320 ms, as
+    AD-NeRF's smoothing window: lips often move well before the sound they make)."""
     audio_noise: float = 0.2
     """Std of Gaussian noise added to the normalised audio features in training (a few
     seconds of speech are easy to memorise; noise makes the mouth follow the sound)."""

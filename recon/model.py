@@ -49,6 +49,13 @@ class Frame:
     deformation: Tensor  # [] mean squared offset (positions in cm, rotations, log-scales); 0 if none
 
 
+def composite(face: Layer, mouth: Layer, under: Tensor) -> tuple[Tensor, Tensor]:
+    """Mouth layer first, face layer over it, both over `under` [H, W, 3].
+    Returns the image [H, W, 3] and the head coverage [H, W, 1]."""
+    image = face.rgb + (1 - face.alpha) * (mouth.rgb + (1 - mouth.alpha) * under)
+    return image, 1 - (1 - face.alpha) * (1 - mouth.alpha)
+
+
 class BranchParams(nn.Module):
     """One branch's canonical Gaussians, as 3DGS optimises them. Each branch is its own set
     of tensors, so stages can train one branch while the other stays exactly as it is, and
@@ -107,22 +114,38 @@ class AvatarModel(nn.Module):
         not train this branch). mouth_scale multiplies the deformation (viewer's amplitude).
         Returns the frame's Gaussians and the mean squared offset (positions in cm).
         """
+        frames, penalty = self.deformed_batch(branch, None if audio is None else audio[None],
+                                              None if eye is None else eye.reshape(1, 1), frozen=frozen,
+                                              mouth_scale=mouth_scale)
+        return frames[0], penalty
+
+    def deformed_batch(self, branch: int, audio: Tensor | None, eye: Tensor | None, *, frozen: bool = False,
+                       mouth_scale: float = 1.0) -> tuple[list[Gaussians], Tensor]:
+        """As :meth:`deformed` for B frames at once (one pass of the deformation head).
+
+        audio: [B, W, 16, 80] or None; eye: [B, 1] or None. Returns B Gaussians (one if
+        audio is None) and the mean squared offset over the batch.
+        """
         p = self.branch(branch)
         get = (lambda t: t.detach()) if frozen else (lambda t: t)
         means, quats, log_scales = get(p.means), get(p.quats), get(p.log_scales)
-        penalty = means.new_zeros(())
-        if audio is not None and len(p):
-            head = self.face_deform if branch == FACE else self.mouth_deform
-            eye_in = (eye if eye is not None else torch.ones(1)).reshape(1, 1).to(means)
-            out = head(DeformInputs(xyz=means.detach(), audio=audio[None].to(means), eye=eye_in))
-            means = means + mouth_scale * out.d_xyz[0]
-            if branch == FACE:
-                quats = quats + mouth_scale * out.d_rot[0]
-                log_scales = log_scales + mouth_scale * out.d_scale[0]
-            penalty = ((100 * out.d_xyz) ** 2).mean() + (out.d_rot**2).mean() + (out.d_scale**2).mean()
         sh = torch.cat([get(p.sh_dc), get(p.sh_rest)], 1)
-        return Gaussians(means, quats, log_scales, get(p.opacity_logits), sh,
-                         torch.full((len(p),), branch, dtype=torch.uint8)), penalty
+        label = torch.full((len(p),), branch, dtype=torch.uint8)
+
+        def frame(m: Tensor, q: Tensor, s: Tensor) -> Gaussians:
+            return Gaussians(m, q, s, get(p.opacity_logits), sh, label)
+
+        if audio is None or not len(p):
+            return [frame(means, quats, log_scales)] * (1 if audio is None else len(audio)), means.new_zeros(())
+        head = self.face_deform if branch == FACE else self.mouth_deform
+        B = audio.shape[0]
+        eye_in = (eye if eye is not None else torch.ones(B, 1)).reshape(B, 1).to(means)
+        out = head(DeformInputs(xyz=means.detach(), audio=audio.to(means), eye=eye_in))
+        penalty = ((100 * out.d_xyz) ** 2).mean() + (out.d_rot**2).mean() + (out.d_scale**2).mean()
+        if branch == FACE:
+            return [frame(means + mouth_scale * out.d_xyz[k], quats + mouth_scale * out.d_rot[k],
+                          log_scales + mouth_scale * out.d_scale[k]) for k in range(B)], penalty
+        return [frame(means + mouth_scale * out.d_xyz[k], quats, log_scales) for k in range(B)], penalty
 
     def render_layer(self, g: Gaussians, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], sh_degree: int,
                      backend: str = "auto") -> Layer:
@@ -152,6 +175,5 @@ class AvatarModel(nn.Module):
             layers.append(self.render_layer(g, viewmat, K, size, d, backend))
             penalty = penalty + pen
         face, mouth = layers
-        image = face.rgb + (1 - face.alpha) * (mouth.rgb + (1 - mouth.alpha) * under)
-        alpha = 1 - (1 - face.alpha) * (1 - mouth.alpha)
+        image, alpha = composite(face, mouth, under)
         return Frame(image=image, alpha=alpha, face=face, mouth=mouth, deformation=penalty)

@@ -29,7 +29,8 @@ from avatar.media import write_mp4
 from .avatar_dir import LoadedAvatar, load_avatar
 from .conditioning import audio_windows, blink_schedule, normalize_mel, speech_features
 from .dataset import Dataset
-from .gaussians import FACE
+from .gaussians import FACE, MOUTH
+from .model import composite
 
 GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
@@ -48,6 +49,11 @@ class Drive:
     def audio(self, k: int) -> Tensor:
         """[W, 16, 80] window of frame k."""
         return audio_windows(self.mel, [k], self.window)[0]
+
+    def batch(self, frames: range) -> tuple[Tensor, Tensor]:
+        """Audio windows [B, W, 16, 80] and eye openness [B, 1] of a run of frames."""
+        return (audio_windows(self.mel, list(frames), self.window),
+                torch.from_numpy(self.eye[frames.start:frames.stop].astype(np.float32))[:, None])
 
 
 def look_at(eye: Tensor, target: Tensor, up: Tensor = torch.tensor([0.0, 1.0, 0.0])) -> Tensor:
@@ -134,8 +140,9 @@ def ping_pong(k: int, n: int) -> int:
 
 
 def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera: str = "dataset",
-                 size: int | None = None, progress: bool = True, seed: int = 0) -> dict:
-    """Render `audio` through the avatar to an mp4. Returns a summary dict."""
+                 size: int | None = None, progress: bool = True, seed: int = 0, batch: int = 8) -> dict:
+    """Render `audio` through the avatar to an mp4, deforming `batch` frames per pass.
+    Returns a summary dict."""
     mode, (yaw, pitch) = parse_camera(camera)
     av = load_avatar(avatar)
     size = size or av.size
@@ -147,28 +154,41 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
     rig = CameraRig(av, ds)
     K, plate = scaled(av, size)
 
+    model = av.model
+    bar = tqdm(total=len(drive), desc="avatar render", unit="frame", disable=not progress, file=sys.stderr)
+
     def frames():
         with torch.no_grad():
-            for k in tqdm(range(len(drive)), desc="avatar render", unit="frame", disable=not progress, file=sys.stderr):
-                if mode == "dataset":
-                    i = ping_pong(k, len(ds))
-                    f = ds[i]
-                    viewmat, under = ds.viewmat(i), torch.where(f.masks["torso"][..., None], f.image, plate)
-                else:
-                    viewmat = rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
-                    under = plate
-                fr = av.model.render(viewmat, K, size, under, drive.audio(k), torch.tensor([float(drive.eye[k])]),
-                                     backend=av.config.backend)
-                yield (fr.image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+            for start in range(0, len(drive), batch):
+                run = range(start, min(start + batch, len(drive)))
+                audio, eye = drive.batch(run)
+                faces, _ = model.deformed_batch(FACE, audio, eye)
+                mouths, _ = model.deformed_batch(MOUTH, audio, eye)
+                for k, face, mouth in zip(run, faces, mouths):
+                    if mode == "dataset":
+                        i = ping_pong(k, len(ds))
+                        f = ds[i]
+                        viewmat, under = ds.viewmat(i), torch.where(f.masks["torso"][..., None], f.image, plate)
+                    else:
+                        viewmat = rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
+                        under = plate
+                    fl = model.render_layer(face, viewmat, K, size, model.sh_degree, av.config.backend)
+                    ml = model.render_layer(mouth, viewmat, K, size, model.sh_degree, av.config.backend)
+                    image, _ = composite(fl, ml, under)
+                    bar.update(1)
+                    yield (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
 
-    path = write_mp4(out, frames(), av.fps, audio=pcm)
+    try:
+        path = write_mp4(out, frames(), av.fps, audio=pcm)
+    finally:
+        bar.close()
     return {"video": str(path), "frames": len(drive), "seconds": len(drive) / av.fps,
             "audio_seconds": len(pcm) / 16_000, "camera": camera, "size": size}
 
 
 def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int):
     """Both branches' Gaussians at frame k of a drive, concatenated (face first)."""
-    from .gaussians import Gaussians, MOUTH
+    from .gaussians import Gaussians
 
     eye = torch.tensor([float(drive.eye[k])])
     with torch.no_grad():

@@ -39,7 +39,7 @@ from .densify import GradStats, densify_and_prune, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
 from .losses import photometric_loss, psnr
-from .model import AvatarModel, BranchParams
+from .model import AvatarModel, BranchParams, composite
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
 
@@ -237,8 +237,7 @@ class Trainer:
             loss = loss + cfg.alpha_weight * (face.alpha[..., 0] - target_alpha).abs().mean()
             shown = pred
         else:
-            pred = face.rgb + (1 - face.alpha) * (mouth.rgb + (1 - mouth.alpha) * under)
-            alpha = 1 - (1 - face.alpha) * (1 - mouth.alpha)
+            pred, alpha = composite(face, mouth, under)
             loss = photometric_loss(pred, gt, cfg.ssim_weight, weight)
             loss = loss + cfg.alpha_weight * (alpha[..., 0] - masks["head"].float()).abs().mean()
             shown = pred

@@ -30,6 +30,7 @@ from avatar.media import write_mp4
 from recon.avatar_dir import LoadedAvatar, load_avatar
 from recon.conditioning import blink_schedule, normalize_mel, speech_features
 from recon.gaussians import FACE, MOUTH
+from recon.model import composite
 from recon.render import CameraRig, Drive, open_dataset, scaled
 
 MODES = ("RGB", "depth", "alpha", "face branch", "mouth branch", "centres")
@@ -140,11 +141,11 @@ class ViewRenderer:
                 elif s.mode == "mouth branch":
                     img = ml.rgb + (1 - ml.alpha) * under
                 elif s.mode == "alpha":
-                    img = (1 - (1 - fl.alpha) * (1 - ml.alpha)).expand(-1, -1, 3)
+                    img = composite(fl, ml, under)[1].expand(-1, -1, 3)
                 elif s.mode == "depth":
                     img = self._depth(fl, ml)
                 else:
-                    img = fl.rgb + (1 - fl.alpha) * (ml.rgb + (1 - ml.alpha) * under)
+                    img, _ = composite(fl, ml, under)
             t2 = time.perf_counter()
         rgb = (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
         return rgb, {"deform": 1e3 * (t1 - t0), "rasterize": 1e3 * (t2 - t1)}
