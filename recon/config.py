@@ -59,7 +59,7 @@ class TrainConfig:
     audio_window: int = 16
     """Video frames of audio features the deformation head attends over (16 = +-320 ms, as
     AD-NeRF's smoothing window: lips often move well before the sound they make)."""
-    audio_noise: float = 0.2
+    audio_noise: float = 0.4
     """Std of Gaussian noise added to the normalised audio features in training (a few
     seconds of speech are easy to memorise; noise makes the mouth follow the sound)."""
     # Learning rates (Adam). Positions are in metres: the head is about 0.25 m across.

@@ -35,6 +35,14 @@ class Frame:
     mouth_opening: float
 
 
+def behind_head(frame: Frame, plate: torch.Tensor) -> torch.Tensor:
+    """What lies behind the head in a dataset frame [H, W, 3]: the frame itself outside its
+    head mask (torso, hair below the chin, background), the background plate inside it.
+    The head is rendered over this, in training and when replaying the dataset's cameras,
+    as ER-NeRF composites its head over the real torso."""
+    return torch.where(frame.masks["head"][..., None], plate, frame.image)
+
+
 class Dataset:
     """Random access to a captured dataset; images are decoded lazily.
 

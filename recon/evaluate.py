@@ -2,7 +2,8 @@
 never trained on).
 
 Each held-out frame is rendered from its own camera, audio window and eye signal, over
-its own torso and the background plate (as ER-NeRF and TalkingGaussian evaluate heads).
+its own pixels outside the head mask and the background plate inside it (as ER-NeRF and
+TalkingGaussian evaluate heads; the face metrics are what measure the avatar).
 Metrics, written to AVATAR/eval.json:
   psnr/ssim        full image, and face (inside mediapipe's face oval of the real frame);
   lmd              mouth-landmark distance: mediapipe face mesh on the render and on the
@@ -32,6 +33,7 @@ from capture.tracking import FACE_OVAL, INNER_LIPS, OUTER_LIPS, FaceTracker
 from .avatar_dir import load_avatar
 from .conditioning import audio_windows, normalize_mel
 from .losses import psnr, ssim
+from .dataset import behind_head
 from .render import open_dataset
 
 LIPS = list(OUTER_LIPS) + list(INNER_LIPS)
@@ -51,7 +53,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6) -
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         for n, i in enumerate(tqdm(held_out, desc="avatar eval", unit="frame", disable=not progress, file=sys.stderr)):
             f = ds[i]
-            under = torch.where(f.masks["torso"][..., None], f.image, av.background)
+            under = behind_head(f, av.background)
             audio = audio_windows(mel, [f.frame_index], av.config.audio_window)[0]
             eye = torch.tensor([f.eye_openness])
             t0 = time.perf_counter()

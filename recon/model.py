@@ -6,9 +6,9 @@ own deformation head, rendered mouth first, face over it, both over torso and ba
     face layer  = rasterize(face branch)
     image = face + (1 - a_face) * (mouth + (1 - a_mouth) * under)
 
-`under` is the torso and background behind the head: during training the frame's own
-torso over the background plate; when rendering new speech, the background plate with
-the torso of a dataset frame (or no torso for novel views; see recon/render.py).
+`under` is what lies behind the head: during training the frame's own pixels outside its
+head mask and the background plate inside it (dataset.behind_head); when rendering new
+speech the same for a dataset frame, or the plate alone for novel views (recon/render.py).
 """
 
 from __future__ import annotations

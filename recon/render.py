@@ -3,7 +3,7 @@ AAC, the speech muxed in, as long as the audio).
 
 Cameras (head frame; the head is still, the camera moves around it):
   dataset      replay the capture's camera (head) motion, ping-pong over the clip, with
-               each frame's own torso under the head;
+               each frame's own torso and surroundings around the head;
   orbit        a slow yaw/pitch orbit around the head at the capture's mean distance;
   fixed:Y,P    a still camera at yaw Y and pitch P degrees from the capture's mean view.
 Novel views (orbit, fixed) show the head over the background plate: the torso exists only
@@ -28,7 +28,7 @@ from avatar.media import write_mp4
 
 from .avatar_dir import LoadedAvatar, load_avatar
 from .conditioning import audio_windows, blink_schedule, normalize_mel, speech_features
-from .dataset import Dataset
+from .dataset import Dataset, behind_head
 from .gaussians import FACE, MOUTH
 from .model import composite
 
@@ -168,7 +168,7 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
                     if mode == "dataset":
                         i = ping_pong(k, len(ds))
                         f = ds[i]
-                        viewmat, under = ds.viewmat(i), torch.where(f.masks["torso"][..., None], f.image, plate)
+                        viewmat, under = ds.viewmat(i), behind_head(f, plate)
                     else:
                         viewmat = rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
                         under = plate

@@ -34,7 +34,7 @@ from .avatar_dir import CHECKPOINT, model_from_tensors, read_json_lines, save_av
 from .checkpoint import load_checkpoint
 from .conditioning import audio_windows, normalize_mel
 from .config import TrainConfig
-from .dataset import Dataset
+from .dataset import Dataset, behind_head
 from .densify import GradStats, densify_and_prune, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
@@ -202,7 +202,7 @@ class Trainer:
         i = self.frame_for_step(step)
         f = ds[i]
         gt, masks = f.image, f.masks
-        under = torch.where(masks["torso"][..., None], gt, ds.background)
+        under = behind_head(f, ds.background)
         audio = audio_windows(self.mel, [f.frame_index], cfg.audio_window)[0]
         if cfg.audio_noise > 0:
             noise = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
