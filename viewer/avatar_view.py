@@ -466,9 +466,10 @@ class Studio:
             track = load_track(Path(path), self.av)
             self.tracks[track.name] = track
         self.fov_y = 2 * float(np.arctan(self.av.size / (2 * float(self.av.K[1, 1]))))
-        gpu = torch.cuda.is_available() and self.av.config.backend in ("auto", "cuda")
-        self.max_resolution = 1024 if gpu else 512
-        self.default_resolution = resolution or (512 if gpu else self.av.size)
+        # Frames render with the avatar's rasterizer backend on the CPU; the CUDA path arrives
+        # with the CUDA kernels. Default: the training size, which is interactive on 2 cores.
+        self.max_resolution = 1024
+        self.default_resolution = resolution or self.av.size
         self.verbose = verbose
         self.sessions: dict[int, ClientSession] = {}
         self._blinks: dict[str, np.ndarray] = {}
