@@ -181,7 +181,7 @@ def _extract(info: VideoInfo, cfg: CaptureConfig, window: tuple[int, int, int], 
 
 
 def _av_sync(mouth: np.ndarray, energy: np.ndarray, kept: np.ndarray, fps: float, max_lag: int = 8) -> dict:
-    """Correlation of mouth opening with audio energy (dB), at zero lag and at the best
+    """Correlation of mouth opening with an audio energy signal, at zero lag and at the best
     lag within +-max_lag frames: a rough audio/video offset estimate (positive: the audio
     is late)."""
     def corr(lag: int) -> float:
@@ -325,7 +325,10 @@ def _run(cfg: CaptureConfig) -> Path:
     eyes = eye_openness(lm)
     mouth = mouth_opening(lm)
     energy = feats["energy"][kept]
-    av_sync = _av_sync(mouth, feats["energy"], kept, cfg.fps)
+    # The jaw follows the syllable envelope: loudness over the 160 ms mel window of each
+    # frame (mean log-mel), besides the 40 ms frame energy.
+    av_sync = _av_sync(mouth, feats["mel"].mean(axis=(1, 2)), kept, cfg.fps)
+    av_sync_energy = _av_sync(mouth, feats["energy"], kept, cfg.fps)
     if (abs(av_sync["offset_ms"]) >= 120 and av_sync["correlation_at_offset"] > 0.3
             and av_sync["correlation_at_offset"] - av_sync["correlation"] > 0.15):
         late = "late" if av_sync["offset_ms"] > 0 else "early"
@@ -385,7 +388,7 @@ def _run(cfg: CaptureConfig) -> Path:
             "focal_sweep": [{"focal_px": f, "median_error_px": e} for f, e in fit.sweep],
         },
         "audio": {**speech, "source": str(audio_src), "features": {k: list(v.shape) for k, v in feats.items()}},
-        "signals": {"mouth_energy": av_sync,
+        "signals": {"mouth_loudness": av_sync, "mouth_energy": av_sync_energy,
                     "eye_openness": {"min": float(eyes.min()), "mean": float(eyes.mean())},
                     "mouth_opening": {"min": float(mouth.min()), "max": float(mouth.max())}},
         "background_fill_fraction": ext_meta["background_fill"],
