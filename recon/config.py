@@ -147,7 +147,15 @@ def preset(name: str, **overrides) -> TrainConfig:
         raise ValueError(f"unknown config keys {sorted(unknown)}")
     if isinstance(overrides.get("stages"), dict):
         overrides["stages"] = StageSchedule(**overrides["stages"])
-    return replace(PRESETS[name], **overrides)
+    base = PRESETS[name]
+    for key, value in overrides.items():
+        default = getattr(base, key)
+        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            ok = True  # 1 for 1.0
+        if not ok:
+            raise ValueError(f"{key} must be {type(default).__name__}, got {value!r}")
+    return replace(base, **overrides)
 
 
 def load_config(path: Path, name: str | None = None, **overrides) -> TrainConfig:

@@ -142,3 +142,10 @@ def test_look_at_centres_the_target():
     assert abs(float(p[0])) < 1e-6 and abs(float(p[1])) < 1e-6 and float(p[2]) > 0
     up = viewmat[:3, :3] @ torch.tensor([0.0, 1.0, 0.0])
     assert float(up[1]) < 0  # world up is image up (OpenCV y points down)
+
+
+def test_config_values_are_type_checked():
+    assert preset("cpu", lr_sh=1).lr_sh == 1.0
+    for bad in ({"iterations": "many"}, {"iterations": 2.5}, {"size": True}, {"backend": 3}):
+        with pytest.raises(ValueError, match="must be"):
+            preset("cpu", **bad)

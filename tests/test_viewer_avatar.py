@@ -54,13 +54,14 @@ def browser():
 
 @pytest.fixture(scope="module")
 def long_speech(tmp_path_factory):
-    """8 s of speech: playback outlasts the screenshots taken while it plays."""
+    """30 s of speech: playback outlasts the screenshots taken while it plays, even on a
+    busy machine."""
     import soundfile as sf
 
     from scenes.speech import synthesize
 
     path = tmp_path_factory.mktemp("long") / "long_speech.wav"
-    sf.write(path, synthesize(8.0, seed=9).pcm, 16000)
+    sf.write(path, synthesize(30.0, seed=9).pcm, 16000)
     return path
 
 
@@ -176,10 +177,10 @@ def test_playing_speech_moves_the_mouth(browser, studio):
     page.get_by_role("button", name="Play").click()
     wait_for(lambda: session.play.playing, what="playback to start")
     shots = []
-    for _ in range(6):
+    while session.play.playing and len(shots) < 6:
         time.sleep(0.2)
         shots.append(screenshot(page)[VIEW].astype(int))
-    assert session.play.playing, "the 8 s track ended before the screenshots were taken"
+    assert len(shots) >= 4, "the track ended before the screenshots were taken"
     diffs = [np.abs(a - b).sum(-1) for a, b in zip(shots, shots[1:])]
     change = np.mean(diffs, axis=0)
     assert change.mean() > 0.5, "frames do not change while speech plays"
