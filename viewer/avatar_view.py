@@ -321,7 +321,8 @@ class ClientSession:
         cam = self.client.camera
         cam.fov = float(self.studio.fov_y)
         cam.up_direction = (0.0, 1.0, 0.0)
-        cam.position = (rig.target + rig.distance * rig.base_dir).numpy().astype(np.float64)
+        # A little farther than the capture's camera: the whole head and hair in view.
+        cam.position = (rig.target + 1.3 * rig.distance * rig.base_dir).numpy().astype(np.float64)
         cam.look_at = rig.target.numpy().astype(np.float64)  # after position: it re-aims the camera
 
     def _camera_moved(self, _=None) -> None:
