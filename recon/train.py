@@ -147,6 +147,8 @@ class Trainer:
             self._trim_metrics()
             print(f"avatar train: resuming {self.out} from step {self.step}", file=sys.stderr)
         else:
+            if resume:
+                print(f"avatar train: {ckpt} not found; starting from the beginning", file=sys.stderr)
             torch.manual_seed(cfg.seed)
             g = init_gaussians(self.ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
                                sh_degree=cfg.sh_degree, seed=cfg.seed)
@@ -205,7 +207,7 @@ class Trainer:
         under = behind_head(f, ds.background)
         audio = audio_windows(self.mel, [f.frame_index], cfg.audio_window)[0]
         if cfg.audio_noise > 0:
-            noise = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+            noise = torch.Generator().manual_seed(cfg.seed * 104_729 + step + 1)
             audio = audio + cfg.audio_noise * torch.randn(audio.shape, generator=noise)
         eye = torch.tensor([f.eye_openness])
         lips = lip_weights(ds, i)
