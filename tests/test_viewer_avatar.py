@@ -177,14 +177,15 @@ def test_playing_speech_moves_the_mouth(browser, studio):
     page.get_by_role("button", name="Play").click()
     wait_for(lambda: session.play.playing, what="playback to start")
     shots = []
-    while session.play.playing and len(shots) < 6:
+    while session.play.playing and len(shots) < 8:
         time.sleep(0.2)
         shots.append(screenshot(page)[VIEW].astype(int))
     assert len(shots) >= 4, "the track ended before the screenshots were taken"
-    diffs = [np.abs(a - b).sum(-1) for a, b in zip(shots, shots[1:])]
-    change = np.mean(diffs, axis=0)
-    assert change.mean() > 0.5, "frames do not change while speech plays"
-    # The change sits on the mouth: project the inside-mouth Gaussians into the viewport.
+    # How far each later screenshot moved from the first (robust to a browser that shows
+    # the same frame twice when the machine is busy).
+    change = np.max([np.abs(b - shots[0]).sum(-1) for b in shots[1:]], axis=0)
+    assert change.mean() > 0.05, "frames do not change while speech plays"
+    # The mouth region changes: project the inside-mouth Gaussians into the viewport.
     from recon.gaussians import MOUTH
 
     viewmat, K, w, h = session.view(int(session.max_res.value))
@@ -193,11 +194,11 @@ def test_playing_speech_moves_the_mouth(browser, studio):
     uv = (pc[:, :2] / pc[:, 2:] * K[[0, 1], [0, 1]] + K[[0, 1], [2, 2]]).median(0).values.numpy()
     x = int(uv[0] / w * VIEWPORT["width"]) - VIEW[1].start
     y = int(uv[1] / h * VIEWPORT["height"]) - VIEW[0].start
-    r = 50
+    r = 40
     assert r <= x <= VIEW[1].stop - VIEW[1].start - r and r <= y <= VIEW[0].stop - VIEW[0].start - r, (x, y)
     near = change[max(y - r, 0): y + r, max(x - r, 0): x + r].mean()
     still_change = np.abs(still[0].astype(int) - still[1].astype(int)).sum(-1)
-    assert near > 1.0 and near > 10 * still_change[max(y - r, 0): y + r, max(x - r, 0): x + r].mean(), near
+    assert near > 1.0 and near > 10 * still_change[max(y - r, 0): y + r, max(x - r, 0): x + r].mean() + 0.2, near
     page.get_by_role("button", name="Pause").click()
     wait_for(lambda: not session.play.playing, what="pause")
     page.close()
