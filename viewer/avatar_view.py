@@ -31,7 +31,8 @@ from recon.avatar_dir import LoadedAvatar, load_avatar
 from recon.conditioning import blink_schedule, normalize_mel, speech_features
 from recon.gaussians import FACE, MOUTH
 from recon.model import composite
-from recon.render import CameraRig, Drive, open_dataset, scaled
+from recon.raster import rasterize
+from recon.render import CameraRig, Drive, open_dataset
 
 MODES = ("RGB", "depth", "alpha", "face branch", "mouth branch", "centres")
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -125,8 +126,6 @@ class ViewRenderer:
             t1 = time.perf_counter()
             under = self.under(width, height, s)
             if s.mode == "centres":
-                from recon.raster import rasterize
-
                 means = torch.cat([face.means, mouth.means])
                 colours = BRANCH_COLOURS[torch.cat([face.branch, mouth.branch]).long()]
                 n = len(means)
