@@ -36,6 +36,10 @@ class CaptureConfig:
     """Number of focal lengths tried by the sweep (log-spaced)."""
     smoothness: float = 2.0
     """Weight of the robust temporal (acceleration) prior on head pose."""
+    photometric: bool = False
+    """Refine the landmark-fitted head poses by aligning the frames' skin texture
+    (capture/photometric.py). Landmarks alone under-estimate head turns, but the texture
+    assumes a rigid upper face: off by default, on for subjects that keep a neutral face."""
     background_samples: int = 64
     """Frames sampled to build the background plate."""
     jpeg_quality: int = 95

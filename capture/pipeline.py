@@ -26,9 +26,10 @@ from avatar.io import atomic_path, write_json
 from . import audio as audio_mod
 from .config import CaptureConfig
 from .masks import MASK_NAMES, background_plate, eye_openness, frame_masks, mouth_opening, sharpness
-from .pose import fit_head_pose
+from .photometric import refine_poses
+from .pose import c2w_opengl, fit_head_pose, project_points, rotation_jitter_deg
 from .preview import annotate, contact_sheet, signal_plot
-from .tracking import FaceDetector, FaceTracker, PersonSegmenter
+from .tracking import RIGID, FaceDetector, FaceTracker, PersonSegmenter
 from .video import DecodeStats, VideoInfo, iter_frames, probe_video
 
 log = logging.getLogger("avatar.capture")
@@ -305,6 +306,17 @@ def _run(cfg: CaptureConfig) -> Path:
         fit = fit_head_pose(landmarks[kept], cfg.size, cfg.size, cfg.focal_sweep_fov_deg, cfg.focal_sweep_steps,
                             cfg.smoothness, frame_ids=kept)
     timed("pose", t0)
+    t0 = time.perf_counter()
+    R_pose, t_pose, photometric = fit.R, fit.t, None
+    if cfg.photometric:
+        photo = refine_poses([work / "images" / f"{k:06d}.jpg" for k in kept], fit.canonical, fit.R, fit.t, fit.focal,
+                             cfg.size, cfg.size, landmarks[kept])
+        R_pose, t_pose = photo.R, photo.t
+        photometric = {"residual_before": photo.residual_before, "residual_after": photo.residual_after,
+                       "rotation_change_deg": photo.rotation_change_deg}
+        timed("photometric", t0)
+    rigid_err = np.median(np.linalg.norm(project_points(fit.canonical[list(RIGID)], R_pose, t_pose, fit.focal, cfg.size / 2,
+                                                          cfg.size / 2) - landmarks[kept][:, list(RIGID), :2], axis=-1), axis=1)
 
     # 6. Masks and control signals.
     t0 = time.perf_counter()
@@ -321,7 +333,7 @@ def _run(cfg: CaptureConfig) -> Path:
             _write_png(work / "masks" / name / f"{k:06d}.png", masks[name])
         if k in preview_at:
             rgb = cv2.cvtColor(cv2.imread(str(work / "images" / f"{k:06d}.jpg")), cv2.COLOR_BGR2RGB)
-            tiles.append(annotate(rgb, lm[j], masks, K, fit.R[j], fit.t[j], f"frame {k}"))
+            tiles.append(annotate(rgb, lm[j], masks, K, R_pose[j], t_pose[j], f"frame {k}"))
     eyes = eye_openness(lm)
     mouth = mouth_opening(lm)
     energy = feats["energy"][kept]
@@ -338,7 +350,7 @@ def _run(cfg: CaptureConfig) -> Path:
 
     # 7. The dataset files.
     t0 = time.perf_counter()
-    c2w = fit.c2w_opengl()
+    c2w = c2w_opengl(R_pose, t_pose)
     frames = []
     for j, k in enumerate(kept):
         name = f"{k:06d}"
@@ -382,9 +394,13 @@ def _run(cfg: CaptureConfig) -> Path:
                    "dropped": [{"frame": k, "time": round(k / cfg.fps, 3), "reason": r} for k, r in sorted(dropped.items())]},
         "pose": {
             "focal_px": fit.focal, "fov_deg": fov,
-            "reprojection_px": {"median": float(np.median(fit.reproj_px)), "p90": float(np.percentile(fit.reproj_px, 90)),
-                                "max": float(fit.reproj_px.max())},
-            "jitter_deg": {"fitted": fit.jitter_deg, "per_frame_pnp": fit.jitter_raw_deg},
+            "reprojection_px": {"median": float(np.median(rigid_err)), "p90": float(np.percentile(rigid_err, 90)),
+                                "max": float(rigid_err.max())},
+            "reprojection_px_landmark_fit": {"median": float(np.median(fit.reproj_px)),
+                                             "p90": float(np.percentile(fit.reproj_px, 90))},
+            "jitter_deg": {"fitted": rotation_jitter_deg(R_pose), "landmark_fit": fit.jitter_deg,
+                           "per_frame_pnp": fit.jitter_raw_deg},
+            "photometric": photometric,
             "focal_sweep": [{"focal_px": f, "median_error_px": e} for f, e in fit.sweep],
         },
         "audio": {**speech, "source": str(audio_src), "features": {k: list(v.shape) for k, v in feats.items()}},

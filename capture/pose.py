@@ -44,13 +44,20 @@ class PoseFit:
     jitter_deg: float  # high-frequency rotation jitter of the fitted track
     jitter_raw_deg: float  # same for independent per-frame PnP at the same focal
 
-    def c2w_opengl(self) -> np.ndarray:
-        """[T, 4, 4] camera-to-world, OpenGL camera axes (x right, y up, z back), head at origin."""
-        T = len(self.R)
-        w2c = np.tile(np.eye(4), (T, 1, 1))
-        w2c[:, :3, :3] = self.R
-        w2c[:, :3, 3] = self.t
-        return np.linalg.inv(w2c) @ np.diag([1.0, -1.0, -1.0, 1.0])
+
+def c2w_opengl(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Head->camera poses R [T, 3, 3], t [T, 3] (OpenCV camera) -> [T, 4, 4] camera-to-world,
+    OpenGL camera axes (x right, y up, z back), head at the origin."""
+    w2c = np.tile(np.eye(4), (len(R), 1, 1))
+    w2c[:, :3, :3] = R
+    w2c[:, :3, 3] = t
+    return np.linalg.inv(w2c) @ np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def project_points(X: np.ndarray, R: np.ndarray, t: np.ndarray, focal: float, cx: float, cy: float) -> np.ndarray:
+    """Head-frame points X [M, 3] seen from T poses (R [T, 3, 3], t [T, 3]) -> pixels [T, M, 2]."""
+    Xc = X[None] @ np.swapaxes(R, 1, 2) + t[:, None]
+    return focal * Xc[..., :2] / Xc[..., 2:] + np.array([cx, cy])
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -120,7 +127,7 @@ def _intrinsics(f: float, cx: float, cy: float) -> np.ndarray:
     return np.array([[f, 0, cx], [0, f, cy], [0, 0, 1]], np.float64)
 
 
-def _so3_exp(r: torch.Tensor) -> torch.Tensor:
+def so3_exp(r: torch.Tensor) -> torch.Tensor:
     """Rodrigues: [T, 3] axis-angle -> [T, 3, 3], smooth at zero."""
     theta2 = (r * r).sum(-1, keepdim=True)
     theta = torch.sqrt(theta2 + 1e-24)
@@ -131,6 +138,11 @@ def _so3_exp(r: torch.Tensor) -> torch.Tensor:
     Kx = torch.stack([zero, -r[:, 2], r[:, 1], r[:, 2], zero, -r[:, 0], -r[:, 1], r[:, 0], zero], -1).reshape(-1, 3, 3)
     eye = torch.eye(3, dtype=r.dtype).expand_as(Kx)
     return eye + a[..., None] * Kx + b[..., None] * (Kx @ Kx)
+
+
+def pseudo_huber(r2: torch.Tensor, delta: float) -> torch.Tensor:
+    """Robust cost of squared residuals r2: quadratic below delta, linear above."""
+    return delta**2 * (torch.sqrt(1 + r2 / delta**2) - 1)
 
 
 def rotation_jitter_deg(R: np.ndarray, window: int = 5) -> float:
@@ -193,18 +205,18 @@ def fit_head_pose(
         px_per_mm = f / float(np.median([p[1][2] for p in poses])) * 1e-3
 
         def project() -> torch.Tensor:
-            Xc = (X + 1e-3 * dX_mm)[None] @ _so3_exp(rvec).transpose(1, 2) + tvec[:, None]
+            Xc = (X + 1e-3 * dX_mm)[None] @ so3_exp(rvec).transpose(1, 2) + tvec[:, None]
             return f * Xc[..., :2] / Xc[..., 2:] + center
 
         def objective() -> torch.Tensor:
             uv = project()
             r2 = ((uv - target) ** 2).sum(-1)
-            loss = (delta**2 * (torch.sqrt(1 + r2 / delta**2) - 1)).sum()
+            loss = pseudo_huber(r2, delta).sum()
             if T >= 3:
                 # Robust too: landmark jitter (a pixel or so) is damped, a real quick head
                 # movement (tens of pixels of acceleration) is followed.
                 a2 = ((uv[2:] - 2 * uv[1:-1] + uv[:-2]) ** 2).sum(-1)[triple]
-                loss = loss + smoothness * (delta_acc**2 * (torch.sqrt(1 + a2 / delta_acc**2) - 1)).sum()
+                loss = loss + smoothness * pseudo_huber(a2, delta_acc).sum()
             # Weak shape prior: a 1 mm offset costs about 1 px^2 per 100 frames.
             return loss + 0.01 * T * ((dX_mm * px_per_mm) ** 2).sum()
 
@@ -258,7 +270,7 @@ def fit_head_pose(
     # 3. Joint refinement of poses and face shape at that focal (the free shape offsets
     #    would absorb a free focal, so the sweep decides it).
     _, rvec, tvec, dX_mm, uv = bundle_adjust(f0, poses0)
-    R = _so3_exp(rvec).numpy()
+    R = so3_exp(rvec).numpy()
     canon = X0.copy()
     canon[rigid] += 1e-3 * dX_mm.numpy()
     reproj = np.median(np.linalg.norm(uv - obs, axis=-1), axis=1)

@@ -31,6 +31,19 @@ BROW_TOP, CHIN = 10, 152
 N_LANDMARKS = 478
 
 
+def face_triangles() -> list[tuple[int, int, int]]:
+    """The face mesh's triangles [(i, j, k)], recovered as the 3-cliques of mediapipe's
+    tessellation edges (the package ships edges, not faces)."""
+    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
+
+    adjacent: dict[int, set[int]] = {}
+    for a, b in FACEMESH_TESSELATION:
+        adjacent.setdefault(a, set()).add(b)
+        adjacent.setdefault(b, set()).add(a)
+    return sorted({tuple(sorted((a, b, c))) for a in adjacent for b in adjacent[a] if b > a
+                   for c in adjacent[a] & adjacent[b] if c > b})
+
+
 def face_height(lm: np.ndarray) -> np.ndarray:
     """Brow-to-chin distance in pixels. lm: [..., 478, >=2] -> [...]."""
     return np.linalg.norm(lm[..., BROW_TOP, :2] - lm[..., CHIN, :2], axis=-1)
