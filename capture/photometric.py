@@ -57,6 +57,8 @@ class PhotometricConfig:
     """Surface samples along each triangle edge (a triangle gets (n+1)(n+2)/2)."""
     appearance_frames: int = 128
     """Frames whose median gives the face's appearance."""
+    correction_sigma_frames: float = 1.0
+    """Temporal Gaussian low-pass (in frames) of the pose corrections; 0 leaves them per frame."""
     gauge_weight: float = 0.01
     """Weight of the landmarks' mean offset, which keeps the face as a whole in place
     (per frame, relative to the photometric term)."""
@@ -191,6 +193,19 @@ def refine_poses(
                 out.append((val - colour[None]).abs()[(vis * seen[None]) > 0])
         return float(torch.cat(out).median())
 
+    radius = int(math.ceil(3 * cfg.correction_sigma_frames))
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / max(cfg.correction_sigma_frames, 1e-6)) ** 2)
+    kernel = (kernel / kernel.sum()).reshape(1, 1, -1).repeat(3, 1, 1)
+
+    def smooth(x: torch.Tensor) -> torch.Tensor:
+        """Gaussian low-pass of per-frame corrections [n, 3] along time: the landmarks'
+        bias varies slowly with the head pose, so the texture only needs to correct slowly,
+        and per-frame texture noise does not become jitter."""
+        if radius == 0 or len(x) < 2:
+            return x
+        padded = F.pad(x.T[None], (radius, radius), mode="replicate")
+        return F.conv1d(padded, kernel, groups=3)[0].T
+
     def align(images: torch.Tensor, frames: np.ndarray, colour: torch.Tensor, seen: torch.Tensor):
         """Adam steps on the poses of `frames` against a fixed appearance."""
         n = len(frames)
@@ -205,8 +220,8 @@ def refine_poses(
         opt = torch.optim.Adam(groups)
         for _ in range(cfg.steps_per_round):
             opt.zero_grad()
-            Rk = so3_exp(dr) @ R0
-            tk = t0 + 1e-3 * dt_mm
+            Rk = so3_exp(smooth(dr)) @ R0
+            tk = t0 + 1e-3 * smooth(dt_mm)
             val, vis = surface.sample(images, Rk, tk)
             w = vis * seen[None]
             photo = (pseudo_huber((val - colour[None]) ** 2, cfg.intensity_scale) * w).sum(-1)
@@ -222,7 +237,7 @@ def refine_poses(
             loss.backward()
             opt.step()
         with torch.no_grad():
-            return so3_exp(dr) @ R0, t0 + 1e-3 * dt_mm
+            return so3_exp(smooth(dr)) @ R0, t0 + 1e-3 * smooth(dt_mm)
 
     side = cfg.resolution
     chunks = [np.arange(c0, min(c0 + cfg.chunk_frames, T)) for c0 in range(0, T, cfg.chunk_frames)]
