@@ -34,6 +34,12 @@ class CaptureConfig:
     """Range of horizontal fields of view tried by the focal sweep."""
     focal_sweep_steps: int = 24
     """Number of focal lengths tried by the sweep (log-spaced)."""
+    focal_prior_fov_deg: float = 30.2
+    """Centre of the log-normal prior on the horizontal field of view of the output frames
+    (ER-NeRF's sweep range, 600-1500 px at 512 px, has its log-centre here)."""
+    focal_prior_log_sd: float = 0.35
+    """Standard deviation of log(focal) of that prior; it decides only where the sweep is
+    uncertain (its bootstrap spread is reported). 0 or less: the sweep's minimum alone."""
     smoothness: float = 2.0
     """Weight of the robust temporal (acceleration) prior on head pose."""
     photometric: bool = False

@@ -294,8 +294,9 @@ def _run(cfg: CaptureConfig) -> Path:
     if len(kept) < max(cfg.min_tracked_fraction * n, 10):
         raise AvatarError(cfg.video, f"face tracked in only {len(kept)} of {n} frames after cropping",
                           "film your face frontal and well lit")
+    focal_prior = (cfg.focal_prior_fov_deg, cfg.focal_prior_log_sd) if cfg.focal_prior_log_sd > 0 else None
     fit = fit_head_pose(landmarks[kept], cfg.size, cfg.size, cfg.focal_sweep_fov_deg, cfg.focal_sweep_steps,
-                        cfg.smoothness, frame_ids=kept)
+                        cfg.smoothness, frame_ids=kept, focal_prior=focal_prior)
     bad = fit.reproj_px > max(8.0, 4 * float(np.median(fit.reproj_px)))
     if bad.any():
         for k in kept[bad]:
@@ -304,7 +305,7 @@ def _run(cfg: CaptureConfig) -> Path:
             (work / "masks" / "person" / f"{k:06d}.png").unlink(missing_ok=True)
         kept = kept[~bad]
         fit = fit_head_pose(landmarks[kept], cfg.size, cfg.size, cfg.focal_sweep_fov_deg, cfg.focal_sweep_steps,
-                            cfg.smoothness, frame_ids=kept)
+                            cfg.smoothness, frame_ids=kept, focal_prior=focal_prior)
     timed("pose", t0)
     t0 = time.perf_counter()
     R_pose, t_pose, photometric = fit.R, fit.t, None
@@ -401,6 +402,9 @@ def _run(cfg: CaptureConfig) -> Path:
             "jitter_deg": {"fitted": rotation_jitter_deg(R_pose), "landmark_fit": fit.jitter_deg,
                            "per_frame_pnp": fit.jitter_raw_deg},
             "photometric": photometric,
+            "focal_estimate": {"sweep_minimum_px": fit.focal_sweep, "sweep_log_sd": fit.focal_log_sd,
+                               "prior_fov_deg": cfg.focal_prior_fov_deg if focal_prior else None,
+                               "prior_log_sd": cfg.focal_prior_log_sd if focal_prior else None},
             "focal_sweep": [{"focal_px": f, "median_error_px": e} for f, e in fit.sweep],
         },
         "audio": {**speech, "source": str(audio_src), "features": {k: list(v.shape) for k, v in feats.items()}},

@@ -8,7 +8,12 @@
    back-projected with that focal, the canonical face rebuilt from them (so its depth is
    consistent with the hypothesis), and SQPnP run per frame; the focal with the lowest
    reprojection error wins (coarse grid, then two finer grids around the best). Only
-   the right focal makes the shapes agree across head rotations.
+   the right focal makes the shapes agree across head rotations, but with the small
+   turns of a talking head the error curve is often nearly flat. So the sweep's
+   uncertainty is measured (bootstrap over frames, as a log-focal standard deviation)
+   and the estimate is combined with a log-normal prior on the field of view, centred
+   on ER-NeRF's sweep range (600-1500 px at 512 px, i.e. about 30 deg): a decisive sweep
+   keeps its minimum, an uninformative one leans on the prior.
 3. Joint refinement in torch (L-BFGS, float64): per-frame rotation and
    translation, and small per-subject offsets of the canonical rigid points, under a
    robust (pseudo-Huber) reprojection loss and a robust temporal prior on the
@@ -41,6 +46,8 @@ class PoseFit:
     canonical: np.ndarray  # [478, 3] face landmarks in the head frame, metres
     reproj_px: np.ndarray  # [T] median rigid-landmark reprojection error per frame
     sweep: list[tuple[float, float]]  # (focal, median error) per swept focal
+    focal_sweep: float  # the sweep's own minimum, before the prior
+    focal_log_sd: float  # bootstrap standard deviation of log(focal) of the sweep's minimum
     jitter_deg: float  # high-frequency rotation jitter of the fitted track
     jitter_raw_deg: float  # same for independent per-frame PnP at the same focal
 
@@ -172,6 +179,7 @@ def fit_head_pose(
     smoothness: float = 2.0,
     canonical: np.ndarray | None = None,
     frame_ids: np.ndarray | None = None,
+    focal_prior: tuple[float, float] | None = (30.2, 0.35),
 ) -> PoseFit:
     """Fit poses and focal to landmarks.
 
@@ -181,6 +189,8 @@ def fit_head_pose(
         canonical: optional [478, 3] head-frame face to start from (default: from `lm`).
         frame_ids: [T] increasing frame numbers; the temporal prior only links frames
             that are adjacent in time (default: 0..T-1).
+        focal_prior: (horizontal FOV in degrees, standard deviation of log focal) of the
+            log-normal prior the sweep is combined with; None keeps the sweep's minimum.
     """
     T = len(lm)
     rigid = list(RIGID)
@@ -239,6 +249,8 @@ def fit_head_pose(
     #    per frame (on at most 100 evenly spaced frames, to bound the cost).
     sample = np.unique(np.linspace(0, T - 1, min(T, 100)).round().astype(int))
 
+    frame_errors: dict[float, np.ndarray] = {}  # focal -> [S] median error per sampled frame
+
     def sweep_error(f: float) -> float:
         canon_f = canonical_face(backproject(lm[sample], f, cx, cy)) if X0 is None else X0
         K = _intrinsics(f, cx, cy)
@@ -246,6 +258,7 @@ def fit_head_pose(
         for i in sample:
             p = _pnp(canon_f[rigid], obs[i], K)
             errs.append(np.median(np.linalg.norm(_project_np(canon_f[rigid], *p, K) - obs[i], axis=1)))
+        frame_errors[f] = np.array(errs)
         return float(np.median(errs))
 
     def focal_of(fov_deg: float) -> float:
@@ -260,7 +273,18 @@ def fit_head_pose(
         lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
         grid = list(np.geomspace(lo, hi, 9))
     sweep.sort()
-    f0 = min(sweep, key=lambda fe: fe[1])[0]
+    f_sweep = min(sweep, key=lambda fe: fe[1])[0]
+    # Bootstrap over frames: how far the sweep's minimum moves when the frames change.
+    focals = np.array(sorted(frame_errors))
+    E = np.stack([frame_errors[f] for f in focals])  # [F, S]
+    rng = np.random.default_rng(0)
+    picks = [focals[np.argmin(np.median(E[:, rng.integers(0, E.shape[1], E.shape[1])], axis=1))] for _ in range(200)]
+    log_sd = max(float(np.std(np.log(picks))), 1e-3)
+    f0 = f_sweep
+    if focal_prior is not None:
+        prior_mean, prior_sd = math.log(focal_of(focal_prior[0])), focal_prior[1]
+        w_data, w_prior = 1 / log_sd**2, 1 / prior_sd**2
+        f0 = math.exp((w_data * math.log(f_sweep) + w_prior * prior_mean) / (w_data + w_prior))
     X0 = canonical_face(backproject(lm, f0, cx, cy)) if X0 is None else X0
     Xr = X0[rigid]
     K0 = _intrinsics(f0, cx, cy)
@@ -276,5 +300,5 @@ def fit_head_pose(
     reproj = np.median(np.linalg.norm(uv - obs, axis=-1), axis=1)
     return PoseFit(
         focal=f0, R=R, t=tvec.numpy().copy(), canonical=canon,
-        reproj_px=reproj, sweep=sweep, jitter_deg=rotation_jitter_deg(R), jitter_raw_deg=rotation_jitter_deg(R_raw),
+        reproj_px=reproj, sweep=sweep, focal_sweep=f_sweep, focal_log_sd=log_sd, jitter_deg=rotation_jitter_deg(R), jitter_raw_deg=rotation_jitter_deg(R_raw),
     )

@@ -69,6 +69,7 @@ def test_pose_and_focal_recovered(fov_deg):
     fit = fit_head_pose(lm, size, size)
 
     assert abs(fit.focal / f_true - 1) < 0.03, f"focal {fit.focal:.1f} vs {f_true:.1f}"
+    assert fit.focal_log_sd < 0.05  # a decisive sweep: the prior barely moves it
     # Rotations relative to the first frame are frame-definition independent.
     errs = []
     for i in range(T):
@@ -77,6 +78,24 @@ def test_pose_and_focal_recovered(fov_deg):
     assert np.median(errs) < 1.0 and np.max(errs) < 2.0, f"rotation error median {np.median(errs):.2f} max {np.max(errs):.2f}"
     assert np.median(fit.reproj_px) < 1.0
     assert fit.jitter_deg <= fit.jitter_raw_deg + 1e-6
+
+
+def test_uninformative_sweep_leans_on_the_focal_prior():
+    """With barely turning head and noisy landmarks the focal is unobservable: the
+    bootstrap spread is wide and the estimate moves from the sweep's minimum to the prior."""
+    size, T = 512, 60
+    f_true = (size / 2) / math.tan(math.radians(30) / 2)
+    Rs, ts = head_track(T)
+    small = np.stack([cv2.Rodrigues(0.1 * cv2.Rodrigues(np.diag([1.0, -1, -1]) @ R)[0])[0] for R in Rs])
+    Rs = np.einsum("ij,tjk->tik", np.diag([1.0, -1, -1]), small)  # turns of a tenth: +-2.5 deg yaw
+    lm = mediapipe_like(synthetic_face(), Rs, ts, f_true, size, noise_px=1.5, rng=np.random.default_rng(3))
+    free = fit_head_pose(lm, size, size, focal_prior=None)
+    prior_focal = (size / 2) / math.tan(math.radians(40) / 2)
+    fit = fit_head_pose(lm, size, size, focal_prior=(40.0, 0.35))
+    assert free.focal_log_sd > 0.2, free.focal_log_sd
+    assert free.focal == free.focal_sweep
+    assert abs(math.log(fit.focal / prior_focal)) < abs(math.log(free.focal / prior_focal))
+    assert min(free.focal, prior_focal) <= fit.focal <= max(free.focal, prior_focal)
 
 
 def test_canonical_face_is_metric_and_upright():
