@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .pose import pseudo_huber, rotation_jitter_deg, so3_exp
+from .pose import pseudo_huber, so3_exp
 from .tracking import LEFT_EYE, RIGHT_EYE, RIGID, face_triangles
 
 NOSE_BASE = 2  # subnasale: the rigid surface is what lies above it
@@ -77,7 +77,6 @@ class PhotometricFit:
     residual_before: float  # median |high-passed intensity residual| at the landmark poses
     residual_after: float  # same at the refined poses
     rotation_change_deg: float  # median angle between landmark and refined rotations
-    jitter_deg: float  # high-frequency rotation jitter of the refined track
 
 
 def rigid_surface(canonical: np.ndarray, samples_per_edge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,5 +259,5 @@ def refine_poses(
     R_new = U @ Vt
     change = [math.degrees(float(np.linalg.norm(cv2.Rodrigues(a @ b.T)[0]))) for a, b in zip(R_new, R)]
     return PhotometricFit(R=R_new, t=t_cur.double().numpy(), residual_before=residual_before, residual_after=residual_after,
-                          rotation_change_deg=float(np.median(change)), jitter_deg=rotation_jitter_deg(R_new))
+                          rotation_change_deg=float(np.median(change)))
 
