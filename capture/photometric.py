@@ -10,10 +10,10 @@ such bias, so this stage refines the landmark fit by direct image alignment:
    nose base, eye openings excluded: they blink and gaze) is sampled densely, with a
    normal per sample.
 2. Frames become grey, high-passed images (shading and exposure drift removed).
-3. The appearance of each surface sample is its median intensity over up to 128 frames
-   at the current poses; then all poses are refined (Adam) to agree with it under a
-   robust photometric residual, while the landmarks keep the face as a whole where
-   tracking put it. Appearance and poses alternate.
+3. The appearance of each surface sample starts as its median intensity over up to 128
+   frames at the current poses; then the poses (and, for clips of one chunk, the
+   appearance with them) are refined by Adam under a robust photometric residual, while
+   the landmarks keep the face as a whole where tracking put it. Rounds alternate.
 
 Only samples facing the camera (cos > 0.3) take part, so grazing skin does not smear.
 """
@@ -206,7 +206,7 @@ def refine_poses(
         return F.conv1d(padded, kernel, groups=3)[0].T
 
     def align(images: torch.Tensor, frames: np.ndarray, colour: torch.Tensor, seen: torch.Tensor):
-        """Adam steps on the poses of `frames` against a fixed appearance."""
+        """Adam steps on the poses of `frames`, and on `colour` when it requires grad."""
         n = len(frames)
         R0, t0 = R_cur[frames], t_cur[frames]
         dr = torch.zeros(n, 3, requires_grad=True)

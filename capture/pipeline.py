@@ -308,16 +308,18 @@ def _run(cfg: CaptureConfig) -> Path:
                             cfg.smoothness, frame_ids=kept, focal_prior=focal_prior)
     timed("pose", t0)
     t0 = time.perf_counter()
-    R_pose, t_pose, photometric = fit.R, fit.t, None
+    R_pose, t_pose, photometric, rigid_err = fit.R, fit.t, None, fit.reproj_px
     if cfg.photometric:
         photo = refine_poses([work / "images" / f"{k:06d}.jpg" for k in kept], fit.canonical, fit.R, fit.t, fit.focal,
                              cfg.size, cfg.size, landmarks[kept])
         R_pose, t_pose = photo.R, photo.t
         photometric = {"residual_before": photo.residual_before, "residual_after": photo.residual_after,
                        "rotation_change_deg": photo.rotation_change_deg}
+        # The landmarks' disagreement with the refined poses (their bias shows here).
+        rigid_err = np.median(np.linalg.norm(project_points(fit.canonical[list(RIGID)], R_pose, t_pose, fit.focal,
+                                                              cfg.size / 2, cfg.size / 2)
+                                             - landmarks[kept][:, list(RIGID), :2], axis=-1), axis=1)
         timed("photometric", t0)
-    rigid_err = np.median(np.linalg.norm(project_points(fit.canonical[list(RIGID)], R_pose, t_pose, fit.focal, cfg.size / 2,
-                                                          cfg.size / 2) - landmarks[kept][:, list(RIGID), :2], axis=-1), axis=1)
 
     # 6. Masks and control signals.
     t0 = time.perf_counter()

@@ -86,3 +86,20 @@ def test_refinement_recovers_underestimated_head_turns(sample_dataset, tmp_path)
     assert after < 0.35 * before, (before, after)
     assert fit.residual_after < fit.residual_before
     np.testing.assert_allclose(fit.R @ fit.R.transpose(0, 2, 1), np.broadcast_to(np.eye(3), (T, 3, 3)), atol=1e-6)
+
+
+def test_capture_with_photometric_refinement(sample_dataset, tmp_path):
+    """`avatar capture --photometric` end to end: the report says what the refinement did."""
+    import json
+
+    from capture.config import CaptureConfig
+    from capture.pipeline import run_capture
+
+    out = run_capture(CaptureConfig(video=sample_dataset.parent / "sample" / "sample.mp4", out=tmp_path / "ds",
+                                    size=128, photometric=True))
+    pose = json.loads((out / "capture_report.json").read_text())["pose"]
+    assert pose["photometric"]["residual_after"] < pose["photometric"]["residual_before"]
+    assert pose["photometric"]["rotation_change_deg"] > 0
+    assert "photometric" in json.loads((out / "capture_report.json").read_text())["timings_s"]
+    frames = json.loads((out / "transforms.json").read_text())["frames"]
+    assert np.isfinite(np.array([f["transform_matrix"] for f in frames])).all()
