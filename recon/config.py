@@ -82,6 +82,11 @@ class TrainConfig:
     """L = (1 - w) L1 + w D-SSIM (3DGS)."""
     lip_weight: float = 1.0
     """Extra L1 weight on the lip region (box around the outer lips)."""
+    lip_landmark_weight: float = 1.0
+    """Weight of the lip-landmark loss: the face deformation, evaluated at the fitted face's
+    40 lip landmarks, must carry them onto the lips tracked in the frame (robust distance in
+    pixels / size). It hands the audio head the mouth's shape directly, not only through
+    pixels. 0 disables; datasets without face-mesh landmarks (ER-NeRF imports) skip it."""
     alpha_weight: float = 0.1
     """Weight of |alpha - head mask| (face alpha vs head-minus-mouth in the face stage)."""
     deform_weight: float = 1e-2

@@ -127,6 +127,15 @@ class Dataset:
             self._landmarks = np.load(self.root / name, mmap_mode="r")
         return np.asarray(self._landmarks[i, :, :2], np.float32) * (self.size / self.capture_size)
 
+    def face_geometry(self) -> torch.Tensor | None:
+        """[L, 3] the subject's fitted canonical face (landmark layout: 478 mediapipe points, or
+        68 for ER-NeRF imports) in the head frame, metres; None when the dataset has none."""
+        path = self.root / self.meta.get("face_geometry", "face_geometry.npz")
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            return torch.from_numpy(z["canonical"].astype(np.float32))
+
     def split(self, holdout_fraction: float = 1 / 11) -> tuple[list[int], list[int]]:
         """Train / held-out indices: the last `holdout_fraction` of the clip is held out."""
         n_test = max(1, int(round(len(self) * holdout_fraction)))

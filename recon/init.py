@@ -53,12 +53,11 @@ def _carve_and_colour(ds: Dataset, points: Tensor, views: list[int], min_inside:
 def init_gaussians(ds: Dataset, n_volume: int = 20_000, n_mouth: int = 2_000, sh_degree: int = 3,
                    views: int = 8, seed: int = 0) -> Gaussians:
     """Initial Gaussians (face and mouth branches) for a dataset. See the module docstring."""
-    geom = ds.root / ds.meta.get("face_geometry", "face_geometry.npz")
-    if not geom.is_file():
-        raise AvatarError(geom, "missing: the dataset has no fitted face geometry",
+    face = ds.face_geometry()
+    if face is None:
+        raise AvatarError(ds.root / ds.meta.get("face_geometry", "face_geometry.npz"),
+                          "missing: the dataset has no fitted face geometry",
                           "capture it with `avatar capture`, or import an ER-NeRF folder whose frames all have .lms landmarks")
-    with np.load(geom) as z:
-        face = torch.from_numpy(z["canonical"].astype(np.float32))
     g = torch.Generator().manual_seed(seed)
     train, _ = ds.split()
     view_ids = [train[k] for k in np.linspace(0, len(train) - 1, min(views, len(train))).round().astype(int)]

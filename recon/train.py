@@ -8,7 +8,9 @@ Stages (TalkingGaussian's order; fractions in TrainConfig.stages):
           inner mouth, and its alpha must match head-minus-mouth, so the lips learn to open;
   fuse    everything, on the full composite.
 Loss: (1 - 0.2) L1 + 0.2 D-SSIM with extra weight on the lips, + |alpha - mask|,
-+ a small penalty on deformation magnitude.
++ a small penalty on deformation magnitude, + (while the face head deforms) the distance
+between the tracked lip landmarks and the fitted face's lip landmarks carried by the
+face deformation, so the audio head learns the mouth's shape and not only its pixels.
 
 Checkpoints are atomic and periodic; `--resume` continues from the last one, with the
 same frame order and randomness as an uninterrupted run.
@@ -28,13 +30,15 @@ from tqdm import tqdm
 
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
-from capture.tracking import OUTER_LIPS
+from capture.pose import pseudo_huber
+from capture.tracking import INNER_LIPS, N_LANDMARKS, OUTER_LIPS, RIGID
 
 from .avatar_dir import CHECKPOINT, model_from_tensors, read_json_lines, save_avatar
 from .checkpoint import load_checkpoint
 from .conditioning import audio_windows, normalize_mel
 from .config import TrainConfig
 from .dataset import Dataset, behind_head
+from .deform import DeformationHead, DeformInputs
 from .densify import GradStats, densify_and_prune, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
@@ -111,6 +115,41 @@ def lip_weights(ds: Dataset, i: int, margin: float = 0.25) -> torch.Tensor | Non
     return w
 
 
+LIP_LANDMARKS = list(OUTER_LIPS) + list(INNER_LIPS)
+
+
+def project(xyz: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """[..., 3] head-frame points -> [..., 2] pixels (viewmat: [4, 4] world-to-camera, OpenCV)."""
+    cam = xyz @ viewmat[:3, :3].T + viewmat[:3, 3]
+    uv = cam @ K.T
+    return uv[..., :2] / uv[..., 2:].clamp_min(1e-6)
+
+
+def lip_landmark_target(ds: Dataset, i: int, face: torch.Tensor) -> torch.Tensor | None:
+    """[40, 2] where frame i's tracked lips are, in pixels at ds.size, after removing the 2D
+    offset by which the fitted face's rigid landmarks miss their tracked positions (pose
+    error is not the mouth's to explain); None without landmarks."""
+    lm = ds.landmarks(i)
+    if lm is None:
+        return None
+    lm = torch.from_numpy(lm)
+    rigid = list(RIGID)
+    offset = (project(face[rigid], ds.viewmat(i), ds.K) - lm[rigid]).mean(0)
+    return lm[LIP_LANDMARKS] + offset
+
+
+def lip_landmark_loss(head: DeformationHead, lips: torch.Tensor, audio: torch.Tensor, eye: torch.Tensor,
+                      viewmat: torch.Tensor, K: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Robust pixel distance between the lip landmarks carried by the face deformation and
+    where the frame's lips are: (loss [] in pixels, mean distance in pixels).
+
+    lips: [L, 3] canonical landmarks; audio: [W, 16, 80]; eye: [1]; target: [L, 2] pixels.
+    """
+    d = head(DeformInputs(xyz=lips, audio=audio[None], eye=eye.reshape(1, 1))).d_xyz[0]
+    err2 = (project(lips + d, viewmat, K) - target).square().sum(-1)
+    return pseudo_huber(err2, 1.0).mean(), float(err2.detach().sqrt().mean())
+
+
 def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
     """[H, W] bool -> bool, dilated by a (2 px + 1) square."""
     return F.max_pool2d(mask[None, None].float(), 2 * px + 1, stride=1, padding=px)[0, 0] > 0
@@ -157,6 +196,9 @@ class Trainer:
             self.stats = {name: GradStats(len(self.model.branch(b))) for name, b in BRANCHES}
             face = g.means[g.branch == FACE]
             self.extent = float((face.max(0).values - face.min(0).values).norm())
+        face = self.ds.face_geometry()
+        has_mesh = face is not None and len(face) == N_LANDMARKS and self.ds.landmarks(self.train_ids[0]) is not None
+        self.face_landmarks = face if has_mesh and self.cfg.lip_landmark_weight > 0 else None
         self.out.mkdir(parents=True, exist_ok=True)
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -245,6 +287,11 @@ class Trainer:
             shown = pred
         loss = loss + cfg.deform_weight * penalty
         info = {"stage": stage, "frame": i, "psnr": psnr(shown.detach(), gt, masks["head"] if masks["head"].any() else None)}
+        target = lip_landmark_target(ds, i, self.face_landmarks) if self.face_landmarks is not None and deforms[0] else None
+        if target is not None:
+            lip_loss, info["lip_landmark_px"] = lip_landmark_loss(
+                model.face_deform, self.face_landmarks[LIP_LANDMARKS], audio, eye, ds.viewmat(i), ds.K, target)
+            loss = loss + cfg.lip_landmark_weight * lip_loss / ds.size
         return loss, info, layers
 
     def densify(self, step: int) -> dict:
@@ -303,6 +350,8 @@ class Trainer:
                               "n_face": len(self.model.face), "n_mouth": len(self.model.mouth),
                               "it_per_s": (self.step - done_at_start) / max(elapsed, 1e-9),
                               "elapsed_s": elapsed, **event}
+                    if "lip_landmark_px" in info:
+                        record["lip_landmark_px"] = info["lip_landmark_px"]
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:

@@ -1,0 +1,88 @@
+"""The lip-landmark loss of training: its projection agrees with the rasterizer, its
+target is free of pose error, and its gradient carries the face deformation onto the
+tracked lips."""
+
+import math
+
+import numpy as np
+import torch
+
+from capture.tracking import N_LANDMARKS, RIGID
+from recon.deform import DeformationHead, TriPlaneEncoding
+from recon.raster import rasterize
+from recon.train import LIP_LANDMARKS, lip_landmark_loss, lip_landmark_target, project
+
+
+def camera(size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """A camera 0.5 m in front of the head frame's origin, turned 10 degrees (OpenCV w2c)."""
+    a = math.radians(10)
+    R = torch.tensor([[math.cos(a), 0, -math.sin(a)], [0, 1, 0], [math.sin(a), 0, math.cos(a)]])
+    viewmat = torch.eye(4)
+    viewmat[:3, :3], viewmat[:3, 3] = R, torch.tensor([0.01, -0.02, 0.5])
+    K = torch.tensor([[2.2 * size, 0, size / 2], [0, 2.2 * size, size / 2], [0, 0, 1]])
+    return viewmat, K
+
+
+def face(seed: int = 0) -> torch.Tensor:
+    """[478, 3] a face-sized point cloud (stand-in for the fitted canonical face)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(N_LANDMARKS, 3, generator=g) - 0.5) * torch.tensor([0.14, 0.2, 0.08])
+
+
+def test_projection_matches_the_rasterizer():
+    viewmat, K = camera()
+    X = face()
+    n = len(X)
+    out = rasterize(X, torch.tensor([1.0, 0, 0, 0]).expand(n, 4), torch.full((n, 3), 1e-3), torch.full((n,), 0.5),
+                    torch.rand(n, 3), viewmat[None], K[None], 128, 128, backend="torch")
+    seen = (out.radii[0] > 0).all(-1)  # culled points carry zeros
+    assert seen.float().mean() > 0.8
+    torch.testing.assert_close(project(X, viewmat, K)[seen], out.means2d[0][seen], atol=1e-4, rtol=1e-5)
+
+
+class FakeDataset:
+    """What lip_landmark_target reads of a Dataset: tracked landmarks, camera, intrinsics."""
+
+    def __init__(self, tracked: np.ndarray, viewmat: torch.Tensor, K: torch.Tensor):
+        self.tracked, self._viewmat, self.K = tracked, viewmat, K
+
+    def landmarks(self, i: int) -> np.ndarray:
+        return self.tracked
+
+    def viewmat(self, i: int) -> torch.Tensor:
+        return self._viewmat
+
+
+def test_target_removes_the_pose_offset_and_keeps_the_mouth_motion():
+    viewmat, K = camera()
+    X = face()
+    seen = project(X, viewmat, K).numpy().copy()
+    mouth_motion = np.zeros_like(seen)
+    mouth_motion[LIP_LANDMARKS, 1] = np.linspace(0, 3, len(LIP_LANDMARKS))  # lips part, up to 3 px
+    pose_error = np.array([2.5, -1.5], np.float32)  # the whole face seen shifted
+    ds = FakeDataset((seen + mouth_motion + pose_error).astype(np.float32), viewmat, K)
+    target = lip_landmark_target(ds, 0, X)
+    torch.testing.assert_close(target, torch.from_numpy(seen[LIP_LANDMARKS] + mouth_motion[LIP_LANDMARKS]),
+                               atol=1e-4, rtol=0)
+    assert not set(LIP_LANDMARKS) & set(RIGID)  # the offset is measured away from the mouth
+    ds.tracked = None
+    assert lip_landmark_target(ds, 0, X) is None
+
+
+def test_gradient_moves_the_deformation_onto_the_tracked_lips():
+    torch.manual_seed(0)
+    viewmat, K = camera()
+    lips = face()[LIP_LANDMARKS]
+    head = DeformationHead(encoding=TriPlaneEncoding(bound=0.15))
+    audio, eye = torch.randn(8, 16, 80), torch.ones(1)
+    # The tracked lower lip sits 4 px lower than the canonical face puts it.
+    target = project(lips, viewmat, K) + torch.tensor([0.0, 4.0]) * (lips[:, 1:2] < lips[:, 1].median()).float()
+    loss0, px0 = lip_landmark_loss(head, lips, audio, eye, viewmat, K, target)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for _ in range(150):
+        loss, px = lip_landmark_loss(head, lips, audio, eye, viewmat, K, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert px0 > 1.5 and px < 0.3 * px0, (px0, px)
+    assert loss.item() < 0.2 * loss0.item()
