@@ -20,6 +20,7 @@ FACE_OVAL = (
 )
 INNER_LIPS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
 OUTER_LIPS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
+LIPS = list(OUTER_LIPS + INNER_LIPS)  # the 40 lip landmarks (LMD, the lip-landmark loss)
 RIGHT_EYE = (33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7)
 LEFT_EYE = (263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249)
 # Eye aspect ratio points (p1..p6: outer corner, two upper lid, inner corner, two lower lid).

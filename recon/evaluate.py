@@ -28,15 +28,13 @@ from tqdm import tqdm
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, write_json
 from capture.masks import polygon_mask
-from capture.tracking import FACE_OVAL, INNER_LIPS, OUTER_LIPS, FaceTracker
+from capture.tracking import FACE_OVAL, LIPS, FaceTracker
 
 from .avatar_dir import load_avatar
 from .conditioning import audio_windows, normalize_mel
 from .losses import psnr, ssim
 from .dataset import behind_head
 from .render import open_dataset
-
-LIPS = list(OUTER_LIPS) + list(INNER_LIPS)
 
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
 from capture.pose import pseudo_huber
-from capture.tracking import INNER_LIPS, N_LANDMARKS, OUTER_LIPS, RIGID
+from capture.tracking import LIPS, N_LANDMARKS, OUTER_LIPS, RIGID
 
 from .avatar_dir import CHECKPOINT, model_from_tensors, read_json_lines, save_avatar
 from .checkpoint import load_checkpoint
@@ -115,9 +115,6 @@ def lip_weights(ds: Dataset, i: int, margin: float = 0.25) -> torch.Tensor | Non
     return w
 
 
-LIP_LANDMARKS = list(OUTER_LIPS) + list(INNER_LIPS)
-
-
 def project(xyz: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """[..., 3] head-frame points -> [..., 2] pixels (viewmat: [4, 4] world-to-camera, OpenCV)."""
     cam = xyz @ viewmat[:3, :3].T + viewmat[:3, 3]
@@ -135,7 +132,7 @@ def lip_landmark_target(ds: Dataset, i: int, face: torch.Tensor) -> torch.Tensor
     lm = torch.from_numpy(lm)
     rigid = list(RIGID)
     offset = (project(face[rigid], ds.viewmat(i), ds.K) - lm[rigid]).mean(0)
-    return lm[LIP_LANDMARKS] + offset
+    return lm[LIPS] + offset
 
 
 def lip_landmark_loss(head: DeformationHead, lips: torch.Tensor, audio: torch.Tensor, eye: torch.Tensor,
@@ -290,7 +287,7 @@ class Trainer:
         target = lip_landmark_target(ds, i, self.face_landmarks) if self.face_landmarks is not None and deforms[0] else None
         if target is not None:
             lip_loss, info["lip_landmark_px"] = lip_landmark_loss(
-                model.face_deform, self.face_landmarks[LIP_LANDMARKS], audio, eye, ds.viewmat(i), ds.K, target)
+                model.face_deform, self.face_landmarks[LIPS], audio, eye, ds.viewmat(i), ds.K, target)
             loss = loss + cfg.lip_landmark_weight * lip_loss / ds.size
         return loss, info, layers
 

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import torch
 
-from capture.tracking import N_LANDMARKS, RIGID
+from capture.tracking import LIPS, N_LANDMARKS, RIGID
 from recon.deform import DeformationHead, TriPlaneEncoding
 from recon.raster import rasterize
-from recon.train import LIP_LANDMARKS, lip_landmark_loss, lip_landmark_target, project
+from recon.train import lip_landmark_loss, lip_landmark_target, project
 
 
 def camera(size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +58,13 @@ def test_target_removes_the_pose_offset_and_keeps_the_mouth_motion():
     X = face()
     seen = project(X, viewmat, K).numpy().copy()
     mouth_motion = np.zeros_like(seen)
-    mouth_motion[LIP_LANDMARKS, 1] = np.linspace(0, 3, len(LIP_LANDMARKS))  # lips part, up to 3 px
+    mouth_motion[LIPS, 1] = np.linspace(0, 3, len(LIPS))  # lips part, up to 3 px
     pose_error = np.array([2.5, -1.5], np.float32)  # the whole face seen shifted
     ds = FakeDataset((seen + mouth_motion + pose_error).astype(np.float32), viewmat, K)
     target = lip_landmark_target(ds, 0, X)
-    torch.testing.assert_close(target, torch.from_numpy(seen[LIP_LANDMARKS] + mouth_motion[LIP_LANDMARKS]),
+    torch.testing.assert_close(target, torch.from_numpy(seen[LIPS] + mouth_motion[LIPS]),
                                atol=1e-4, rtol=0)
-    assert not set(LIP_LANDMARKS) & set(RIGID)  # the offset is measured away from the mouth
+    assert not set(LIPS) & set(RIGID)  # the offset is measured away from the mouth
     ds.tracked = None
     assert lip_landmark_target(ds, 0, X) is None
 
@@ -72,7 +72,7 @@ def test_target_removes_the_pose_offset_and_keeps_the_mouth_motion():
 def test_gradient_moves_the_deformation_onto_the_tracked_lips():
     torch.manual_seed(0)
     viewmat, K = camera()
-    lips = face()[LIP_LANDMARKS]
+    lips = face()[LIPS]
     head = DeformationHead(encoding=TriPlaneEncoding(bound=0.15))
     audio, eye = torch.randn(8, 16, 80), torch.ones(1)
     # The tracked lower lip sits 4 px lower than the canonical face puts it.
