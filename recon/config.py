@@ -87,6 +87,10 @@ class TrainConfig:
     40 lip landmarks, must carry them onto the lips tracked in the frame (robust distance in
     pixels / size). It hands the audio head the mouth's shape directly, not only through
     pixels. 0 disables; datasets without face-mesh landmarks (ER-NeRF imports) skip it."""
+    lip_landmark_frames: int = 8
+    """Frames in the lip-landmark loss of each step: the step's frame plus random training
+    frames. The loss renders nothing, so it trains the face head's audio-to-lips map on
+    many frames per step, from the first step on."""
     alpha_weight: float = 0.1
     """Weight of |alpha - head mask| (face alpha vs head-minus-mouth in the face stage)."""
     deform_weight: float = 1e-2

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,9 @@ def lip_weights(ds: Dataset, i: int, margin: float = 0.25) -> torch.Tensor | Non
 
 
 def project(xyz: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """[..., 3] head-frame points -> [..., 2] pixels (viewmat: [4, 4] world-to-camera, OpenCV)."""
-    cam = xyz @ viewmat[:3, :3].T + viewmat[:3, 3]
+    """[..., P, 3] head-frame points -> [..., P, 2] pixels. viewmat: [..., 4, 4] world-to-camera
+    (OpenCV), one per leading index or one for all; K: [3, 3]."""
+    cam = xyz @ viewmat[..., :3, :3].transpose(-1, -2) + viewmat[..., None, :3, 3]
     uv = cam @ K.T
     return uv[..., :2] / uv[..., 2:].clamp_min(1e-6)
 
@@ -138,13 +140,36 @@ def lip_landmark_target(ds: Dataset, i: int, face: torch.Tensor) -> torch.Tensor
 def lip_landmark_loss(head: DeformationHead, lips: torch.Tensor, audio: torch.Tensor, eye: torch.Tensor,
                       viewmat: torch.Tensor, K: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Robust pixel distance between the lip landmarks carried by the face deformation and
-    where the frame's lips are: (loss [] in pixels, mean distance in pixels).
+    where the frames' lips are: (loss [] in pixels, mean distance in pixels), over B frames.
 
-    lips: [L, 3] canonical landmarks; audio: [W, 16, 80]; eye: [1]; target: [L, 2] pixels.
+    lips: [L, 3] canonical landmarks; audio: [B, W, 16, 80]; eye: [B, 1]; viewmat: [B, 4, 4];
+    K: [3, 3]; target: [B, L, 2] pixels.
     """
-    d = head(DeformInputs(xyz=lips, audio=audio[None], eye=eye.reshape(1, 1))).d_xyz[0]
+    d = head(DeformInputs(xyz=lips, audio=audio, eye=eye)).d_xyz  # [B, L, 3]
     err2 = (project(lips + d, viewmat, K) - target).square().sum(-1)
     return pseudo_huber(err2, 1.0).mean(), float(err2.detach().sqrt().mean())
+
+
+@dataclass
+class LipTargets:
+    """What the lip-landmark loss needs of each training frame, gathered once (T frames)."""
+
+    lips: torch.Tensor  # [40, 3] the fitted face's lip landmarks (head frame, metres)
+    target: torch.Tensor  # [T, 40, 2] tracked lips, pose offset removed (lip_landmark_target)
+    viewmat: torch.Tensor  # [T, 4, 4]
+    eye: torch.Tensor  # [T, 1]
+    frame_index: torch.Tensor  # [T] rows of the audio features
+
+    @classmethod
+    def of(cls, ds: Dataset, ids: list[int]) -> "LipTargets | None":
+        """None when the dataset has no 478-point face geometry and landmarks (ER-NeRF imports)."""
+        face = ds.face_geometry()
+        if face is None or len(face) != N_LANDMARKS or ds.landmarks(ids[0]) is None:
+            return None
+        return cls(lips=face[LIPS], target=torch.stack([lip_landmark_target(ds, i, face) for i in ids]),
+                   viewmat=torch.stack([ds.viewmat(i) for i in ids]),
+                   eye=torch.tensor([[float(ds.frames[i].get("eye_openness", 1.0))] for i in ids]),
+                   frame_index=torch.tensor([int(ds.frames[i]["frame_index"]) for i in ids]))
 
 
 def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
@@ -193,9 +218,7 @@ class Trainer:
             self.stats = {name: GradStats(len(self.model.branch(b))) for name, b in BRANCHES}
             face = g.means[g.branch == FACE]
             self.extent = float((face.max(0).values - face.min(0).values).norm())
-        face = self.ds.face_geometry()
-        has_mesh = face is not None and len(face) == N_LANDMARKS and self.ds.landmarks(self.train_ids[0]) is not None
-        self.face_landmarks = face if has_mesh and self.cfg.lip_landmark_weight > 0 else None
+        self.lip_targets = LipTargets.of(self.ds, self.train_ids) if cfg.lip_landmark_weight > 0 else None
         self.out.mkdir(parents=True, exist_ok=True)
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -284,12 +307,26 @@ class Trainer:
             shown = pred
         loss = loss + cfg.deform_weight * penalty
         info = {"stage": stage, "frame": i, "psnr": psnr(shown.detach(), gt, masks["head"] if masks["head"].any() else None)}
-        target = lip_landmark_target(ds, i, self.face_landmarks) if self.face_landmarks is not None and deforms[0] else None
-        if target is not None:
-            lip_loss, info["lip_landmark_px"] = lip_landmark_loss(
-                model.face_deform, self.face_landmarks[LIPS], audio, eye, ds.viewmat(i), ds.K, target)
+        if self.lip_targets is not None:
+            lip_loss, info["lip_landmark_px"] = self.lip_landmark_loss_at(step, i, audio, eye)
             loss = loss + cfg.lip_landmark_weight * lip_loss / ds.size
         return loss, info, layers
+
+    def lip_landmark_loss_at(self, step: int, i: int, audio: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The lip-landmark loss of the step's frame i (its noisy audio [W, 16, 80] and eye [1])
+        plus `lip_landmark_frames - 1` other training frames drawn from (seed, step). It
+        renders nothing, so every stage trains the face head's audio-to-lips map on many
+        frames per step, the static and mouth stages included."""
+        cfg, lt = self.cfg, self.lip_targets
+        g = torch.Generator().manual_seed(cfg.seed * 15_485_863 + step)
+        rows = torch.cat([torch.tensor([self.train_ids.index(i)]),
+                          torch.randint(len(self.train_ids), (max(cfg.lip_landmark_frames - 1, 0),), generator=g)])
+        audios = audio_windows(self.mel, lt.frame_index[rows[1:]].tolist(), cfg.audio_window)
+        if cfg.audio_noise > 0:
+            audios = audios + cfg.audio_noise * torch.randn(audios.shape, generator=g)
+        return lip_landmark_loss(self.model.face_deform, lt.lips, torch.cat([audio[None], audios]),
+                                 torch.cat([eye.reshape(1, 1), lt.eye[rows[1:]]]), lt.viewmat[rows], self.ds.K,
+                                 lt.target[rows])
 
     def densify(self, step: int) -> dict:
         cfg = self.cfg

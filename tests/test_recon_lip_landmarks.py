@@ -5,12 +5,16 @@ tracked lips."""
 import math
 
 import numpy as np
+import pytest
 import torch
+
+from _scenes import TINY_TRAIN
 
 from capture.tracking import LIPS, N_LANDMARKS, RIGID
 from recon.deform import DeformationHead, TriPlaneEncoding
 from recon.raster import rasterize
-from recon.train import lip_landmark_loss, lip_landmark_target, project
+from recon.config import preset
+from recon.train import Trainer, lip_landmark_loss, lip_landmark_target, project, stage_at
 
 
 def camera(size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +42,17 @@ def test_projection_matches_the_rasterizer():
     seen = (out.radii[0] > 0).all(-1)  # culled points carry zeros
     assert seen.float().mean() > 0.8
     torch.testing.assert_close(project(X, viewmat, K)[seen], out.means2d[0][seen], atol=1e-4, rtol=1e-5)
+
+
+def test_projection_takes_one_camera_per_frame():
+    viewmat, K = camera()
+    moved = viewmat.clone()
+    moved[:3, 3] += torch.tensor([0.02, 0.0, 0.1])
+    X = face()[:40]
+    batched = project(X.expand(2, -1, -1), torch.stack([viewmat, moved]), K)
+    torch.testing.assert_close(batched[0], project(X, viewmat, K))
+    torch.testing.assert_close(batched[1], project(X, moved, K))
+    assert (batched[0] - batched[1]).abs().max() > 1.0
 
 
 class FakeDataset:
@@ -74,15 +89,42 @@ def test_gradient_moves_the_deformation_onto_the_tracked_lips():
     viewmat, K = camera()
     lips = face()[LIPS]
     head = DeformationHead(encoding=TriPlaneEncoding(bound=0.15))
-    audio, eye = torch.randn(8, 16, 80), torch.ones(1)
+    audio, eye, viewmats = torch.randn(1, 8, 16, 80), torch.ones(1, 1), viewmat[None]
     # The tracked lower lip sits 4 px lower than the canonical face puts it.
     target = project(lips, viewmat, K) + torch.tensor([0.0, 4.0]) * (lips[:, 1:2] < lips[:, 1].median()).float()
-    loss0, px0 = lip_landmark_loss(head, lips, audio, eye, viewmat, K, target)
+    loss0, px0 = lip_landmark_loss(head, lips, audio, eye, viewmats, K, target[None])
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     for _ in range(150):
-        loss, px = lip_landmark_loss(head, lips, audio, eye, viewmat, K, target)
+        loss, px = lip_landmark_loss(head, lips, audio, eye, viewmats, K, target[None])
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert px0 > 1.5 and px < 0.3 * px0, (px0, px)
     assert loss.item() < 0.2 * loss0.item()
+
+
+@pytest.mark.slow
+def test_static_stage_trains_the_face_head_on_a_batch_of_lip_landmarks(sample_dataset, tmp_path):
+    """The lip-landmark loss renders nothing, so it supervises the face head from the first
+    (static) step on, over `lip_landmark_frames` frames per step, drawn reproducibly."""
+    cfg = preset("cpu", **{**TINY_TRAIN, "lip_landmark_frames": 6})
+    trainer = Trainer(sample_dataset, tmp_path / "avatar", cfg, resume=False)
+    lt = trainer.lip_targets
+    assert lt is not None and lt.target.shape == (len(trainer.train_ids), len(LIPS), 2)
+    assert stage_at(cfg, 0) == "static"
+    before = {k: v.clone() for k, v in trainer.model.face_deform.state_dict().items()}
+    for step in range(2):  # the output layer starts at zero: the first step moves only it
+        loss, info, _ = trainer.loss_at(step)
+        loss.backward()
+        trainer.optim.step()
+        trainer.optim.zero_grad()
+    assert "lip_landmark_px" in info
+    moved = [k for k, v in trainer.model.face_deform.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("out.") for k in moved) and any(k.startswith("audio.") for k in moved), moved
+    # The batch: the step's frame, then frames drawn from (seed, step), the same on a rerun.
+    frame = trainer.frame_for_step(0)
+    audio = torch.zeros(cfg.audio_window, 16, 80)
+    a = trainer.lip_landmark_loss_at(0, frame, audio, torch.ones(1))
+    b = trainer.lip_landmark_loss_at(0, frame, audio, torch.ones(1))
+    torch.testing.assert_close(a[0], b[0])
+    assert a[1] == b[1]
