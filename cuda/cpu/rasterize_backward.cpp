@@ -6,7 +6,9 @@
 #include <cmath>
 #include <vector>
 
+#include "exp_neg.h"
 #include "ops.h"
+#include "packed_gaussians.h"
 #include "pixel_bounds.h"
 #include "splat_math.h"
 
@@ -30,9 +32,12 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
   const int P = tile_size * tile_size;
   const T alpha_min = T(kAlphaMin), alpha_max = T(kAlphaMax);
 
+  const std::vector<T> packed = pack_gaussians(C * N, D, means2d, conics, opacities, features, num_threads);
+  const int64_t R = packed_stride(D);
+
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<T> trans(P), t_final(P), behind(P * D), vr(P * D), va(P), bg_dot(P), g_f(D);
+    std::vector<T> trans(P), t_final(P), behind(P * D), vr(P * D), va(P), bg_dot(P), g_f(D), row_g(tile_size);
     std::vector<int32_t> last(P);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < C * n_tiles; ++tile) {
@@ -74,25 +79,33 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
 
       for (int64_t k = start + max_last - 1; k >= start; --k) {
         const int32_t rank = static_cast<int32_t>(k - start);
+        if (k - kPrefetchAhead >= start) prefetch_packed(packed.data() + flat_ids[k - kPrefetchAhead] * R, R);
         const int64_t i = flat_ids[k];
-        const T mx = means2d[2 * i], my = means2d[2 * i + 1];
-        const Vec3<T> conic = {conics[3 * i], conics[3 * i + 1], conics[3 * i + 2]};
-        const T o = opacities[i];
+        const T* gi = packed.data() + i * R;
+        const T mx = gi[0], my = gi[1];
+        const Vec3<T> conic = {gi[2], gi[3], gi[4]};
+        const T o = gi[5];
         const T sigma_cut = max_sigma(o);
-        const T* f = features + i * D;
+        const T* f = gi + 6;
         const PixelWindow win = pixel_window(mx, my, conic, o, tx0, ty0, tw, th);
         T g_mx = 0, g_my = 0, g_ca = 0, g_cb = 0, g_cc = 0, g_o = 0;
         std::fill(g_f.begin(), g_f.end(), T(0));
         bool touched = false;
         for (int y = win.y0; y <= win.y1; ++y) {
           const T dy = y + T(0.5) - my;
-          for (int x = win.x0; x <= win.x1; ++x) {
+          const PixelSpan span = row_span(mx, conic, sigma_cut, dy, win);
+          T* gr = row_g.data();
+          // exp(-sigma) of the whole span first (vectorised, as in the forward pass);
+          // pixels past the cut-off get 0 and are skipped below.
+          for (int x = span.x0; x <= span.x1; ++x) {
+            const T sigma = gaussian_sigma(conic, x + T(0.5) - mx, dy);
+            gr[x - span.x0] = (sigma < 0 || sigma > sigma_cut) ? T(0) : exp_neg(sigma);
+          }
+          for (int x = span.x0; x <= span.x1; ++x) {
             const int p = (y - ty0) * tile_size + (x - tx0);
             if (rank >= last[p]) continue;
             const T dx = x + T(0.5) - mx;
-            const T sigma = gaussian_sigma(conic, dx, dy);
-            if (sigma < 0 || sigma > sigma_cut) continue;
-            const T g = std::exp(-sigma);
+            const T g = gr[x - span.x0];
             const T og = o * g;
             const T a = std::min(alpha_max, og);
             if (a < alpha_min) continue;

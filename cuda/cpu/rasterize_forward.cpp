@@ -5,7 +5,9 @@
 #include <cmath>
 #include <vector>
 
+#include "exp_neg.h"
 #include "ops.h"
+#include "packed_gaussians.h"
 #include "pixel_bounds.h"
 #include "splat_math.h"
 
@@ -22,9 +24,12 @@ void rasterize_forward(int64_t C, int64_t N, int64_t D, const T* means2d, const 
   const int P = tile_size * tile_size;
   const T alpha_min = T(kAlphaMin), alpha_max = T(kAlphaMax), t_min = T(kTransmittanceMin);
 
+  const std::vector<T> packed = pack_gaussians(C * N, D, means2d, conics, opacities, features, num_threads);
+  const int64_t R = packed_stride(D);
+
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<T> trans(P), acc(P * D);
+    std::vector<T> trans(P), acc(P * D), row_alpha(tile_size);
     std::vector<int32_t> last(P);
     std::vector<unsigned char> done(P);
 #pragma omp for schedule(dynamic, 1)
@@ -43,22 +48,29 @@ void rasterize_forward(int64_t C, int64_t N, int64_t D, const T* means2d, const 
       int remaining = tw * th;
 
       for (int64_t k = start; k < end && remaining > 0; ++k) {
-        const int64_t i = flat_ids[k];
-        const T mx = means2d[2 * i], my = means2d[2 * i + 1];
-        const Vec3<T> conic = {conics[3 * i], conics[3 * i + 1], conics[3 * i + 2]};
-        const T o = opacities[i];
+        if (k + kPrefetchAhead < end) prefetch_packed(packed.data() + flat_ids[k + kPrefetchAhead] * R, R);
+        const T* g = packed.data() + flat_ids[k] * R;
+        const T mx = g[0], my = g[1];
+        const Vec3<T> conic = {g[2], g[3], g[4]};
+        const T o = g[5];
         const T sigma_cut = max_sigma(o);
-        const T* f = features + i * D;
+        const T* f = g + 6;
         const PixelWindow win = pixel_window(mx, my, conic, o, tx0, ty0, tw, th);
         for (int y = win.y0; y <= win.y1; ++y) {
           const T dy = y + T(0.5) - my;
-          for (int x = win.x0; x <= win.x1; ++x) {
-            const int p = (y - ty0) * tile_size + (x - tx0);
-            if (done[p]) continue;
+          const PixelSpan span = row_span(mx, conic, sigma_cut, dy, win);
+          T* ra = row_alpha.data();
+          // Alphas of the whole span first: this loop vectorises, and exp() is most of
+          // the cost. Pixels past the cut-off get 0 and are skipped below.
+          for (int x = span.x0; x <= span.x1; ++x) {
             const T sigma = gaussian_sigma(conic, x + T(0.5) - mx, dy);
-            if (sigma < 0 || sigma > sigma_cut) continue;
-            const T a = std::min(alpha_max, o * std::exp(-sigma));
-            if (a < alpha_min) continue;
+            const T a = std::min(alpha_max, o * exp_neg(sigma));
+            ra[x - span.x0] = (sigma < 0 || sigma > sigma_cut) ? T(0) : a;
+          }
+          for (int x = span.x0; x <= span.x1; ++x) {
+            const int p = (y - ty0) * tile_size + (x - tx0);
+            const T a = ra[x - span.x0];
+            if (done[p] || a < alpha_min) continue;
             const T next = trans[p] * (1 - a);
             if (next < t_min) {
               done[p] = 1;
