@@ -81,7 +81,7 @@ def load_cpu_extension():
                 sources=sources,
                 extra_include_paths=[str(src / "include"), str(src / "cpu")],
                 extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-march=native", "-fno-math-errno",
-                                  "-fno-trapping-math"],
+                             "-fno-trapping-math"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
                 verbose=os.environ.get("AVATAR_VERBOSE_BUILD") == "1",
