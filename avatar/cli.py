@@ -53,11 +53,14 @@ def _eval(args: argparse.Namespace) -> int:
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
+    t = r["train_fit"]
+    fit = (f"\ntraining frames (fit): {len(t['frames'])}, PSNR face {fmt(t['psnr_face'], '.2f')} dB, "
+           f"LMD {fmt(t['lmd'], '.2f')} px" if t else "")
     print(f"""held-out frames: {len(r['held_out_frames'])} at {r['size']}x{r['size']}
   PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
   LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
-  FPS   {r['fps']:.1f}
+  FPS   {r['fps']:.1f}{fit}
 results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
     return 0
 
