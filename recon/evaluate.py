@@ -69,7 +69,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
 
     train_fit_frames: training frames, evenly spaced, also scored (`train_fit` in eval.json):
     how well the avatar fits what it was trained on, so the held-out figures read as fit
-    plus generalisation gap. 0 skips them.
+    minus a generalisation gap. 0 skips them.
     features: [N, 16, 80] normalised conditioning to drive the heads instead of the
     dataset's audio (diagnostics such as bench/expression_oracle.py); None for the audio.
     """
