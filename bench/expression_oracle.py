@@ -81,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if ds.landmarks(0) is None:
             raise AvatarError(args.dataset, "has no face-mesh landmarks (landmarks.npy); the oracle needs them")
         landmarks = np.load(ds.root / ds.meta["landmarks"], mmap_mode="r")  # [T, 478, 3]: x, y and depth
-        rows = [int(f["frame_index"]) for f in ds.frames]
-        codes = np.zeros((len(ds.features["mel"]), min(args.dims, 80)), np.float32)
-        codes[rows] = expression_codes(np.asarray(landmarks), trainer.train_ids, min(args.dims, 80))
+        n_rows, _, n_bins = trainer.mel.shape
+        codes = np.zeros((n_rows, min(args.dims, n_bins)), np.float32)
+        codes[[int(f["frame_index"]) for f in ds.frames]] = expression_codes(np.asarray(landmarks), trainer.train_ids,
+                                                                            codes.shape[1])
         trainer.mel = oracle_features(codes, tuple(trainer.mel.shape))
         t0 = time.perf_counter()
         if trainer.step < trainer.cfg.iterations:
