@@ -45,22 +45,46 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _lipsync_table(rows: dict) -> str:
+    """The lipsync rows of eval.json as aligned lines (real video and static mouth beside the avatar)."""
+    lines = [f"  {'lip sync':<16} {'corr':>6} {'range':>6} {'bilabial':>8} {'open-vowel':>10} {'A/V ms':>7} {'A/V r':>6}"]
+    for name, b in rows.items():
+        lines.append(f"  {name.replace('_', ' '):<16} {_fmt(b.get('opening_corr'), '6.2f'):>6} "
+                     f"{_fmt(b.get('opening_range_ratio'), '6.2f'):>6} {_fmt(b.get('bilabial_closure'), '8.2f'):>8} "
+                     f"{_fmt(b.get('open_vowel_opening'), '10.3f'):>10} {_fmt(b.get('av_offset_ms'), '7.0f'):>7} "
+                     f"{_fmt(b.get('av_peak_corr'), '6.2f'):>6}")
+    return "\n".join(lines)
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.drive:
+        from pathlib import Path
+
+        from recon.evaluate import evaluate_drive
+
+        for speech in args.drive:
+            r = evaluate_drive(args.avatar, speech)
+            print(f"driven by {speech}: {r['frames']} frames\n{_lipsync_table(r['lipsync'])}\n"
+                  f"results: {Path(args.avatar) / ('eval_drive_' + Path(speech).stem + '.json')}")
+        return 0
     from recon.evaluate import evaluate
 
     r = evaluate(args.avatar)
-
-    def fmt(v, spec):
-        return "n/a" if v is None else format(v, spec)
-
+    fmt = _fmt
     t = r["train_fit"]
     fit = (f"\ntraining frames (fit): {len(t['frames'])}, PSNR face {fmt(t['psnr_face'], '.2f')} dB, "
-           f"LMD {fmt(t['lmd'], '.2f')} px" if t else "")
+           f"LMD {fmt(t['lmd'], '.2f')} px, opening corr {fmt(t['opening_corr'], '.2f')}, "
+           f"range {fmt(t['opening_range_ratio'], '.2f')}" if t else "")
     print(f"""held-out frames: {len(r['held_out_frames'])} at {r['size']}x{r['size']}
   PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
   LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
-  FPS   {r['fps']:.1f}{fit}
+  FPS   {r['fps']:.1f}
+{_lipsync_table(r['lipsync'])}{fit}
 results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
     return 0
 
@@ -162,9 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "cpu", "torch", "cuda"], help="rasterizer backend (default auto)")
     p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
     p.set_defaults(func=_train)
-    p = sub.add_parser("eval", help="score an avatar on held-out frames (PSNR, SSIM, LMD, FPS)",
-                       description="Writes AVATAR/eval.json and AVATAR/eval_strip.png.")
+    p = sub.add_parser("eval", help="score an avatar on held-out frames (PSNR, SSIM, LMD, lip sync, FPS)",
+                       description="Writes AVATAR/eval.json and AVATAR/eval_strip.png; with --drive, "
+                                   "AVATAR/eval_drive_<name>.json per speech file.")
     p.add_argument("avatar", help="avatar folder written by `avatar train`")
+    p.add_argument("--drive", nargs="+", metavar="SPEECH",
+                   help="score lip sync driven by these speech files instead (any voice)")
     p.set_defaults(func=_eval)
     p = sub.add_parser("render", help="drive an avatar with speech: mp4 with H.264 video and AAC audio")
     p.add_argument("avatar", help="avatar folder written by `avatar train`")

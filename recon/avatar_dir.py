@@ -11,7 +11,10 @@ evaluation, export and the viewer.
 Checkpoint tensors (safetensors, no pickle):
     face.{means,quats,log_scales,opacity_logits,sh_dc,sh_rest}   face branch [n_face, ...]
     mouth.{...}                                                  inside-mouth branch
-    face_deform.*, mouth_deform.*                                deformation heads (state_dict)
+    face_deform.*, mouth_deform.*                                residual deformation heads (state_dict)
+    motion_net.*                                                 speech -> motion codes (state_dict)
+    rig.{vertices,triangles,falloff,basis.*}                     face mesh and motion basis (absent
+                                                                 for datasets without landmarks)
     optim.<group>.{exp_avg,exp_avg_sq}                           Adam moments per tensor
     densify.<branch>.{grad_sum,count}                            densification statistics
     background                                                   [S, S, 3] plate at training size
@@ -33,9 +36,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .gaussians import FACE, MOUTH, Gaussians
 from .model import AvatarModel, BranchParams
+from .motion import MotionBasis, MotionRig
 
 CHECKPOINT = "checkpoint.safetensors"
-AVATAR_FORMAT = "avatar/1"
+AVATAR_FORMAT = "avatar/2"  # 2: speech -> motion codes -> mesh skinning (avatar/1 took audio windows)
 
 
 def model_tensors(model: AvatarModel) -> dict[str, torch.Tensor]:
@@ -43,9 +47,26 @@ def model_tensors(model: AvatarModel) -> dict[str, torch.Tensor]:
     for prefix in ("face", "mouth"):
         p = getattr(model, prefix)
         out.update({f"{prefix}.{k}": getattr(p, k).detach() for k in BranchParams.NAMES})
-    for prefix in ("face_deform", "mouth_deform"):
-        out.update({f"{prefix}.{k}": v for k, v in getattr(model, prefix).state_dict().items()})
+    for prefix in ("face_deform", "mouth_deform", "motion_net", "rig"):
+        module = getattr(model, prefix)
+        if module is not None:
+            out.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
     return out
+
+
+def _state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def rig_from_tensors(tensors: dict[str, torch.Tensor]) -> MotionRig | None:
+    """The face mesh rig saved with a model, or None (an avatar of a dataset without landmarks)."""
+    state = _state(tensors, "rig")
+    if not state:
+        return None
+    basis = MotionBasis(len(state["vertices"]), len(state["basis.vertices"]), len(state["basis.std"]))
+    rig = MotionRig(basis, state["vertices"], state["triangles"])
+    rig.load_state_dict(state)
+    return rig
 
 
 def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarModel:
@@ -58,10 +79,11 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarMo
                                    torch.full((len(t["means"]),), b, dtype=torch.uint8)))
         g = Gaussians(*(torch.cat([getattr(p, k) for p in parts])
                         for k in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
-        model = AvatarModel(g)
-        for prefix in ("face_deform", "mouth_deform"):
-            state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-            getattr(model, prefix).load_state_dict(state)
+        first = tensors["motion_net.temporal.0.weight"]  # [width, 32 + visemes, kernel]
+        model = AvatarModel(g, rig_from_tensors(tensors), motion_dim=tensors["motion_net.temporal.6.weight"].shape[0],
+                            visemes=first.shape[1] - 32, window=4 * first.shape[2])
+        for prefix in ("face_deform", "mouth_deform", "motion_net"):
+            getattr(model, prefix).load_state_dict(_state(tensors, prefix))
     except (KeyError, RuntimeError) as exc:
         raise AvatarError(path, f"does not hold a complete avatar model ({exc.__class__.__name__}: {exc})",
                           "it was written by another version or is damaged; retrain or resume from a copy") from exc

@@ -1,4 +1,5 @@
-"""What drives the avatar: audio feature windows and the eye signal.
+"""What drives the avatar: speech features (normalised log-mel, viseme posteriors) and
+the eye signal.
 
 Both training and `avatar render` go through these functions, so a new speech file is
 conditioned exactly as the training clip was.
@@ -19,22 +20,23 @@ def normalize_mel(mel: np.ndarray) -> Tensor:
     """Per-clip, per-mel-bin mean/variance normalisation (CMVN) of log-mel windows.
 
     mel: [N, 16, 80] log-mel windows -> [N, 16, 80] float32 tensor with zero mean and unit
-    variance per bin over the clip. It removes recording level and microphone colour,
-    so speech recorded elsewhere drives the avatar like the training clip did. All-zero
-    features therefore mean "average sound": the static-mouth baseline of `avatar eval`.
+    variance per bin over the clip (per speaker). It removes recording level, microphone
+    colour and part of the voice's timbre, so speech recorded elsewhere drives the avatar
+    like the training clip did.
     """
     x = torch.as_tensor(np.asarray(mel, np.float32))
     flat = x.reshape(-1, x.shape[-1])
     return (x - flat.mean(0)) / flat.std(0).clamp_min(1e-3)
 
 
-def audio_windows(mel: Tensor, frame_indices: Tensor | list[int], window: int) -> Tensor:
-    """Windows of `window` consecutive frames centred on each frame (edges clamped).
+def viseme_features(feats: dict) -> Tensor:
+    """[N, 15] viseme posteriors of a feature set (capture.audio), zeros where a dataset
+    was made without them: the speaker-independent half of MotionNet's input."""
+    from capture.audio import VISEMES
 
-    mel: [N, 16, 80]; frame_indices: [B] rows of mel -> [B, window, 16, 80].
-    """
-    idx = torch.as_tensor(frame_indices, dtype=torch.long)[:, None] + torch.arange(window) - window // 2
-    return mel[idx.clamp(0, mel.shape[0] - 1)]
+    vis = feats.get("visemes")
+    n = len(feats["mel"])
+    return torch.zeros(n, len(VISEMES)) if vis is None else torch.as_tensor(np.asarray(vis, np.float32))
 
 
 def blink_schedule(n_frames: int, fps: float, seed: int = 0, mean_interval_s: float = 4.0,
@@ -57,13 +59,19 @@ def blink_schedule(n_frames: int, fps: float, seed: int = 0, mean_interval_s: fl
 
 
 def speech_features(path: Path, fps: float) -> tuple[np.ndarray, dict]:
-    """Audio of any speech file -> (16 kHz mono pcm, per-frame features), exactly as capture
-    computes them. Raises AvatarError for unreadable files or audio without speech."""
-    from capture.audio import SAMPLE_RATE, check_speech, frame_features, load_audio
+    """Audio of any speech file -> (16 kHz mono pcm, per-frame features: mel, energy,
+    visemes), exactly as capture computes them. Raises AvatarError for unreadable files or
+    audio without speech."""
+    from capture.audio import SAMPLE_RATE, check_speech, compute_features, load_audio
 
     pcm = load_audio(Path(path))
     if pcm.size < SAMPLE_RATE // fps:
         raise AvatarError(path, "holds less than one video frame of audio")
     check_speech(pcm, Path(path))
     n = int(np.ceil(len(pcm) / SAMPLE_RATE * fps - 1e-6))
-    return pcm, frame_features(pcm, n, fps)
+    return pcm, compute_features(pcm, n, fps)
+
+
+def speech_motion(model, feats: dict) -> Tensor:
+    """Per-frame features of a clip -> [N, K] motion codes from the avatar's MotionNet."""
+    return model.motion_codes(normalize_mel(feats["mel"]), viseme_features(feats))

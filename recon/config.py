@@ -57,11 +57,23 @@ class TrainConfig:
     max_gaussians: int = 25_000
     """Densification stops adding points at this count (both branches together)."""
     audio_window: int = 16
-    """Video frames of audio features the deformation head attends over (16 = +-320 ms, as
-    AD-NeRF's smoothing window: lips often move well before the sound they make)."""
+    """Video frames of speech MotionNet's temporal convolutions reach over (16 = +-320 ms,
+    as AD-NeRF's smoothing window: lips often move well before the sound they make)."""
     audio_noise: float = 0.4
-    """Std of Gaussian noise added to the normalised audio features in training (a few
-    seconds of speech are easy to memorise; noise makes the mouth follow the sound)."""
+    """Std of Gaussian noise added to the normalised log-mel features while MotionNet learns
+    (a few seconds of speech are easy to memorise; noise makes the mouth follow the sound)."""
+    motion_components: int = 16
+    """Motion codes: PCA components of the lower face's tracked motion (recon/motion.py)."""
+    motion_steps: int = 600
+    """Full-clip Adam steps of the speech-to-motion stage (about 10 s per 200 frames here)."""
+    motion_velocity_weight: float = 1.0
+    """Weight of the frame-to-frame velocity error in the speech-to-motion loss (GeneFace):
+    without it the predicted mouth lags and smooths over fast closures."""
+    motion_falloff: float = 0.015
+    """Distance (metres) over which a Gaussian's share of the face mesh's motion falls off
+    (exp(-(d / falloff)^2)): points on the lips move with them, the skull does not."""
+    lr_motion: float = 2e-3
+    """Initial learning rate of MotionNet (decays 10x over motion_steps)."""
     # Learning rates (Adam). Positions are in metres: the head is about 0.25 m across.
     lr_means: float = 2.5e-4
     """Initial learning rate of the Gaussian centres (decays 100x, as in 3DGS)."""
@@ -74,7 +86,8 @@ class TrainConfig:
     lr_quats: float = 1e-3
     """Learning rate of the quaternions."""
     lr_deform: float = 1e-3
-    """Learning rate of the deformation MLPs and audio encoders."""
+    """Learning rate of the residual deformation MLPs (and of MotionNet for datasets
+    without tracked faces, where it learns through the renders)."""
     lr_planes: float = 1e-2
     """Learning rate of the tri-plane features of the deformation heads."""
     # Losses.

@@ -1,18 +1,21 @@
-"""Audio- and eye-driven deformation of the canonical Gaussians (TalkingGaussian style).
+"""Motion- and eye-driven residual deformation of the canonical Gaussians (TalkingGaussian
+style). The mouth's motion itself reaches the Gaussians through the face mesh
+(recon/motion.py); this head learns what the mesh does not carry: rotations, scales, and
+position corrections where points sit off the mesh.
 
 Contract (shared with the hash-grid radiance-field backend of a later issue):
 
     DeformationHead(inputs: DeformInputs) -> DeformOutputs
       inputs.xyz      [N, 3]        canonical positions (head frame, metres)
-      inputs.audio    [B, W, 16, 80] log-mel windows of W consecutive frames around each of B frames
+      inputs.motion   [B, K]        motion codes of B frames (recon/motion.py)
       inputs.eye      [B, 1]        eye openness in [0, 1]
       outputs.d_xyz   [B, N, 3]     position offsets
       outputs.d_rot   [B, N, 4]     quaternion offsets (added to wxyz before normalising)
       outputs.d_scale [B, N, 3]     log-scale offsets
-      outputs.audio_attention [B, N, 1]  how much audio drives each point (inspectable)
+      outputs.motion_attention [B, N, 1]  how much the motion drives each point (inspectable)
 
-The face branch predicts all three offsets from audio and eye; the inside-mouth branch
-(`audio_only=True`) predicts positions from audio alone. Output layers start at zero, so
+The face branch predicts all three offsets from motion and eye; the inside-mouth branch
+(`motion_only=True`) predicts positions from motion alone. Output layers start at zero, so
 training starts from the identity deformation.
 """
 
@@ -60,32 +63,10 @@ class TriPlaneEncoding(SpatialEncoding):
         return torch.cat(feats, dim=-1)
 
 
-class AudioEncoder(nn.Module):
-    """Per-frame audio code from a [16, 80] log-mel window, then a learned attention over
-    W neighbouring frames (AD-NeRF's temporal smoothing). [B, W, 16, 80] -> [B, dim]."""
-
-    def __init__(self, n_mels: int = 80, dim: int = 32):
-        super().__init__()
-        self.frame_net = nn.Sequential(
-            nn.Conv1d(n_mels, 64, 3, padding=1), nn.LeakyReLU(0.02),
-            nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.02),
-            nn.Conv1d(64, dim, 3, stride=2, padding=1), nn.LeakyReLU(0.02),
-            nn.AdaptiveAvgPool1d(1),
-        )
-        self.attention = nn.Sequential(nn.Conv1d(dim, 16, 3, padding=1), nn.LeakyReLU(0.02), nn.Conv1d(16, 1, 3, padding=1))
-        self.dim = dim
-
-    def forward(self, mel: Tensor) -> Tensor:
-        B, W, T, M = mel.shape
-        codes = self.frame_net(mel.reshape(B * W, T, M).transpose(1, 2)).reshape(B, W, self.dim)
-        weights = torch.softmax(self.attention(codes.transpose(1, 2)), dim=-1)  # [B, 1, W]
-        return (weights @ codes)[:, 0]
-
-
 @dataclass
 class DeformInputs:
     xyz: Tensor  # [N, 3]
-    audio: Tensor  # [B, W, 16, 80]
+    motion: Tensor  # [B, K]
     eye: Tensor  # [B, 1]
 
 
@@ -94,7 +75,7 @@ class DeformOutputs:
     d_xyz: Tensor  # [B, N, 3]
     d_rot: Tensor  # [B, N, 4]
     d_scale: Tensor  # [B, N, 3]
-    audio_attention: Tensor  # [B, N, 1]
+    motion_attention: Tensor  # [B, N, 1]
 
 
 def _mlp(d_in: int, width: int, d_out: int) -> nn.Sequential:
@@ -107,23 +88,22 @@ def _mlp(d_in: int, width: int, d_out: int) -> nn.Sequential:
 class DeformationHead(nn.Module):
     """One branch's deformation network. See the module docstring for the contract."""
 
-    def __init__(self, audio_only: bool = False, encoding: SpatialEncoding | None = None, audio_dim: int = 32,
+    def __init__(self, motion_only: bool = False, encoding: SpatialEncoding | None = None, motion_dim: int = 16,
                  width: int = 64):
         super().__init__()
-        self.audio_only = audio_only
+        self.motion_only = motion_only
         self.encoding = encoding or TriPlaneEncoding()
-        self.audio = AudioEncoder(dim=audio_dim)
         f = self.encoding.out_dim
-        # Region attention: each point decides how much of the audio (and eye) code it takes.
-        self.audio_gate = nn.Sequential(nn.Linear(f, 32), nn.ReLU(), nn.Linear(32, 1))
-        self.eye_gate = None if audio_only else nn.Sequential(nn.Linear(f, 32), nn.ReLU(), nn.Linear(32, 1))
-        d_cond = audio_dim + (0 if audio_only else 1)
-        self.out = _mlp(f + d_cond, width, 3 if audio_only else 10)
+        # Region attention: each point decides how much of the motion (and eye) code it takes.
+        self.motion_gate = nn.Sequential(nn.Linear(f, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.eye_gate = None if motion_only else nn.Sequential(nn.Linear(f, 32), nn.ReLU(), nn.Linear(32, 1))
+        d_cond = motion_dim + (0 if motion_only else 1)
+        self.out = _mlp(f + d_cond, width, 3 if motion_only else 10)
 
     def _point_features(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-point terms that depend on the canonical positions only: the first MLP
         layer's share of the encoding [N, width], and the region-attention gates [N, 1]
-        (audio) and [N, 1] | None (eye). Inference (rendering, the viewer) computes them
+        (motion) and [N, 1] | None (eye). Inference (rendering, the viewer) computes them
         once per set of positions."""
         key = (xyz.data_ptr(), xyz._version, tuple(xyz.shape))
         cached = getattr(self, "_cache", None)
@@ -133,26 +113,26 @@ class DeformationHead(nn.Module):
         first = self.out[0]
         f = feats.shape[1]
         spatial = F.linear(feats, first.weight[:, :f], first.bias)
-        att_a = torch.sigmoid(self.audio_gate(feats))
-        att_e = None if self.audio_only else torch.sigmoid(self.eye_gate(feats))
+        att_a = torch.sigmoid(self.motion_gate(feats))
+        att_e = None if self.motion_only else torch.sigmoid(self.eye_gate(feats))
         out = (spatial, att_a, att_e)
         self._cache = (key, out) if not torch.is_grad_enabled() and not self.training else None
         return out
 
     def forward(self, inputs: DeformInputs) -> DeformOutputs:
-        spatial, gate_a, gate_e = self._point_features(inputs.xyz)  # [N, width], [N, 1], [N, 1]
-        a = self.audio(inputs.audio)  # [B, A]
-        B, N = a.shape[0], spatial.shape[0]
-        att_a = gate_a[None].expand(B, N, 1)
-        cond = [att_a * a[:, None]]
-        if not self.audio_only:
+        spatial, gate_m, gate_e = self._point_features(inputs.xyz)  # [N, width], [N, 1], [N, 1]
+        m = inputs.motion  # [B, K]
+        B, N = m.shape[0], spatial.shape[0]
+        att_m = gate_m[None].expand(B, N, 1)
+        cond = [att_m * m[:, None]]
+        if not self.motion_only:
             cond.append(gate_e[None].expand(B, N, 1) * inputs.eye[:, None])
         # The first layer on cat([encoding, conditioning]), split in its two shares.
         w_cond = self.out[0].weight[:, self.out[0].in_features - sum(c.shape[-1] for c in cond):]
         y = self.out[1:](spatial[None] + torch.cat(cond, dim=-1) @ w_cond.T)
         zeros = y.new_zeros(B, N, 1)
-        if self.audio_only:
+        if self.motion_only:
             d_xyz, d_rot, d_scale = y, torch.cat([zeros] * 4, -1), torch.cat([zeros] * 3, -1)
         else:
             d_xyz, d_rot, d_scale = y[..., :3], y[..., 3:7], y[..., 7:10]
-        return DeformOutputs(d_xyz=d_xyz, d_rot=d_rot, d_scale=d_scale, audio_attention=att_a)
+        return DeformOutputs(d_xyz=d_xyz, d_rot=d_rot, d_scale=d_scale, motion_attention=att_m)

@@ -1,20 +1,28 @@
 """`avatar eval`: score a trained avatar on the held-out frames (the last 1/11 of the clip,
-never trained on).
+never trained on), and its lip sync on any speech.
 
-Each held-out frame is rendered from its own camera, audio window and eye signal, over
-its own pixels outside the head mask and the background plate inside it (as ER-NeRF and
+Each held-out frame is rendered from its own camera, speech and eye signal, over its own
+pixels outside the head mask and the background plate inside it (as ER-NeRF and
 TalkingGaussian evaluate heads; the face metrics are what measure the avatar).
 Metrics, written to AVATAR/eval.json:
   psnr/ssim        full image, and face (inside mediapipe's face oval of the real frame);
   lmd              mouth-landmark distance: mediapipe face mesh on the render and on the
                    real frame, mean distance of the 40 lip landmarks in pixels;
-  lmd_static_mouth the same with the audio features zeroed (the avatar's static-mouth
-                   baseline); the audio head earns its keep when lmd is below it;
+  lmd_static_mouth the same with motion codes of zero (the clip's average mouth);
+  lipsync          recon/lipsync.py's measures, one row each for the real frames, the
+                   avatar driven by speech, the avatar driven by each frame's tracked
+                   motion (the renderer alone: it shows whether a mouth that does not
+                   open is the speech-to-motion stage's fault or the renderer's), and the
+                   static mouth;
   fps              rendering rate (deformation + rasterization) at the avatar's size;
-  train_fit        the same PSNR/SSIM/LMD on training frames spaced evenly through the
-                   clip: the fit, so the held-out figures read as fit minus a
-                   generalisation gap.
+  train_fit        the same PSNR/SSIM/LMD and opening measures on training frames spaced
+                   evenly through the clip: the fit, so the held-out figures read as fit
+                   minus a generalisation gap.
 AVATAR/eval_strip.png shows real | render | static-mouth render for a few frames.
+
+`avatar eval AVATAR --drive SPEECH` renders any speech through the dataset's cameras and
+writes AVATAR/eval_drive_<name>.json: the same lipsync rows for that speech, the range
+measured against the subject's real clip, beside the real clip's own row.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ from avatar.io import atomic_path, write_json
 from capture.masks import polygon_mask
 from capture.tracking import FACE_OVAL, LIPS, FaceTracker
 
-from .avatar_dir import load_avatar
-from .conditioning import audio_windows, normalize_mel
+from .avatar_dir import LoadedAvatar, load_avatar
+from .conditioning import speech_features, speech_motion, viseme_features
+from .dataset import Dataset, behind_head
+from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
 from .losses import psnr, ssim
-from .dataset import behind_head
-from .render import open_dataset
+from .motion import tracked_motion
+from .render import open_dataset, ping_pong
 
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -52,10 +62,31 @@ def _score(pred: torch.Tensor, gt: torch.Tensor, face: torch.Tensor | None) -> d
     return row
 
 
-def _lmd(tracker: FaceTracker, img: np.ndarray, gt_lm: list) -> float | None:
-    """Mean distance of the 40 lip landmarks tracked on `img` and on the real frame (pixels)."""
+def _track(tracker: FaceTracker, img: np.ndarray) -> np.ndarray | None:
+    """[478, 3] landmarks of the largest face in `img`, or None."""
     found = tracker(img)
-    return float(np.linalg.norm(found[0][LIPS, :2] - gt_lm[0][LIPS, :2], axis=-1).mean()) if found and gt_lm else None
+    return found[0] if found else None
+
+
+def _lmd(found: np.ndarray | None, gt: np.ndarray | None) -> float | None:
+    """Mean distance of the 40 lip landmarks tracked on a render and on the real frame (pixels)."""
+    return float(np.linalg.norm(found[LIPS, :2] - gt[LIPS, :2], axis=-1).mean()) if found is not None and gt is not None \
+        else None
+
+
+def _opening(found: np.ndarray | None) -> float:
+    v = opening_of(found)
+    return float("nan") if v is None else v
+
+
+def tracked_codes(av: LoadedAvatar, ds: Dataset) -> torch.Tensor | None:
+    """[N rows of the features, K] each dataset frame's tracked motion codes (None without a rig)."""
+    if av.model.rig is None or ds.landmarks(0) is None:
+        return None
+    per_frame = tracked_motion(ds, av.model.rig)
+    out = torch.zeros(len(ds.features["mel"]), per_frame.shape[1])
+    out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
+    return out
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -64,46 +95,56 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, train_fit_frames: int = 18,
-             features: torch.Tensor | None = None) -> dict:
+             motion: torch.Tensor | None = None) -> dict:
     """Score `avatar` (see the module docstring) and write eval.json and eval_strip.png.
 
     train_fit_frames: training frames, evenly spaced, also scored (`train_fit` in eval.json):
     how well the avatar fits what it was trained on, so the held-out figures read as fit
     minus a generalisation gap. 0 skips them.
-    features: [N, 16, 80] normalised conditioning to drive the heads instead of the
-    dataset's audio (diagnostics such as bench/expression_oracle.py); None for the audio.
+    motion: [N, K] codes per feature row to drive the avatar instead of MotionNet's codes
+    of the dataset's speech (diagnostics); None for the speech.
     """
     av = load_avatar(avatar)
     ds = open_dataset(av, av.size, required=True)
     train_ids, held_out = ds.split()
-    mel = normalize_mel(ds.features["mel"]) if features is None else features
+    codes = speech_motion(av.model, ds.features) if motion is None else motion
+    tracked = tracked_codes(av, ds)
     fit_ids = train_ids[:: max(1, len(train_ids) // train_fit_frames)][:train_fit_frames] if train_fit_frames else []
     rows, fit_rows, strip = [], [], []
     t_render = 0.0
+    backend = av.config.backend
+
+    def render(i, f, under, code, eye):
+        return av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=backend).image
+
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         frames = [(i, True) for i in held_out] + [(i, False) for i in fit_ids]
         for n, (i, is_held_out) in enumerate(tqdm(frames, desc="avatar eval", unit="frame", disable=not progress,
                                                   file=sys.stderr)):
             f = ds[i]
             under = behind_head(f, av.background)
-            audio = audio_windows(mel, [f.frame_index], av.config.audio_window)[0]
             eye = torch.tensor([f.eye_openness])
             t0 = time.perf_counter()
-            pred = av.model.render(ds.viewmat(i), ds.K, ds.size, under, audio, eye, backend=av.config.backend).image
+            pred = render(i, f, under, codes[f.frame_index], eye)
             if is_held_out:
                 t_render += time.perf_counter() - t0
             lm = ds.landmarks(i)
             face = torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)])) if lm is not None else None
             gt_u8, pred_u8 = _to_uint8(f.image), _to_uint8(pred)
-            gt_lm = tracker(gt_u8)
-            row = {"frame": i, **_score(pred, f.image, face), "lmd": _lmd(tracker, pred_u8, gt_lm)}
+            gt_lm, pred_lm = _track(tracker, gt_u8), _track(tracker, pred_u8)
+            row = {"frame": i, **_score(pred, f.image, face), "lmd": _lmd(pred_lm, gt_lm),
+                   "opening_real": _opening(gt_lm), "opening": _opening(pred_lm)}
             if not is_held_out:
                 fit_rows.append(row)
                 continue
-            static = av.model.render(ds.viewmat(i), ds.K, ds.size, under, torch.zeros_like(audio), eye,
-                                     backend=av.config.backend).image
+            static = render(i, f, under, torch.zeros_like(codes[0]), eye)
             static_u8 = _to_uint8(static)
-            row["lmd_static_mouth"] = _lmd(tracker, static_u8, gt_lm)
+            static_lm = _track(tracker, static_u8)
+            row["lmd_static_mouth"] = _lmd(static_lm, gt_lm)
+            row["opening_static_mouth"] = _opening(static_lm)
+            if tracked is not None:
+                row["opening_tracked_motion"] = _opening(_track(tracker, _to_uint8(
+                    render(i, f, under, tracked[f.frame_index], eye))))
             rows.append(row)
             if n % max(1, len(held_out) // strip_frames) == 0 and len(strip) < strip_frames:
                 strip.append(np.concatenate([gt_u8, pred_u8, static_u8], axis=0))
@@ -112,7 +153,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
 
     lmd_frames = [r for r in rows if r["lmd"] is not None and r["lmd_static_mouth"] is not None]
     result = {
-        "format": "avatar-eval/1",
+        "format": "avatar-eval/2",
         "avatar": str(Path(avatar).resolve()), "dataset": str(ds.root), "held_out_frames": [r["frame"] for r in rows],
         "size": ds.size,
         "psnr": _mean(rows, "psnr"), "ssim": _mean(rows, "ssim"),
@@ -120,14 +161,75 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         "lmd": float(np.mean([r["lmd"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_static_mouth": float(np.mean([r["lmd_static_mouth"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_frames": len(lmd_frames),
+        "lipsync": held_out_lipsync(ds, rows, av.fps),
         "fps": len(rows) / t_render,
         "per_frame": rows,
         "train_fit": {"frames": fit_ids, **{k: _mean(fit_rows, k) for k in ("psnr", "ssim", "psnr_face", "ssim_face",
                                                                             "lmd")},
+                      **agreement([r["opening"] for r in fit_rows], [r["opening_real"] for r in fit_rows]),
                       "per_frame": fit_rows} if fit_rows else None,
     }
     root = Path(avatar)
     write_json(root / "eval.json", result)
     with atomic_path(root / "eval_strip.png") as tmp:
         cv2.imwrite(str(tmp), cv2.cvtColor(np.concatenate(strip, axis=1), cv2.COLOR_RGB2BGR))
+    return result
+
+
+def held_out_lipsync(ds: Dataset, rows: list[dict], fps: float) -> dict:
+    """The lipsync rows over the held-out frames (consecutive frames of the clip's end)."""
+    feature_rows = [int(ds.frames[r["frame"]]["frame_index"]) for r in rows]
+    visemes = viseme_features(ds.features).numpy()[feature_rows]
+    envelope = syllable_envelope(ds.features["mel"][feature_rows])
+    real = np.array([r["opening_real"] for r in rows], np.float64)
+    out = {"real": lipsync_block(real, visemes, envelope, fps, real)}
+    for name, key in (("avatar", "opening"), ("tracked_motion", "opening_tracked_motion"),
+                      ("static_mouth", "opening_static_mouth")):
+        if key in rows[0]:
+            out[name] = lipsync_block(np.array([r[key] for r in rows], np.float64), visemes, envelope, fps, real,
+                                      real=real)
+    return out
+
+
+def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True, real_frames: int = 500) -> dict:
+    """Lip sync of `avatar` driven by any speech file: rendered through the dataset's cameras
+    (replayed back and forth, as `avatar render --camera dataset`), tracked, and measured
+    against the speech and the subject's real mouth (its first `real_frames` frames).
+    Writes AVATAR/eval_drive_<speech name>.json and returns it."""
+    av = load_avatar(avatar)
+    ds = open_dataset(av, av.size, required=True)
+    _, feats = speech_features(Path(speech), av.fps)
+    codes = speech_motion(av.model, feats)
+    visemes = viseme_features(feats).numpy()
+    n_real = min(len(ds), real_frames)
+    opened = {"avatar": [], "static_mouth": [], "real": []}
+    with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
+        bar = tqdm(total=len(codes) + n_real, desc="avatar eval --drive", unit="frame", disable=not progress,
+                   file=sys.stderr)
+        for i in range(n_real):
+            opened["real"].append(_opening(_track(tracker, _to_uint8(ds[i].image))))
+            bar.update(1)
+        for k in range(len(codes)):
+            i = ping_pong(k, len(ds))
+            f = ds[i]
+            under, eye = behind_head(f, av.background), torch.tensor([1.0])
+            for name, code in (("avatar", codes[k]), ("static_mouth", torch.zeros_like(codes[k]))):
+                img = av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=av.config.backend).image
+                opened[name].append(_opening(_track(tracker, _to_uint8(img))))
+            bar.update(1)
+        bar.close()
+    real = np.array(opened["real"])
+    real_rows = [int(ds.frames[i]["frame_index"]) for i in range(n_real)]
+    envelope = syllable_envelope(feats["mel"])
+    result = {
+        "format": "avatar-eval-drive/1", "avatar": str(Path(avatar).resolve()), "speech": str(Path(speech).resolve()),
+        "frames": len(codes), "fps": av.fps,
+        "lipsync": {
+            "real": lipsync_block(real, viseme_features(ds.features).numpy()[real_rows],
+                                  syllable_envelope(ds.features["mel"][real_rows]), av.fps, real),
+            **{name: lipsync_block(np.array(opened[name]), visemes, envelope, av.fps, real)
+               for name in ("avatar", "static_mouth")},
+        },
+    }
+    write_json(Path(avatar) / f"eval_drive_{Path(speech).stem}.json", result)
     return result

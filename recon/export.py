@@ -18,7 +18,7 @@ from tqdm import tqdm
 from avatar.errors import AvatarError
 
 from .avatar_dir import load_avatar
-from .conditioning import blink_schedule, normalize_mel, speech_features
+from .conditioning import blink_schedule, speech_features, speech_motion
 from .gaussians import save_ply
 from .render import Drive, deformed_gaussians, open_dataset
 
@@ -30,7 +30,7 @@ def export(avatar: str | Path, ply: str | Path | None = None, frame: int | None 
         if frames_dir is None:
             raise AvatarError(Path(audio), "--audio needs --frames DIR to write one .ply per frame")
         _, feats = speech_features(Path(audio), av.fps)
-        drive = Drive(normalize_mel(feats["mel"]), blink_schedule(len(feats["mel"]), av.fps), av.config.audio_window)
+        drive = Drive(speech_motion(av.model, feats), blink_schedule(len(feats["mel"]), av.fps))
         out = Path(frames_dir)
         paths = []
         for k in tqdm(range(len(drive)), desc="avatar export", unit="frame", disable=not progress, file=sys.stderr):
@@ -44,7 +44,6 @@ def export(avatar: str | Path, ply: str | Path | None = None, frame: int | None 
     if not 0 <= frame < len(ds):
         raise AvatarError(ds.root, f"has frames 0..{len(ds) - 1}; --frame {frame} is out of range")
     f = ds[frame]
-    drive = Drive(normalize_mel(ds.features["mel"]), np.full(len(ds.features["mel"]), f.eye_openness, np.float32),
-                  av.config.audio_window)
+    drive = Drive(speech_motion(av.model, ds.features), np.full(len(ds.features["mel"]), f.eye_openness, np.float32))
     with torch.no_grad():
         return [save_ply(ply, deformed_gaussians(av, drive, f.frame_index))]

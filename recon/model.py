@@ -1,7 +1,9 @@
-"""The talking avatar: persistent canonical Gaussians in two branches, each moved by its
-own deformation head, rendered mouth first, face over it, both over torso and background.
+"""The talking avatar: persistent canonical Gaussians in two branches, moved by the face
+mesh's motion (recon/motion.py) and each branch's residual deformation head, rendered
+mouth first, face over it, both over torso and background.
 
-    canonical Gaussians (face | mouth) --deform(audio, eye)--> per-frame Gaussians
+    speech --MotionNet--> motion codes [K] per frame (training: the frame's tracked motion)
+    canonical Gaussians (face | mouth) --mesh skinning + deform(motion, eye)--> per-frame Gaussians
     mouth layer = rasterize(mouth branch)          (inside-mouth: teeth, tongue, cavity)
     face layer  = rasterize(face branch)
     image = face + (1 - a_face) * (mouth + (1 - a_mouth) * under)
@@ -22,6 +24,7 @@ from recon.raster import rasterize
 
 from .deform import DeformationHead, DeformInputs, TriPlaneEncoding
 from .gaussians import FACE, MOUTH, Gaussians
+from .motion import MotionNet, MotionRig
 
 HEAD_BOUND_M = 0.25
 """Half-extent of the cube the deformation heads encode (head frame, metres)."""
@@ -77,14 +80,41 @@ class BranchParams(nn.Module):
 
 
 class AvatarModel(nn.Module):
-    """The two branches' canonical Gaussians and their deformation heads."""
+    """The two branches' canonical Gaussians, the speech-to-motion network, the face mesh
+    rig that carries motion onto the Gaussians, and the residual deformation heads.
 
-    def __init__(self, g: Gaussians):
+    rig: None for datasets without tracked face-mesh landmarks (ER-NeRF imports); the
+    motion codes are then a latent learned through the renders alone.
+    """
+
+    def __init__(self, g: Gaussians, rig: MotionRig | None = None, motion_dim: int = 16, visemes: int = 15,
+                 window: int = 16):
         super().__init__()
         self.face = BranchParams(g.select(g.branch == FACE))
         self.mouth = BranchParams(g.select(g.branch == MOUTH))
-        self.face_deform = DeformationHead(audio_only=False, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M))
-        self.mouth_deform = DeformationHead(audio_only=True, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M))
+        motion_dim = rig.basis.dim if rig is not None else motion_dim
+        self.rig = rig
+        self.motion_net = MotionNet(codes=motion_dim, visemes=visemes, window=window)
+        self.face_deform = DeformationHead(motion_only=False, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M),
+                                           motion_dim=motion_dim)
+        self.mouth_deform = DeformationHead(motion_only=True, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M),
+                                            motion_dim=motion_dim)
+
+    @property
+    def motion_dim(self) -> int:
+        return self.face_deform.out[0].in_features - self.face_deform.encoding.out_dim - 1
+
+    def motion_codes(self, mel: Tensor, visemes: Tensor) -> Tensor:
+        """Speech of a whole clip -> motion codes [T, K] (inference). mel: [T, 16, 80]
+        normalised (conditioning.normalize_mel); visemes: [T, V] posteriors."""
+        with torch.no_grad():
+            return self.motion_net.eval()(mel, visemes)
+
+    def rebind(self) -> None:
+        """Bind both branches' current canonical points to the face mesh (see MotionRig)."""
+        if self.rig is not None:
+            for b in (FACE, MOUTH):
+                self.rig.rebind(b, self.branch(b).means)
 
     def __len__(self) -> int:
         return len(self.face) + len(self.mouth)
@@ -105,26 +135,26 @@ class AvatarModel(nn.Module):
                          torch.cat([torch.full((len(p),), b, dtype=torch.uint8) for b, p in ((FACE, self.face),
                                                                                              (MOUTH, self.mouth))]))
 
-    def deformed(self, branch: int, audio: Tensor | None, eye: Tensor | None, *, frozen: bool = False,
+    def deformed(self, branch: int, motion: Tensor | None, eye: Tensor | None, *, frozen: bool = False,
                  mouth_scale: float = 1.0) -> tuple[Gaussians, Tensor]:
         """The branch's Gaussians for one frame (differentiable).
 
-        audio: [W, 16, 80] normalised window, or None for the canonical (undeformed) state.
-        eye: [1] eye openness. frozen: detach the canonical parameters (a stage that does
-        not train this branch). mouth_scale multiplies the deformation (viewer's amplitude).
-        Returns the frame's Gaussians and the mean squared offset (positions in cm).
+        motion: [K] motion codes, or None for the canonical (undeformed) state. eye: [1]
+        eye openness. frozen: detach the canonical parameters (a stage that does not train
+        this branch). mouth_scale multiplies the deformation (viewer's amplitude).
+        Returns the frame's Gaussians and the mean squared residual offset (positions in cm).
         """
-        frames, penalty = self.deformed_batch(branch, None if audio is None else audio[None],
+        frames, penalty = self.deformed_batch(branch, None if motion is None else motion[None],
                                               None if eye is None else eye.reshape(1, 1), frozen=frozen,
                                               mouth_scale=mouth_scale)
         return frames[0], penalty
 
-    def deformed_batch(self, branch: int, audio: Tensor | None, eye: Tensor | None, *, frozen: bool = False,
+    def deformed_batch(self, branch: int, motion: Tensor | None, eye: Tensor | None, *, frozen: bool = False,
                        mouth_scale: float = 1.0) -> tuple[list[Gaussians], Tensor]:
         """As :meth:`deformed` for B frames at once (one pass of the deformation head).
 
-        audio: [B, W, 16, 80] or None; eye: [B, 1] or None. Returns B Gaussians (one if
-        audio is None) and the mean squared offset over the batch.
+        motion: [B, K] or None; eye: [B, 1] or None. Returns B Gaussians (one if motion is
+        None) and the mean squared residual offset over the batch.
         """
         p = self.branch(branch)
         get = (lambda t: t.detach()) if frozen else (lambda t: t)
@@ -135,17 +165,19 @@ class AvatarModel(nn.Module):
         def frame(m: Tensor, q: Tensor, s: Tensor) -> Gaussians:
             return Gaussians(m, q, s, get(p.opacity_logits), sh, label)
 
-        if audio is None or not len(p):
-            return [frame(means, quats, log_scales)] * (1 if audio is None else len(audio)), means.new_zeros(())
+        if motion is None or not len(p):
+            return [frame(means, quats, log_scales)] * (1 if motion is None else len(motion)), means.new_zeros(())
         head = self.face_deform if branch == FACE else self.mouth_deform
-        B = audio.shape[0]
+        B = motion.shape[0]
+        motion = motion.to(means)
         eye_in = (eye if eye is not None else torch.ones(B, 1)).reshape(B, 1).to(means)
-        out = head(DeformInputs(xyz=means.detach(), audio=audio.to(means), eye=eye_in))
+        out = head(DeformInputs(xyz=means.detach(), motion=motion, eye=eye_in))
         penalty = ((100 * out.d_xyz) ** 2).mean() + (out.d_rot**2).mean() + (out.d_scale**2).mean()
+        d_xyz = out.d_xyz if self.rig is None else out.d_xyz + self.rig.offsets(branch, means, motion)
         if branch == FACE:
-            return [frame(means + mouth_scale * out.d_xyz[k], quats + mouth_scale * out.d_rot[k],
+            return [frame(means + mouth_scale * d_xyz[k], quats + mouth_scale * out.d_rot[k],
                           log_scales + mouth_scale * out.d_scale[k]) for k in range(B)], penalty
-        return [frame(means + mouth_scale * out.d_xyz[k], quats, log_scales) for k in range(B)], penalty
+        return [frame(means + mouth_scale * d_xyz[k], quats, log_scales) for k in range(B)], penalty
 
     def render_layer(self, g: Gaussians, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], sh_degree: int,
                      backend: str = "auto") -> Layer:
@@ -157,21 +189,21 @@ class AvatarModel(nn.Module):
         return Layer(rgb=out.image[0], alpha=out.alpha[0], depth=out.depth[0], means2d=out.means2d,
                      radii=out.radii[0])
 
-    def render(self, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], under: Tensor, audio: Tensor | None,
+    def render(self, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], under: Tensor, motion: Tensor | None,
                eye: Tensor | None, *, deform: tuple[bool, bool] = (True, True),
                frozen: tuple[bool, bool] = (False, False), sh_degree: int | None = None,
                mouth_scale: float = 1.0, backend: str = "auto") -> Frame:
         """Render one frame.
 
         viewmat: [4, 4] world-to-camera (OpenCV); K: [3, 3]; size: S or (W, H); under: [H, W, 3] behind
-        the head; audio: [W, 16, 80] normalised window; eye: [1]. deform / frozen: per
+        the head; motion: [K] motion codes; eye: [1]. deform / frozen: per
         (face, mouth) branch, whether its head moves it this frame, and whether its
         canonical parameters are held fixed (detached).
         """
         d = self.sh_degree if sh_degree is None else sh_degree
         layers, penalty = [], 0
         for k, b in enumerate((FACE, MOUTH)):
-            g, pen = self.deformed(b, audio if deform[k] else None, eye, frozen=frozen[k], mouth_scale=mouth_scale)
+            g, pen = self.deformed(b, motion if deform[k] else None, eye, frozen=frozen[k], mouth_scale=mouth_scale)
             layers.append(self.render_layer(g, viewmat, K, size, d, backend))
             penalty = penalty + pen
         face, mouth = layers

@@ -27,7 +27,7 @@ from avatar.errors import AvatarError
 from avatar.media import write_mp4
 
 from .avatar_dir import LoadedAvatar, load_avatar
-from .conditioning import audio_windows, blink_schedule, normalize_mel, speech_features
+from .conditioning import blink_schedule, speech_features, speech_motion
 from .dataset import Dataset, behind_head
 from .gaussians import FACE, MOUTH
 from .model import composite
@@ -37,22 +37,21 @@ GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
 @dataclass
 class Drive:
-    """Per-frame conditioning of a rendered clip: normalised audio windows and eye openness."""
+    """Per-frame conditioning of a rendered clip: motion codes (from its speech) and eye openness."""
 
-    mel: Tensor  # [N, 16, 80] normalised
+    motion: Tensor  # [N, K]
     eye: np.ndarray  # [N]
-    window: int
 
     def __len__(self) -> int:
-        return self.mel.shape[0]
+        return self.motion.shape[0]
 
-    def audio(self, k: int) -> Tensor:
-        """[W, 16, 80] window of frame k."""
-        return audio_windows(self.mel, [k], self.window)[0]
+    def codes(self, k: int) -> Tensor:
+        """[K] motion codes of frame k."""
+        return self.motion[k]
 
     def batch(self, frames: range) -> tuple[Tensor, Tensor]:
-        """Audio windows [B, W, 16, 80] and eye openness [B, 1] of a run of frames."""
-        return (audio_windows(self.mel, list(frames), self.window),
+        """Motion codes [B, K] and eye openness [B, 1] of a run of frames."""
+        return (self.motion[frames.start:frames.stop],
                 torch.from_numpy(self.eye[frames.start:frames.stop].astype(np.float32))[:, None])
 
 
@@ -149,7 +148,7 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
     if size % 2:
         raise AvatarError(Path(out), f"--size {size} must be even (H.264 needs even frame sizes)")
     pcm, feats = speech_features(Path(audio), av.fps)
-    drive = Drive(normalize_mel(feats["mel"]), blink_schedule(len(feats["mel"]), av.fps, seed), av.config.audio_window)
+    drive = Drive(speech_motion(av.model, feats), blink_schedule(len(feats["mel"]), av.fps, seed))
     ds = open_dataset(av, size, required=mode == "dataset")
     rig = CameraRig(av, ds)
     K, plate = scaled(av, size)
@@ -161,9 +160,9 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
         with torch.no_grad():
             for start in range(0, len(drive), batch):
                 run = range(start, min(start + batch, len(drive)))
-                audio, eye = drive.batch(run)
-                faces, _ = model.deformed_batch(FACE, audio, eye)
-                mouths, _ = model.deformed_batch(MOUTH, audio, eye)
+                motion, eye = drive.batch(run)
+                faces, _ = model.deformed_batch(FACE, motion, eye)
+                mouths, _ = model.deformed_batch(MOUTH, motion, eye)
                 for k, face, mouth in zip(run, faces, mouths):
                     if mode == "dataset":
                         i = ping_pong(k, len(ds))
@@ -192,7 +191,7 @@ def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int):
 
     eye = torch.tensor([float(drive.eye[k])])
     with torch.no_grad():
-        parts = [av.model.deformed(b, drive.audio(k), eye)[0] for b in (FACE, MOUTH)]
+        parts = [av.model.deformed(b, drive.codes(k), eye)[0] for b in (FACE, MOUTH)]
     return Gaussians(*(torch.cat([getattr(p, f) for p in parts])
                        for f in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
 

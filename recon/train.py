@@ -1,16 +1,22 @@
 """`avatar train`: fit the two-branch talking Gaussian avatar to a captured dataset.
 
+First, the speech-to-motion stage (recon/motion.py): the lower face's tracked motion of
+every frame becomes a few PCA codes, and MotionNet learns to predict them from the
+clip's speech (log-mel and viseme posteriors), with a velocity term. The renders below
+are then driven by each frame's *tracked* codes (GeneFace's split: the renderer learns
+motion -> image, MotionNet speech -> motion); new speech goes through MotionNet.
+
 Stages (TalkingGaussian's order; fractions in TrainConfig.stages):
   static  both branches' canonical Gaussians, no deformation, full composite;
-  mouth   the inside-mouth branch and its audio-only head, on the inner-mouth region:
+  mouth   the inside-mouth branch and its motion-only head, on the inner-mouth region:
           its layer over the torso/background must match the frame inside the inner lips;
-  face    the face branch and its audio/eye head; its layer is laid over the frame's own
+  face    the face branch and its motion/eye head; its layer is laid over the frame's own
           inner mouth, and its alpha must match head-minus-mouth, so the lips learn to open;
   fuse    everything, on the full composite.
 Loss: (1 - 0.2) L1 + 0.2 D-SSIM with extra weight on the lips, + |alpha - mask|,
 + a small penalty on deformation magnitude, + (while the face head deforms) the distance
 between the tracked lip landmarks and the fitted face's lip landmarks carried by the
-face deformation, so the audio head learns the mouth's shape and not only its pixels.
+face deformation (mesh motion plus residual head), so the lips land where they were tracked.
 
 Checkpoints are atomic and periodic; `--resume` continues from the last one, with the
 same frame order and randomness as an uninterrupted run.
@@ -32,19 +38,20 @@ from tqdm import tqdm
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
 from capture.pose import pseudo_huber
-from capture.tracking import LIPS, N_LANDMARKS, OUTER_LIPS, RIGID
+from capture.tracking import LIPS, OUTER_LIPS, RIGID
 
 from .avatar_dir import CHECKPOINT, model_from_tensors, read_json_lines, save_avatar
 from .checkpoint import load_checkpoint
-from .conditioning import audio_windows, normalize_mel
+from .conditioning import normalize_mel, viseme_features
 from .config import TrainConfig
 from .dataset import Dataset, behind_head
-from .deform import DeformationHead, DeformInputs
+from .deform import DeformInputs
 from .densify import GradStats, densify_and_prune, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
 from .losses import photometric_loss, psnr
 from .model import AvatarModel, BranchParams, composite
+from .motion import fit_motion_net, fit_rig, has_tracked_faces, tracked_motion
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
 
@@ -55,6 +62,8 @@ def make_optimizer(model: AvatarModel, cfg: TrainConfig) -> torch.optim.Adam:
            "opacity_logits": cfg.lr_opacity, "sh_dc": cfg.lr_sh, "sh_rest": cfg.lr_sh / 20}
     groups = [{"params": [getattr(model.branch(b), k)], "name": f"{prefix}.{k}", "lr": lrs[k]}
               for prefix, b in BRANCHES for k in BranchParams.NAMES]
+    if model.rig is None:  # no tracked motion to fit MotionNet to: it learns through the renders
+        groups.append({"params": list(model.motion_net.parameters()), "name": "motion_net", "lr": cfg.lr_deform})
     for prefix in ("face_deform", "mouth_deform"):
         head = getattr(model, prefix)
         planes = list(head.encoding.parameters())
@@ -137,15 +146,18 @@ def lip_landmark_target(ds: Dataset, i: int, face: torch.Tensor) -> torch.Tensor
     return lm[LIPS] + offset
 
 
-def lip_landmark_loss(head: DeformationHead, lips: torch.Tensor, audio: torch.Tensor, eye: torch.Tensor,
+def lip_landmark_loss(model: AvatarModel, lips: torch.Tensor, motion: torch.Tensor, eye: torch.Tensor,
                       viewmat: torch.Tensor, K: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Robust pixel distance between the lip landmarks carried by the face deformation and
-    where the frames' lips are: (loss [] in pixels, mean distance in pixels), over B frames.
+    """Robust pixel distance between the lip landmarks carried by the face deformation (the
+    mesh's motion plus the residual head) and where the frames' lips are: (loss [] in
+    pixels, mean distance in pixels), over B frames.
 
-    lips: [L, 3] canonical landmarks; audio: [B, W, 16, 80]; eye: [B, 1]; viewmat: [B, 4, 4];
-    K: [3, 3]; target: [B, L, 2] pixels.
+    lips: [L, 3] canonical landmarks (mesh vertices LIPS); motion: [B, K]; eye: [B, 1];
+    viewmat: [B, 4, 4]; K: [3, 3]; target: [B, L, 2] pixels.
     """
-    d = head(DeformInputs(xyz=lips, audio=audio, eye=eye)).d_xyz  # [B, L, 3]
+    d = model.face_deform(DeformInputs(xyz=lips, motion=motion, eye=eye)).d_xyz  # [B, L, 3]
+    if model.rig is not None:
+        d = d + model.rig.basis.decode(motion)[:, LIPS]
     err2 = (project(lips + d, viewmat, K) - target).square().sum(-1)
     return pseudo_huber(err2, 1.0).mean(), float(err2.detach().sqrt().mean())
 
@@ -158,18 +170,18 @@ class LipTargets:
     target: torch.Tensor  # [T, 40, 2] tracked lips, pose offset removed (lip_landmark_target)
     viewmat: torch.Tensor  # [T, 4, 4]
     eye: torch.Tensor  # [T, 1]
-    frame_index: torch.Tensor  # [T] rows of the audio features
+    motion: torch.Tensor  # [T, K] tracked motion codes
 
     @classmethod
-    def of(cls, ds: Dataset, ids: list[int]) -> "LipTargets | None":
-        """None when the dataset has no 478-point face geometry and landmarks (ER-NeRF imports)."""
-        face = ds.face_geometry()
-        if face is None or len(face) != N_LANDMARKS or ds.landmarks(ids[0]) is None:
+    def of(cls, ds: Dataset, ids: list[int], motion: torch.Tensor | None) -> "LipTargets | None":
+        """None when the dataset has no tracked motion (motion [len(ds), K] is None: ER-NeRF imports)."""
+        if motion is None:
             return None
+        face = ds.face_geometry()
         return cls(lips=face[LIPS], target=torch.stack([lip_landmark_target(ds, i, face) for i in ids]),
                    viewmat=torch.stack([ds.viewmat(i) for i in ids]),
                    eye=torch.tensor([[float(ds.frames[i].get("eye_openness", 1.0))] for i in ids]),
-                   frame_index=torch.tensor([int(ds.frames[i]["frame_index"]) for i in ids]))
+                   motion=motion[ids])
 
 
 def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
@@ -180,7 +192,7 @@ def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
 class Trainer:
     """State of one training run (model, optimizer, statistics) and its steps."""
 
-    def __init__(self, dataset: Path, out: Path, cfg: TrainConfig, resume: bool):
+    def __init__(self, dataset: Path, out: Path, cfg: TrainConfig, resume: bool, progress: bool = True):
         self.out, self.cfg = Path(out), cfg
         ckpt = self.out / CHECKPOINT
         if ckpt.exists() and not resume:
@@ -188,6 +200,7 @@ class Trainer:
                               "pass --resume to continue it, or choose another --out")
         self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames)
         self.mel = normalize_mel(self.ds.features["mel"])
+        self.visemes = viseme_features(self.ds.features)
         self.train_ids, self.held_out = self.ds.split()
         self.step = 0
         if resume and ckpt.exists():
@@ -207,19 +220,52 @@ class Trainer:
                 stale.unlink()
             self._trim_metrics()
             print(f"avatar train: resuming {self.out} from step {self.step}", file=sys.stderr)
+            self.motion = tracked_motion(self.ds, self.model.rig) if self.model.rig is not None else None
         else:
             if resume:
                 print(f"avatar train: {ckpt} not found; starting from the beginning", file=sys.stderr)
             torch.manual_seed(cfg.seed)
             g = init_gaussians(self.ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
                                sh_degree=cfg.sh_degree, seed=cfg.seed)
-            self.model = AvatarModel(g)
+            rig = fit_rig(self.ds, self.train_ids, cfg.motion_components, cfg.motion_falloff) if has_tracked_faces(self.ds) else None
+            self.model = AvatarModel(g, rig, motion_dim=cfg.motion_components, visemes=self.visemes.shape[1],
+                                     window=cfg.audio_window)
+            self.motion = tracked_motion(self.ds, rig) if rig is not None else None
+            if rig is not None:
+                self.fit_motion_net(progress)
             self.optim = make_optimizer(self.model, cfg)
             self.stats = {name: GradStats(len(self.model.branch(b))) for name, b in BRANCHES}
             face = g.means[g.branch == FACE]
             self.extent = float((face.max(0).values - face.min(0).values).norm())
-        self.lip_targets = LipTargets.of(self.ds, self.train_ids) if cfg.lip_landmark_weight > 0 else None
+        self.lip_targets = LipTargets.of(self.ds, self.train_ids, self.motion) if cfg.lip_landmark_weight > 0 else None
         self.out.mkdir(parents=True, exist_ok=True)
+
+    def fit_motion_net(self, progress: bool) -> None:
+        """The speech-to-motion stage: MotionNet fitted to the training frames' tracked codes."""
+        cfg = self.cfg
+        rows = torch.tensor([int(self.ds.frames[i]["frame_index"]) for i in self.train_ids])
+        bar = tqdm(total=cfg.motion_steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True)
+        losses = fit_motion_net(self.model.motion_net, self.mel, self.visemes, self.motion[self.train_ids], rows,
+                                cfg.motion_steps, lr=cfg.lr_motion, noise=cfg.audio_noise,
+                                velocity_weight=cfg.motion_velocity_weight, seed=cfg.seed,
+                                progress=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}",
+                                                                                            refresh=False)))
+        bar.close()
+        self.motion_fit_loss = losses[-1] if losses else None
+
+    def motion_at(self, i: int, step: int) -> torch.Tensor:
+        """[K] the motion codes that drive frame i: its tracked codes, or (without tracked
+        faces) MotionNet's codes from its speech, learned through the render."""
+        if self.motion is not None:
+            return self.motion[i]
+        r, h, n = int(self.ds.frames[i]["frame_index"]), self.cfg.audio_window, self.mel.shape[0]
+        lo, hi = max(r - h, 0), min(r + h + 1, n)  # wider than MotionNet's reach: same as the whole clip
+        mel = self.mel[lo:hi]
+        if self.cfg.audio_noise > 0:
+            noise = torch.Generator().manual_seed(self.cfg.seed * 104_729 + step + 1)
+            mel = mel + self.cfg.audio_noise * torch.randn(mel.shape, generator=noise)
+        return self.model.motion_net.train()(mel, self.visemes[lo:hi])[r - lo]
 
     # -- bookkeeping -------------------------------------------------------------------
     def _trim_metrics(self) -> None:
@@ -267,10 +313,7 @@ class Trainer:
         f = ds[i]
         gt, masks = f.image, f.masks
         under = behind_head(f, ds.background)
-        audio = audio_windows(self.mel, [f.frame_index], cfg.audio_window)[0]
-        if cfg.audio_noise > 0:
-            noise = torch.Generator().manual_seed(cfg.seed * 104_729 + step + 1)
-            audio = audio + cfg.audio_noise * torch.randn(audio.shape, generator=noise)
+        motion = self.motion_at(i, step)
         eye = torch.tensor([f.eye_openness])
         lips = lip_weights(ds, i)
         weight = 1 + cfg.lip_weight * lips if lips is not None else None
@@ -282,7 +325,7 @@ class Trainer:
             if stage in ("mouth", "face") and not trains[k]:
                 layers.append(None)  # the other branch is not rendered in its single-branch stage
                 continue
-            g, pen = model.deformed(b, audio if deforms[k] else None, eye, frozen=not trains[k])
+            g, pen = model.deformed(b, motion if deforms[k] else None, eye, frozen=not trains[k])
             layer = model.render_layer(g, ds.viewmat(i), ds.K, ds.size, sh, cfg.backend)
             layer.means2d.retain_grad()
             layers.append(layer)
@@ -308,25 +351,21 @@ class Trainer:
         loss = loss + cfg.deform_weight * penalty
         info = {"stage": stage, "frame": i, "psnr": psnr(shown.detach(), gt, masks["head"] if masks["head"].any() else None)}
         if self.lip_targets is not None:
-            lip_loss, info["lip_landmark_px"] = self.lip_landmark_loss_at(step, i, audio, eye)
+            lip_loss, info["lip_landmark_px"] = self.lip_landmark_loss_at(step, i, eye)
             loss = loss + cfg.lip_landmark_weight * lip_loss / ds.size
         return loss, info, layers
 
-    def lip_landmark_loss_at(self, step: int, i: int, audio: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The lip-landmark loss of the step's frame i (its noisy audio [W, 16, 80] and eye [1])
-        plus `lip_landmark_frames - 1` other training frames drawn from (seed, step). It
-        renders nothing, so every stage trains the face head's audio-to-lips map on many
+    def lip_landmark_loss_at(self, step: int, i: int, eye: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The lip-landmark loss of the step's frame i (eye [1]) plus `lip_landmark_frames - 1`
+        other training frames drawn from (seed, step), each with its tracked motion. It
+        renders nothing, so every stage trains the face head's share of the lips on many
         frames per step, the static and mouth stages included."""
         cfg, lt = self.cfg, self.lip_targets
         g = torch.Generator().manual_seed(cfg.seed * 15_485_863 + step)
         rows = torch.cat([torch.tensor([self.train_ids.index(i)]),
                           torch.randint(len(self.train_ids), (max(cfg.lip_landmark_frames - 1, 0),), generator=g)])
-        audios = audio_windows(self.mel, lt.frame_index[rows[1:]].tolist(), cfg.audio_window)
-        if cfg.audio_noise > 0:
-            audios = audios + cfg.audio_noise * torch.randn(audios.shape, generator=g)
-        return lip_landmark_loss(self.model.face_deform, lt.lips, torch.cat([audio[None], audios]),
-                                 torch.cat([eye.reshape(1, 1), lt.eye[rows[1:]]]), lt.viewmat[rows], self.ds.K,
-                                 lt.target[rows])
+        return lip_landmark_loss(self.model, lt.lips, lt.motion[rows], torch.cat([eye.reshape(1, 1), lt.eye[rows[1:]]]),
+                                 lt.viewmat[rows], self.ds.K, lt.target[rows])
 
     def densify(self, step: int) -> dict:
         cfg = self.cfg
@@ -371,6 +410,7 @@ class Trainer:
                 event = {}
                 if densify_from <= self.step < densify_until and self.step % cfg.densify_every == 0:
                     event["densify"] = self.densify(step)
+                    self.model.rebind()
                 if self.step == reset_at:
                     for name, b in BRANCHES:
                         reset_opacity(self.model.branch(b), name, self.optim)
@@ -390,6 +430,7 @@ class Trainer:
                     log.flush()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                     self.save()
+                    self.model.rebind()  # from the saved points, as a run resumed here binds
         finally:
             log.close()
             bar.close()
@@ -399,7 +440,7 @@ class Trainer:
 
 def train(dataset: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) an avatar; returns the avatar folder. See the module docstring."""
-    trainer = Trainer(Path(dataset), Path(out), cfg, resume)
+    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress)
     if trainer.step >= trainer.cfg.iterations:
         print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
         if not (trainer.out / "canonical.ply").is_file():

@@ -1,5 +1,5 @@
-"""The deformation head's contract: shapes, identity start, gradients, and that it can
-learn an audio-dependent motion (so the audio path is wired, not decorative)."""
+"""The residual deformation head's contract: shapes, identity start, gradients, and that it
+can learn a motion-dependent deformation (so the motion path is wired, not decorative)."""
 
 import pytest
 import torch
@@ -7,18 +7,18 @@ import torch
 from recon.deform import DeformationHead, DeformInputs, TriPlaneEncoding
 
 
-def inputs(B=2, N=100, W=8, seed=0):
+def inputs(B=2, N=100, K=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return DeformInputs(xyz=(torch.rand(N, 3, generator=g) - 0.5) * 0.2,
-                        audio=torch.randn(B, W, 16, 80, generator=g), eye=torch.rand(B, 1, generator=g))
+                        motion=torch.randn(B, K, generator=g), eye=torch.rand(B, 1, generator=g))
 
 
-@pytest.mark.parametrize("audio_only", [False, True])
-def test_shapes_and_identity_start(audio_only):
-    head = DeformationHead(audio_only=audio_only)
+@pytest.mark.parametrize("motion_only", [False, True])
+def test_shapes_and_identity_start(motion_only):
+    head = DeformationHead(motion_only=motion_only)
     out = head(inputs())
     assert out.d_xyz.shape == (2, 100, 3) and out.d_rot.shape == (2, 100, 4) and out.d_scale.shape == (2, 100, 3)
-    assert out.audio_attention.shape == (2, 100, 1)
+    assert out.motion_attention.shape == (2, 100, 1)
     for t in (out.d_xyz, out.d_rot, out.d_scale):
         assert torch.count_nonzero(t) == 0  # zero-initialised outputs
 
@@ -42,11 +42,11 @@ def test_triplane_is_smooth_and_bounded():
     assert torch.allclose(enc(torch.tensor([[0.1, 0.1, 0.1]])), f[2:3])  # outside: clamped to the border
 
 
-def test_learns_audio_dependent_motion():
+def test_learns_motion_dependent_deformation():
     torch.manual_seed(0)
-    head = DeformationHead(audio_only=True)
+    head = DeformationHead(motion_only=True)
     x = inputs(B=2)
-    x.audio[1] = -x.audio[0]  # two different sounds
+    x.motion[1] = -x.motion[0]  # two different mouth shapes
     target = torch.tensor([0.01, -0.01])[:, None, None] * torch.tensor([0.0, 1.0, 0.0])  # mouth opens / closes
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     for _ in range(150):
@@ -59,16 +59,15 @@ def test_learns_audio_dependent_motion():
     assert out[0, :, 1].mean() > 0.008 and out[1, :, 1].mean() < -0.008
 
 
-@pytest.mark.parametrize("audio_only", [False, True])
-def test_split_first_layer_matches_the_plain_mlp_and_caches_in_inference(audio_only):
-    head = DeformationHead(audio_only=audio_only)
+@pytest.mark.parametrize("motion_only", [False, True])
+def test_split_first_layer_matches_the_plain_mlp_and_caches_in_inference(motion_only):
+    head = DeformationHead(motion_only=motion_only)
     for p in head.out[-1].parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = inputs(B=2, N=50)
     feats = head.encoding(x.xyz)
-    a = head.audio(x.audio)
-    cond = [torch.sigmoid(head.audio_gate(feats))[None] * a[:, None]]
-    if not audio_only:
+    cond = [torch.sigmoid(head.motion_gate(feats))[None] * x.motion[:, None]]
+    if not motion_only:
         cond.append(torch.sigmoid(head.eye_gate(feats))[None] * x.eye[:, None])
     plain = head.out(torch.cat([feats[None].expand(2, -1, -1)] + [c.expand(2, 50, -1) for c in cond], -1))
     got = head(x)
@@ -78,5 +77,5 @@ def test_split_first_layer_matches_the_plain_mlp_and_caches_in_inference(audio_o
         first = head(x).d_xyz
         assert head._cache is not None
         torch.testing.assert_close(head(x).d_xyz, first)
-        moved = DeformInputs(xyz=x.xyz + 0.01, audio=x.audio, eye=x.eye)
+        moved = DeformInputs(xyz=x.xyz + 0.01, motion=x.motion, eye=x.eye)
         assert not torch.allclose(head(moved).d_xyz, first)  # new positions are not served from the cache

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon.conditioning import audio_windows, blink_schedule, normalize_mel
+from recon.conditioning import blink_schedule, normalize_mel, viseme_features
 from recon.config import StageSchedule, TrainConfig, preset
 from recon.densify import GradStats, densify_and_prune, reset_opacity
 from recon.gaussians import FACE, MOUTH, Gaussians, rgb_to_sh_dc
@@ -36,13 +36,13 @@ def test_render_composites_mouth_under_face_over_background():
     model = AvatarModel(random_gaussians())
     viewmat, K = camera()
     under = torch.rand(48, 48, 3)
-    audio = torch.randn(8, 16, 80)
-    fr = model.render(viewmat, K, 48, under, audio, torch.ones(1), backend="torch")
+    motion = torch.randn(16)
+    fr = model.render(viewmat, K, 48, under, motion, torch.ones(1), backend="torch")
     f, m = fr.face, fr.mouth
     expect = f.rgb + (1 - f.alpha) * (m.rgb + (1 - m.alpha) * under)
     torch.testing.assert_close(fr.image, expect)
     assert f.alpha.max() > 0.5 and m.alpha.max() > 0.1
-    # Deformation heads start at the identity, so audio changes nothing yet.
+    # Deformation heads start at the identity and there is no mesh rig: motion changes nothing yet.
     still = model.render(viewmat, K, 48, under, None, None, backend="torch")
     torch.testing.assert_close(fr.image, still.image)
     assert float(fr.deformation.detach()) == 0.0
@@ -51,7 +51,7 @@ def test_render_composites_mouth_under_face_over_background():
 def test_frozen_branch_and_idle_heads_get_no_gradient():
     model = AvatarModel(random_gaussians())
     viewmat, K = camera()
-    fr = model.render(viewmat, K, 48, torch.zeros(48, 48, 3), torch.randn(8, 16, 80), torch.ones(1),
+    fr = model.render(viewmat, K, 48, torch.zeros(48, 48, 3), torch.randn(16), torch.ones(1),
                       deform=(False, True), frozen=(True, False), backend="torch")
     fr.image.sum().backward()
     assert all(p.grad is None for p in model.face.parameters())
@@ -126,10 +126,9 @@ def test_conditioning():
     mel = np.random.default_rng(0).normal(3.0, 2.0, (30, 16, 80)).astype(np.float32)
     x = normalize_mel(mel)
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.reshape(-1, 80).std(0).mean()) - 1) < 1e-2
-    w = audio_windows(x, [0, 29], 8)
-    assert w.shape == (2, 8, 16, 80)
-    torch.testing.assert_close(w[0, 0], x[0])  # clamped at the start
-    torch.testing.assert_close(w[1, 4], x[29])  # centred, clamped at the end
+    vis = np.eye(15, dtype=np.float32)[np.arange(30) % 15]
+    torch.testing.assert_close(viseme_features({"mel": mel, "visemes": vis}), torch.from_numpy(vis))
+    assert viseme_features({"mel": mel}).shape == (30, 15)  # a dataset made without visemes
     eye = blink_schedule(25 * 60, 25.0, seed=1)
     blinks = int(((eye[1:] < 0.5) & (eye[:-1] >= 0.5)).sum())
     assert 8 <= blinks <= 30 and eye.min() < 0.1 and eye.max() == 1.0

@@ -45,7 +45,7 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
     assert any(m.get("densify", {}).get("face", {}).get("split", 0) + m.get("densify", {}).get("face", {}).get("cloned", 0)
                for m in metrics)
     cfg = json.loads((trained / "config.json").read_text())
-    assert cfg["format"] == "avatar/1" and cfg["config"]["size"] == 64 and cfg["config"]["iterations"] == 60
+    assert cfg["format"] == "avatar/2" and cfg["config"]["size"] == 64 and cfg["config"]["iterations"] == 60
     a = load_avatar(trained)
     g = load_ply(trained / "canonical.ply")
     assert len(g) == len(a.model) and set(g.branch.tolist()) == {0, 1}

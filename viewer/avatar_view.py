@@ -28,7 +28,7 @@ from avatar.errors import AvatarError
 from avatar.io import atomic_path
 from avatar.media import write_mp4
 from recon.avatar_dir import LoadedAvatar, load_avatar
-from recon.conditioning import blink_schedule, normalize_mel, speech_features
+from recon.conditioning import blink_schedule, speech_features, speech_motion
 from recon.gaussians import FACE, MOUTH
 from recon.model import composite
 from recon.raster import rasterize
@@ -60,7 +60,7 @@ def load_track(path: Path, av: LoadedAvatar, name: str | None = None) -> Track:
     if len(pcm) / SAMPLE_RATE > MAX_TRACK_SECONDS:
         raise AvatarError(path, f"is {len(pcm) / SAMPLE_RATE:.0f} s long; the viewer plays up to "
                           f"{MAX_TRACK_SECONDS:.0f} s", "render long speech with `avatar render`")
-    drive = Drive(normalize_mel(feats["mel"]), np.ones(len(feats["mel"]), np.float32), av.config.audio_window)
+    drive = Drive(speech_motion(av.model, feats), np.ones(len(feats["mel"]), np.float32))
     return Track(name or Path(path).name, pcm, drive)
 
 
@@ -114,15 +114,15 @@ class ViewRenderer:
         f = height / (2 * np.tan(fov_y / 2))
         return torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]], dtype=torch.float32)
 
-    def render(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, audio: torch.Tensor | None,
+    def render(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, motion: torch.Tensor | None,
                s: ViewSettings) -> tuple[np.ndarray, dict[str, float]]:
         """-> ([H, W, 3] uint8, timings in ms {deform, rasterize})."""
         model, backend = self.av.model, self.av.config.backend
         eye = torch.tensor([s.eye])
         with self.lock, torch.no_grad():
             t0 = time.perf_counter()
-            face, _ = model.deformed(FACE, audio, eye, mouth_scale=s.mouth_scale)
-            mouth, _ = model.deformed(MOUTH, audio, eye, mouth_scale=s.mouth_scale)
+            face, _ = model.deformed(FACE, motion, eye, mouth_scale=s.mouth_scale)
+            mouth, _ = model.deformed(MOUTH, motion, eye, mouth_scale=s.mouth_scale)
             t1 = time.perf_counter()
             under = self.under(width, height, s)
             if s.mode == "centres":
@@ -363,12 +363,12 @@ class ClientSession:
     def render_now(self, resolution: int) -> tuple[np.ndarray, dict]:
         t = self.play.time()
         k = self.frame_index(t)
-        audio = self.play.track.drive.audio(k) if k is not None else None
+        motion = self.play.track.drive.codes(k) if k is not None else None
         self.settings.eye = self.eye_now(t)
         viewmat, K, width, height = self.view(resolution)
         if self.recording is not None and self.play.playing and k is not None:
             self.recording.cameras[k] = (viewmat, K, width, height)
-        return self.studio.renderer.render(viewmat, K, width, height, audio, self.settings)
+        return self.studio.renderer.render(viewmat, K, width, height, motion, self.settings)
 
     def _loop(self) -> None:
         studio = self.studio
@@ -442,7 +442,7 @@ class ClientSession:
             for k in range(first, last + 1):
                 cam = rec.cameras.get(k, cam)
                 s = ViewSettings(**{**self.settings.__dict__, "eye": float(sched[k])})
-                yield self.studio.renderer.render(*cam[:2], cam[2], cam[3], track.drive.audio(k), s)[0]
+                yield self.studio.renderer.render(*cam[:2], cam[2], cam[3], track.drive.codes(k), s)[0]
 
         pcm = track.pcm[int(first / fps * SAMPLE_RATE): int((last + 1) / fps * SAMPLE_RATE)]
         path = write_mp4(self.studio.output_path("recordings", "mp4"), frames(), fps, audio=pcm)

@@ -1,0 +1,317 @@
+"""Speech -> mouth motion: the avatar's explicit audio-to-motion stage (GeneFace's
+audio-to-motion, learned on one clip), and the mesh skinning that carries the motion
+onto the Gaussians.
+
+Why an explicit stage: a deformation field learned only through pixels regresses to the
+average mouth where speech is ambiguous, and a field sampled at canonical positions
+cannot tell the upper lip from the lower one, which lie millimetres apart in a closed
+mouth. The face mesh can: its mouth slit is a hole, so a point bound to a triangle of the
+upper lip moves with the upper lip.
+
+    tracked landmarks [T, 478, 3] --Procrustes onto the canonical face--> offsets [T, 478, 3]
+    offsets of the lower face --PCA on training frames--> motion codes [T, K] (whitened)
+    speech features (log-mel windows, viseme posteriors) --MotionNet--> motion codes [T, K]
+    motion codes --MotionBasis.decode--> mesh offsets [B, 478, 3] --skin--> Gaussian offsets [B, N, 3]
+
+Training renders with each frame's *tracked* motion (the renderer learns motion -> image),
+while MotionNet learns speech -> motion on the same frames; new speech goes through
+MotionNet. Codes of zero are the clip's average mouth (the static-mouth baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from capture.tracking import N_LANDMARKS, RIGID, face_triangles
+
+if TYPE_CHECKING:
+    from .dataset import Dataset
+
+NOSE_BASE = 2
+"""mediapipe's subnasale: mesh vertices below it move with speech (lips, cheeks, jaw, chin)."""
+
+
+def tracked_offsets(landmarks: np.ndarray, canonical: np.ndarray, rigid: list[int]) -> np.ndarray:
+    """Per-frame expression offsets of the face mesh in the head frame.
+
+    landmarks: [T, P, 3] tracked (mediapipe: x right, y down in pixels, z away at pixel
+    scale); canonical: [P, 3] the subject's face in the head frame (metres, y up, z out of
+    the face); rigid: indices that do not move with expression. Each frame is similarity-
+    aligned onto the canonical face by its rigid points (pose and distance drop out).
+    Returns [T, P, 3] float32 metres: aligned frame minus canonical.
+    """
+    X = np.asarray(canonical, np.float64)
+    dst = X[rigid]
+    mu_d = dst.mean(0)
+    b = dst - mu_d
+    out = np.empty((len(landmarks), *X.shape), np.float32)
+    for t, p in enumerate(np.asarray(landmarks, np.float64)):
+        src = p[rigid]
+        mu_s = src.mean(0)
+        a = src - mu_s
+        U, S, Vt = np.linalg.svd(b.T @ a / len(src))
+        D = np.eye(3)
+        D[2, 2] = np.sign(np.linalg.det(U @ Vt))
+        R = U @ D @ Vt
+        s = np.trace(np.diag(S) @ D) / (a**2).sum(1).mean()
+        out[t] = (s * (p - mu_s) @ R.T + mu_d) - X
+    return out
+
+
+class MotionBasis(nn.Module):
+    """PCA of the lower face's offsets over the training frames; codes are whitened.
+
+    Buffers: vertices [P] mesh indices that move; mean [P * 3]; components [K, P * 3]
+    (orthonormal rows); std [K] the codes' standard deviation on the training frames.
+    """
+
+    def __init__(self, n_vertices: int = 478, n_moving: int = 1, components: int = 16):
+        super().__init__()
+        self.n_vertices = n_vertices
+        self.register_buffer("vertices", torch.zeros(n_moving, dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(n_moving * 3))
+        self.register_buffer("components", torch.zeros(components, n_moving * 3))
+        self.register_buffer("std", torch.ones(components))
+
+    @property
+    def dim(self) -> int:
+        return self.components.shape[0]
+
+    @classmethod
+    def fit(cls, offsets: np.ndarray, canonical: np.ndarray, components: int = 16) -> "MotionBasis":
+        """offsets: [T, P, 3] of the training frames; canonical: [P, 3]."""
+        moving = np.flatnonzero(canonical[:, 1] < canonical[NOSE_BASE, 1])
+        x = torch.from_numpy(offsets[:, moving].reshape(len(offsets), -1)).double()
+        mean = x.mean(0)
+        _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
+        k = min(components, len(sv))
+        basis = cls(canonical.shape[0], len(moving), k)
+        basis.vertices.copy_(torch.from_numpy(moving))
+        basis.mean.copy_(mean.float())
+        basis.components.copy_(vt[:k].float())
+        basis.std.copy_((sv[:k] / max(len(x) - 1, 1) ** 0.5).clamp_min(1e-9).float())
+        return basis
+
+    def encode(self, offsets: Tensor) -> Tensor:
+        """[T, P, 3] mesh offsets -> [T, K] whitened codes."""
+        x = offsets[:, self.vertices].reshape(len(offsets), -1).to(self.mean)
+        return (x - self.mean) @ self.components.T / self.std
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """[B, K] codes -> [B, P, 3] offsets of every mesh vertex (zero above the nose base)."""
+        x = self.mean + (codes * self.std) @ self.components  # [B, M * 3]
+        out = x.new_zeros(len(codes), self.n_vertices, 3)
+        out[:, self.vertices] = x.reshape(len(codes), -1, 3)
+        return out
+
+
+class MotionNet(nn.Module):
+    """Speech features of a whole clip -> motion codes per video frame.
+
+    mel: [T, 16, 80] normalised log-mel windows; visemes: [T, V] viseme posteriors
+    (speaker-independent: which mouth shape the phone needs). Each frame is encoded from
+    its 160 ms window, then temporal convolutions over about +-`window` / 2 frames give
+    the codes [T, K] (lips move ahead of the sound they make, and settle after it).
+    """
+
+    def __init__(self, codes: int = 16, visemes: int = 15, window: int = 16, width: int = 64, dropout: float = 0.2):
+        super().__init__()
+        self.frame_net = nn.Sequential(
+            nn.Conv1d(80, 64, 3, padding=1), nn.LeakyReLU(0.02),
+            nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.02),
+            nn.Conv1d(64, 32, 3, stride=2, padding=1), nn.LeakyReLU(0.02),
+            nn.AdaptiveAvgPool1d(1),
+        )
+        k = max(3, (window // 4) | 1)  # three layers of kernel k reach about +-window / 2 frames
+        self.temporal = nn.Sequential(
+            nn.Conv1d(32 + visemes, width, k, padding=k // 2), nn.LeakyReLU(0.02), nn.Dropout(dropout),
+            nn.Conv1d(width, width, k, padding=k // 2), nn.LeakyReLU(0.02), nn.Dropout(dropout),
+            nn.Conv1d(width, codes, k, padding=k // 2),
+        )
+        self.n_visemes = visemes
+
+    def forward(self, mel: Tensor, visemes: Tensor) -> Tensor:
+        per_frame = self.frame_net(mel.transpose(1, 2))[..., 0]  # [T, 32]
+        x = torch.cat([per_frame, visemes.to(per_frame)], -1).T[None]  # [1, 32 + V, T]
+        return self.temporal(x)[0].T  # [T, K]
+
+
+def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, rows: Tensor, steps: int,
+                   lr: float = 2e-3, noise: float = 0.4, velocity_weight: float = 1.0, seed: int = 0,
+                   progress=None) -> list[float]:
+    """Fit `net` so that net(mel, visemes)[rows] matches codes [R, K] (tracked motion of the
+    training frames `rows`). Loss: squared error of the codes plus `velocity_weight` x that
+    of their frame-to-frame differences (where consecutive rows are consecutive frames), so
+    the mouth moves as fast as the real one. Gaussian noise of std `noise` on the
+    normalised mel regularises the few seconds of speech. Returns the loss per step."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-3)
+    consecutive = (rows[1:] - rows[:-1]) == 1
+    losses = []
+    net.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.1 ** (step / max(steps - 1, 1))
+        x = mel + noise * torch.randn(mel.shape, generator=g) if noise > 0 else mel
+        pred = net(x, visemes)[rows]
+        loss = F.mse_loss(pred, codes)
+        if velocity_weight > 0 and consecutive.any():
+            loss = loss + velocity_weight * F.mse_loss((pred[1:] - pred[:-1])[consecutive],
+                                                       (codes[1:] - codes[:-1])[consecutive])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step, float(loss))
+    net.eval()
+    return losses
+
+
+@dataclass
+class MeshBinding:
+    """Each point bound to its nearest triangle of the face mesh.
+
+    triangle [N, 3] vertex indices; bary [N, 3] barycentric weights of the nearest point on
+    the triangle; weight [N] falloff with the distance to it (1 on the surface).
+    """
+
+    triangle: Tensor
+    bary: Tensor
+    weight: Tensor
+
+    def __len__(self) -> int:
+        return self.triangle.shape[0]
+
+    def skin(self, vertex_offsets: Tensor) -> Tensor:
+        """[B, V, 3] mesh vertex offsets -> [B, N, 3] offsets of the bound points."""
+        picked = vertex_offsets[:, self.triangle]  # [B, N, 3, 3]
+        return (picked * self.bary[None, :, :, None]).sum(2) * self.weight[None, :, None]
+
+
+def closest_on_triangles(points: Tensor, corners: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest points on triangles (Ericson's region tests).
+
+    points: [N, 3]; corners: [N, C, 3, 3] C candidate triangles per point. Returns squared
+    distances [N, C] and barycentric weights [N, C, 3] of the nearest point on each.
+    """
+    a, b, c = corners[..., 0, :], corners[..., 1, :], corners[..., 2, :]  # [N, C, 3]
+    p = points[:, None]
+    ab, ac = b - a, c - a
+    ap, bp, cp = p - a, p - b, p - c
+    d1, d2 = (ab * ap).sum(-1), (ac * ap).sum(-1)
+    d3, d4 = (ab * bp).sum(-1), (ac * bp).sum(-1)
+    d5, d6 = (ab * cp).sum(-1), (ac * cp).sum(-1)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+
+    def ratio(num: Tensor, den: Tensor) -> Tensor:
+        return num / torch.where(den.abs() < 1e-20, torch.full_like(den, 1e-20), den)
+
+    denom = va + vb + vc
+    v_in, w_in = ratio(vb, denom), ratio(vc, denom)
+    # Nearest points on the three edges (clamped to them, so corners are covered too).
+    t_ab = ratio(d1, d1 - d3).clamp(0, 1)
+    t_ac = ratio(d2, d2 - d6).clamp(0, 1)
+    t_bc = ratio(d4 - d3, (d4 - d3) + (d5 - d6)).clamp(0, 1)
+    zero = torch.zeros_like(d1)
+    candidates = torch.stack([
+        torch.stack([1 - v_in - w_in, v_in, w_in], -1),  # interior
+        torch.stack([1 - t_ab, t_ab, zero], -1),
+        torch.stack([1 - t_ac, zero, t_ac], -1),
+        torch.stack([zero, 1 - t_bc, t_bc], -1),
+    ], -2)  # [N, C, 4, 3]
+    q = candidates @ corners  # [N, C, 4, 3]
+    dist2 = (q - p[:, :, None]).square().sum(-1)  # [N, C, 4]
+    inside = (va >= 0) & (vb >= 0) & (vc >= 0)
+    dist2[..., 0] = torch.where(inside, dist2[..., 0], torch.full_like(dist2[..., 0], float("inf")))
+    best = dist2.argmin(-1)  # [N, C]
+    bary = candidates.gather(-2, best[..., None, None].expand(*best.shape, 1, 3))[..., 0, :]
+    return dist2.gather(-1, best[..., None])[..., 0], bary
+
+
+def bind_to_mesh(points: Tensor, vertices: Tensor, triangles: Tensor, falloff: float, near: int = 6,
+                 chunk: int = 8192) -> MeshBinding:
+    """Bind points [N, 3] to the nearest triangle of a mesh (vertices [V, 3], triangles
+    [F, 3]); the weight falls off as exp(-(d / falloff)^2) with the distance d to it.
+    Candidates are the triangles around each point's `near` nearest vertices (the nearest
+    triangle of a mesh with even faces is almost always among them)."""
+    points, vertices = points.detach().float(), vertices.detach().float()
+    if not len(points):
+        return MeshBinding(triangles.new_zeros(0, 3), points.new_zeros(0, 3), points.new_zeros(0))
+    # Triangles around each vertex, padded by repeating the first one.
+    around: list[list[int]] = [[] for _ in range(len(vertices))]
+    for f, tri in enumerate(triangles.tolist()):
+        for v in tri:
+            around[v].append(f)
+    width = max(len(a) for a in around)
+    ring = torch.tensor([a + [a[0]] * (width - len(a)) if a else [0] * width for a in around])  # [V, width]
+    tri, bary, dist2 = [], [], []
+    for start in range(0, len(points), chunk):
+        x = points[start:start + chunk]
+        nearest = torch.cdist(x, vertices).topk(min(near, len(vertices)), largest=False).indices  # [n, near]
+        cand = ring[nearest].reshape(len(x), -1)  # [n, near * width] triangle ids
+        d2, b = closest_on_triangles(x, vertices[triangles[cand]])
+        best = d2.argmin(1)
+        rows = torch.arange(len(x))
+        tri.append(triangles[cand[rows, best]])
+        bary.append(b[rows, best])
+        dist2.append(d2[rows, best])
+    return MeshBinding(torch.cat(tri), torch.cat(bary), torch.exp(-torch.cat(dist2) / falloff**2))
+
+
+class MotionRig(nn.Module):
+    """The face mesh and its motion basis: motion codes -> offsets of bound Gaussians.
+
+    Buffers: vertices [V, 3] the canonical face (head frame, metres); triangles [F, 3];
+    basis (MotionBasis). Bindings of each branch's points are derived state, recomputed
+    by :meth:`rebind` (training calls it whenever points are added or moved far enough to
+    matter: at densification and at every checkpoint, so a resumed run binds as an
+    uninterrupted one).
+    """
+
+    def __init__(self, basis: MotionBasis, vertices: Tensor, triangles: Tensor, falloff: float = 0.015):
+        super().__init__()
+        self.basis = basis
+        self.register_buffer("vertices", vertices.float().clone())
+        self.register_buffer("triangles", triangles.long().clone())
+        self.register_buffer("falloff", torch.tensor(float(falloff)))
+        self._bindings: dict[int, MeshBinding] = {}
+
+    def rebind(self, branch: int, points: Tensor) -> MeshBinding:
+        self._bindings[branch] = bind_to_mesh(points, self.vertices, self.triangles, float(self.falloff))
+        return self._bindings[branch]
+
+    def offsets(self, branch: int, points: Tensor, codes: Tensor) -> Tensor:
+        """[B, K] codes -> [B, N, 3] offsets of the branch's points [N, 3] (bound on first use)."""
+        binding = self._bindings.get(branch)
+        if binding is None or len(binding) != len(points):
+            binding = self.rebind(branch, points)
+        return binding.skin(self.basis.decode(codes))
+
+
+def has_tracked_faces(ds: Dataset) -> bool:
+    """Whether the dataset carries mediapipe's 478-point face and per-frame landmarks."""
+    face = ds.face_geometry()
+    return face is not None and len(face) == N_LANDMARKS and ds.landmarks(0) is not None
+
+
+def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) -> MotionRig:
+    """The face mesh rig of a dataset: its canonical face, triangles, and the motion basis
+    (`components` codes) fitted on the training frames' tracked lower-face motion."""
+    canonical = ds.face_geometry().numpy()
+    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), canonical, list(RIGID))
+    basis = MotionBasis.fit(offsets[train_ids], canonical, components)
+    return MotionRig(basis, torch.from_numpy(canonical), torch.tensor(face_triangles()), falloff)
+
+
+def tracked_motion(ds: Dataset, rig: MotionRig) -> torch.Tensor:
+    """[len(ds), K] each frame's tracked motion codes."""
+    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), rig.vertices.numpy(),
+                              list(RIGID))
+    return rig.basis.encode(torch.from_numpy(offsets)).float()

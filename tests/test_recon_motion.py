@@ -1,0 +1,121 @@
+"""The speech-to-motion stage and the mesh skinning: tracked motion is pose-free, the
+basis round-trips, the skinning separates the lips along the mouth slit, and MotionNet
+learns a speech-dependent motion with its velocity."""
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+
+from capture.tracking import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, face_triangles
+from recon.motion import MotionBasis, MotionNet, MotionRig, bind_to_mesh, closest_on_triangles, fit_motion_net, \
+    tracked_offsets
+
+
+def canonical_face(seed: int = 0) -> np.ndarray:
+    """[478, 3] a face-sized cloud in the head frame; the lower half (y < 0) is the mouth region."""
+    rng = np.random.default_rng(seed)
+    face = rng.uniform(-1, 1, (N_LANDMARKS, 3)) * [0.07, 0.1, 0.03]
+    face[list(RIGID), 1] = np.abs(face[list(RIGID), 1]) + 0.01  # rigid points above the mouth
+    face[2, 1] = 0.0  # the nose base: points below it move
+    return face
+
+
+def test_tracked_offsets_ignore_pose_scale_and_axes():
+    face = canonical_face()
+    rng = np.random.default_rng(1)
+    expression = np.zeros((5, N_LANDMARKS, 3))
+    expression[:, face[:, 1] < 0, 1] = rng.normal(scale=0.004, size=(5, 1))  # the jaw drops or rises
+    frames = []
+    for t in range(5):
+        R = Rotation.from_rotvec(rng.normal(scale=0.2, size=3)).as_matrix()
+        posed = (face + expression[t]) @ R.T * 2000 + rng.normal(size=3) * 50  # pixels
+        frames.append(posed * [1, -1, -1])  # mediapipe axes: y down, z away
+    off = tracked_offsets(np.stack(frames), face, list(RIGID))
+    np.testing.assert_allclose(off, expression, atol=1e-6)
+
+
+def test_basis_round_trips_and_moves_only_the_lower_face():
+    face = canonical_face()
+    rng = np.random.default_rng(2)
+    lower = face[:, 1] < 0
+    modes = rng.normal(size=(3, N_LANDMARKS, 3)) * lower[:, None]
+    weights = rng.normal(size=(40, 3))
+    offsets = np.einsum("tk,kpi->tpi", weights, modes) * 1e-3
+    basis = MotionBasis.fit(offsets.astype(np.float32), face, components=3)
+    codes = basis.encode(torch.from_numpy(offsets).float())
+    torch.testing.assert_close(codes.std(0), torch.ones(3), rtol=1e-3, atol=1e-3)  # whitened
+    back = basis.decode(codes)
+    torch.testing.assert_close(back, torch.from_numpy(offsets).float(), atol=1e-6, rtol=1e-4)
+    assert float(back[:, ~torch.from_numpy(lower)].abs().max()) == 0
+
+
+def test_closest_points_agree_with_a_dense_search():
+    g = torch.Generator().manual_seed(0)
+    corners = torch.randn(5, 3, 3, generator=g)
+    points = torch.randn(200, 3, generator=g) * 2
+    d2, bary = closest_on_triangles(points, corners.expand(200, -1, -1, -1))
+    assert (bary >= -1e-6).all() and torch.allclose(bary.sum(-1), torch.ones(200, 5))
+    # Dense barycentric grid on each triangle: nothing is closer than the returned point.
+    u, v = torch.meshgrid(torch.linspace(0, 1, 101), torch.linspace(0, 1, 101), indexing="ij")
+    keep = (u + v) <= 1
+    grid = torch.stack([1 - u[keep] - v[keep], u[keep], v[keep]], -1)  # [G, 3]
+    samples = torch.einsum("gk,fkd->fgd", grid, corners)  # [5, G, 3]
+    dense = (points[:, None, None] - samples[None]).square().sum(-1).min(-1).values  # [200, 5]
+    assert (d2 <= dense + 1e-6).all() and (dense - d2).max() < 1e-3
+
+
+def test_skinning_opens_the_mouth_along_the_slit():
+    """A point just above the closed slit goes with the upper lip, one just below with the
+    lower lip, though the two lie a fraction of a millimetre apart."""
+    import mediapipe  # noqa: F401  (the tessellation ships with it)
+
+    face = canonical_face()
+    face[UPPER_LIP] = [0.0, -0.030, 0.03]
+    face[LOWER_LIP] = [0.0, -0.0302, 0.03]  # a closed mouth: the inner lips 0.2 mm apart
+    tris = torch.tensor(face_triangles())
+    assert not any({UPPER_LIP, LOWER_LIP} <= set(t) for t in tris.tolist())  # the slit is a hole
+    offsets = torch.zeros(1, N_LANDMARKS, 3)
+    offsets[0, UPPER_LIP, 1], offsets[0, LOWER_LIP, 1] = 0.002, -0.008  # open: lip up 2 mm, jaw down 8 mm
+    verts = torch.from_numpy(face).float()
+    points = torch.stack([verts[UPPER_LIP] + torch.tensor([0, 1e-5, 0]), verts[LOWER_LIP] - torch.tensor([0, 1e-5, 0])])
+    binding = bind_to_mesh(points, verts, tris, falloff=0.015)
+    moved = binding.skin(offsets)[0, :, 1]
+    assert moved[0] > 0.0015 and moved[1] < -0.006, moved
+    far = bind_to_mesh(verts[UPPER_LIP][None] + torch.tensor([[0, 0, -0.1]]), verts, tris, falloff=0.015)
+    assert float(far.weight[0]) < 1e-3  # the skull far behind the lips (6 cm behind every vertex) does not follow them
+
+
+def test_rig_rebinds_when_points_change():
+    face = canonical_face()
+    basis = MotionBasis.fit(np.zeros((4, N_LANDMARKS, 3), np.float32) + np.random.default_rng(0).normal(
+        scale=1e-3, size=(4, N_LANDMARKS, 3)).astype(np.float32), face, components=2)
+    rig = MotionRig(basis, torch.from_numpy(face), torch.tensor(face_triangles()))
+    pts = torch.from_numpy(face[:10]).float()
+    assert rig.offsets(0, pts, torch.zeros(1, 2)).shape == (1, 10, 3)
+    assert rig.offsets(0, torch.cat([pts, pts]), torch.zeros(1, 2)).shape == (1, 20, 3)
+
+
+def test_motion_net_learns_speech_dependent_motion_and_its_speed():
+    """Codes follow the visemes (a closed mouth at P/B/M, open at vowels) one frame late and
+    the log-mel loudness; held-out frames of the same kind get the right codes."""
+    rng = np.random.default_rng(0)
+    T = 240
+    vis_id = rng.integers(0, 3, T).repeat(2)[:T]  # phones of 2 frames
+    visemes = torch.from_numpy(np.eye(15, dtype=np.float32)[vis_id])
+    loud = rng.normal(size=T).astype(np.float32)
+    mel = torch.from_numpy(np.repeat(loud[:, None, None], 16, 1).repeat(80, 2))
+    target = torch.zeros(T, 2)
+    target[1:, 0] = torch.tensor([-1.5, 0.0, 1.5])[torch.from_numpy(vis_id[:-1])]  # one frame late
+    target[:, 1] = torch.from_numpy(loud)
+    torch.manual_seed(0)
+    net = MotionNet(codes=2, window=8, dropout=0.0)
+    rows = torch.arange(200)
+    losses = fit_motion_net(net, mel, visemes, target[rows], rows, steps=300, noise=0.0)
+    with torch.no_grad():
+        pred = net(mel, visemes)
+    held = slice(200, T)
+    assert losses[-1] < 0.1 * losses[0]
+    assert np.corrcoef(pred[held, 0], target[held, 0])[0, 1] > 0.9
+    assert np.corrcoef(pred[held, 1], target[held, 1])[0, 1] > 0.9
+    speed = (pred[held][1:] - pred[held][:-1]).abs().mean() / (target[held][1:] - target[held][:-1]).abs().mean()
+    assert 0.7 < float(speed) < 1.3
