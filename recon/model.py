@@ -107,8 +107,7 @@ class AvatarModel(nn.Module):
     def motion_codes(self, mel: Tensor, visemes: Tensor) -> Tensor:
         """Speech of a whole clip -> motion codes [T, K] (inference). mel: [T, 16, 80]
         normalised (conditioning.normalize_mel); visemes: [T, V] posteriors."""
-        with torch.no_grad():
-            return self.motion_net.eval()(mel, visemes)
+        return self.motion_net.predict(mel, visemes)
 
     def rebind(self) -> None:
         """Bind both branches' current canonical points to the face mesh (see MotionRig)."""

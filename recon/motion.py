@@ -135,11 +135,21 @@ class MotionNet(nn.Module):
             nn.Conv1d(width, codes, k, padding=k // 2),
         )
         self.n_visemes = visemes
+        # Inference calibration (fit_motion_stage): codes = centre + gain * (raw - centre).
+        self.register_buffer("centre", torch.zeros(codes))
+        self.register_buffer("gain", torch.ones(codes))
 
     def forward(self, mel: Tensor, visemes: Tensor) -> Tensor:
+        """Raw codes [T, K] (what training fits)."""
         per_frame = self.frame_net(mel.transpose(1, 2))[..., 0]  # [T, 32]
         x = torch.cat([per_frame, visemes.to(per_frame)], -1).T[None]  # [1, 32 + V, T]
         return self.temporal(x)[0].T  # [T, K]
+
+    def predict(self, mel: Tensor, visemes: Tensor) -> Tensor:
+        """Calibrated codes [T, K] for rendering (eval mode, no gradient)."""
+        with torch.no_grad():
+            raw = self.eval()(mel, visemes)
+        return self.centre + self.gain * (raw - self.centre)
 
 
 def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, rows: Tensor, steps: int,
@@ -172,6 +182,36 @@ def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, 
             progress(step, float(loss))
     net.eval()
     return losses
+
+
+def fit_motion_stage(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, rows: Tensor, steps: int,
+                     holdout: float = 0.15, max_gain: float = 2.0, progress=None, **fit) -> dict:
+    """The speech-to-motion stage: fit `net` on all training rows, and calibrate its range.
+
+    A squared-error fit regresses to the mean where speech is ambiguous, so the predicted
+    mouth opens less than the real one on speech it has not heard. The shrinkage is
+    measured out of sample: a second net of the same shape is fitted on the first
+    1 - `holdout` of the rows and predicts the rest; per code, gain = std(tracked) /
+    std(predicted) there, clamped to [1, max_gain], is applied around the mean of the
+    final net's codes at inference (MotionNet.predict). `fit` goes to fit_motion_net.
+    Returns {"loss", "gain"}.
+    """
+    n_fit = int(round(len(rows) * (1 - holdout)))
+    if 3 <= len(rows) - n_fit and n_fit >= 3:
+        probe = MotionNet(codes=codes.shape[1], visemes=net.n_visemes,
+                          window=4 * net.temporal[0].kernel_size[0], dropout=net.temporal[2].p)
+        probe.load_state_dict(net.state_dict())  # the same start
+        fit_motion_net(probe, mel, visemes, codes[:n_fit], rows[:n_fit], steps, **fit)
+        with torch.no_grad():
+            predicted = probe(mel, visemes)[rows[n_fit:]]
+        gain = (codes[n_fit:].std(0) / predicted.std(0).clamp_min(1e-6)).clamp(1.0, max_gain)
+    else:
+        gain = torch.ones(codes.shape[1])
+    losses = fit_motion_net(net, mel, visemes, codes, rows, steps, progress=progress, **fit)
+    with torch.no_grad():
+        net.centre.copy_(net(mel, visemes)[rows].mean(0))
+    net.gain.copy_(gain)
+    return {"loss": losses[-1] if losses else None, "gain": gain.tolist()}
 
 
 @dataclass

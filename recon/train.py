@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from avatar.errors import AvatarError
-from avatar.io import atomic_path
+from avatar.io import atomic_path, write_json
 from capture.pose import pseudo_huber
 from capture.tracking import LIPS, OUTER_LIPS, RIGID
 
@@ -51,7 +51,7 @@ from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
 from .losses import photometric_loss, psnr
 from .model import AvatarModel, BranchParams, composite
-from .motion import fit_motion_net, fit_rig, has_tracked_faces, tracked_motion
+from .motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
 
@@ -241,18 +241,22 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def fit_motion_net(self, progress: bool) -> None:
-        """The speech-to-motion stage: MotionNet fitted to the training frames' tracked codes."""
+        """The speech-to-motion stage: MotionNet fitted to the training frames' tracked codes,
+        its range calibrated out of sample (motion.fit_motion_stage); logged to motion.json."""
         cfg = self.cfg
         rows = torch.tensor([int(self.ds.frames[i]["frame_index"]) for i in self.train_ids])
         bar = tqdm(total=cfg.motion_steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)
-        losses = fit_motion_net(self.model.motion_net, self.mel, self.visemes, self.motion[self.train_ids], rows,
-                                cfg.motion_steps, lr=cfg.lr_motion, noise=cfg.audio_noise,
-                                velocity_weight=cfg.motion_velocity_weight, seed=cfg.seed,
-                                progress=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}",
-                                                                                            refresh=False)))
+        t0 = time.perf_counter()
+        result = fit_motion_stage(self.model.motion_net, self.mel, self.visemes, self.motion[self.train_ids], rows,
+                                  cfg.motion_steps, lr=cfg.lr_motion, noise=cfg.audio_noise,
+                                  velocity_weight=cfg.motion_velocity_weight, seed=cfg.seed,
+                                  progress=lambda step, loss: (bar.update(1),
+                                                               bar.set_postfix(loss=f"{loss:.4f}", refresh=False)))
         bar.close()
-        self.motion_fit_loss = losses[-1] if losses else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "motion.json", {**result, "seconds": time.perf_counter() - t0,
+                                              "frames": len(rows), "codes": self.motion.shape[1]})
 
     def motion_at(self, i: int, step: int) -> torch.Tensor:
         """[K] the motion codes that drive frame i: its tracked codes, or (without tracked

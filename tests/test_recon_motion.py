@@ -7,8 +7,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from capture.tracking import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, face_triangles
-from recon.motion import MotionBasis, MotionNet, MotionRig, bind_to_mesh, closest_on_triangles, fit_motion_net, \
-    tracked_offsets
+from recon.motion import (MotionBasis, MotionNet, MotionRig, bind_to_mesh, closest_on_triangles, fit_motion_net,
+                          fit_motion_stage, tracked_offsets)
 
 
 def canonical_face(seed: int = 0) -> np.ndarray:
@@ -119,3 +119,23 @@ def test_motion_net_learns_speech_dependent_motion_and_its_speed():
     assert np.corrcoef(pred[held, 1], target[held, 1])[0, 1] > 0.9
     speed = (pred[held][1:] - pred[held][:-1]).abs().mean() / (target[held][1:] - target[held][:-1]).abs().mean()
     assert 0.7 < float(speed) < 1.3
+
+
+def test_motion_stage_restores_the_range_lost_to_ambiguous_speech():
+    """Half of each code is unpredictable from the speech: a squared-error fit predicts a
+    shrunken code; the stage measures that out of sample and scales it back."""
+    rng = np.random.default_rng(1)
+    T = 300
+    vis_id = rng.integers(0, 4, T)
+    visemes = torch.from_numpy(np.eye(15, dtype=np.float32)[vis_id])
+    mel = torch.zeros(T, 16, 80)
+    codes = torch.from_numpy((np.array([-1.5, -0.5, 0.5, 1.5])[vis_id] + rng.normal(scale=1.5, size=T))
+                             .astype(np.float32))[:, None]
+    torch.manual_seed(0)
+    net = MotionNet(codes=1, window=4, dropout=0.0)
+    rows = torch.arange(250)
+    result = fit_motion_stage(net, mel, visemes, codes[rows], rows, steps=200, noise=0.0, velocity_weight=0.0)
+    raw, calibrated = net(mel, visemes).detach()[250:], net.predict(mel, visemes)[250:]
+    assert result["gain"][0] > 1.15
+    assert float(calibrated.std() / codes[250:].std()) > float(raw.std() / codes[250:].std()) + 0.1
+    assert np.corrcoef(calibrated[:, 0], codes[250:, 0])[0, 1] > 0.6  # still in step with the speech
