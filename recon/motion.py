@@ -179,7 +179,7 @@ def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, 
         opt.step()
         losses.append(loss.item())
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, losses[-1])
     net.eval()
     return losses
 

@@ -19,7 +19,7 @@ from avatar.cli import main as cli
 from avatar.errors import AvatarError
 from recon.avatar_dir import load_avatar
 from recon.config import preset
-from recon.evaluate import evaluate
+from recon.evaluate import evaluate, evaluate_drive
 from recon.export import export
 from recon.gaussians import load_ply
 from recon.render import render_video
@@ -58,7 +58,12 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
 def test_eval_render_export(trained, speech_wav, tmp_path):
     r = evaluate(trained, progress=False)
     saved = json.loads((trained / "eval.json").read_text())
-    assert saved["format"] == "avatar-eval/1" and saved["held_out_frames"] == r["held_out_frames"]
+    assert saved["format"] == "avatar-eval/2" and saved["held_out_frames"] == r["held_out_frames"]
+    # Lip sync: the real frames, the speech-driven avatar, the renderer on tracked motion, the static mouth.
+    assert set(saved["lipsync"]) == {"real", "avatar", "tracked_motion", "static_mouth"}
+    assert saved["lipsync"]["real"]["opening_range_ratio"] == pytest.approx(1.0)
+    # (mediapipe rarely finds the tiny 64 px test avatar's face: the measures are tested in test_recon_lipsync)
+    assert all(row["frames"] == len(r["held_out_frames"]) for row in saved["lipsync"].values())
     assert len(r["held_out_frames"]) == round(80 / 11)
     assert 10 < r["psnr"] < 60 and 0 < r["ssim"] <= 1 and r["psnr_face"] is not None and r["fps"] > 0
     assert (trained / "eval_strip.png").is_file()
@@ -83,6 +88,11 @@ def test_eval_render_export(trained, speech_wav, tmp_path):
     assert load_ply(tmp_path / "frame3.ply").means.shape == load_ply(paths[0]).means.shape
     frames = export(trained, audio=speech_wav, frames_dir=tmp_path / "frames", progress=False)
     assert len(frames) == int(np.ceil(2.3 * 25)) and frames[0].name == "frame_000000.ply"
+
+    drive = evaluate_drive(trained, speech_wav, progress=False)
+    saved = json.loads((trained / f"eval_drive_{speech_wav.stem}.json").read_text())
+    assert saved["frames"] == drive["frames"] == int(np.ceil(2.3 * 25))
+    assert set(saved["lipsync"]) == {"real", "avatar", "static_mouth"}
 
 
 def test_cli_errors_on_bad_inputs(trained, sample_dataset, tmp_path, capsys):
