@@ -79,6 +79,10 @@ def _eval(args: argparse.Namespace) -> int:
     fit = (f"\ntraining frames (fit): {len(t['frames'])}, PSNR face {fmt(t['psnr_face'], '.2f')} dB, "
            f"LMD {fmt(t['lmd'], '.2f')} px, opening corr {fmt(t['opening_corr'], '.2f')}, "
            f"range {fmt(t['opening_range_ratio'], '.2f')}" if t else "")
+    if t and t.get("tracked_motion"):
+        m = t["tracked_motion"]
+        fit += (f"\n  driven by their tracked motion (the renderer's fit): PSNR full {fmt(m['psnr'], '.2f')} dB, "
+                f"face {fmt(m['psnr_face'], '.2f')} dB, LMD {fmt(m['lmd'], '.2f')} px")
     print(f"""held-out frames: {len(r['held_out_frames'])} at {r['size']}x{r['size']}
   PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}

@@ -36,8 +36,10 @@ def run_demo(out: Path | None = None, job_file: Path = JOB_DIR / "demo.toml") ->
     video = Path(result["videos"][0])
     sheet = contact_sheet(video, video.with_name(video.stem + "_sheet.png"))
     ev = result.get("eval", {})
-    summary = {"capture_vs_truth": score, "eval": {k: ev.get(k) for k in ("psnr", "psnr_face", "ssim", "lmd",
-                                                                          "lmd_static_mouth", "fps")},
+    lip = (ev.get("lipsync") or {}).get("avatar", {})
+    summary = {"capture_vs_truth": score, "eval": {**{k: ev.get(k) for k in ("psnr", "psnr_face", "ssim", "lmd",
+                                                                             "lmd_static_mouth", "fps")},
+                                                   "lipsync": ev.get("lipsync")},
                "video": str(video), "contact_sheet": str(sheet), "wall_time_s": time.perf_counter() - t0}
     from avatar.io import write_json
 
@@ -51,6 +53,7 @@ capture vs ground truth ({score['frames_compared']} frames):
 avatar on held-out frames:
   PSNR                  {ev.get('psnr', float('nan')):.2f} dB (face {ev.get('psnr_face') or float('nan'):.2f} dB)
   mouth LMD             {ev.get('lmd') or float('nan'):.2f} px (static-mouth baseline {ev.get('lmd_static_mouth') or float('nan'):.2f} px)
+  mouth opening         correlation {lip.get('opening_corr') or float('nan'):.2f} with the real one, range {lip.get('opening_range_ratio') or float('nan'):.2f} of it
 video:          {video}
 contact sheet:  {sheet}
 capture sheet:  {dataset / 'preview.png'}
