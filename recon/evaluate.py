@@ -95,27 +95,24 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, train_fit_frames: int = 18,
-             motion: torch.Tensor | None = None) -> dict:
+def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, train_fit_frames: int = 18) -> dict:
     """Score `avatar` (see the module docstring) and write eval.json and eval_strip.png.
 
     train_fit_frames: training frames, evenly spaced, also scored (`train_fit` in eval.json):
     how well the avatar fits what it was trained on, so the held-out figures read as fit
     minus a generalisation gap. 0 skips them.
-    motion: [N, K] codes per feature row to drive the avatar instead of MotionNet's codes
-    of the dataset's speech (diagnostics); None for the speech.
     """
     av = load_avatar(avatar)
     ds = open_dataset(av, av.size, required=True)
     train_ids, held_out = ds.split()
-    codes = speech_motion(av.model, ds.features) if motion is None else motion
+    codes = speech_motion(av.model, ds.features)
     tracked = tracked_codes(av, ds)
     fit_ids = train_ids[:: max(1, len(train_ids) // train_fit_frames)][:train_fit_frames] if train_fit_frames else []
     rows, fit_rows, strip = [], [], []
     t_render = 0.0
     backend = av.config.backend
 
-    def render(i, f, under, code, eye):
+    def render(i, under, code, eye):
         return av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=backend).image
 
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
@@ -126,7 +123,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             under = behind_head(f, av.background)
             eye = torch.tensor([f.eye_openness])
             t0 = time.perf_counter()
-            pred = render(i, f, under, codes[f.frame_index], eye)
+            pred = render(i, under, codes[f.frame_index], eye)
             if is_held_out:
                 t_render += time.perf_counter() - t0
             lm = ds.landmarks(i)
@@ -137,19 +134,19 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
                    "opening_real": _opening(gt_lm), "opening": _opening(pred_lm)}
             if not is_held_out:
                 if tracked is not None:  # the renderer's own fit: the motion it was trained on
-                    fit_pred = render(i, f, under, tracked[f.frame_index], eye)
+                    fit_pred = render(i, under, tracked[f.frame_index], eye)
                     row["tracked_motion"] = {**_score(fit_pred, f.image, face),
                                              "lmd": _lmd(_track(tracker, _to_uint8(fit_pred)), gt_lm)}
                 fit_rows.append(row)
                 continue
-            static = render(i, f, under, torch.zeros_like(codes[0]), eye)
+            static = render(i, under, torch.zeros_like(codes[0]), eye)
             static_u8 = _to_uint8(static)
             static_lm = _track(tracker, static_u8)
             row["lmd_static_mouth"] = _lmd(static_lm, gt_lm)
             row["opening_static_mouth"] = _opening(static_lm)
             if tracked is not None:
                 row["opening_tracked_motion"] = _opening(_track(tracker, _to_uint8(
-                    render(i, f, under, tracked[f.frame_index], eye))))
+                    render(i, under, tracked[f.frame_index], eye))))
             rows.append(row)
             if n % max(1, len(held_out) // strip_frames) == 0 and len(strip) < strip_frames:
                 strip.append(np.concatenate([gt_u8, pred_u8, static_u8], axis=0))

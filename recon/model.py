@@ -100,10 +100,6 @@ class AvatarModel(nn.Module):
         self.mouth_deform = DeformationHead(motion_only=True, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M),
                                             motion_dim=motion_dim)
 
-    @property
-    def motion_dim(self) -> int:
-        return self.face_deform.out[0].in_features - self.face_deform.encoding.out_dim - 1
-
     def motion_codes(self, mel: Tensor, visemes: Tensor) -> Tensor:
         """Speech of a whole clip -> motion codes [T, K] (inference). mel: [T, 16, 80]
         normalised (conditioning.normalize_mel); visemes: [T, V] posteriors."""
