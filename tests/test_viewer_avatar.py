@@ -23,9 +23,9 @@ VIEWPORT = {"width": 1000, "height": 640}
 
 @pytest.fixture(scope="module")
 def lively_avatar(trained_avatar, tmp_path_factory):
-    """The tiny trained avatar with visibly audio-driven heads: 60 training steps leave the
+    """The tiny trained avatar with visibly speech-driven heads: 60 training steps leave the
     zero-initialised deformation outputs nearly still, so the test gives them weights that
-    move the Gaussians by millimetres with the audio (the viewer is under test, not training)."""
+    move the Gaussians by millimetres with the speech (the viewer is under test, not training)."""
     from recon.avatar_dir import CHECKPOINT
     from recon.checkpoint import load_checkpoint, save_checkpoint
 
@@ -36,7 +36,7 @@ def lively_avatar(trained_avatar, tmp_path_factory):
     for head in ("face_deform", "mouth_deform"):
         w = tensors[f"{head}.out.4.weight"]
         tensors[f"{head}.out.4.weight"] = 0.02 * torch.randn(w.shape, generator=g)
-        tensors[f"{head}.audio.frame_net.4.weight"] *= 10  # audio codes that differ from frame to frame
+    tensors["motion_net.temporal.6.weight"] *= 10  # motion codes that differ from frame to frame
     save_checkpoint(out / CHECKPOINT, tensors, meta)
     return out
 
@@ -261,7 +261,7 @@ def test_uploads_snapshots_and_recordings(lively_avatar, speech_wav, tmp_path):
         assert kinds == {"video": "h264", "audio": "aac"} and n == 31
         assert path.parent == lively_avatar / "recordings" and session.client.downloads[-1][0] == path.name
         for mode in ("RGB", "depth", "alpha", "face branch", "mouth branch", "centres"):
-            rgb, t = studio.renderer.render(viewmat, K, 64, 48, track.drive.audio(5), ViewSettings(mode=mode))
+            rgb, t = studio.renderer.render(viewmat, K, 64, 48, track.drive.codes(5), ViewSettings(mode=mode))
             assert rgb.shape == (48, 64, 3) and rgb.max() > 0 and t["rasterize"] > 0
     finally:
         studio.stop()
