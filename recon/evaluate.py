@@ -19,7 +19,8 @@ Metrics, written to AVATAR/eval.json:
                    evenly through the clip, driven by their speech, and (`tracked_motion`)
                    PSNR/SSIM/LMD driven by their tracked motion: the renderer's own fit.
                    Held-out figures read as fit minus a generalisation gap.
-AVATAR/eval_strip.png shows real | render | static-mouth render for a few frames.
+AVATAR/eval_strip.png shows real | render | static-mouth render for a few frames, above
+the inner-lip opening of every held-out frame: real, avatar, tracked motion, static mouth.
 
 `avatar eval AVATAR --drive SPEECH` renders any speech through the dataset's cameras and
 writes AVATAR/eval_drive_<name>.json: the same lipsync rows for that speech, the range
@@ -170,9 +171,40 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     }
     root = Path(avatar)
     write_json(root / "eval.json", result)
+    images = np.concatenate(strip, axis=1)
+    chart = opening_chart(rows, result["lipsync"], images.shape[1])
     with atomic_path(root / "eval_strip.png") as tmp:
-        cv2.imwrite(str(tmp), cv2.cvtColor(np.concatenate(strip, axis=1), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(tmp), cv2.cvtColor(np.concatenate([images, chart], axis=0), cv2.COLOR_RGB2BGR))
     return result
+
+
+OPENING_CURVES = (("real", "opening_real", (255, 255, 255)), ("avatar", "opening", (80, 220, 80)),
+                  ("tracked_motion", "opening_tracked_motion", (240, 200, 40)),
+                  ("static_mouth", "opening_static_mouth", (230, 70, 70)))
+
+
+def opening_chart(rows: list[dict], lipsync: dict, width: int, height: int = 160) -> np.ndarray:
+    """[height, width, 3] uint8: the inner-lip opening over the held-out frames, one curve per
+    lipsync row, labelled with its correlation and range against the real mouth."""
+    chart = np.full((height, width, 3), 24, np.uint8)
+    curves = [(name, np.array([r.get(key, np.nan) for r in rows], np.float64), colour)
+              for name, key, colour in OPENING_CURVES if key in rows[0]]
+    values = np.concatenate([c for _, c, _ in curves])
+    lo, hi = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0.0, 1.0)
+    top, bottom = 16 * len(curves) + 6, height - 6
+    x = np.linspace(4, width - 5, len(rows))
+    for k, (name, curve, colour) in enumerate(curves):
+        y = bottom - (curve - lo) / max(hi - lo, 1e-9) * (bottom - top)
+        ok = np.isfinite(y)
+        pts = np.stack([x[ok], y[ok]], 1).round().astype(np.int32)
+        if len(pts) > 1:
+            cv2.polylines(chart, [pts], False, colour, 1, cv2.LINE_AA)
+        row = lipsync.get(name, {})
+        corr, spread = row.get("opening_corr"), row.get("opening_range_ratio")
+        label = f"{name.replace('_', ' ')}: corr {'n/a' if corr is None else f'{corr:.2f}'}, range " \
+                f"{'n/a' if spread is None else f'{spread:.2f}'}"
+        cv2.putText(chart, label, (6, 13 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    return chart
 
 
 def train_fit(frames: list[int], rows: list[dict]) -> dict:
