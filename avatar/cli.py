@@ -75,6 +75,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     r = evaluate(args.avatar)
     fmt = _fmt
+    p = r.get("pose_fit")
+    pose = (f"\n  pose-only fit to {len(p['frames'])} frames: face PSNR {fmt(p['psnr_face_capture_pose'], '.2f')} dB with "
+            f"capture's poses -> {fmt(p['psnr_face_fitted_pose'], '.2f')} dB fitted "
+            f"({fmt(p['rotation_deg'], '.2f')} deg, {fmt(p['translation_mm'], '.1f')} mm)" if p else "")
     t = r["train_fit"]
     fit = (f"\ntraining frames (fit): {len(t['frames'])}, PSNR face {fmt(t['psnr_face'], '.2f')} dB, "
            f"LMD {fmt(t['lmd'], '.2f')} px, opening corr {fmt(t['opening_corr'], '.2f')}, "
@@ -87,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
   PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
   LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
-  FPS   {r['fps']:.1f}
+  FPS   {r['fps']:.1f}{pose}
 {_lipsync_table(r['lipsync'])}{fit}
 results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
     return 0

@@ -48,7 +48,10 @@ from .conditioning import speech_features, speech_motion, viseme_features
 from .dataset import Dataset, behind_head
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
 from .losses import psnr, ssim
+from .gaussians import FACE, MOUTH
+from .model import composite
 from .motion import tracked_motion
+from .pose import correction_matrix
 from .render import open_dataset, ping_pong
 
 
@@ -96,12 +99,15 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, train_fit_frames: int = 18) -> dict:
+def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, train_fit_frames: int = 18,
+             pose_fit_frames: int = 12) -> dict:
     """Score `avatar` (see the module docstring) and write eval.json and eval_strip.png.
 
     train_fit_frames: training frames, evenly spaced, also scored (`train_fit` in eval.json):
     how well the avatar fits what it was trained on, so the held-out figures read as fit
     minus a generalisation gap. 0 skips them.
+    pose_fit_frames: held-out frames, evenly spaced, also scored after a pose-only fit to the
+    frame (`pose_fit`); 0 skips it.
     """
     av = load_avatar(avatar)
     ds = open_dataset(av, av.size, required=True)
@@ -114,7 +120,13 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     backend = av.config.backend
 
     def render(i, under, code, eye):
-        return av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=backend).image
+        return av.model.render(viewmat(i), ds.K, ds.size, under, code, eye, backend=backend).image
+
+    def viewmat(i):  # training frames: the pose the renderer was fitted with; held-out: capture's
+        pose = av.model.pose
+        return ds.viewmat(i) if pose is None or i in held_set else pose.refine(ds.viewmat(i), i)
+
+    held_set = set(held_out)
 
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         frames = [(i, True) for i in held_out] + [(i, False) for i in fit_ids]
@@ -165,6 +177,8 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         "lmd_static_mouth": float(np.mean([r["lmd_static_mouth"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_frames": len(lmd_frames),
         "lipsync": held_out_lipsync(ds, rows, av.fps),
+        "pose_fit": held_out_pose_fit(av, ds, held_out[:: max(1, len(held_out) // pose_fit_frames)][:pose_fit_frames],
+                                      codes) if pose_fit_frames else None,
         "fps": len(rows) / t_render,
         "per_frame": rows,
         "train_fit": train_fit(fit_ids, fit_rows) if fit_rows else None,
@@ -205,6 +219,45 @@ def opening_chart(rows: list[dict], lipsync: dict, width: int, height: int = 160
                 f"{'n/a' if spread is None else f'{spread:.2f}'}"
         cv2.putText(chart, label, (6, 13 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
     return chart
+
+
+def held_out_pose_fit(av: LoadedAvatar, ds: Dataset, frames: list[int], codes: torch.Tensor, steps: int = 25,
+                      lr: float = 3e-3) -> dict:
+    """Face PSNR of held-out frames with capture's pose and after a pose-only fit: a rigid
+    correction of the head (recon/pose.py) fitted to the frame by Adam on the head's L1,
+    the avatar frozen. How much of the held-out error is pose, not appearance."""
+    rows = []
+    for i in frames:
+        f = ds[i]
+        under, eye = behind_head(f, av.background), torch.tensor([f.eye_openness])
+        lm = ds.landmarks(i)
+        face = torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)])) if lm is not None else None
+        head = f.masks["head"]
+        with torch.no_grad():
+            layers = [av.model.deformed(b, codes[f.frame_index], eye)[0] for b in (FACE, MOUTH)]
+
+        def render(delta: torch.Tensor) -> torch.Tensor:
+            viewmat = ds.viewmat(i) @ correction_matrix(delta)
+            fl, ml = (av.model.render_layer(g, viewmat, ds.K, ds.size, av.model.sh_degree, av.config.backend)
+                      for g in layers)
+            return composite(fl, ml, under)[0]
+
+        delta = torch.zeros(6, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=lr)
+        for _ in range(steps):
+            loss = (render(delta) - f.image).abs().mean(-1)[head].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            before, after = render(torch.zeros(6)), render(delta.detach())
+        mask = face if face is not None and face.any() else head
+        rows.append({"frame": i, "psnr_face_capture_pose": psnr(before, f.image, mask),
+                     "psnr_face_fitted_pose": psnr(after, f.image, mask),
+                     "rotation_deg": float(delta[:3].detach().norm()) * 57.2958,
+                     "translation_mm": float(delta[3:].detach().norm()) * 10})
+    keys = ("psnr_face_capture_pose", "psnr_face_fitted_pose", "rotation_deg", "translation_mm")
+    return {"frames": frames, **{k: _mean(rows, k) for k in keys}, "per_frame": rows}
 
 
 def train_fit(frames: list[int], rows: list[dict]) -> dict:
