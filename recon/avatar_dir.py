@@ -15,8 +15,6 @@ Checkpoint tensors (safetensors, no pickle):
     motion_net.*                                                 speech -> motion codes (state_dict)
     rig.{vertices,triangles,falloff,basis.*}                     face mesh and motion basis (absent
                                                                  for datasets without landmarks)
-    pose.delta                                                   [T, 6] per-frame pose corrections
-                                                                 (absent when not learned)
     optim.<group>.{exp_avg,exp_avg_sq}                           Adam moments per tensor
     densify.<branch>.{grad_sum,count}                            densification statistics
     background                                                   [S, S, 3] plate at training size
@@ -39,7 +37,6 @@ from .config import TrainConfig
 from .gaussians import FACE, MOUTH, Gaussians
 from .model import AvatarModel, BranchParams
 from .motion import MotionBasis, MotionRig
-from .pose import PoseCorrection
 
 CHECKPOINT = "checkpoint.safetensors"
 AVATAR_FORMAT = "avatar/2"  # 2: speech -> motion codes -> mesh skinning (avatar/1 took audio windows)
@@ -50,7 +47,7 @@ def model_tensors(model: AvatarModel) -> dict[str, torch.Tensor]:
     for prefix in ("face", "mouth"):
         p = getattr(model, prefix)
         out.update({f"{prefix}.{k}": getattr(p, k).detach() for k in BranchParams.NAMES})
-    for prefix in ("face_deform", "mouth_deform", "motion_net", "rig", "pose"):
+    for prefix in ("face_deform", "mouth_deform", "motion_net", "rig"):
         module = getattr(model, prefix)
         if module is not None:
             out.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
@@ -85,9 +82,7 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarMo
         first = tensors["motion_net.temporal.0.weight"]  # [width, 32 + visemes, kernel]
         model = AvatarModel(g, rig_from_tensors(tensors), motion_dim=tensors["motion_net.temporal.6.weight"].shape[0],
                             visemes=first.shape[1] - 32, window=4 * first.shape[2])
-        if "pose.delta" in tensors:
-            model.pose = PoseCorrection(len(tensors["pose.delta"]))
-        for prefix in ("face_deform", "mouth_deform", "motion_net") + (("pose",) if model.pose is not None else ()):
+        for prefix in ("face_deform", "mouth_deform", "motion_net"):
             getattr(model, prefix).load_state_dict(_state(tensors, prefix))
     except (KeyError, RuntimeError) as exc:
         raise AvatarError(path, f"does not hold a complete avatar model ({exc.__class__.__name__}: {exc})",

@@ -72,14 +72,6 @@ class TrainConfig:
     motion_falloff: float = 0.015
     """Distance (metres) over which a Gaussian's share of the face mesh's motion falls off
     (exp(-(d / falloff)^2)): points on the lips move with them, the skull does not."""
-    pose_refine: bool = True
-    """Learn a rigid head-pose correction per training frame (recon/pose.py)."""
-    lr_pose: float = 5e-4
-    """Learning rate of the pose corrections (radians and centimetres; decays 10x)."""
-    pose_smoothness: float = 10.0
-    """Weight of the mean squared change of the corrections between consecutive frames."""
-    pose_magnitude: float = 0.1
-    """Weight of the mean squared correction (a pull towards capture's poses)."""
     lr_motion: float = 2e-3
     """Initial learning rate of MotionNet (decays 10x over motion_steps)."""
     # Learning rates (Adam). Positions are in metres: the head is about 0.25 m across.

@@ -120,13 +120,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     backend = av.config.backend
 
     def render(i, under, code, eye):
-        return av.model.render(viewmat(i), ds.K, ds.size, under, code, eye, backend=backend).image
-
-    def viewmat(i):  # training frames: the pose the renderer was fitted with; held-out: capture's
-        pose = av.model.pose
-        return ds.viewmat(i) if pose is None or i in held_set else pose.refine(ds.viewmat(i), i)
-
-    held_set = set(held_out)
+        return av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=backend).image
 
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         frames = [(i, True) for i in held_out] + [(i, False) for i in fit_ids]

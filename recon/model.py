@@ -25,7 +25,6 @@ from recon.raster import rasterize
 from .deform import DeformationHead, DeformInputs, TriPlaneEncoding
 from .gaussians import FACE, MOUTH, Gaussians
 from .motion import MotionNet, MotionRig
-from .pose import PoseCorrection
 
 HEAD_BOUND_M = 0.25
 """Half-extent of the cube the deformation heads encode (head frame, metres)."""
@@ -100,7 +99,6 @@ class AvatarModel(nn.Module):
                                            motion_dim=motion_dim)
         self.mouth_deform = DeformationHead(motion_only=True, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M),
                                             motion_dim=motion_dim)
-        self.pose: PoseCorrection | None = None  # the training frames' pose corrections, when learned
 
     def motion_codes(self, mel: Tensor, visemes: Tensor) -> Tensor:
         """Speech of a whole clip -> motion codes [T, K] (inference). mel: [T, 16, 80]

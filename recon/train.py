@@ -52,7 +52,6 @@ from .init import init_gaussians
 from .losses import photometric_loss, psnr
 from .model import AvatarModel, BranchParams, composite
 from .motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
-from .pose import PoseCorrection
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
 
@@ -63,8 +62,6 @@ def make_optimizer(model: AvatarModel, cfg: TrainConfig) -> torch.optim.Adam:
            "opacity_logits": cfg.lr_opacity, "sh_dc": cfg.lr_sh, "sh_rest": cfg.lr_sh / 20}
     groups = [{"params": [getattr(model.branch(b), k)], "name": f"{prefix}.{k}", "lr": lrs[k]}
               for prefix, b in BRANCHES for k in BranchParams.NAMES]
-    if model.pose is not None:
-        groups.append({"params": [model.pose.delta], "name": "pose", "lr": cfg.lr_pose})
     if model.rig is None:  # no tracked motion to fit MotionNet to: it learns through the renders
         groups.append({"params": list(model.motion_net.parameters()), "name": "motion_net", "lr": cfg.lr_deform})
     for prefix in ("face_deform", "mouth_deform"):
@@ -205,7 +202,6 @@ class Trainer:
         self.mel = normalize_mel(self.ds.features["mel"])
         self.visemes = viseme_features(self.ds.features)
         self.train_ids, self.held_out = self.ds.split()
-        self.train_rows = torch.tensor(self.train_ids)
         self.step = 0
         if resume and ckpt.exists():
             tensors, meta = load_checkpoint(ckpt)
@@ -237,8 +233,6 @@ class Trainer:
             self.motion = tracked_motion(self.ds, rig) if rig is not None else None
             if rig is not None:
                 self.fit_motion_net(progress)
-            if cfg.pose_refine:
-                self.model.pose = PoseCorrection(len(self.ds))
             self.optim = make_optimizer(self.model, cfg)
             self.stats = {name: GradStats(len(self.model.branch(b))) for name, b in BRANCHES}
             face = g.means[g.branch == FACE]
@@ -309,7 +303,7 @@ class Trainer:
         for g in self.optim.param_groups:
             if g["name"].endswith(".means"):
                 g["lr"] = g["base_lr"] * 0.01**t  # 3DGS's exponential decay to 1/100
-            elif g["name"].endswith((".mlp", ".planes")) or g["name"] == "pose":
+            elif g["name"].endswith((".mlp", ".planes")):
                 g["lr"] = g["base_lr"] * 0.1**t
 
     def active_sh_degree(self, step: int) -> int:
@@ -330,14 +324,13 @@ class Trainer:
         inner_mouth = dilate(masks["mouth"], max(1, ds.size // 128))
         trains, deforms = STAGE_TRAINS[stage], STAGE_DEFORMS[stage]
         sh = self.active_sh_degree(step)
-        viewmat = ds.viewmat(i) if model.pose is None else model.pose.refine(ds.viewmat(i), i)
         layers, penalty = [], torch.zeros(())
         for k, b in enumerate((FACE, MOUTH)):
             if stage in ("mouth", "face") and not trains[k]:
                 layers.append(None)  # the other branch is not rendered in its single-branch stage
                 continue
             g, pen = model.deformed(b, motion if deforms[k] else None, eye, frozen=not trains[k])
-            layer = model.render_layer(g, viewmat, ds.K, ds.size, sh, cfg.backend)
+            layer = model.render_layer(g, ds.viewmat(i), ds.K, ds.size, sh, cfg.backend)
             layer.means2d.retain_grad()
             layers.append(layer)
             penalty = penalty + pen
@@ -360,8 +353,6 @@ class Trainer:
             loss = loss + cfg.alpha_weight * (alpha[..., 0] - masks["head"].float()).abs().mean()
             shown = pred
         loss = loss + cfg.deform_weight * penalty
-        if model.pose is not None:
-            loss = loss + model.pose.prior(self.train_rows, cfg.pose_smoothness, cfg.pose_magnitude)
         info = {"stage": stage, "frame": i, "psnr": psnr(shown.detach(), gt, masks["head"] if masks["head"].any() else None)}
         if self.lip_targets is not None:
             lip_loss, info["lip_landmark_px"] = self.lip_landmark_loss_at(step, i, eye)
