@@ -40,5 +40,5 @@ def test_gradient_finds_a_misregistered_frame():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.3 * start
+    assert loss.item() < 0.3 * start
     assert float((delta.detach() - truth)[:3].norm()) < 0.25 * float(truth[:3].norm())
