@@ -20,6 +20,7 @@ MotionNet. Codes of zero are the clip's average mouth (the static-mouth baseline
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,7 +135,6 @@ class MotionNet(nn.Module):
             nn.Conv1d(width, width, k, padding=k // 2), nn.LeakyReLU(0.02), nn.Dropout(dropout),
             nn.Conv1d(width, codes, k, padding=k // 2),
         )
-        self.n_visemes = visemes
         # Inference calibration (fit_motion_stage): codes = centre + gain * (raw - centre).
         self.register_buffer("centre", torch.zeros(codes))
         self.register_buffer("gain", torch.ones(codes))
@@ -198,9 +198,7 @@ def fit_motion_stage(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor
     """
     n_fit = int(round(len(rows) * (1 - holdout)))
     if 3 <= len(rows) - n_fit and n_fit >= 3:
-        probe = MotionNet(codes=codes.shape[1], visemes=net.n_visemes,
-                          window=4 * net.temporal[0].kernel_size[0], dropout=net.temporal[2].p)
-        probe.load_state_dict(net.state_dict())  # the same start
+        probe = copy.deepcopy(net)  # the same shape and start
         fit_motion_net(probe, mel, visemes, codes[:n_fit], rows[:n_fit], steps, **fit)
         with torch.no_grad():
             predicted = probe(mel, visemes)[rows[n_fit:]]
