@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capture.pose import umeyama
 from capture.tracking import N_LANDMARKS, RIGID, face_triangles
 
 if TYPE_CHECKING:
@@ -48,20 +49,10 @@ def tracked_offsets(landmarks: np.ndarray, canonical: np.ndarray, rigid: list[in
     Returns [T, P, 3] float32 metres: aligned frame minus canonical.
     """
     X = np.asarray(canonical, np.float64)
-    dst = X[rigid]
-    mu_d = dst.mean(0)
-    b = dst - mu_d
     out = np.empty((len(landmarks), *X.shape), np.float32)
     for t, p in enumerate(np.asarray(landmarks, np.float64)):
-        src = p[rigid]
-        mu_s = src.mean(0)
-        a = src - mu_s
-        U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-        D = np.eye(3)
-        D[2, 2] = np.sign(np.linalg.det(U @ Vt))
-        R = U @ D @ Vt
-        s = np.trace(np.diag(S) @ D) / (a**2).sum(1).mean()
-        out[t] = (s * (p - mu_s) @ R.T + mu_d) - X
+        s, R, shift = umeyama(p[rigid], X[rigid])
+        out[t] = (s * p @ R.T + shift) - X
     return out
 
 
@@ -339,13 +330,15 @@ def has_tracked_faces(ds: Dataset) -> bool:
     return face is not None and len(face) == N_LANDMARKS and ds.landmarks(0) is not None
 
 
-def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) -> MotionRig:
-    """The face mesh rig of a dataset: its canonical face, triangles, and the motion basis
-    (`components` codes) fitted on the training frames' tracked lower-face motion."""
+def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) -> tuple[MotionRig, Tensor]:
+    """The face mesh rig of a dataset (its canonical face, triangles, and the motion basis
+    of `components` codes fitted on the training frames' tracked lower-face motion), and
+    every frame's tracked codes [len(ds), K] (as tracked_motion gives them)."""
     canonical = ds.face_geometry().numpy()
     offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), canonical, list(RIGID))
     basis = MotionBasis.fit(offsets[train_ids], canonical, components)
-    return MotionRig(basis, torch.from_numpy(canonical), torch.tensor(face_triangles()), falloff)
+    rig = MotionRig(basis, torch.from_numpy(canonical), torch.tensor(face_triangles()), falloff)
+    return rig, basis.encode(torch.from_numpy(offsets)).float()
 
 
 def tracked_motion(ds: Dataset, rig: MotionRig) -> torch.Tensor:

@@ -227,10 +227,10 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             g = init_gaussians(self.ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
                                sh_degree=cfg.sh_degree, seed=cfg.seed)
-            rig = fit_rig(self.ds, self.train_ids, cfg.motion_components, cfg.motion_falloff) if has_tracked_faces(self.ds) else None
+            rig, self.motion = (fit_rig(self.ds, self.train_ids, cfg.motion_components, cfg.motion_falloff)
+                                if has_tracked_faces(self.ds) else (None, None))
             self.model = AvatarModel(g, rig, motion_dim=cfg.motion_components, visemes=self.visemes.shape[1],
                                      window=cfg.audio_window)
-            self.motion = tracked_motion(self.ds, rig) if rig is not None else None
             if rig is not None:
                 self.fit_motion_net(progress)
             self.optim = make_optimizer(self.model, cfg)
