@@ -1,4 +1,4 @@
-"""The trained-avatar folder (format `avatar/1`), the hand-off from training to rendering,
+"""The trained-avatar folder (format `avatar/3`), the hand-off from training to rendering,
 evaluation, export and the viewer.
 
     AVATAR/
@@ -39,7 +39,9 @@ from .model import AvatarModel, BranchParams
 from .motion import MotionBasis, MotionRig
 
 CHECKPOINT = "checkpoint.safetensors"
-AVATAR_FORMAT = "avatar/2"  # 2: speech -> motion codes -> mesh skinning (avatar/1 took audio windows)
+AVATAR_FORMAT = "avatar/3"
+# 3: MotionNet's bilabial closure; 2: speech -> motion codes -> mesh skinning;
+# 1: audio windows straight into the deformation heads.
 
 
 def model_tensors(model: AvatarModel) -> dict[str, torch.Tensor]:

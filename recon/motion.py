@@ -11,6 +11,7 @@ upper lip moves with the upper lip.
     tracked landmarks [T, 478, 3] --Procrustes onto the canonical face--> offsets [T, 478, 3]
     offsets of the lower face --PCA on training frames--> motion codes [T, K] (whitened)
     speech features (log-mel windows, viseme posteriors) --MotionNet--> motion codes [T, K]
+        (lips closed wherever the phone recogniser hears P, B or M)
     motion codes --MotionBasis.decode--> mesh offsets [B, 478, 3] --skin--> Gaussian offsets [B, N, 3]
 
 Training renders with each frame's *tracked* motion (the renderer learns motion -> image),
@@ -29,14 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capture.audio import VISEMES
+from capture.masks import LOWER_LIP, UPPER_LIP
 from capture.pose import umeyama
 from capture.tracking import N_LANDMARKS, RIGID, face_triangles
+
+from .lipsync import closed_threshold
 
 if TYPE_CHECKING:
     from .dataset import Dataset
 
 NOSE_BASE = 2
 """mediapipe's subnasale: mesh vertices below it move with speech (lips, cheeks, jaw, chin)."""
+BILABIAL = VISEMES.index("PP")
 
 
 def tracked_offsets(landmarks: np.ndarray, canonical: np.ndarray, rigid: list[int]) -> np.ndarray:
@@ -90,6 +96,16 @@ class MotionBasis(nn.Module):
         basis.std.copy_((sv[:k] / max(len(x) - 1, 1) ** 0.5).clamp_min(1e-9).float())
         return basis
 
+    def axis(self, a: int, b: int, dim: int) -> Tensor:
+        """[K]: d(offset of vertex a - offset of vertex b)[dim] / d codes (zero where a vertex
+        does not move)."""
+        out = torch.zeros(self.dim)
+        for vertex, sign in ((a, 1.0), (b, -1.0)):
+            at = torch.nonzero(self.vertices == vertex)
+            if len(at):
+                out += sign * self.std * self.components[:, 3 * int(at[0, 0]) + dim]
+        return out
+
     def encode(self, offsets: Tensor) -> Tensor:
         """[T, P, 3] mesh offsets -> [T, K] whitened codes."""
         x = offsets[:, self.vertices].reshape(len(offsets), -1).to(self.mean)
@@ -129,18 +145,58 @@ class MotionNet(nn.Module):
         # Inference calibration (fit_motion_stage): codes = centre + gain * (raw - centre).
         self.register_buffer("centre", torch.zeros(codes))
         self.register_buffer("gain", torch.ones(codes))
+        # Bilabial closure: the lips must meet for P, B and M in any voice, which seconds of
+        # one speaker's audio do not teach the net (fitted alone, it closed them for 14-71 %
+        # of other voices' bilabials). codes @ lip_axis is the vertical inner-lip gap (up to
+        # a constant) and lip_closed its value with the subject's lips closed
+        # (set_closed_mouth).
+        self.register_buffer("lip_axis", torch.zeros(codes))
+        self.register_buffer("lip_closed", torch.zeros(()))
 
-    def forward(self, mel: Tensor, visemes: Tensor) -> Tensor:
-        """Raw codes [T, K] (what training fits)."""
+    def raw(self, mel: Tensor, visemes: Tensor) -> Tensor:
+        """Codes [T, K] before the bilabial closure."""
         per_frame = self.frame_net(mel.transpose(1, 2))[..., 0]  # [T, 32]
         x = torch.cat([per_frame, visemes.to(per_frame)], -1).T[None]  # [1, 32 + V, T]
         return self.temporal(x)[0].T  # [T, K]
 
+    def close_lips(self, codes: Tensor, visemes: Tensor) -> Tensor:
+        """codes [T, K] with the lips closed by the share of a bilabial phone (visemes
+        [T, V]) in the frame or the next one (the lips meet before the burst that the phone
+        recogniser hears). The change is the smallest one of the (whitened) codes that
+        narrows the gap: the rest of the face moves only as far as it moved with the lip
+        gap in the training frames, so a smile or rounding stays. A no-op before
+        set_closed_mouth."""
+        pull = self.bilabial_pull(visemes).to(codes)[:, None]
+        excess = F.relu(codes @ self.lip_axis - self.lip_closed)[:, None]
+        return codes - pull * excess * self.lip_axis / self.lip_axis.square().sum().clamp_min(1e-12)
+
+    def bilabial_pull(self, visemes: Tensor) -> Tensor:
+        """[T] how far each frame closes the lips: the share of a bilabial phone in the frame
+        or the next one (visemes [T, V]); zero before set_closed_mouth."""
+        if visemes.shape[1] <= BILABIAL or not self.lip_axis.any():
+            return visemes.new_zeros(len(visemes))
+        share = visemes[:, BILABIAL]
+        return torch.maximum(share, torch.cat([share[1:], share[-1:]])).clamp(max=1.0)
+
+    def forward(self, mel: Tensor, visemes: Tensor) -> Tensor:
+        """Codes [T, K] (what training fits)."""
+        return self.close_lips(self.raw(mel, visemes), visemes)
+
     def predict(self, mel: Tensor, visemes: Tensor) -> Tensor:
-        """Calibrated codes [T, K] for rendering (eval mode, no gradient)."""
+        """Calibrated codes [T, K] for rendering (eval mode, no gradient): the range is
+        restored before the lips close."""
         with torch.no_grad():
-            raw = self.eval()(mel, visemes)
-        return self.centre + self.gain * (raw - self.centre)
+            raw = self.eval().raw(mel, visemes)
+            return self.close_lips(self.centre + self.gain * (raw - self.centre), visemes)
+
+    def set_closed_mouth(self, basis: MotionBasis, codes: Tensor, opening: np.ndarray) -> None:
+        """Set the lip axis from `basis` and the closed gap from the training frames' codes
+        [R, K] whose inner-lip opening [R] (capture.masks.mouth_opening) counts as closed by
+        lipsync's rule: the subject's own closed lips."""
+        self.lip_axis.copy_(basis.axis(UPPER_LIP, LOWER_LIP, 1))
+        shut = torch.from_numpy(np.asarray(opening) <= closed_threshold(opening))
+        gaps = codes @ self.lip_axis
+        self.lip_closed.copy_(gaps[shut].mean() if shut.any() else gaps.min())
 
 
 def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, rows: Tensor, steps: int,
@@ -184,21 +240,24 @@ def fit_motion_stage(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor
     measured out of sample: a second net of the same shape is fitted on the first
     1 - `holdout` of the rows and predicts the rest; per code, gain = std(tracked) /
     std(predicted) there, clamped to [1, max_gain], is applied around the mean of the
-    final net's codes at inference (MotionNet.predict). `fit` goes to fit_motion_net.
-    Returns {"loss", "gain"}.
+    final net's codes at inference (MotionNet.predict). The gain scales the codes before
+    the bilabial closure, so it is measured on frames the closure leaves alone (all of
+    them if fewer than 3 are). `fit` goes to fit_motion_net. Returns {"loss", "gain"}.
     """
     n_fit = int(round(len(rows) * (1 - holdout)))
     if 3 <= len(rows) - n_fit and n_fit >= 3:
         probe = copy.deepcopy(net)  # the same shape and start
         fit_motion_net(probe, mel, visemes, codes[:n_fit], rows[:n_fit], steps, **fit)
         with torch.no_grad():
-            predicted = probe(mel, visemes)[rows[n_fit:]]
-        gain = (codes[n_fit:].std(0) / predicted.std(0).clamp_min(1e-6)).clamp(1.0, max_gain)
+            predicted = probe.raw(mel, visemes)[rows[n_fit:]]
+        free = net.bilabial_pull(visemes)[rows[n_fit:]] == 0
+        free = free if free.sum() >= 3 else torch.ones_like(free)
+        gain = (codes[n_fit:][free].std(0) / predicted[free].std(0).clamp_min(1e-6)).clamp(1.0, max_gain)
     else:
         gain = torch.ones(codes.shape[1])
     losses = fit_motion_net(net, mel, visemes, codes, rows, steps, progress=progress, **fit)
     with torch.no_grad():
-        net.centre.copy_(net(mel, visemes)[rows].mean(0))
+        net.centre.copy_(net.raw(mel, visemes)[rows].mean(0))
     net.gain.copy_(gain)
     return {"loss": losses[-1] if losses else None, "gain": gain.tolist()}
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, write_json
+from capture.masks import mouth_opening
 from capture.pose import pseudo_huber
 from capture.tracking import LIPS, OUTER_LIPS, RIGID
 
@@ -245,6 +246,8 @@ class Trainer:
         its range calibrated out of sample (motion.fit_motion_stage); logged to motion.json."""
         cfg = self.cfg
         rows = torch.tensor([int(self.ds.frames[i]["frame_index"]) for i in self.train_ids])
+        opening = mouth_opening(np.stack([self.ds.landmarks(i) for i in self.train_ids]))
+        self.model.motion_net.set_closed_mouth(self.model.rig.basis, self.motion[self.train_ids], opening)
         bar = tqdm(total=cfg.motion_steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)
         t0 = time.perf_counter()

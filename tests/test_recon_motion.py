@@ -3,6 +3,7 @@ basis round-trips, the skinning separates the lips along the mouth slit, and Mot
 learns a speech-dependent motion with its velocity."""
 
 import numpy as np
+import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
@@ -139,3 +140,49 @@ def test_motion_stage_restores_the_range_lost_to_ambiguous_speech():
     assert result["gain"][0] > 1.15
     assert float(calibrated.std() / codes[250:].std()) > float(raw.std() / codes[250:].std()) + 0.1
     assert np.corrcoef(calibrated[:, 0], codes[250:, 0])[0, 1] > 0.6  # still in step with the speech
+
+
+def test_bilabial_phones_close_the_lips_and_nothing_else():
+    """At a full P/B/M share (in the frame or the next) the inner-lip gap narrows to the
+    subject's closed gap; a motion that did not go with the gap in the training frames
+    stays, every other frame keeps its codes, and lips already closed stay as they are."""
+    face = canonical_face()
+    face[[UPPER_LIP, LOWER_LIP], 1] = -0.03
+    rng = np.random.default_rng(4)
+    T = 60
+    gap = rng.uniform(0.0, 0.01, T)
+    jaw = rng.normal(scale=0.003, size=T)
+    g0 = gap - gap.mean()
+    jaw -= g0 * (jaw @ g0) / (g0 @ g0)  # a motion that did not go with the gap in these frames
+    offsets = np.zeros((T, N_LANDMARKS, 3), np.float32)
+    offsets[:, UPPER_LIP, 1], offsets[:, LOWER_LIP, 1] = gap / 2, -gap / 2
+    lower = np.flatnonzero(face[:, 1] < 0)
+    others = np.setdiff1d(lower, [UPPER_LIP, LOWER_LIP])
+    offsets[:, others, 0] = jaw[:, None]
+    basis = MotionBasis.fit(offsets, face, components=4)
+    codes = basis.encode(torch.from_numpy(offsets))
+    net = MotionNet(codes=basis.dim)
+    net.set_closed_mouth(basis, codes, gap)
+    closed_gap = gap[gap <= np.percentile(gap, 5) + 0.2 * np.ptp(np.percentile(gap, [5, 95]))].mean()
+
+    visemes = torch.zeros(T, 15)
+    visemes[:, 0] = 1
+    wide = int(np.argmax(gap))
+    visemes[wide, :] = 0
+    visemes[wide, 1] = 1  # a bilabial phone where the mouth is widest
+    ahead = int(np.argsort(gap)[-2])
+    visemes[ahead + 1, :] = 0
+    visemes[ahead + 1, 1] = 1  # ... and one frame after another wide one
+    shut = int(np.argmin(gap))
+    visemes[shut, :] = 0
+    visemes[shut, 1] = 1  # ... and where the lips are already shut
+    out = basis.decode(net.close_lips(codes, visemes)).numpy()
+    after = out[:, UPPER_LIP, 1] - out[:, LOWER_LIP, 1]
+    for t in (wide, ahead):
+        assert gap[t] > 3 * closed_gap
+        np.testing.assert_allclose(after[t], closed_gap, atol=2e-4)
+        np.testing.assert_allclose(out[t, others, 0], jaw[t], atol=5e-4)
+    pulled = [wide - 1, wide, ahead, ahead + 1, shut - 1, shut]  # a phone's frame and the one before it
+    untouched = np.setdiff1d(np.arange(T), pulled)
+    np.testing.assert_allclose(after[untouched], gap[untouched], atol=1e-5)
+    assert after[shut] == pytest.approx(gap[shut], abs=1e-5)

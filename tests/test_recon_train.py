@@ -45,11 +45,12 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
     assert any(m.get("densify", {}).get("face", {}).get("split", 0) + m.get("densify", {}).get("face", {}).get("cloned", 0)
                for m in metrics)
     cfg = json.loads((trained / "config.json").read_text())
-    assert cfg["format"] == "avatar/2" and cfg["config"]["size"] == 64 and cfg["config"]["iterations"] == 60
+    assert cfg["format"] == "avatar/3" and cfg["config"]["size"] == 64 and cfg["config"]["iterations"] == 60
     a = load_avatar(trained)
     g = load_ply(trained / "canonical.ply")
     assert len(g) == len(a.model) and set(g.branch.tolist()) == {0, 1}
     assert a.background.shape == (64, 64, 3) and a.meta["step"] == 60
+    assert a.model.motion_net.lip_axis.abs().sum() > 0  # the bilabial closure was set up
     # A second run finds it trained and does nothing; without --resume it refuses to overwrite.
     with pytest.raises(AvatarError, match="already holds a trained avatar"):
         train(sample_dataset, trained, preset("cpu", **TINY), progress=False)
