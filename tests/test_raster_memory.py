@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_torch_reference_50k_at_256_fits_in_a_few_gb():
     code = textwrap.dedent(
-        """
+        r"""
         import re, torch
         from bench.scenes import head_scene
         from recon.raster import rasterize

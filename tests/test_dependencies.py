@@ -1,0 +1,77 @@
+"""pyproject.toml tells the truth: every third-party module the code imports is declared
+(as a dependency, or in the extra of the code that needs it), and every declared
+dependency is imported somewhere."""
+
+import ast
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME = ("avatar", "capture", "recon", "viewer", "scenes", "bench")
+NOT_IMPORTED = {"ninja": "torch.utils.cpp_extension runs it to build our kernels"}
+
+
+def _name(requirement: str) -> str:
+    for sep in "=<>!~[; ":
+        requirement = requirement.split(sep)[0]
+    return requirement.lower().replace("_", "-")
+
+
+def imported_modules(folders) -> dict[str, set[str]]:
+    """Top-level modules imported by the .py files under `folders` -> the files importing them."""
+    out: dict[str, set[str]] = {}
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
+                      and node.args and isinstance(node.args[0], ast.Constant)):
+                    names = [node.args[0].value]  # pytest.importorskip("module")
+                else:
+                    continue
+                for name in names:
+                    out.setdefault(name.split(".")[0], set()).add(str(path.relative_to(ROOT)))
+    return out
+
+
+def third_party(modules: dict[str, set[str]]) -> dict[str, set[str]]:
+    """{distribution name: files} of the modules that are neither stdlib nor ours."""
+    ours = set(RUNTIME) | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    owners = packages_distributions()
+    out: dict[str, set[str]] = {}
+    for module, files in modules.items():
+        if module in sys.stdlib_module_names or module in ours or module == "__future__":
+            continue
+        if module not in owners:
+            pytest.fail(f"{module} (imported by {sorted(files)}) is not installed")
+        for dist in owners[module]:
+            out.setdefault(_name(dist), set()).update(files)
+    return out
+
+
+def declared() -> tuple[set[str], dict[str, set[str]]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return ({_name(r) for r in project["dependencies"]},
+            {extra: {_name(r) for r in reqs} for extra, reqs in project.get("optional-dependencies", {}).items()})
+
+
+def test_every_import_is_declared_and_every_dependency_imported():
+    deps, extras = declared()
+    runtime = third_party(imported_modules(RUNTIME))
+    tests = third_party(imported_modules(["tests"]))
+    # mediapipe installs these too; only what we import ourselves must be declared.
+    missing = {d: sorted(f) for d, f in runtime.items() if d not in deps}
+    assert not missing, f"imported but not declared in [project] dependencies: {missing}"
+    missing = {d: sorted(f) for d, f in tests.items() if d not in deps | extras["test"]}
+    assert not missing, f"imported by tests but not declared (dependencies or the test extra): {missing}"
+    unused = deps - set(runtime) - set(NOT_IMPORTED)
+    assert not unused, f"declared in [project] dependencies but never imported: {sorted(unused)}"
+    unused = extras["test"] - set(tests)
+    assert not unused, f"declared in the test extra but never imported by the tests: {sorted(unused)}"
