@@ -241,18 +241,21 @@ def fit_motion_stage(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor
     1 - `holdout` of the rows and predicts the rest; per code, gain = std(tracked) /
     std(predicted) there, clamped to [1, max_gain], is applied around the mean of the
     final net's codes at inference (MotionNet.predict). The gain scales the codes before
-    the bilabial closure, so it is measured on frames the closure leaves alone (all of
-    them if fewer than 3 are). `fit` goes to fit_motion_net. Returns {"loss", "gain"}.
+    the bilabial closure and is set so that the codes after it have the tracked spread.
+    `fit` goes to fit_motion_net. Returns {"loss", "gain"}.
     """
     n_fit = int(round(len(rows) * (1 - holdout)))
     if 3 <= len(rows) - n_fit and n_fit >= 3:
         probe = copy.deepcopy(net)  # the same shape and start
         fit_motion_net(probe, mel, visemes, codes[:n_fit], rows[:n_fit], steps, **fit)
         with torch.no_grad():
-            predicted = probe.raw(mel, visemes)[rows[n_fit:]]
-        free = net.bilabial_pull(visemes)[rows[n_fit:]] == 0
-        free = free if free.sum() >= 3 else torch.ones_like(free)
-        gain = (codes[n_fit:][free].std(0) / predicted[free].std(0).clamp_min(1e-6)).clamp(1.0, max_gain)
+            raw = probe.raw(mel, visemes)
+            centre, raw, vis = raw[rows[:n_fit]].mean(0), raw[rows[n_fit:]], visemes[rows[n_fit:]]
+            target = codes[n_fit:].std(0)
+            gain = torch.ones(codes.shape[1])
+            for _ in range(4):  # the closure narrows the spread it adds to: a few fixed-point steps
+                out = probe.close_lips(centre + gain * (raw - centre), vis)
+                gain = (gain * target / out.std(0).clamp_min(1e-6)).clamp(1.0, max_gain)
     else:
         gain = torch.ones(codes.shape[1])
     losses = fit_motion_net(net, mel, visemes, codes, rows, steps, progress=progress, **fit)
