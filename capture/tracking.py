@@ -6,6 +6,11 @@ Landmarks are returned in pixels: x, y in the image, z in the same pixel scale a
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
 import numpy as np
 
 # Landmarks that do not move with speech or expression: forehead, brow ridge, nose
@@ -50,10 +55,51 @@ def face_height(lm: np.ndarray) -> np.ndarray:
     return np.linalg.norm(lm[..., BROW_TOP, :2] - lm[..., CHIN, :2], axis=-1)
 
 
+MEDIAPIPE_NOTICES = (
+    "All log messages before absl::InitializeLog()",
+    "inference_feedback_manager",
+    "Created TensorFlow Lite XNNPACK delegate",
+    "NORM_RECT without IMAGE_DIMENSIONS",
+)
+"""mediapipe's native start-up notices: absl/TFLite write them straight to file
+descriptor 2, once per graph, whatever Python's logging says."""
+
+
+@contextmanager
+def native_stderr_filtered(drop: tuple[str, ...] = MEDIAPIPE_NOTICES):
+    """Within the block, lines written to file descriptor 2 (by native code too) that
+    contain one of `drop` are dropped; every other line is replayed on sys.stderr after
+    the block, so a real native error still shows."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines():
+                if not any(notice in line for notice in drop):
+                    print(line, file=sys.stderr)
+
+
 class _Solution:
-    """A mediapipe solution graph, closed on exit (`with Tracker() as t:`)."""
+    """A mediapipe solution graph, closed on exit (`with Tracker() as t:`). Its notices
+    come while the graph is built and on its first frame, which `_process` filters."""
 
     _graph = None
+    _started = False
+
+    def _process(self, rgb: np.ndarray):
+        if self._started:
+            return self._graph.process(np.ascontiguousarray(rgb))
+        with native_stderr_filtered():
+            result = self._graph.process(np.ascontiguousarray(rgb))
+        self._started = True
+        return result
 
     def close(self) -> None:
         self._graph.close()
@@ -71,15 +117,16 @@ class FaceTracker(_Solution):
     def __init__(self, max_faces: int = 2, video_mode: bool = True):
         import mediapipe as mp
 
-        self._graph = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
-            min_detection_confidence=0.5, min_tracking_confidence=0.5,
-        )
+        with native_stderr_filtered():
+            self._graph = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
+                min_detection_confidence=0.5, min_tracking_confidence=0.5,
+            )
 
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
         """rgb: [H, W, 3] uint8 -> list of [478, 3] float32 landmark arrays in pixels."""
         h, w = rgb.shape[:2]
-        result = self._graph.process(np.ascontiguousarray(rgb))
+        result = self._process(rgb)
         faces = []
         for face in result.multi_face_landmarks or []:
             pts = np.array([(p.x * w, p.y * h, p.z * w) for p in face.landmark], np.float32)
@@ -94,13 +141,15 @@ class FaceDetector(_Solution):
     def __init__(self, min_confidence: float = 0.5):
         import mediapipe as mp
 
-        self._graph = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        with native_stderr_filtered():
+            self._graph = mp.solutions.face_detection.FaceDetection(model_selection=1,
+                                                                    min_detection_confidence=min_confidence)
 
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
         """rgb: [H, W, 3] uint8 -> boxes [x0, y0, w, h] in pixels, largest first."""
         h, w = rgb.shape[:2]
         boxes = []
-        for d in self._graph.process(np.ascontiguousarray(rgb)).detections or []:
+        for d in self._process(rgb).detections or []:
             b = d.location_data.relative_bounding_box
             boxes.append(np.array([b.xmin * w, b.ymin * h, b.width * w, b.height * h], np.float32))
         boxes.sort(key=lambda b: -float(b[2] * b[3]))
@@ -113,9 +162,10 @@ class PersonSegmenter(_Solution):
     def __init__(self):
         import mediapipe as mp
 
-        self._graph = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        with native_stderr_filtered():
+            self._graph = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """rgb: [H, W, 3] uint8 -> [H, W] float32 in [0, 1]."""
-        return self._graph.process(np.ascontiguousarray(rgb)).segmentation_mask.astype(np.float32)
+        return self._process(rgb).segmentation_mask.astype(np.float32)
 
