@@ -206,27 +206,30 @@ def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, 
     training frames `rows`). Loss: squared error of the codes plus `velocity_weight` x that
     of their frame-to-frame differences (where consecutive rows are consecutive frames), so
     the mouth moves as fast as the real one. Gaussian noise of std `noise` on the
-    normalised mel regularises the few seconds of speech. Returns the loss per step."""
+    normalised mel regularises the few seconds of speech. Returns the loss per step.
+    Deterministic given `seed`: dropout draws from a forked, seeded generator."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-3)
     consecutive = (rows[1:] - rows[:-1]) == 1
     losses = []
     net.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.1 ** (step / max(steps - 1, 1))
-        x = mel + noise * torch.randn(mel.shape, generator=g) if noise > 0 else mel
-        pred = net(x, visemes)[rows]
-        loss = F.mse_loss(pred, codes)
-        if velocity_weight > 0 and consecutive.any():
-            loss = loss + velocity_weight * F.mse_loss((pred[1:] - pred[:-1])[consecutive],
-                                                       (codes[1:] - codes[:-1])[consecutive])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step, losses[-1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.1 ** (step / max(steps - 1, 1))
+            x = mel + noise * torch.randn(mel.shape, generator=g) if noise > 0 else mel
+            pred = net(x, visemes)[rows]
+            loss = F.mse_loss(pred, codes)
+            if velocity_weight > 0 and consecutive.any():
+                loss = loss + velocity_weight * F.mse_loss((pred[1:] - pred[:-1])[consecutive],
+                                                           (codes[1:] - codes[:-1])[consecutive])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step, losses[-1])
     net.eval()
     return losses
 

@@ -186,3 +186,18 @@ def test_bilabial_phones_close_the_lips_and_nothing_else():
     untouched = np.setdiff1d(np.arange(T), pulled)
     np.testing.assert_allclose(after[untouched], gap[untouched], atol=1e-5)
     assert after[shut] == pytest.approx(gap[shut], abs=1e-5)
+
+
+def test_motion_fit_is_deterministic_and_leaves_the_global_generator_alone():
+    T = 40
+    mel, visemes, codes = torch.randn(T, 16, 80), torch.eye(15)[torch.arange(T) % 15], torch.randn(T, 3)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        net = MotionNet(codes=3, window=4)  # dropout 0.2: draws random numbers while fitting
+        state = torch.get_rng_state()
+        fit_motion_net(net, mel, visemes, codes, torch.arange(T), steps=15, seed=3)
+        assert torch.equal(torch.get_rng_state(), state)
+        nets.append(net)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
