@@ -19,14 +19,21 @@ def test_filter_drops_notices_and_keeps_other_native_lines(capfd):
     assert capfd.readouterr().err == "E0000 a real native error\n"
 
 
-def test_mediapipe_graphs_start_quietly():
-    code = textwrap.dedent("""
-        import numpy as np
+def test_mediapipe_graphs_run_quietly(sample_dataset):
+    """Blank frames first, then a face (the landmark model first runs on it)."""
+    face = sorted((sample_dataset / "images").glob("*.jpg"))[0]
+    code = textwrap.dedent(f"""
+        import cv2, numpy as np
         from capture.tracking import FaceDetector, FaceTracker, PersonSegmenter
-        img = np.zeros((128, 128, 3), np.uint8)
+        face = cv2.cvtColor(cv2.imread({str(face)!r}), cv2.COLOR_BGR2RGB)
+        blank = np.zeros_like(face)
         with FaceDetector() as d, FaceTracker() as t, PersonSegmenter() as s:
-            for _ in range(2):
-                d(img), t(img), s(img)
+            for img in (blank, face, face):
+                d(img), s(img)
+                found = t(img)
+        assert found, "no face in the sample frame"
+        with FaceTracker(max_faces=1, video_mode=False) as t:
+            assert t(face)
     """)
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
