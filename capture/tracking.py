@@ -62,7 +62,8 @@ MEDIAPIPE_NOTICES = (
     "NORM_RECT without IMAGE_DIMENSIONS",
 )
 """mediapipe's native start-up notices: absl/TFLite write them straight to file
-descriptor 2, once per graph, whatever Python's logging says."""
+descriptor 2 when a graph is built or one of its models first runs, whatever Python's
+logging says."""
 
 
 @contextmanager

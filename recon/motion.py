@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capture.audio import VISEMES
-from capture.masks import LOWER_LIP, UPPER_LIP
 from capture.pose import umeyama
-from capture.tracking import N_LANDMARKS, RIGID, face_triangles
+from capture.tracking import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, face_triangles
 
 from .lipsync import closed_threshold
 
@@ -252,12 +251,12 @@ def fit_motion_stage(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor
         probe = copy.deepcopy(net)  # the same shape and start
         fit_motion_net(probe, mel, visemes, codes[:n_fit], rows[:n_fit], steps, **fit)
         with torch.no_grad():
-            raw = probe.raw(mel, visemes)
-            centre, raw, vis = raw[rows[:n_fit]].mean(0), raw[rows[n_fit:]], visemes[rows[n_fit:]]
+            every = probe.raw(mel, visemes)
+            centre, held, vis = every[rows[:n_fit]].mean(0), every[rows[n_fit:]], visemes[rows[n_fit:]]
             target = codes[n_fit:].std(0)
             gain = torch.ones(codes.shape[1])
             for _ in range(4):  # the closure narrows the spread it adds to: a few fixed-point steps
-                out = probe.close_lips(centre + gain * (raw - centre), vis)
+                out = probe.close_lips(centre + gain * (held - centre), vis)
                 gain = (gain * target / out.std(0).clamp_min(1e-6)).clamp(1.0, max_gain)
     else:
         gain = torch.ones(codes.shape[1])
