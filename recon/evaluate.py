@@ -94,6 +94,13 @@ def tracked_codes(av: LoadedAvatar, ds: Dataset) -> torch.Tensor | None:
     return out
 
 
+def face_mask(ds: Dataset, i: int) -> torch.Tensor | None:
+    """[S, S] bool inside frame i's tracked face oval (the face PSNR's region), or None
+    without landmarks."""
+    lm = ds.landmarks(i)
+    return None if lm is None else torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)]))
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return float(np.mean(vals)) if vals else None
@@ -133,8 +140,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             pred = render(i, under, codes[f.frame_index], eye)
             if is_held_out:
                 t_render += time.perf_counter() - t0
-            lm = ds.landmarks(i)
-            face = torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)])) if lm is not None else None
+            face = face_mask(ds, i)
             gt_u8, pred_u8 = _to_uint8(f.image), _to_uint8(pred)
             gt_lm, pred_lm = _track(tracker, gt_u8), _track(tracker, pred_u8)
             row = {"frame": i, **_score(pred, f.image, face), "lmd": _lmd(pred_lm, gt_lm),
@@ -224,8 +230,7 @@ def held_out_pose_fit(av: LoadedAvatar, ds: Dataset, frames: list[int], codes: t
     for i in frames:
         f = ds[i]
         under, eye = behind_head(f, av.background), torch.tensor([f.eye_openness])
-        lm = ds.landmarks(i)
-        face = torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)])) if lm is not None else None
+        face = face_mask(ds, i)
         head = f.masks["head"]
         with torch.no_grad():
             layers = [av.model.deformed(b, codes[f.frame_index], eye)[0] for b in (FACE, MOUTH)]
