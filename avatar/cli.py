@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from . import __version__
 
-def _capture(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
+def _capture(args: argparse.Namespace) -> int:
     from capture.config import CaptureConfig
 
     if args.from_ernerf is not None:
@@ -30,8 +33,6 @@ def _capture(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from recon.config import load_config, preset
     from recon.train import train
 
@@ -62,7 +63,6 @@ def _lipsync_table(rows: dict) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     if args.drive:
-        from pathlib import Path
 
         from recon.evaluate import evaluate_drive
 
@@ -114,8 +114,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _view(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     path = Path(args.path)
     if (path / "transforms.json").is_file():
         from viewer.dataset_view import run_dataset_viewer
@@ -133,8 +131,6 @@ def _view(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from scenes.demo import run_demo
 
     return run_demo(Path(args.out) if args.out else None)
@@ -142,7 +138,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from scenes.job import load_job, run_job
 
@@ -237,18 +232,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_dir() -> Path:
+    """Where tracebacks of internal errors go: $AVATAR_LOG_DIR, else the XDG state folder."""
+    if os.environ.get("AVATAR_LOG_DIR"):
+        return Path(os.environ["AVATAR_LOG_DIR"])
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "avatar-studio" / "logs"
+
+
+def _log_internal_error(stage: str, argv: list[str], exc: BaseException) -> Path | None:
+    """Write the traceback of an unexpected exception to a log file; its path, or None when no
+    log folder is writable (the traceback then goes to stderr as the last resort)."""
+    import traceback
+
+    text = (f"avatar-studio {__version__}, python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            f"command: avatar {' '.join(argv)}\n\n" + "".join(traceback.format_exception(exc)))
+    for folder in (log_dir(), Path(tempfile.gettempdir()) / "avatar-studio-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    print(text, file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI: 0 on success, 1 on bad input (a named error), 2 on an internal error
+    (one line here, the traceback in a log file), 130 when interrupted."""
     import logging
 
     from .errors import AvatarError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except AvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"avatar {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything else is our bug: one line for the user, the rest in a log
+        log = _log_internal_error(args.command, argv, exc)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        details = f" (details: {log})" if log else ""
+        print(f"error: internal error in {args.command}: {type(exc).__name__}"
+              f"{': ' + message if message else ''}{details}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -48,3 +48,22 @@ def test_bench_raster_help(capsys):
         main(["bench", "raster", "--help"])
     assert exc.value.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+def test_internal_error_is_one_line_and_a_log(tmp_path, monkeypatch, capsys):
+    import recon.export
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setenv("AVATAR_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(recon.export, "export", broken)
+    assert main(["export", str(tmp_path / "av"), "--ply", str(tmp_path / "x.ply")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: internal error in export: ValueError: boom (details: ")
+    (log,) = (tmp_path / "logs").iterdir()
+    assert str(log) in err
+    text = log.read_text()
+    assert "Traceback" in text and "second line" in text and "avatar export" in text
+    assert not (tmp_path / "x.ply").exists()
