@@ -28,8 +28,9 @@ from avatar.errors import AvatarError
 from avatar.io import write_json
 
 from . import audio as audio_mod
-from .masks import MASK_NAMES, polygon_mask
-from .pipeline import DATASET_FORMAT, _write_jpg, _write_png
+from .dataset_format import DATASET_FORMAT, MASK_NAMES
+from .masks import polygon_mask
+from .pipeline import _write_jpg, _write_png
 
 _EYES68 = (tuple(range(36, 42)), tuple(range(42, 48)))
 INNER_MOUTH68 = tuple(range(60, 68))

@@ -10,8 +10,6 @@ import numpy as np
 from .tracking import (CHIN, EYE_OUTER, FACE_OVAL, INNER_LIPS, LEFT_EAR, LEFT_EYE, LOWER_LIP,
                        RIGHT_EAR, RIGHT_EYE, UPPER_LIP)
 
-MASK_NAMES = ("person", "head", "mouth", "eyes", "torso")
-
 
 def polygon_mask(shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:
     """[H, W] bool mask of a filled polygon. pts: [K, 2] pixels."""

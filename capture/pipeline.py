@@ -25,7 +25,8 @@ from avatar.io import atomic_path, write_json
 
 from . import audio as audio_mod
 from .config import CaptureConfig
-from .masks import MASK_NAMES, background_plate, eye_openness, frame_masks, mouth_opening, sharpness
+from .dataset_format import DATASET_FORMAT, MASK_NAMES
+from .masks import background_plate, eye_openness, frame_masks, mouth_opening, sharpness
 from .photometric import refine_poses
 from .pose import c2w_opengl, fit_head_pose, project_points, rotation_jitter_deg
 from .preview import annotate, contact_sheet, signal_plot
@@ -33,7 +34,6 @@ from .tracking import RIGID, FaceDetector, FaceTracker, PersonSegmenter
 from .video import DecodeStats, VideoInfo, iter_frames, probe_video
 
 log = logging.getLogger("avatar.capture")
-DATASET_FORMAT = "avatar-dataset/1"
 DETECT_MAX_SIDE = 640  # source frames are scanned at this size to place the crop
 
 

@@ -6,7 +6,6 @@ stays bounded however long the clip is (today's tools preload 60 GB+).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,7 @@ import torch
 
 from avatar.errors import AvatarError
 from capture.audio import load_features
-
-SUPPORTED_FORMATS = ("avatar-dataset/1",)
-MASKS = ("person", "head", "mouth", "eyes", "torso")
+from capture.dataset_format import MASK_NAMES, validate_dataset
 
 
 @dataclass
@@ -47,30 +44,17 @@ class Dataset:
     """Random access to a captured dataset; images are decoded lazily.
 
     Args:
-        root: the dataset folder written by `avatar capture`.
+        root: the dataset folder written by `avatar capture`; checked up front
+            (capture.dataset_format.validate_dataset).
         size: resize frames to size x size (None keeps the capture size).
         cache_frames: how many decoded frames to keep in memory.
+        check_images: also decode every image and mask before anything reads them (training).
     """
 
-    def __init__(self, root: str | Path, size: int | None = None, cache_frames: int = 64):
+    def __init__(self, root: str | Path, size: int | None = None, cache_frames: int = 64, check_images: bool = False):
         self.root = Path(root)
-        tpath = self.root / "transforms.json"
-        if not tpath.is_file():
-            raise AvatarError(self.root, "is not a dataset folder (no transforms.json)",
-                              "create one with `avatar capture VIDEO --out DIR`")
-        try:
-            self.meta = json.loads(tpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise AvatarError(tpath, f"is not valid JSON ({exc})") from exc
-        fmt = self.meta.get("format")
-        if fmt not in SUPPORTED_FORMATS:
-            raise AvatarError(tpath, f"has format {fmt!r}; this version reads {', '.join(SUPPORTED_FORMATS)}")
+        self.meta = validate_dataset(self.root, decode=check_images)
         self.frames = self.meta["frames"]
-        if not self.frames:
-            raise AvatarError(tpath, "lists no frames")
-        for key in ("audio_features", "background"):
-            if not (self.root / self.meta[key]).is_file():
-                raise AvatarError(self.root / self.meta[key], "missing from the dataset", "re-run `avatar capture --force`")
         self.capture_size = int(self.meta["w"])
         self.size = size or self.capture_size
         s = self.size / self.capture_size
@@ -107,7 +91,7 @@ class Dataset:
             frame_index=int(f["frame_index"]),
             image=self._read_rgb(self.root / f["file_path"]),
             masks={m: torch.from_numpy(self._read(self.root / f[f"{m}_mask_path"], cv2.IMREAD_GRAYSCALE) > 127)
-                   for m in MASKS},
+                   for m in MASK_NAMES},
             c2w=torch.tensor(f["transform_matrix"], dtype=torch.float32),
             eye_openness=float(f.get("eye_openness", 1.0)),
             mouth_opening=float(f.get("mouth_opening", 0.0)),

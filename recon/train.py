@@ -199,7 +199,7 @@ class Trainer:
         if ckpt.exists() and not resume:
             raise AvatarError(self.out, "already holds a trained avatar",
                               "pass --resume to continue it, or choose another --out")
-        self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames)
+        self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True)
         self.mel = normalize_mel(self.ds.features["mel"])
         self.visemes = viseme_features(self.ds.features)
         self.train_ids, self.held_out = self.ds.split()

@@ -9,7 +9,7 @@ from capture.tracking import INNER_LIPS
 from recon.dataset import Dataset
 from recon.gaussians import FACE, MOUTH, SH_C0
 from recon.init import init_gaussians
-from test_recon_io import make_dataset
+from _datasets import make_dataset
 
 
 def test_init_from_dataset(tmp_path):

@@ -9,31 +9,10 @@ import torch
 from plyfile import PlyData
 
 from avatar.errors import AvatarError
-from capture.audio import save_features
 from recon.checkpoint import load_checkpoint, save_checkpoint
 from recon.dataset import Dataset
 from recon.gaussians import Gaussians, load_ply, save_ply
-
-
-def make_dataset(root, n=6, size=32):
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    frames = []
-    for k in range(n):
-        cv2.imwrite(str(root / "images" / f"{k:06d}.jpg"), rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-        entry = {"file_path": f"images/{k:06d}.jpg", "transform_matrix": np.eye(4).tolist(), "time": k / 25,
-                 "frame_index": k, "eye_openness": 0.5, "mouth_opening": 0.1}
-        for m in ("person", "head", "mouth", "eyes", "torso"):
-            (root / "masks" / m).mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(root / "masks" / m / f"{k:06d}.png"), np.full((size, size), 255 * (m != "mouth"), np.uint8))
-            entry[f"{m}_mask_path"] = f"masks/{m}/{k:06d}.png"
-        frames.append(entry)
-    cv2.imwrite(str(root / "background.png"), np.zeros((size, size, 3), np.uint8))
-    save_features(root / "audio_features.npz", {"mel": np.zeros((n, 16, 80), np.float32),
-                                                "energy": np.zeros(n, np.float32)}, 25.0)
-    (root / "transforms.json").write_text(json.dumps({
-        "format": "avatar-dataset/1", "fl_x": 40.0, "fl_y": 40.0, "cx": size / 2, "cy": size / 2, "w": size, "h": size,
-        "fps": 25.0, "audio_features": "audio_features.npz", "background": "background.png", "frames": frames}))
+from _datasets import make_dataset
 
 
 def test_dataset_streams_with_bounded_cache(tmp_path):
@@ -53,10 +32,15 @@ def test_dataset_errors(tmp_path):
     with pytest.raises(AvatarError, match="no transforms.json"):
         Dataset(tmp_path)
     make_dataset(tmp_path / "ds")
-    (tmp_path / "ds" / "images" / "000002.jpg").unlink()
-    ds = Dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "images" / "000002.jpg").write_bytes(b"not a jpeg")
+    ds = Dataset(tmp_path / "ds")  # without check_images, a frame is decoded when read
     with pytest.raises(AvatarError, match="000002.jpg: missing or unreadable"):
         ds[2]
+    with pytest.raises(AvatarError, match="000002.jpg: is not a readable image"):
+        Dataset(tmp_path / "ds", check_images=True)
+    (tmp_path / "ds" / "images" / "000002.jpg").unlink()
+    with pytest.raises(AvatarError, match="000002.jpg: missing from the dataset"):
+        Dataset(tmp_path / "ds")
     (tmp_path / "ds" / "background.png").unlink()
     with pytest.raises(AvatarError, match="background.png: missing from the dataset"):
         Dataset(tmp_path / "ds")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from avatar.cli import main
-from test_recon_io import make_dataset
+from _datasets import make_dataset
 from viewer.dataset_view import serve_dataset
 
 
