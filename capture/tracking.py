@@ -7,8 +7,9 @@ Landmarks are returned in pixels: x, y in the image, z in the same pixel scale a
 from __future__ import annotations
 
 import os
+import re
 import sys
-import tempfile
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -62,44 +63,101 @@ MEDIAPIPE_NOTICES = (
     "NORM_RECT without IMAGE_DIMENSIONS",
 )
 """mediapipe's native start-up notices: absl/TFLite write them straight to file
-descriptor 2 when a graph is built or one of its models first runs, whatever Python's
-logging says."""
+descriptor 2, from the graph's own threads, while a graph starts and when one of its
+models first runs, whatever Python's logging says."""
+
+_LOG_HEADER = re.compile(rb"^([IWEF]\d{4} |INFO: |WARNING: )")  # absl / TFLite line starts
+
+
+class _NativeStderrFilter:
+    """While held, file descriptor 2 is a pipe: a thread forwards what arrives to the real
+    stderr at once, less the lines that contain a notice. Held for the whole life of every
+    mediapipe graph, because its threads log when they please: filtering only around our
+    calls let notices through (one process printed them between two calls)."""
+
+    def __init__(self, drop: tuple[str, ...]):
+        self.drop = tuple(d.encode() for d in drop)
+        self.lock = threading.Lock()
+        self.users = 0
+
+    def _pump(self, read_fd: int, out_fd: int) -> None:
+        pending = b""
+        while chunk := os.read(read_fd, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                self._write(out_fd, line + b"\n")
+            if pending and not _LOG_HEADER.match(pending):  # a progress bar's partial line goes out now
+                self._write(out_fd, pending)
+                pending = b""
+        self._write(out_fd, pending)
+        os.close(read_fd)
+
+    def _write(self, fd: int, data: bytes) -> None:
+        if data and not any(d in data for d in self.drop):
+            os.write(fd, data)
+
+    def acquire(self) -> None:
+        with self.lock:
+            self.users += 1
+            if self.users > 1:
+                return
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+            read_fd, write_fd = os.pipe()
+            os.dup2(write_fd, 2)
+            os.close(write_fd)
+            self.thread = threading.Thread(target=self._pump, args=(read_fd, self.saved), daemon=True,
+                                           name="native-stderr-filter")
+            self.thread.start()
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            sys.stderr.flush()
+            os.dup2(self.saved, 2)  # closes the pipe's last write end: the pump drains and stops
+            self.thread.join(timeout=5)
+            os.close(self.saved)
+
+
+_filter = _NativeStderrFilter(MEDIAPIPE_NOTICES)
 
 
 @contextmanager
-def native_stderr_filtered(drop: tuple[str, ...] = MEDIAPIPE_NOTICES):
-    """Within the block, lines written to file descriptor 2 (by native code too) that
-    contain one of `drop` are dropped; every other line is replayed on sys.stderr after
-    the block, so a real native error still shows."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            for line in caught.read().decode(errors="replace").splitlines():
-                if not any(notice in line for notice in drop):
-                    print(line, file=sys.stderr)
+def native_stderr_filtered():
+    """Within the block, lines written to file descriptor 2 (by native code and its threads
+    too) that contain one of MEDIAPIPE_NOTICES are dropped; everything else goes out as
+    it comes."""
+    _filter.acquire()
+    try:
+        yield
+    finally:
+        _filter.release()
 
 
 class _Solution:
-    """A mediapipe solution graph, closed on exit (`with Tracker() as t:`). Its notices
-    come while the graph is built and when each of its models first runs (the landmark
-    model only on the first frame with a face), so every call is filtered (~30 us)."""
+    """A mediapipe solution graph, closed on exit (`with Tracker() as t:`); the native
+    stderr filter is held from before the graph is built until it is closed."""
 
     _graph = None
 
+    def _start(self, build) -> None:
+        _filter.acquire()
+        try:
+            self._graph = build()
+        except BaseException:
+            _filter.release()
+            raise
+
     def _process(self, rgb: np.ndarray):
-        with native_stderr_filtered():
-            return self._graph.process(np.ascontiguousarray(rgb))
+        return self._graph.process(np.ascontiguousarray(rgb))
 
     def close(self) -> None:
-        self._graph.close()
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
+            _filter.release()
 
     def __enter__(self):
         return self
@@ -114,11 +172,10 @@ class FaceTracker(_Solution):
     def __init__(self, max_faces: int = 2, video_mode: bool = True):
         import mediapipe as mp
 
-        with native_stderr_filtered():
-            self._graph = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
-                min_detection_confidence=0.5, min_tracking_confidence=0.5,
-            )
+        self._start(lambda: mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
+            min_detection_confidence=0.5, min_tracking_confidence=0.5,
+        ))
 
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
         """rgb: [H, W, 3] uint8 -> list of [478, 3] float32 landmark arrays in pixels."""
@@ -138,9 +195,8 @@ class FaceDetector(_Solution):
     def __init__(self, min_confidence: float = 0.5):
         import mediapipe as mp
 
-        with native_stderr_filtered():
-            self._graph = mp.solutions.face_detection.FaceDetection(model_selection=1,
-                                                                    min_detection_confidence=min_confidence)
+        self._start(lambda: mp.solutions.face_detection.FaceDetection(model_selection=1,
+                                                                     min_detection_confidence=min_confidence))
 
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
         """rgb: [H, W, 3] uint8 -> boxes [x0, y0, w, h] in pixels, largest first."""
@@ -159,8 +215,7 @@ class PersonSegmenter(_Solution):
     def __init__(self):
         import mediapipe as mp
 
-        with native_stderr_filtered():
-            self._graph = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        self._start(lambda: mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0))
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """rgb: [H, W, 3] uint8 -> [H, W] float32 in [0, 1]."""
