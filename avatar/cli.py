@@ -13,6 +13,7 @@ from . import __version__
 
 
 def _capture(args: argparse.Namespace) -> int:
+    from avatar.errors import AvatarError
     from capture.config import CaptureConfig
 
     if args.from_ernerf is not None:
@@ -27,12 +28,17 @@ def _capture(args: argparse.Namespace) -> int:
         cfg = CaptureConfig(video=Path(args.video), out=Path(args.out), audio=args.audio and Path(args.audio),
                             audio_features=[Path(p) for p in args.audio_features], fps=args.fps, size=args.size,
                             photometric=args.photometric, force=args.force)
+        try:
+            cfg.check()
+        except ValueError as exc:
+            raise AvatarError(None, f"capture setting {exc}") from exc
         out = run_capture(cfg)
     print(f"dataset: {out}\n  report:  {out / 'capture_report.json'}\n  preview: {out / 'preview.png'}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
+    from avatar.errors import AvatarError
     from recon.config import load_config, preset
     from recon.train import train
 
@@ -40,7 +46,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(Path(args.config), args.preset, **overrides)
     else:
-        cfg = preset(args.preset or "cpu", **overrides)
+        try:
+            cfg = preset(args.preset or "cpu", **overrides)
+        except ValueError as exc:
+            raise AvatarError(None, f"training setting {exc}") from exc
     out = train(args.dataset, args.out, cfg, resume=args.resume)
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
     return 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 
@@ -52,3 +53,31 @@ class CaptureConfig:
     """JPEG quality of images/."""
     force: bool = False
     """Redo every stage even when its output exists."""
+
+    def check(self) -> "CaptureConfig":
+        """Raise ValueError naming the first setting of the wrong type or out of range."""
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default
+            if f.name in ("video", "out", "audio", "audio_features") or default is MISSING:
+                continue
+            if isinstance(default, tuple):
+                ok = (isinstance(value, (tuple, list)) and len(value) == len(default)
+                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+            elif isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, type(default)) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"{f.name} must be {type(default).__name__}, got {value!r}")
+        limits = {"fps": (1.0, 120.0), "size": (32, 4096), "crop_scale": (1.0, 10.0), "min_duration": (0.0, 3600.0),
+                  "min_face_px": (1.0, 10_000.0), "min_tracked_fraction": (0.0, 1.0), "focal_sweep_steps": (2, 1000),
+                  "smoothness": (0.0, 1e6), "background_samples": (1, 10_000), "jpeg_quality": (1, 100)}
+        for name, (lo, hi) in limits.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {getattr(self, name)!r}")
+        lo, hi = self.focal_sweep_fov_deg
+        if not 1 <= lo < hi < 170:
+            raise ValueError(f"focal_sweep_fov_deg must be (low, high) degrees in 1..170, got {self.focal_sweep_fov_deg}")
+        return self

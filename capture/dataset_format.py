@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from avatar.errors import AvatarError
+from avatar.io import publish_folder, recover_folder
 
 from .audio import MEL_WINDOW, N_MELS, VISEMES, load_features
 
@@ -68,6 +69,9 @@ class _Checker:
 
     def meta(self) -> dict:
         if not self.root.is_dir():
+            if self.root.with_name(self.root.name + ".old").is_dir():
+                raise AvatarError(self.root, "is missing: a capture was killed while it replaced this dataset",
+                                  "run the same `avatar capture` again: it restores the old or the new dataset")
             raise AvatarError(self.root, "is not a folder", "give the dataset folder written by `avatar capture`")
         if not self.tpath.is_file():
             raise AvatarError(self.root, "is not a dataset folder (no transforms.json)",
@@ -220,3 +224,25 @@ def validate_dataset(root: str | Path, decode: bool = False) -> dict:
     if decode:
         check.decode(files, meta["w"])
     return meta
+
+
+def work_folder(out: Path) -> Path:
+    """Where a dataset is built before it is published at `out` (capture resumes from it)."""
+    return out.with_name(out.name + ".partial")
+
+
+def _finished(work: Path) -> bool:
+    # transforms.json is written last, and the stage markers go just before publishing.
+    return (work / "transforms.json").is_file() and not any(work.glob(".stage_*.json"))
+
+
+def publish_dataset(out: Path) -> Path:
+    """Move the finished work folder onto `out`, keeping the old dataset until the new one
+    is in place (avatar.io.publish_folder)."""
+    publish_folder(work_folder(out), out)
+    return out
+
+
+def recover_dataset(out: Path) -> None:
+    """Finish or undo a publish that a kill cut short (called before any capture or import)."""
+    recover_folder(out, work_folder(out), _finished)

@@ -28,7 +28,7 @@ from avatar.errors import AvatarError
 from avatar.io import write_json
 
 from . import audio as audio_mod
-from .dataset_format import DATASET_FORMAT, MASK_NAMES
+from .dataset_format import DATASET_FORMAT, MASK_NAMES, publish_dataset, recover_dataset, work_folder
 from .masks import polygon_mask
 from .pipeline import _write_jpg, _write_png
 
@@ -112,6 +112,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise AvatarError(src, "is not a folder")
+    recover_dataset(out)
     if (out / "transforms.json").is_file() and not force:
         return out
     meta, frames = _read_frames(src)
@@ -126,7 +127,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
     n_audio = max(int(f.get("aud_id", f["img_id"])) for f in frames) + 1
     au = _read_au(src / "au.csv") if (src / "au.csv").is_file() else {}
 
-    work = out.with_name(out.name + ".partial")
+    work = work_folder(out)
     shutil.rmtree(work, ignore_errors=True)
     try:
         for name in MASK_NAMES:
@@ -212,7 +213,4 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
-    return out
+    return publish_dataset(out)

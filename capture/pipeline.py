@@ -25,7 +25,7 @@ from avatar.io import atomic_path, write_json
 
 from . import audio as audio_mod
 from .config import CaptureConfig
-from .dataset_format import DATASET_FORMAT, MASK_NAMES
+from .dataset_format import DATASET_FORMAT, MASK_NAMES, publish_dataset, recover_dataset, work_folder
 from .masks import background_plate, eye_openness, frame_masks, mouth_opening, sharpness
 from .photometric import refine_poses
 from .pose import c2w_opengl, fit_head_pose, project_points, rotation_jitter_deg
@@ -200,7 +200,7 @@ def run_capture(cfg: CaptureConfig) -> Path:
     On bad input the work folder is removed (nothing to resume); after a crash or a kill
     it stays, and the next run resumes from the finished stages.
     """
-    work = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
+    work = work_folder(Path(cfg.out))
     existed = work.exists()
     try:
         return _run(cfg)
@@ -212,10 +212,11 @@ def run_capture(cfg: CaptureConfig) -> Path:
 
 def _run(cfg: CaptureConfig) -> Path:
     out = Path(cfg.out)
+    recover_dataset(out)
     if (out / "transforms.json").is_file() and not cfg.force:
         log.info("%s is already a complete dataset; use --force to redo it", out)
         return out
-    work = out.with_name(out.name + ".partial")
+    work = work_folder(out)
     if cfg.force and work.exists():
         shutil.rmtree(work)
     timings: dict[str, float] = {}
@@ -420,14 +421,7 @@ def _run(cfg: CaptureConfig) -> Path:
     for w in warnings:
         log.warning("%s: %s", cfg.video, w)
 
-    # Publish atomically; keep the old dataset until the new one is in place.
+    (work / "extract.npz").unlink(missing_ok=True)
     for marker in work.glob(".stage_*.json"):
         marker.unlink()
-    (work / "extract.npz").unlink(missing_ok=True)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return publish_dataset(out)

@@ -26,7 +26,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
             raise AvatarError(path, f"refusing to save a checkpoint with NaN/Inf in {name}",
                               "training diverged; resume from the previous checkpoint with a lower learning rate")
     meta = {"format": CHECKPOINT_FORMAT, **meta}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"avatar": json.dumps(meta)})
     return Path(path)

@@ -7,6 +7,7 @@ says how it was made, and `--resume` continues with exactly the same settings.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -138,14 +139,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        """A config from its dict (a checkpoint's, a config file's): every field's type and
+        range checked as `preset` checks them; ValueError names the first bad one."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config must be an object of settings, got {type(d).__name__}")
         d = dict(d)
-        if "stages" in d:
-            d["stages"] = StageSchedule(**d["stages"])
-        return cls(**d)
+        return preset(d.pop("preset", "cpu"), **d)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -177,7 +176,39 @@ def preset(name: str, **overrides) -> TrainConfig:
             ok = True  # 1 for 1.0
         if not ok:
             raise ValueError(f"{key} must be {type(default).__name__}, got {value!r}")
-    return replace(base, **overrides)
+    return check_ranges(replace(base, **overrides))
+
+
+AT_LEAST_ONE = ("size", "iterations", "init_volume_points", "max_gaussians", "audio_window", "motion_components",
+                "checkpoint_every", "log_every", "cache_frames", "densify_every", "lip_landmark_frames")
+FRACTIONS = ("densify_from", "densify_until", "opacity_reset_at", "percent_dense", "prune_opacity", "ssim_weight")
+
+
+def check_ranges(cfg: TrainConfig) -> TrainConfig:
+    """Raise ValueError naming the first setting out of its range (types are checked by `preset`)."""
+    from .raster.api import BACKENDS
+
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "seed":
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{f.name} must be a finite number >= 0, got {value!r}")
+    for name in AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)!r}")
+    for name in FRACTIONS:
+        if getattr(cfg, name) > 1:
+            raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(cfg, name)!r}")
+    if not 16 <= cfg.size <= 4096:
+        raise ValueError(f"size must be between 16 and 4096 pixels, got {cfg.size}")
+    if cfg.sh_degree > 3:
+        raise ValueError(f"sh_degree must be 0..3, got {cfg.sh_degree}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    stages = [cfg.stages.static, cfg.stages.mouth, cfg.stages.face, cfg.stages.fuse]
+    if any(not math.isfinite(v) or v < 0 for v in stages) or sum(stages) <= 0:
+        raise ValueError(f"stages must be fractions >= 0 with a positive sum, got {cfg.stages}")
+    return cfg
 
 
 def load_config(path: Path, name: str | None = None, **overrides) -> TrainConfig:

@@ -54,42 +54,115 @@ class JobConfig:
     """Side of the rendered frames (default: the training size)."""
     evaluate: bool = True
     """Score the avatar on held-out frames (avatar eval)."""
+    source: Path | None = None
+    """The TOML file the job was read from."""
+
+
+SECTIONS = {"job": {"out"}, "input": {"video", "ernerf", "sample"}, "capture": None, "train": None,
+            "render": {"audio", "camera", "size"}, "eval": {"enabled"}}
+"""Each section's keys ([capture] and [train] take their config's fields)."""
+
+
+def _typed(path: Path, where: str, value, kind: type | tuple[type, ...], what: str):
+    if isinstance(value, bool) and kind is not bool:
+        ok = False
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise AvatarError(path, f"{where} must be {what}, got {value!r}")
+    return value
 
 
 def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
-    """Read a job TOML; AvatarError naming the file when it is malformed."""
+    """Read and check a job TOML (sections, keys, types, the [capture] and [train]
+    settings, the camera); AvatarError naming the file when anything is wrong. Whether
+    the input files exist is checked by `check_inputs`, before a run starts."""
+    from capture.config import CaptureConfig
+    from recon.config import preset
+    from recon.render import parse_camera
+
     path = Path(path)
     try:
-        d = tomllib.loads(path.read_text())
+        d = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise AvatarError(path, "job config not found") from exc
+    except IsADirectoryError as exc:
+        raise AvatarError(path, "is a folder, not a job TOML file") from exc
+    except UnicodeDecodeError as exc:
+        raise AvatarError(path, f"is not a text file ({exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise AvatarError(path, f"is not valid TOML ({exc})") from exc
-    known = {"job", "input", "capture", "train", "render", "eval"}
-    if set(d) - known:
-        raise AvatarError(path, f"has unknown sections {sorted(set(d) - known)}; expected {sorted(known)}")
-    out_dir = Path(out or d.get("job", {}).get("out", f"outputs/{path.stem}"))
+    if set(d) - set(SECTIONS):
+        raise AvatarError(path, f"has unknown sections {sorted(set(d) - set(SECTIONS))}; expected {sorted(SECTIONS)}")
+    for name, keys in SECTIONS.items():
+        section = _typed(path, f"[{name}]", d.get(name, {}), dict, "a table")
+        if keys is not None and set(section) - keys:
+            raise AvatarError(path, f"[{name}] has unknown keys {sorted(set(section) - keys)}; expected {sorted(keys)}")
+    job, inp, render = d.get("job", {}), d.get("input", {}), d.get("render", {})
+    out_dir = Path(out or _typed(path, "[job] out", job.get("out", f"outputs/{path.stem}"), str, "a folder path"))
 
-    def resolve(p: str) -> Path:
-        return Path(str(p).replace("{out}", str(out_dir)))
+    def resolve(where: str, p) -> Path:
+        return Path(_typed(path, where, p, str, "a path").replace("{out}", str(out_dir)))
 
-    inp = d.get("input", {})
     sources = [k for k in ("video", "ernerf", "sample") if inp.get(k)]
     if len(sources) != 1:
         raise AvatarError(path, "needs exactly one input: [input] video = ..., ernerf = ..., or sample = true")
-    render = d.get("render", {})
-    audio = render.get("audio", [])
+    sample = _typed(path, "[input] sample", inp.get("sample", False), bool, "true or false")
     capture = dict(d.get("capture", {}))
     if "audio" in capture:
-        capture["audio"] = resolve(capture["audio"])
+        capture["audio"] = resolve("[capture] audio", capture["audio"])
+    if "audio_features" in capture:
+        capture["audio_features"] = [resolve("[capture] audio_features", a)
+                                     for a in _typed(path, "[capture] audio_features", capture["audio_features"],
+                                                     list, "a list of paths")]
+    known = {f.name for f in fields(CaptureConfig)} - {"video", "out"}
+    if set(capture) - known:
+        raise AvatarError(path, f"[capture] has unknown keys {sorted(set(capture) - known)}")
+    try:
+        CaptureConfig(video=Path("."), out=out_dir, **capture).check()
+    except ValueError as exc:
+        raise AvatarError(path, f"[capture] {exc}") from exc
+    train = dict(d.get("train", {}))
+    try:
+        preset(_typed(path, "[train] preset", train.get("preset", "cpu"), str, "a preset name"),
+               **{k: v for k, v in train.items() if k != "preset"})
+    except (ValueError, TypeError) as exc:
+        raise AvatarError(path, f"[train] is invalid ({exc})") from exc
+    audio = render.get("audio", [])
+    audio = [audio] if isinstance(audio, str) else _typed(path, "[render] audio", audio, list, "a list of paths")
+    camera = _typed(path, "[render] camera", render.get("camera", "orbit"), str, "dataset, orbit or fixed:YAW,PITCH")
+    try:
+        parse_camera(camera)
+    except AvatarError as exc:
+        raise AvatarError(path, f"[render] camera {camera!r} is not a camera: use dataset, orbit or fixed:YAW,PITCH") \
+            from exc
+    size = render.get("size")
+    if size is not None and (not _typed(path, "[render] size", size, int, "a positive integer") or size < 16):
+        raise AvatarError(path, f"[render] size must be at least 16 pixels, got {size}")
     return JobConfig(
-        out=out_dir, video=resolve(inp["video"]) if "video" in inp else None,
-        ernerf=resolve(inp["ernerf"]) if "ernerf" in inp else None, sample=bool(inp.get("sample", False)),
-        capture=capture, train=dict(d.get("train", {})),
-        render_audio=[resolve(a) for a in ([audio] if isinstance(audio, str) else audio)],
-        render_camera=render.get("camera", "orbit"), render_size=render.get("size"),
-        evaluate=bool(d.get("eval", {}).get("enabled", True)),
+        out=out_dir, video=resolve("[input] video", inp["video"]) if "video" in inp else None,
+        ernerf=resolve("[input] ernerf", inp["ernerf"]) if "ernerf" in inp else None, sample=sample,
+        capture=capture, train=train,
+        render_audio=[resolve("[render] audio", a) for a in audio],
+        render_camera=camera, render_size=size,
+        evaluate=_typed(path, "[eval] enabled", d.get("eval", {}).get("enabled", True), bool, "true or false"),
+        source=path,
     )
+
+
+def check_inputs(job: JobConfig) -> None:
+    """Every input file the job names exists (those under its own folder are made by it)."""
+    def made_by_job(p: Path) -> bool:
+        return p.resolve().is_relative_to(job.out.resolve())
+
+    wanted = [(job.video, "[input] video", Path.is_file), (job.ernerf, "[input] ernerf", Path.is_dir),
+              (job.capture.get("audio"), "[capture] audio", Path.is_file)]
+    wanted += [(a, "[capture] audio_features", Path.is_file) for a in job.capture.get("audio_features", [])]
+    wanted += [(a, "[render] audio", Path.is_file) for a in job.render_audio]
+    for p, where, exists in wanted:
+        if p is not None and not made_by_job(p) and not exists(p):
+            raise AvatarError(p, f"not found (named by {where} in {job.source})",
+                              "fix the path; relative paths are taken from the current directory")
 
 
 def _say(step: str, text: str) -> None:
@@ -109,6 +182,7 @@ def run_job(job: JobConfig) -> dict:
     from recon.render import render_video
     from recon.train import train
 
+    check_inputs(job)
     out = job.out
     result: dict = {"out": str(out), "timings_s": {}}
     t = time.perf_counter()
@@ -122,9 +196,6 @@ def run_job(job: JobConfig) -> dict:
         from capture.pipeline import run_capture
 
         video = job.video if job.video is not None else out / "sample" / "sample.mp4"
-        known = {f.name for f in fields(CaptureConfig)} - {"video", "out"}
-        if set(job.capture) - known:
-            raise AvatarError(Path(str(out)), f"job [capture] has unknown keys {sorted(set(job.capture) - known)}")
         _say("capture", f"{video} -> {dataset}")
         dataset = run_capture(CaptureConfig(video=video, out=dataset, **job.capture))
     result["dataset"] = str(dataset)
@@ -133,10 +204,7 @@ def run_job(job: JobConfig) -> dict:
     t = time.perf_counter()
     avatar = out / "avatar"
     opts = dict(job.train)
-    try:
-        cfg = preset(opts.pop("preset", "cpu"), **opts)
-    except (ValueError, TypeError) as exc:
-        raise AvatarError(Path(str(out)), f"job [train] is invalid ({exc})") from exc
+    cfg = preset(opts.pop("preset", "cpu"), **opts)  # checked by load_job
     resume = (avatar / CHECKPOINT).is_file()
     _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps)")
     train(dataset, avatar, cfg, resume=resume)
