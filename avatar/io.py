@@ -84,3 +84,13 @@ def recover_folder(out: Path, work: Path, complete: Callable[[Path], bool]) -> N
     else:
         return
     _fsync(out.parent)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

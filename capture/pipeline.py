@@ -42,20 +42,30 @@ class _Stages:
 
     def __init__(self, work: Path, fingerprint: str):
         self.work, self.fingerprint = work, fingerprint
+        if any(self._read(m) is None for m in work.glob(".stage_*.json")):
+            # A run with other inputs or settings left this folder: none of it is reusable.
+            for child in work.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def _read(self, marker: Path) -> dict | None:
+        try:
+            meta = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("fingerprint") == self.fingerprint else None
 
     def done(self, name: str) -> dict | None:
         p = self.work / f".stage_{name}.json"
-        if p.is_file():
-            meta = json.loads(p.read_text())
-            if meta.get("fingerprint") == self.fingerprint:
-                return meta
-        return None
+        return self._read(p) if p.is_file() else None
 
     def mark(self, name: str, **meta) -> None:
         write_json(self.work / f".stage_{name}.json", {"fingerprint": self.fingerprint, **meta})
 
 
-def _fingerprint(cfg: CaptureConfig) -> str:
+def capture_inputs(cfg: CaptureConfig) -> dict:
+    """What a capture depends on: the format, its settings and its input files' identity
+    (path, size, modification time); a dataset or a finished stage is reused only when
+    this matches exactly."""
     d = asdict(cfg)
     d.pop("force")
     d.pop("out")
@@ -63,8 +73,26 @@ def _fingerprint(cfg: CaptureConfig) -> str:
         if d[key] is not None:
             st = Path(d[key]).stat()
             d[key] = [str(Path(d[key]).resolve()), st.st_size, st.st_mtime_ns]
-    d["audio_features"] = [str(p) for p in d["audio_features"]]
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    d["audio_features"] = [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns]
+                           for p in d["audio_features"]]
+    return json.loads(json.dumps({"format": DATASET_FORMAT, **d}, default=str))
+
+
+def _fingerprint(inputs: dict) -> str:
+    return hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stale_fields(out: Path, inputs: dict) -> list[str] | None:
+    """None when the dataset at `out` was captured from exactly `inputs`; else the names of
+    what differs (['unknown'] for a dataset that does not record its inputs)."""
+    try:
+        saved = json.loads((out / "transforms.json").read_text()).get("capture", {}).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if not isinstance(saved, dict):
+        return ["unknown"]
+    changed = sorted(k for k in set(saved) | set(inputs) if saved.get(k) != inputs.get(k))
+    return changed or None
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
@@ -213,9 +241,13 @@ def run_capture(cfg: CaptureConfig) -> Path:
 def _run(cfg: CaptureConfig) -> Path:
     out = Path(cfg.out)
     recover_dataset(out)
-    if (out / "transforms.json").is_file() and not cfg.force:
-        log.info("%s is already a complete dataset; use --force to redo it", out)
-        return out
+    readable = all(Path(p).is_file() for p in [cfg.video, *([cfg.audio] if cfg.audio else []), *cfg.audio_features])
+    if (out / "transforms.json").is_file() and not cfg.force and readable:  # (else probing names the missing file)
+        changed = stale_fields(out, capture_inputs(cfg))
+        if changed is None:
+            log.info("%s is already a complete dataset of this video and these settings; --force redoes it", out)
+            return out
+        log.info("%s was captured from other inputs or settings (%s); capturing again", out, ", ".join(changed))
     work = work_folder(out)
     if cfg.force and work.exists():
         shutil.rmtree(work)
@@ -243,7 +275,8 @@ def _run(cfg: CaptureConfig) -> Path:
     timed("probe", t0)
 
     work.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(work, _fingerprint(cfg))
+    inputs = capture_inputs(cfg)
+    stages = _Stages(work, _fingerprint(inputs))
     n = int(math.floor(info.duration * cfg.fps + 1e-6))
 
     # 2. Where is the face: crop window, preflight errors and warnings.
@@ -375,6 +408,7 @@ def _run(cfg: CaptureConfig) -> Path:
         "fps": cfg.fps, "num_source_frames": n,
         "audio": "audio.wav", "audio_features": "audio_features.npz", "background": "background.png",
         "face_geometry": "face_geometry.npz", "landmarks": "landmarks.npy",
+        "capture": {"fingerprint": _fingerprint(inputs), "inputs": inputs},
         "frames": frames,
     }
     write_json(work / "transforms.json", transforms)

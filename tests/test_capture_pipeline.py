@@ -273,3 +273,31 @@ def test_ernerf_import_rejects_non_ernerf_folder(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     assert run_cli("--from-ernerf", tmp_path / "x", "--out", tmp_path / "ds") == 1
     assert "has no transforms_train.json" in capsys.readouterr().err
+
+
+def test_a_dataset_is_reused_only_for_the_same_video_and_settings(sample_dataset, tmp_path):
+    import os
+    import shutil
+
+    from capture.config import CaptureConfig
+    from capture.pipeline import capture_inputs, run_capture, stale_fields
+
+    video = sample_dataset.parent / "sample" / "sample.mp4"
+    same = CaptureConfig(video=video, out=sample_dataset, size=128)
+    assert stale_fields(sample_dataset, capture_inputs(same)) is None
+    stamp = (sample_dataset / "transforms.json").stat().st_mtime_ns
+    assert run_capture(same) == sample_dataset  # reused: nothing rewritten
+    assert (sample_dataset / "transforms.json").stat().st_mtime_ns == stamp
+    assert stale_fields(sample_dataset, capture_inputs(CaptureConfig(video=video, out=sample_dataset, size=256))) \
+        == ["size"]
+    edited = tmp_path / "sample.mp4"
+    shutil.copy(video, edited)
+    os.utime(edited, ns=(1, 1))
+    assert stale_fields(sample_dataset, capture_inputs(CaptureConfig(video=edited, out=sample_dataset, size=128))) \
+        == ["video"]
+    old = tmp_path / "old"
+    shutil.copytree(sample_dataset, old)
+    meta = json.loads((old / "transforms.json").read_text())
+    del meta["capture"]  # a dataset from before inputs were recorded
+    (old / "transforms.json").write_text(json.dumps(meta))
+    assert stale_fields(old, capture_inputs(same)) == ["unknown"]
