@@ -43,14 +43,17 @@ def _train(args: argparse.Namespace) -> int:
     from recon.train import train
 
     overrides = dict(iterations=args.iterations, size=args.size, seed=args.seed, backend=args.backend)
+    given = args.config or args.preset or any(v is not None for v in overrides.values())
     if args.config:
         cfg = load_config(Path(args.config), args.preset, **overrides)
-    else:
+    elif given:
         try:
             cfg = preset(args.preset or "cpu", **overrides)
         except ValueError as exc:
             raise AvatarError(None, f"training setting {exc}") from exc
-    out = train(args.dataset, args.out, cfg, resume=args.resume)
+    else:
+        cfg = None  # the preset cpu, or when resuming, the checkpoint's own settings
+    out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force)
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
     return 0
 
@@ -196,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="override the preset's resolution")
     p.add_argument("--seed", type=int, help="override the seed (default 0)")
     p.add_argument("--backend", choices=["auto", "cpu", "torch", "cuda"], help="rasterizer backend (default auto)")
-    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the folder's last checkpoint, with its settings (settings given here must "
+                        "match them)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the settings given or the dataset differ from the "
+                        "checkpoint's (the settings given are used)")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="score an avatar on held-out frames (PSNR, SSIM, LMD, lip sync, FPS)",
                        description="Writes AVATAR/eval.json and AVATAR/eval_strip.png; with --drive, "

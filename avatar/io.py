@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -94,3 +95,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def file_digest(path: str | Path) -> str:
+    """A short content hash of a file (SHA-1, 16 hex digits): the identity of an input a
+    later run may reuse work from."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]

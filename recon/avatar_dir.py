@@ -71,11 +71,22 @@ def rig_from_tensors(tensors: dict[str, torch.Tensor]) -> MotionRig | None:
     return rig
 
 
+GAUSSIAN_SHAPES = {"means": (3,), "quats": (4,), "log_scales": (3,), "opacity_logits": (), "sh_dc": (1, 3),
+                   "sh_rest": None}
+"""Trailing shape of each per-Gaussian tensor (None: sh_rest, [N, (degree+1)^2 - 1, 3])."""
+
+
 def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarModel:
     try:
         parts = []
         for prefix, b in (("face", FACE), ("mouth", MOUTH)):
             t = {k: tensors[f"{prefix}.{k}"] for k in BranchParams.NAMES}
+            n = len(t["means"])
+            for k, tail in GAUSSIAN_SHAPES.items():
+                shape = tuple(t[k].shape)
+                if shape[:1] != (n,) or (shape[2:] != (3,) if tail is None else shape[1:] != tail):
+                    raise ValueError(f"{prefix}.{k} has shape {list(shape)}, expected "
+                                     f"{[n, 'K', 3] if tail is None else [n, *tail]}")
             parts.append(Gaussians(t["means"], t["quats"], t["log_scales"], t["opacity_logits"],
                                    torch.cat([t["sh_dc"], t["sh_rest"]], 1),
                                    torch.full((len(t["means"]),), b, dtype=torch.uint8)))
@@ -86,7 +97,7 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarMo
                             visemes=first.shape[1] - 32, window=4 * first.shape[2])
         for prefix in ("face_deform", "mouth_deform", "motion_net"):
             getattr(model, prefix).load_state_dict(_state(tensors, prefix))
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise AvatarError(path, f"does not hold a complete avatar model ({exc.__class__.__name__}: {exc})",
                           "it was written by another version or is damaged; retrain or resume from a copy") from exc
     return model
@@ -128,6 +139,10 @@ def load_avatar(root: str | Path) -> LoadedAvatar:
     for key in ("background", "K"):
         if key not in tensors:
             raise AvatarError(path, f"lacks the tensor {key!r}; it is not an avatar checkpoint")
+    bg, K = tensors["background"], tensors["K"]
+    if bg.dim() != 3 or bg.shape[0] != bg.shape[1] or bg.shape[2] != 3 or tuple(K.shape) != (3, 3):
+        raise AvatarError(path, f"has a background of shape {list(bg.shape)} and intrinsics of shape {list(K.shape)}; "
+                          "expected [S, S, 3] and [3, 3]", "the file is damaged; retrain or resume from a copy")
     try:
         config = TrainConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:

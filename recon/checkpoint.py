@@ -7,6 +7,7 @@ object with at least {"format", "step", "config"}. Written to a temp file and re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,11 +26,22 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AvatarError(path, f"refusing to save a checkpoint with NaN/Inf in {name}",
                               "training diverged; resume from the previous checkpoint with a lower learning rate")
-    meta = {"format": CHECKPOINT_FORMAT, **meta}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": CHECKPOINT_FORMAT, **meta, "tensors_sha1": tensors_digest(tensors)}
     with atomic_path(path, durable=True) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"avatar": json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={"avatar": json.dumps(meta)})
     return Path(path)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-1 of every tensor's name, dtype, shape and bytes: safetensors has no checksum,
+    and a flipped bit in the data would otherwise load as a valid, wrong avatar."""
+    h = hashlib.sha1()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -49,9 +61,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads(raw) if raw else {}
     except json.JSONDecodeError as exc:
         raise AvatarError(path, f"has unreadable metadata ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise AvatarError(path, "has metadata that is not a JSON object", "the file is damaged or foreign")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise AvatarError(path, f"is not an avatar checkpoint (format {meta.get('format')!r})")
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AvatarError(path, f"holds NaN/Inf values in {name}", "resume from an earlier checkpoint")
+    if "tensors_sha1" in meta and meta["tensors_sha1"] != tensors_digest(tensors):
+        raise AvatarError(path, "is damaged: its tensors do not match the checksum written with them",
+                          "resume from an earlier copy, or retrain")
     return tensors, meta

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from avatar.errors import AvatarError
+from avatar.io import file_digest
 from capture.audio import load_features
 from capture.dataset_format import MASK_NAMES, validate_dataset
 
@@ -30,6 +31,15 @@ class Frame:
     c2w: torch.Tensor  # [4, 4] camera-to-world, OpenGL axes
     eye_openness: float
     mouth_opening: float
+
+
+def dataset_fingerprint(root: Path) -> str:
+    """Identity of a dataset's contents: its transforms.json changes whenever it is captured
+    again (and records what it was captured from)."""
+    try:
+        return file_digest(Path(root) / "transforms.json")
+    except OSError:
+        return "unreadable"
 
 
 def behind_head(frame: Frame, plate: torch.Tensor) -> torch.Tensor:

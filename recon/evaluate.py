@@ -39,13 +39,13 @@ import torch
 from tqdm import tqdm
 
 from avatar.errors import AvatarError
-from avatar.io import atomic_path, write_json
+from avatar.io import atomic_path, file_digest, write_json
 from capture.masks import polygon_mask
 from capture.tracking import FACE_OVAL, LIPS, FaceTracker
 
-from .avatar_dir import LoadedAvatar, load_avatar
+from .avatar_dir import CHECKPOINT, LoadedAvatar, load_avatar
 from .conditioning import speech_features, speech_motion, viseme_features
-from .dataset import Dataset, behind_head
+from .dataset import Dataset, behind_head, dataset_fingerprint
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
 from .losses import psnr, ssim
 from .gaussians import FACE, MOUTH
@@ -92,6 +92,11 @@ def tracked_codes(av: LoadedAvatar, ds: Dataset) -> torch.Tensor | None:
     out = torch.zeros(len(ds.features["mel"]), per_frame.shape[1])
     out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
     return out
+
+
+def eval_inputs(avatar: Path, dataset: Path) -> dict:
+    """What an eval.json was scored from (a later run reuses it only if these match)."""
+    return {"checkpoint": file_digest(Path(avatar) / CHECKPOINT), "dataset": dataset_fingerprint(dataset)}
 
 
 def face_mask(ds: Dataset, i: int) -> torch.Tensor | None:
@@ -169,7 +174,8 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     lmd_frames = [r for r in rows if r["lmd"] is not None and r["lmd_static_mouth"] is not None]
     result = {
         "format": "avatar-eval/2",
-        "avatar": str(Path(avatar).resolve()), "dataset": str(ds.root), "held_out_frames": [r["frame"] for r in rows],
+        "avatar": str(Path(avatar).resolve()), "dataset": str(ds.root), "inputs": eval_inputs(av.root, ds.root),
+        "held_out_frames": [r["frame"] for r in rows],
         "size": ds.size,
         "psnr": _mean(rows, "psnr"), "ssim": _mean(rows, "ssim"),
         "psnr_face": _mean(rows, "psnr_face"), "ssim_face": _mean(rows, "ssim_face"),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +44,8 @@ from capture.tracking import LIPS, OUTER_LIPS, RIGID
 from .avatar_dir import CHECKPOINT, model_from_tensors, read_json_lines, save_avatar
 from .checkpoint import load_checkpoint
 from .conditioning import normalize_mel, viseme_features
-from .config import TrainConfig
-from .dataset import Dataset, behind_head
+from .config import TrainConfig, preset
+from .dataset import Dataset, behind_head, dataset_fingerprint
 from .deform import DeformInputs
 from .densify import GradStats, densify_and_prune, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
@@ -193,24 +193,24 @@ def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
 class Trainer:
     """State of one training run (model, optimizer, statistics) and its steps."""
 
-    def __init__(self, dataset: Path, out: Path, cfg: TrainConfig, resume: bool, progress: bool = True):
-        self.out, self.cfg = Path(out), cfg
+    def __init__(self, dataset: Path, out: Path, cfg: TrainConfig | None, resume: bool, progress: bool = True,
+                 force: bool = False):
+        self.out = Path(out)
         ckpt = self.out / CHECKPOINT
         if ckpt.exists() and not resume:
             raise AvatarError(self.out, "already holds a trained avatar",
                               "pass --resume to continue it, or choose another --out")
+        resumed = load_checkpoint(ckpt) if resume and ckpt.exists() else None
+        if resumed is not None:
+            cfg = resume_config(ckpt, resumed[1], cfg, Path(dataset), force)
+        self.cfg = cfg = cfg or preset("cpu")
         self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True)
         self.mel = normalize_mel(self.ds.features["mel"])
         self.visemes = viseme_features(self.ds.features)
         self.train_ids, self.held_out = self.ds.split()
         self.step = 0
-        if resume and ckpt.exists():
-            tensors, meta = load_checkpoint(ckpt)
-            saved = TrainConfig.from_dict(meta["config"])
-            if saved != cfg:
-                print(f"avatar train: resuming with the config saved in {ckpt} (command-line settings ignored)",
-                      file=sys.stderr)
-            self.cfg = cfg = saved
+        if resumed is not None:
+            tensors, meta = resumed
             self.model = model_from_tensors(tensors, ckpt)
             self.optim = make_optimizer(self.model, cfg)
             load_optimizer_tensors(self.optim, tensors)
@@ -284,6 +284,7 @@ class Trainer:
 
     def meta(self) -> dict:
         return {"step": self.step, "config": self.cfg.to_dict(), "dataset": str(self.ds.root.resolve()),
+                "dataset_fingerprint": dataset_fingerprint(self.ds.root),
                 "fps": float(self.ds.meta.get("fps", 25.0)), "size": self.cfg.size, "extent": self.extent,
                 "n_face": len(self.model.face), "n_mouth": len(self.model.mouth)}
 
@@ -445,9 +446,40 @@ class Trainer:
         return self.out
 
 
-def train(dataset: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) an avatar; returns the avatar folder. See the module docstring."""
-    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress)
+def checkpoint_differences(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: Path) -> tuple[TrainConfig, list[str]]:
+    """(the checkpoint's config, what differs from it: each setting of `wanted` that is not
+    the same, and the dataset when it was captured again or edited since)."""
+    try:
+        saved = TrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AvatarError(ckpt, f"has an unreadable config ({exc})", "train into a new --out") from exc
+    diffs = [] if wanted is None else [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(wanted, f.name)!r}"
+                                       for f in fields(TrainConfig) if getattr(saved, f.name) != getattr(wanted, f.name)]
+    fingerprint = dataset_fingerprint(dataset)
+    if meta.get("dataset_fingerprint", fingerprint) != fingerprint:
+        diffs.append("the dataset (captured again or edited since)")
+    return saved, diffs
+
+
+def resume_config(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: Path, force: bool) -> TrainConfig:
+    """The config to resume a checkpoint with: its own, unless settings were given (`wanted`)
+    that differ from it, or the dataset changed since; either stops with an error naming
+    what differs, unless `force` (then the given settings are used)."""
+    saved, diffs = checkpoint_differences(ckpt, meta, wanted, dataset)
+    if diffs and not force:
+        raise AvatarError(ckpt, f"was trained with other settings or data: {'; '.join(diffs)}",
+                          "resume without settings to keep the checkpoint's, pass --force to go on with the new "
+                          "ones, or train into a new --out")
+    if diffs:
+        print(f"avatar train: --force: resuming {ckpt} with {'; '.join(diffs)}", file=sys.stderr)
+    return wanted if wanted is not None else saved
+
+
+def train(dataset: str | Path, out: str | Path, cfg: TrainConfig | None, resume: bool = False, progress: bool = True,
+          force: bool = False) -> Path:
+    """Train (or resume) an avatar; returns the avatar folder. See the module docstring.
+    cfg None: the checkpoint's config when resuming, else the cpu preset."""
+    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force)
     if trainer.step >= trainer.cfg.iterations:
         print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
         if not (trainer.out / "canonical.ply").is_file():

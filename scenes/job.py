@@ -19,6 +19,8 @@ Relative paths are taken from the current directory; "{out}" stands for the job'
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import time
 import tomllib
@@ -26,8 +28,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from avatar.errors import AvatarError
+from avatar.io import file_digest, write_json
 
 JOB_DIR = Path(__file__).resolve().parent
+RENDER_INPUTS_FORMAT = "avatar-render-inputs/1"
 
 
 @dataclass
@@ -100,6 +104,8 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
             raise AvatarError(path, f"[{name}] has unknown keys {sorted(set(section) - keys)}; expected {sorted(keys)}")
     job, inp, render = d.get("job", {}), d.get("input", {}), d.get("render", {})
     out_dir = Path(out or _typed(path, "[job] out", job.get("out", f"outputs/{path.stem}"), str, "a folder path"))
+    if "out" in job:
+        _typed(path, "[job] out", job["out"], str, "a folder path")
 
     def resolve(where: str, p) -> Path:
         return Path(_typed(path, where, p, str, "a path").replace("{out}", str(out_dir)))
@@ -169,8 +175,11 @@ def _say(step: str, text: str) -> None:
     print(f"[{step}] {text}", file=sys.stderr, flush=True)
 
 
-def _newer(a: Path, b: Path) -> bool:
-    return a.is_file() and b.is_file() and a.stat().st_mtime >= b.stat().st_mtime
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run_job(job: JobConfig) -> dict:
@@ -178,9 +187,10 @@ def run_job(job: JobConfig) -> dict:
     from capture.config import CaptureConfig
     from recon.avatar_dir import CHECKPOINT, load_avatar
     from recon.config import preset
-    from recon.evaluate import evaluate
+    from recon.evaluate import eval_inputs, evaluate
     from recon.render import render_video
-    from recon.train import train
+    from recon.checkpoint import load_checkpoint
+    from recon.train import checkpoint_differences, train
 
     check_inputs(job)
     out = job.out
@@ -206,31 +216,43 @@ def run_job(job: JobConfig) -> dict:
     opts = dict(job.train)
     cfg = preset(opts.pop("preset", "cpu"), **opts)  # checked by load_job
     resume = (avatar / CHECKPOINT).is_file()
+    if resume:
+        _, changed = checkpoint_differences(avatar / CHECKPOINT, load_checkpoint(avatar / CHECKPOINT)[1], cfg, dataset)
+        if changed:  # a stale avatar is kept aside, not reused and not lost
+            previous = out / "avatar.previous"
+            _say("train", f"{avatar} was trained with other settings or data ({'; '.join(changed)}); "
+                          f"training again, the old avatar moved to {previous}")
+            shutil.rmtree(previous, ignore_errors=True)
+            avatar.rename(previous)
+            resume = False
     _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps)")
     train(dataset, avatar, cfg, resume=resume)
     result["avatar"] = str(avatar)
     result["timings_s"]["train"] = time.perf_counter() - t
-    ckpt = avatar / CHECKPOINT
+    checkpoint = file_digest(avatar / CHECKPOINT)
 
     t = time.perf_counter()
     result["videos"] = []
     for audio in job.render_audio:
         video = out / "renders" / f"{audio.stem}_{job.render_camera.replace(':', '_').replace(',', '_')}.mp4"
-        if _newer(video, ckpt):
+        made_from = {"format": RENDER_INPUTS_FORMAT, "checkpoint": checkpoint, "audio": file_digest(audio),
+                     "camera": job.render_camera, "size": job.render_size}
+        record = video.with_suffix(".inputs.json")  # what the video was rendered from
+        if video.is_file() and _read_json(record) == made_from:
             _say("render", f"reusing {video}")
         else:
             _say("render", f"{audio} -> {video} (camera {job.render_camera})")
             render_video(avatar, audio, video, camera=job.render_camera, size=job.render_size)
+            write_json(record, made_from)
         result["videos"].append(str(video))
     result["timings_s"]["render"] = time.perf_counter() - t
 
     if job.evaluate:
         t = time.perf_counter()
-        import json
-
-        if _newer(avatar / "eval.json", ckpt):
+        saved = _read_json(avatar / "eval.json")
+        if isinstance(saved, dict) and saved.get("inputs") == eval_inputs(avatar, dataset):
             _say("eval", f"reusing {avatar / 'eval.json'}")
-            result["eval"] = json.loads((avatar / "eval.json").read_text())
+            result["eval"] = saved
         else:
             _say("eval", f"scoring {avatar} on held-out frames")
             result["eval"] = evaluate(avatar)

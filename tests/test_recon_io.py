@@ -2,7 +2,6 @@
 
 import json
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -93,6 +92,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         save_checkpoint(tmp_path / "d.safetensors", {"x": torch.tensor([float("nan")])}, {})
     assert not (tmp_path / "d.safetensors").exists()
     data = (tmp_path / "c.safetensors").read_bytes()
+    (tmp_path / "flipped.safetensors").write_bytes(data[:-4] + bytes(b ^ 1 for b in data[-4:]))  # one bit per byte
+    with pytest.raises(AvatarError, match="flipped.safetensors: is damaged: its tensors do not match the checksum"):
+        load_checkpoint(tmp_path / "flipped.safetensors")
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(AvatarError, match="cut.safetensors: is not a readable checkpoint"):
         load_checkpoint(tmp_path / "cut.safetensors")

@@ -54,6 +54,11 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
     # A second run finds it trained and does nothing; without --resume it refuses to overwrite.
     with pytest.raises(AvatarError, match="already holds a trained avatar"):
         train(sample_dataset, trained, preset("cpu", **TINY), progress=False)
+    # --resume with other settings stops and names them (--force goes on with the new ones).
+    with pytest.raises(AvatarError, match=r"other settings or data: size 64 -> 96; iterations 60 -> 61"):
+        train(sample_dataset, trained, preset("cpu", **{**TINY, "iterations": 61, "size": 96}), resume=True,
+              progress=False)
+    assert train(sample_dataset, trained, None, resume=True, progress=False) == trained  # its own settings
 
 
 def test_eval_render_export(trained, speech_wav, tmp_path):
@@ -194,4 +199,16 @@ camera = "fixed:10,0"
     t0 = time.time()
     assert cli(["run", str(job)]) == 0
     err = capsys.readouterr().err
-    assert "reusing" in err and time.time() - t0 < 30
+    assert err.count("reusing") == 2 and time.time() - t0 < 30  # the render and the eval
+    # Other speech under the same name: rendered again, the rest reused.
+    sf.write(tmp_path / "speech.wav", sf.read(speech_wav)[0][::-1], sf.info(speech_wav).samplerate)
+    job.write_text(job.read_text().replace(str(speech_wav), str(tmp_path / "speech.wav")))
+    assert cli(["run", str(job)]) == 0
+    err = capsys.readouterr().err
+    assert "reusing" in err and "speech.wav -> " in err and "scoring" not in err
+    # Another training setting: the avatar is trained again, the old one kept aside.
+    job.write_text(job.read_text().replace("iterations = 60", "iterations = 40"))
+    assert cli(["run", str(job)]) == 0
+    err = capsys.readouterr().err
+    assert "trained with other settings or data (iterations 60 -> 40)" in err and "scoring" in err
+    assert (tmp_path / "work" / "avatar.previous" / "checkpoint.safetensors").is_file()
