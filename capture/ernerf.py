@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .dataset_format import DATASET_FORMAT, MASK_NAMES, publish_dataset, recover
 from .masks import polygon_mask
 from .pipeline import _write_jpg, _write_png
 
+log = logging.getLogger("avatar.capture")
 _EYES68 = (tuple(range(36, 42)), tuple(range(42, 48)))
 INNER_MOUTH68 = tuple(range(60, 68))
 
@@ -107,14 +109,36 @@ def _read_au(path: Path) -> dict[str, np.ndarray]:
     return {name: np.array([float(r[cols[name]]) for r in rows], np.float32) for name in ("AU45_r", "AU25_r") if name in cols}
 
 
+SOURCE_FILES = ("transforms_train.json", "transforms_val.json", "aud.wav", "bc.jpg", "au.csv", "aud_ds.npy",
+                "aud_hu.npy")
+
+
+def source_inputs(src: Path, fps: float) -> dict:
+    """What an import depends on: the format, the frame rate and the identity (size,
+    modification time) of the ER-NeRF folder's files that name or hold the data."""
+    files = {}
+    for name in SOURCE_FILES:
+        if (src / name).is_file():
+            st = (src / name).stat()
+            files[name] = [st.st_size, st.st_mtime_ns]
+    return {"format": DATASET_FORMAT, "source": str(src.resolve()), "fps": fps, "files": files}
+
+
 def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) -> Path:
     """Convert an ER-NeRF folder into a dataset folder (format avatar-dataset/1)."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise AvatarError(src, "is not a folder")
     recover_dataset(out)
+    inputs = source_inputs(src, fps)
     if (out / "transforms.json").is_file() and not force:
-        return out
+        try:
+            saved = json.loads((out / "transforms.json").read_text()).get("source_inputs")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved == inputs:
+            return out
+        log.info("%s was imported from another folder or version of it; importing again", out)
     meta, frames = _read_frames(src)
     first = src / "ori_imgs" / f"{int(frames[0]['img_id'])}.jpg"
     img0 = cv2.imread(str(first))
@@ -179,7 +203,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
         feats = audio_mod.compute_features(pcm, n_audio, fps, extra)
         audio_mod.save_features(work / "audio_features.npz", feats, fps)
         transforms = {
-            "format": DATASET_FORMAT, "camera_model": "OPENCV", "source": "ernerf",
+            "format": DATASET_FORMAT, "camera_model": "OPENCV", "source": "ernerf", "source_inputs": inputs,
             "fl_x": float(meta["focal_len"]), "fl_y": float(meta["focal_len"]),
             "cx": float(meta["cx"]), "cy": float(meta["cy"]), "w": W, "h": H,
             "fps": fps, "num_source_frames": n_audio,

@@ -267,6 +267,15 @@ def test_ernerf_import(tmp_path):
     assert head[20, 30] and not head[50, 30] and torso[50, 30] and not torso[20, 30]
     feats = np.load(out / "audio_features.npz")
     assert feats["ernerf_ds"].shape == (12, 16, 29)
+    # Reused while the ER-NeRF folder is unchanged, imported again when it changes.
+    stamp = (out / "transforms.json").stat().st_mtime_ns
+    assert run_cli("--from-ernerf", src, "--out", out) == 0
+    assert (out / "transforms.json").stat().st_mtime_ns == stamp
+    bc = cv2.imread(str(src / "bc.jpg"))
+    cv2.imwrite(str(src / "bc.jpg"), 255 - bc)
+    assert run_cli("--from-ernerf", src, "--out", out) == 0
+    assert (out / "transforms.json").stat().st_mtime_ns != stamp
+    assert cv2.imread(str(out / "background.png")).mean() > 200
 
 
 def test_ernerf_import_rejects_non_ernerf_folder(tmp_path, capsys):
