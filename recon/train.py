@@ -53,6 +53,7 @@ from .init import init_gaussians
 from .losses import photometric_loss, psnr
 from .model import AvatarModel, BranchParams, composite
 from .motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
+from .raster.api import check_backend
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
 
@@ -204,6 +205,7 @@ class Trainer:
         if resumed is not None:
             cfg = resume_config(ckpt, resumed[1], cfg, Path(dataset), force)
         self.cfg = cfg = cfg or preset("cpu")
+        check_backend(cfg.backend)
         self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True)
         self.mel = normalize_mel(self.ds.features["mel"])
         self.visemes = viseme_features(self.ds.features)

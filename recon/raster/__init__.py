@@ -8,6 +8,6 @@ Backends: ``torch`` (pure-PyTorch reference, :mod:`.reference`), ``cpu`` (OpenMP
 kernels built from ``cuda/cpu``, :mod:`.cpu_backend`), ``cuda`` (custom CUDA kernels).
 """
 
-from .api import BACKENDS, RasterizerArgumentError, RasterOutput, rasterize
+from .api import BACKENDS, BackendUnavailable, RasterizerArgumentError, RasterOutput, rasterize
 
-__all__ = ["BACKENDS", "RasterOutput", "RasterizerArgumentError", "rasterize"]
+__all__ = ["BACKENDS", "BackendUnavailable", "RasterOutput", "RasterizerArgumentError", "rasterize"]
