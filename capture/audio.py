@@ -47,9 +47,12 @@ _PHONE_TO_VISEME = {
 }
 
 
-def load_audio(path: Path) -> np.ndarray:
-    """Any audio (or video's audio track), any rate and channel count -> float32 mono 16 kHz."""
+def load_audio(path: Path, max_seconds: float | None = None) -> np.ndarray:
+    """Any audio (or video's audio track), any rate and channel count -> float32 mono 16 kHz.
+    max_seconds: refuse longer audio as soon as decoding passes it (a two-hour upload is
+    neither decoded whole nor held in memory)."""
     path = Path(path)
+    limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
     with open_media(path, "audio", "pass a wav, mp3, flac or video file") as container:
         if not container.streams.audio:
             raise AvatarError(path, "has no audio stream",
@@ -57,9 +60,13 @@ def load_audio(path: Path) -> np.ndarray:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         chunks = []
         try:
+            decoded = 0
             for frame in container.decode(audio=0):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
+                    decoded += len(chunks[-1])
+                if limit is not None and decoded > limit:
+                    raise AvatarError(path, f"is longer than {max_seconds:.0f} s")
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
         except av.error.FFmpegError as exc:

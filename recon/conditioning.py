@@ -58,13 +58,13 @@ def blink_schedule(n_frames: int, fps: float, seed: int = 0, mean_interval_s: fl
     return openness
 
 
-def speech_features(path: Path, fps: float) -> tuple[np.ndarray, dict]:
+def speech_features(path: Path, fps: float, max_seconds: float | None = None) -> tuple[np.ndarray, dict]:
     """Audio of any speech file -> (16 kHz mono pcm, per-frame features: mel, energy,
-    visemes), exactly as capture computes them. Raises AvatarError for unreadable files or
-    audio without speech."""
+    visemes), exactly as capture computes them. Raises AvatarError for unreadable files,
+    audio without speech, or audio longer than `max_seconds`."""
     from capture.audio import SAMPLE_RATE, check_speech, compute_features, load_audio
 
-    pcm = load_audio(Path(path))
+    pcm = load_audio(Path(path), max_seconds)
     if pcm.size < SAMPLE_RATE // fps:
         raise AvatarError(path, "holds less than one video frame of audio")
     check_speech(pcm, Path(path))

@@ -235,6 +235,24 @@ def test_uploads_snapshots_and_recordings(lively_avatar, speech_wav, tmp_path):
             track_from_upload("silent.wav", buf.getvalue(), studio.av)
         track = track_from_upload("speech.wav", speech_wav.read_bytes(), studio.av)
         assert abs(track.seconds - 2.3) < 0.05
+        # Longer than the viewer plays: refused while decoding (half an hour of 8 kHz audio, 29 MB).
+        long = io.BytesIO()
+        sf.write(long, np.zeros(8000 * 1800, np.int16), 8000, format="WAV", subtype="PCM_16")
+        t0 = time.perf_counter()
+        with pytest.raises(AvatarError, match="half-hour.wav: is longer than 180 s"):
+            track_from_upload("half-hour.wav", long.getvalue(), studio.av)
+        assert time.perf_counter() - t0 < 20
+        # Other audio under a name already taken is another track; caches follow the audio.
+        assert studio.add_track(track) is track and track.name == "speech.wav"
+        pcm, rate = sf.read(speech_wav)
+        other = io.BytesIO()
+        sf.write(other, np.concatenate([pcm, pcm]), rate, format="WAV")
+        longer = studio.add_track(track_from_upload("speech.wav", other.getvalue(), studio.av))
+        assert longer.name == "speech (2).wav" and set(studio.tracks) == {"speech.wav", "speech (2).wav"}
+        assert studio.wav_b64(longer) != studio.wav_b64(track)
+        assert len(studio.blinks(longer)) == len(longer.drive) > len(track.drive) + 50
+        assert studio.add_track(track_from_upload("speech.wav", speech_wav.read_bytes(), studio.av)).name \
+            == "speech.wav" and len(studio.tracks) == 2  # the same audio again: the same track
 
         class FakeClient:  # what a session needs from a browser tab, for the offline actions
             downloads, notes = [], []

@@ -12,6 +12,7 @@ camera path with the speech muxed in (the writer of `avatar render`).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import tempfile
 import threading
@@ -50,16 +51,26 @@ class Track:
     drive: Drive
 
     @property
+    def key(self) -> str:
+        """The audio's identity (caches are keyed on it, never on the file name)."""
+        if not hasattr(self, "_key"):
+            self._key = hashlib.sha1(np.ascontiguousarray(self.pcm).tobytes()).hexdigest()
+        return self._key
+
+    @property
     def seconds(self) -> float:
         return len(self.pcm) / SAMPLE_RATE
 
 
 def load_track(path: Path, av: LoadedAvatar, name: str | None = None) -> Track:
     """Speech file -> Track; AvatarError for unreadable, silent or over-long audio."""
-    pcm, feats = speech_features(path, av.fps)
-    if len(pcm) / SAMPLE_RATE > MAX_TRACK_SECONDS:
-        raise AvatarError(path, f"is {len(pcm) / SAMPLE_RATE:.0f} s long; the viewer plays up to "
-                          f"{MAX_TRACK_SECONDS:.0f} s", "render long speech with `avatar render`")
+    try:
+        pcm, feats = speech_features(path, av.fps, max_seconds=MAX_TRACK_SECONDS)
+    except AvatarError as exc:
+        if "is longer than" in exc.problem:
+            raise AvatarError(path, f"is longer than {MAX_TRACK_SECONDS:.0f} s, the most the viewer plays",
+                              "render long speech with `avatar render`") from exc
+        raise
     drive = Drive(speech_motion(av.model, feats), np.ones(len(feats["mel"]), np.float32))
     return Track(name or Path(path).name, pcm, drive)
 
@@ -462,9 +473,9 @@ class Studio:
         self.av = load_avatar(avatar)
         self.renderer = ViewRenderer(self.av)
         self.tracks: dict[str, Track] = {}
+        self._lock = threading.Lock()
         for path in audio:
-            track = load_track(Path(path), self.av)
-            self.tracks[track.name] = track
+            self.add_track(load_track(Path(path), self.av))
         self.fov_y = 2 * float(np.arctan(self.av.size / (2 * float(self.av.K[1, 1]))))
         # Frames render with the avatar's rasterizer backend on the CPU; the CUDA path arrives
         # with the CUDA kernels. Default: the training size, which is interactive on 2 cores.
@@ -475,7 +486,6 @@ class Studio:
         self._blinks: dict[str, np.ndarray] = {}
         self._wav: dict[str, str] = {}
         self._counter = 0
-        self._lock = threading.Lock()
         self.running = True
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.server.scene.set_up_direction("+y")
@@ -503,16 +513,28 @@ class Studio:
         threading.Thread(target=fn, daemon=True).start()
 
     def blinks(self, track: Track) -> np.ndarray:
-        if track.name not in self._blinks:
-            self._blinks[track.name] = blink_schedule(len(track.drive), self.av.fps)
-        return self._blinks[track.name]
+        if track.key not in self._blinks:
+            self._blinks[track.key] = blink_schedule(len(track.drive), self.av.fps)
+        return self._blinks[track.key]
 
     def wav_b64(self, track: Track) -> str:
-        if track.name not in self._wav:
+        if track.key not in self._wav:
             buf = io.BytesIO()
             sf.write(buf, track.pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-            self._wav[track.name] = base64.b64encode(buf.getvalue()).decode()
-        return self._wav[track.name]
+            self._wav[track.key] = base64.b64encode(buf.getvalue()).decode()
+        return self._wav[track.key]
+
+    def add_track(self, track: Track) -> Track:
+        """Offer a track to every tab. The same audio under the same name is the same
+        track; other audio under a name already taken gets a numbered name."""
+        with self._lock:
+            base, n = track.name, 1
+            while track.name in self.tracks and self.tracks[track.name].key != track.key:
+                n += 1
+                stem, dot, ext = base.rpartition(".")
+                track.name = f"{stem} ({n}).{ext}" if dot else f"{base} ({n})"
+            self.tracks[track.name] = track
+        return track
 
     def output_path(self, kind: str, ext: str) -> Path:
         with self._lock:
@@ -537,7 +559,7 @@ class Studio:
                                                 auto_close_seconds=10)
                 return
             note.remove()
-            self.tracks[track.name] = track
+            track = self.add_track(track)
             session.add_track(track)
             session.client.add_notification("Speech ready", f"{track.name}: {track.seconds:.1f} s",
                                             auto_close_seconds=4)
