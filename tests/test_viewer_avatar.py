@@ -149,6 +149,42 @@ def test_page_loads_frames_arrive_and_follow_the_camera(browser, studio):
     page.close()
 
 
+def canvas_box(page) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the 3D view in the page (the GUI panel is docked beside it)."""
+    r = page.evaluate("(() => { const r = document.querySelector('canvas').getBoundingClientRect();"
+                      " return [r.left, r.top, r.right, r.bottom]; })()")
+    return tuple(int(round(v)) for v in r)
+
+
+def test_first_screen_is_framed_on_the_face(browser, studio):
+    """The studio opens on the face: the face fills at least a third of the view's height,
+    centred, with the torso under it and nothing of the view hidden by the GUI."""
+    from capture.tracking import FACE_OVAL
+
+    page, _ = open_tab(browser, studio)
+    session = next(iter(studio.sessions.values()))
+    settle(session)
+    x0, y0, x1, y1 = canvas_box(page)
+    assert x1 <= VIEWPORT["width"] * 0.7 and y1 - y0 >= VIEWPORT["height"] * 0.95  # the panel is beside the view
+    assert session.settings.torso and session.torso.value  # the capture's torso is on
+    # Where the face is, from the tab's own camera: the mesh's face oval projected.
+    viewmat, K, width, height = session.view(256)
+    oval = studio.av.model.rig.vertices[list(FACE_OVAL)]
+    cam = oval @ viewmat[:3, :3].T + viewmat[:3, 3]
+    pix = (cam @ K.T)[:, :2] / (cam @ K.T)[:, 2:]
+    assert (pix[:, 1].max() - pix[:, 1].min()) / height >= 1 / 3
+    assert abs(float(pix[:, 0].mean()) / width - 0.5) < 0.15 and abs(float(pix[:, 1].mean()) / height - 0.5) < 0.15
+    # And on screen: the head's alpha, screenshotted, is that tall, in the middle column.
+    session.settings.mode = "alpha"
+    session.dirty = True
+    settle(session)
+    shot = screenshot(page)[y0:y1, x0:x1]
+    rows, cols = np.nonzero(shot.mean(-1) > 128)
+    assert (rows.max() - rows.min()) / (y1 - y0) >= 1 / 3
+    assert abs(cols.mean() / (x1 - x0) - 0.5) < 0.15
+    page.close()
+
+
 def test_two_tabs_have_their_own_cameras(browser, studio):
     a, _ = open_tab(browser, studio)
     b = browser.new_page(viewport=VIEWPORT)

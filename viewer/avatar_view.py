@@ -40,6 +40,8 @@ MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_TRACK_SECONDS = 180.0
 BRANCH_COLOURS = torch.tensor([[0.95, 0.75, 0.2], [0.9, 0.1, 0.35]])  # face, mouth
 SAMPLE_RATE = 16_000
+HEAD_FILL = 0.7  # share of the view's height the head fills when a tab opens
+TARGET_FPS = 10.0  # the moving camera's frame rate the default resolution is chosen for
 
 
 @dataclass
@@ -88,13 +90,21 @@ def track_from_upload(name: str, content: bytes, av: LoadedAvatar) -> Track:
         return load_track(path, av, Path(name).name)
 
 
+def head_extent(av: LoadedAvatar) -> tuple[torch.Tensor, float]:
+    """(centre [3], height) of the head in world units: the 2nd-98th percentile of the face
+    Gaussians along the world's up axis (y), so stray Gaussians do not set the framing."""
+    means = av.model.face.means.detach()
+    lo, hi = torch.quantile(means, torch.tensor([0.02, 0.98]), dim=0)
+    return (lo + hi) / 2, float(hi[1] - lo[1])
+
+
 @dataclass
 class ViewSettings:
     """What one tab asks the renderer for."""
 
     mode: str = "RGB"
     background: bool = True
-    torso: bool = False
+    torso: bool = True
     mouth_scale: float = 1.0
     eye: float = 1.0
 
@@ -113,13 +123,46 @@ class ViewRenderer:
             f = self.ds[0]
             self._torso = (f.image, f.masks["torso"])
 
-    def under(self, width: int, height: int, s: ViewSettings) -> torch.Tensor:
+    def under(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, s: ViewSettings) -> torch.Tensor:
+        """What lies behind the head in this view: the background plate (and the capture's
+        torso) as seen from the capture's mean camera, put on a plane through the head
+        facing that camera and seen from this one; so the torso stays under the neck
+        when the view zooms or turns a little."""
         plate = self.av.background.numpy() if s.background else np.full((self.av.size,) * 2 + (3,), 0.12, np.float32)
         if s.torso and self._torso is not None:
             img, mask = self._torso
             plate = np.where(mask.numpy()[..., None], img.numpy(), plate)
-        return torch.from_numpy(cv2.resize(np.ascontiguousarray(plate), (width, height),
-                                           interpolation=cv2.INTER_AREA)).float()
+        H = self.plate_homography(viewmat, K, width, height)
+        plate = np.ascontiguousarray(plate)
+        if H is None:  # the plane is behind this camera or edge-on: the plate as a flat backdrop
+            return torch.from_numpy(cv2.resize(plate, (width, height), interpolation=cv2.INTER_AREA)).float()
+        out = cv2.warpPerspective(plate, H, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REFLECT_101)
+        return torch.from_numpy(out).float()
+
+    def plate_homography(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int) -> np.ndarray | None:
+        """[3, 3] map from this view's pixels to the plate's (capture's mean camera at the
+        avatar's size), through the plane at the head's depth; None when a corner's ray
+        misses the plane."""
+        capture_w2c = self.rig.at(0.0, 0.0).double()
+        c2w = torch.linalg.inv(viewmat.double())
+        axis = capture_w2c[2, :3]  # the capture camera's viewing direction in world
+        centre = -capture_w2c[:3, :3].T @ capture_w2c[:3, 3]
+        plane_point = centre + self.rig.distance * axis
+        corners = torch.tensor([[0.0, 0.0], [width, 0.0], [width, height], [0.0, height]], dtype=torch.float64)
+        rays = torch.cat([corners, torch.ones(4, 1, dtype=torch.float64)], 1) @ torch.linalg.inv(K.double()).T
+        dirs = rays @ c2w[:3, :3].T
+        denom = dirs @ axis
+        if bool((denom.abs() < 1e-6).any()):
+            return None
+        depth = ((plane_point - c2w[:3, 3]) @ axis) / denom
+        if bool((depth <= 0).any()):
+            return None
+        points = c2w[:3, 3] + depth[:, None] * dirs
+        cam = points @ capture_w2c[:3, :3].T + capture_w2c[:3, 3]
+        pix = cam @ self.av.K.double().T
+        pix = pix[:, :2] / pix[:, 2:]
+        return cv2.getPerspectiveTransform(corners.numpy().astype(np.float32), pix.numpy().astype(np.float32))
 
     def intrinsics(self, fov_y: float, width: int, height: int) -> torch.Tensor:
         f = height / (2 * np.tan(fov_y / 2))
@@ -135,7 +178,7 @@ class ViewRenderer:
             face, _ = model.deformed(FACE, motion, eye, mouth_scale=s.mouth_scale)
             mouth, _ = model.deformed(MOUTH, motion, eye, mouth_scale=s.mouth_scale)
             t1 = time.perf_counter()
-            under = self.under(width, height, s)
+            under = self.under(viewmat, K, width, height, s)
             if s.mode == "centres":
                 means = torch.cat([face.means, mouth.means])
                 colours = BRANCH_COLOURS[torch.cat([face.branch, mouth.branch]).long()]
@@ -242,7 +285,7 @@ class ClientSession:
         with gui.add_folder("Render"):
             self.mode = gui.add_dropdown("Mode", MODES, initial_value="RGB")
             self.background = gui.add_checkbox("Background", True)
-            self.torso = gui.add_checkbox("Torso (capture's, 2D)", False)
+            self.torso = gui.add_checkbox("Torso (capture's, 2D)", True)
             self.mouth_amp = gui.add_slider("Mouth amplitude", 0.0, 2.0, 0.05, 1.0)
             self.eye = gui.add_slider("Eye openness", 0.0, 1.0, 0.05, 1.0)
             self.auto_blink = gui.add_checkbox("Natural blinks", True)
@@ -327,13 +370,17 @@ class ClientSession:
 
     # -- camera ------------------------------------------------------------------------
     def _place_camera(self) -> None:
+        """Open on the face: the capture's mean viewpoint, at the distance where the head
+        (hair to chin) fills HEAD_FILL of the view's height, or nearer, so that the view
+        stays inside what the capture saw (the plate and the torso come from there)."""
         rig = self.studio.renderer.rig
         cam = self.client.camera
         cam.fov = float(self.studio.fov_y)
         cam.up_direction = (0.0, 1.0, 0.0)
-        # A little farther than the capture's camera: the whole head and hair in view.
-        cam.position = (rig.target + 1.3 * rig.distance * rig.base_dir).numpy().astype(np.float64)
-        cam.look_at = rig.target.numpy().astype(np.float64)  # after position: it re-aims the camera
+        centre, height = self.studio.head
+        distance = min(height / (HEAD_FILL * 2 * np.tan(self.studio.fov_y / 2)), 0.95 * rig.distance)
+        cam.position = (centre + distance * rig.base_dir).numpy().astype(np.float64)
+        cam.look_at = centre.numpy().astype(np.float64)  # after position: it re-aims the camera
 
     def _camera_moved(self, _=None) -> None:
         self.last_move = time.perf_counter()
@@ -477,10 +524,12 @@ class Studio:
         for path in audio:
             self.add_track(load_track(Path(path), self.av))
         self.fov_y = 2 * float(np.arctan(self.av.size / (2 * float(self.av.K[1, 1]))))
+        self.head = head_extent(self.av)
         # Frames render with the avatar's rasterizer backend on the CPU; the CUDA path arrives
-        # with the CUDA kernels. Default: the training size, which is interactive on 2 cores.
+        # with the CUDA kernels. Default: the resolution a moving camera renders at about
+        # TARGET_FPS on this machine (measured now); a resting camera renders at twice it.
         self.max_resolution = 1024
-        self.default_resolution = resolution or self.av.size
+        self.default_resolution = resolution or self.measure_resolution()
         self.verbose = verbose
         self.sessions: dict[int, ClientSession] = {}
         self._blinks: dict[str, np.ndarray] = {}
@@ -490,8 +539,25 @@ class Studio:
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.server.scene.set_up_direction("+y")
         self.server.gui.configure_theme(control_width="large")
+        self.server.gui.main_panel.dock_right()  # the panel beside the view, not over the face
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(self._disconnect)
+
+    def measure_resolution(self) -> int:
+        """The resting resolution (long side) whose half, the moving one, renders at about
+        TARGET_FPS: render time is fitted as a + b * pixels from two timed frames."""
+        viewmat = self.renderer.rig.at(0, 0)
+        times = {}
+        for side in (128, 256):
+            K = self.renderer.intrinsics(self.fov_y, side, side)
+            self.renderer.render(viewmat, K, side, side, None, ViewSettings())  # warm-up (kernel load, caches)
+            t0 = time.perf_counter()
+            self.renderer.render(viewmat, K, side, side, None, ViewSettings())
+            times[side] = time.perf_counter() - t0
+        b = max((times[256] - times[128]) / (256**2 - 128**2), 1e-12)
+        a = max(times[128] - b * 128**2, 0.0)
+        moving = int(np.sqrt(max(1 / TARGET_FPS - a, 0.0) / b))  # side of a square view
+        return int(np.clip(2 * moving // 16 * 16, 128, self.max_resolution))
 
     @property
     def url(self) -> str:
