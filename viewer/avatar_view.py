@@ -109,15 +109,37 @@ class ViewSettings:
     eye: float = 1.0
 
 
+class FairLock:
+    """A lock granted in the order it was asked for, so that tabs take turns: a plain lock
+    promises no order, and a tab that renders back to back may take it again before the
+    tabs already waiting."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 class ViewRenderer:
     """Renders an avatar into an arbitrary camera with the viewer's modes; thread-safe
-    (one render at a time, so tabs share the cores instead of fighting over them)."""
+    (one render at a time, in turn, so tabs share the cores instead of fighting over them)."""
 
     def __init__(self, av: LoadedAvatar):
         self.av = av
         self.ds = open_dataset(av, av.size, required=False)
         self.rig = CameraRig(av, self.ds)
-        self.lock = threading.Lock()
+        self.lock = FairLock()
         self._torso = None
         if self.ds is not None:
             f = self.ds[0]
@@ -260,6 +282,7 @@ class ClientSession:
         self.sharp = False
         self.recording: Recording | None = None
         self.stats = {"fps": 0.0}
+        self.frames_sent = 0
         self.alive = True
         self._build_gui()
         self._place_camera()
@@ -447,6 +470,7 @@ class ClientSession:
                 if not self.alive:
                     return
                 self.client.scene.set_background_image(rgb, format="jpeg", jpeg_quality=85)
+                self.frames_sent += 1
                 timings["encode"] = 1e3 * (time.perf_counter() - t1)
             except Exception as exc:  # a tab that closed mid-frame: stop this loop only
                 if self.alive and studio.running and self.client.client_id in studio.sessions:
