@@ -251,19 +251,27 @@ def dataset_cases() -> list[Case]:
     for label, fn in geo.items():
         cases.append(_file_case(f"face_geometry-{label}", "face_geometry.npz", fn))
 
-    def folder(kind: str) -> Case:
-        def build(fx: Fixtures, ws: Path):
-            target = ws / "ds"
-            if kind == "file":
-                target.write_text("not a folder")
-            elif kind == "transforms-folder":
-                target.mkdir()
-                (target / "transforms.json").mkdir()
-            return _train_argv(target, ws), str(target)
-        return Case(f"dataset/folder/{kind}", build)
+    def transforms_folder(fx: Fixtures, target: Path) -> None:
+        target.mkdir()
+        (target / "transforms.json").mkdir()
 
-    cases += [folder(k) for k in ("missing", "file", "transforms-folder")]
-    return cases
+    return cases + _not_a_folder("dataset", "ds", _train_argv, {"transforms-folder": transforms_folder})
+
+
+def _not_a_folder(kind: str, name: str, argv: Callable[[Path, Path], list[str]],
+                  others: dict[str, Callable[[Fixtures, Path], None]]) -> list[Case]:
+    """Cases where the folder a command takes is missing, a file, or one of `others`
+    (maker of a wrong folder at the target path)."""
+    makers = {"missing": lambda fx, target: None, "file": lambda fx, target: target.write_text("not a folder"),
+              **others}
+
+    def case(label: str, make: Callable[[Fixtures, Path], None]) -> Case:
+        def build(fx: Fixtures, ws: Path):
+            make(fx, ws / name)
+            return argv(ws / name, ws), str(ws / name)
+        return Case(f"{kind}/folder-{label}", build)
+
+    return [case(label, make) for label, make in makers.items()]
 
 
 # ---------------------------------------------------------------- checkpoints --------------
@@ -337,17 +345,9 @@ def checkpoint_cases(keys: list[str]) -> list[Case]:
         cases.append(_ckpt_case(f"reshaped-{key}", _rewrite(lambda t, m, k=key: t.__setitem__(
             k, t[k].reshape(-1)[:-1].clone() if t[k].numel() > 1 else t[k].reshape(1, 1, 1).repeat(2, 2, 2)))))
 
-    def folder(kind: str) -> Case:
-        def build(fx: Fixtures, ws: Path):
-            target = ws / "avatar"
-            if kind == "file":
-                target.write_text("not a folder")
-            elif kind == "dataset":
-                shutil.copytree(fx.dataset, target)
-            return ["export", str(target), "--ply", str(ws / "out.ply")], str(target)
-        return Case(f"checkpoint/folder-{kind}", build)
-
-    return cases + [folder(k) for k in ("missing", "file", "dataset")]
+    return cases + _not_a_folder("checkpoint", "avatar", lambda target, ws: ["export", str(target), "--ply",
+                                                                          str(ws / "out.ply")],
+                                 {"dataset": lambda fx, target: shutil.copytree(fx.dataset, target)})
 
 
 # ---------------------------------------------------------------- speech -------------------
@@ -377,14 +377,28 @@ def _silent_video(path: Path, seconds: float, noise: bool = False, audio: np.nda
             out.mux(as_.encode())
 
 
-def speech_files() -> dict[str, Callable[[Fixtures, Path], Path]]:
-    """name -> builder of a bad speech file inside a workspace."""
+def _raw_file(stem: str):
+    """Builder of builders: a file `<stem><suffix>` holding `data(fixtures, rng)`."""
     def raw(suffix: str, data: Callable[[Fixtures, np.random.Generator], bytes]):
         def build(fx: Fixtures, ws: Path, name: str) -> Path:
-            path = ws / f"bad_speech{suffix}"
+            path = ws / f"{stem}{suffix}"
             path.write_bytes(data(fx, _rng(name)))
             return path
         return build
+    return raw
+
+
+def _folder(name: str):
+    """A builder of a folder where a file is expected."""
+    def build(fx: Fixtures, ws: Path, case: str) -> Path:
+        (ws / name).mkdir()
+        return ws / name
+    return build
+
+
+def speech_files() -> dict[str, Callable[[Fixtures, Path], Path]]:
+    """name -> builder of a bad speech file inside a workspace."""
+    raw = _raw_file("bad_speech")
 
     def good(fx: Fixtures) -> bytes:
         return fx.speech.read_bytes()
@@ -393,10 +407,6 @@ def speech_files() -> dict[str, Callable[[Fixtures, Path], Path]]:
         path = ws / "bad_speech.mp4"
         _silent_video(path, 1.0)
         return path
-
-    def folder(fx: Fixtures, ws: Path, name: str) -> Path:
-        (ws / "speech_folder").mkdir()
-        return ws / "speech_folder"
 
     return {
         "empty": raw(".wav", lambda fx, r: b""),
@@ -415,7 +425,7 @@ def speech_files() -> dict[str, Callable[[Fixtures, Path], Path]]:
         "text": raw(".mp3", lambda fx, r: b"this is not audio\n" * 50),
         "png": raw(".wav", lambda fx, r: _png(np.zeros((16, 16, 3), np.uint8))),
         "video-no-audio": video,
-        "folder": folder,
+        "folder": _folder("speech_folder"),
         "missing": lambda fx, ws, name: ws / "nowhere.wav",
     }
 
@@ -440,12 +450,8 @@ def speech_cases() -> list[Case]:
 # ---------------------------------------------------------------- videos -------------------
 
 def video_files() -> dict[str, Callable[[Fixtures, Path], Path]]:
-    def raw(suffix: str, data: Callable[[Fixtures, np.random.Generator], bytes]):
-        def build(fx: Fixtures, ws: Path, name: str) -> Path:
-            path = ws / f"bad_video{suffix}"
-            path.write_bytes(data(fx, _rng(name)))
-            return path
-        return build
+    """name -> builder of a bad video inside a workspace."""
+    raw = _raw_file("bad_video")
 
     def synth(seconds: float, noise: bool, with_audio: bool):
         def build(fx: Fixtures, ws: Path, name: str) -> Path:
@@ -456,10 +462,6 @@ def video_files() -> dict[str, Callable[[Fixtures, Path], Path]]:
             _silent_video(path, seconds, noise, None if pcm is None else np.tile(pcm, 3)[: int(seconds * 16000)])
             return path
         return build
-
-    def folder(fx: Fixtures, ws: Path, name: str) -> Path:
-        (ws / "video_folder").mkdir()
-        return ws / "video_folder"
 
     return {
         "empty": raw(".mp4", lambda fx, r: b""),
@@ -472,7 +474,7 @@ def video_files() -> dict[str, Callable[[Fixtures, Path], Path]]:
         "too-short": synth(1.0, False, True),
         "no-audio": synth(3.5, False, False),
         "no-face": synth(3.5, True, True),
-        "folder": folder,
+        "folder": _folder("video_folder"),
         "missing": lambda fx, ws, name: ws / "nowhere.mp4",
     }
 
