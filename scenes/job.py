@@ -216,8 +216,11 @@ def run_job(job: JobConfig) -> dict:
     opts = dict(job.train)
     cfg = preset(opts.pop("preset", "cpu"), **opts)  # checked by load_job
     resume = (avatar / CHECKPOINT).is_file()
+    steps_done = 0
     if resume:
-        _, changed = checkpoint_differences(avatar / CHECKPOINT, load_checkpoint(avatar / CHECKPOINT)[1], cfg, dataset)
+        saved = load_checkpoint(avatar / CHECKPOINT)[1]
+        steps_done = int(saved.get("step", 0))
+        _, changed = checkpoint_differences(avatar / CHECKPOINT, saved, cfg, dataset)
         if changed:  # a stale avatar is kept aside, not reused and not lost
             previous = out / "avatar.previous"
             _say("train", f"{avatar} was trained with other settings or data ({'; '.join(changed)}); "
@@ -225,7 +228,10 @@ def run_job(job: JobConfig) -> dict:
             shutil.rmtree(previous, ignore_errors=True)
             avatar.rename(previous)
             resume = False
-    _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps)")
+    if resume and steps_done >= cfg.iterations:
+        _say("train", f"reusing {avatar} (trained, {steps_done} steps)")
+    else:
+        _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps)")
     train(dataset, avatar, cfg, resume=resume)
     result["avatar"] = str(avatar)
     result["timings_s"]["train"] = time.perf_counter() - t

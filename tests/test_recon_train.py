@@ -199,7 +199,7 @@ camera = "fixed:10,0"
     t0 = time.time()
     assert cli(["run", str(job)]) == 0
     err = capsys.readouterr().err
-    assert err.count("reusing") == 2 and time.time() - t0 < 30  # the render and the eval
+    assert err.count("reusing") == 3 and time.time() - t0 < 30  # the avatar, the render and the eval
     # Other speech under the same name: rendered again, the rest reused.
     sf.write(tmp_path / "speech.wav", sf.read(speech_wav)[0][::-1], sf.info(speech_wav).samplerate)
     job.write_text(job.read_text().replace(str(speech_wav), str(tmp_path / "speech.wav")))
