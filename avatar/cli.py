@@ -42,18 +42,19 @@ def _train(args: argparse.Namespace) -> int:
     from recon.config import load_config, preset
     from recon.train import train
 
-    overrides = dict(iterations=args.iterations, size=args.size, seed=args.seed, backend=args.backend)
-    given = args.config or args.preset or any(v is not None for v in overrides.values())
+    overrides = {k: v for k, v in dict(iterations=args.iterations, size=args.size, seed=args.seed,
+                                       backend=args.backend).items() if v is not None}
+    cfg = None  # the cpu preset, or when resuming, the checkpoint's own settings (overrides over either)
     if args.config:
-        cfg = load_config(Path(args.config), args.preset, **overrides)
-    elif given:
+        cfg, overrides = load_config(Path(args.config), args.preset, **overrides), {}
+    else:
         try:
-            cfg = preset(args.preset or "cpu", **overrides)
+            checked = preset(args.preset or "cpu", **overrides)  # types and ranges of what was given
         except ValueError as exc:
             raise AvatarError(None, f"training setting {exc}") from exc
-    else:
-        cfg = None  # the preset cpu, or when resuming, the checkpoint's own settings
-    out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force)
+        if args.preset:
+            cfg, overrides = checked, {}
+    out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides)
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
     return 0
 
@@ -278,7 +279,8 @@ def _log_internal_error(stage: str, argv: list[str], exc: BaseException) -> Path
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI: 0 on success, 1 on bad input (a named error), 2 on an internal error
-    (one line here, the traceback in a log file), 130 when interrupted."""
+    (one line here, the traceback in a log file) and, as argparse does, on a malformed
+    command line; 130 when interrupted."""
     import logging
 
     from .errors import AvatarError

@@ -48,17 +48,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _aside(out: Path) -> Path:
-    return out.with_name(out.name + ".old")
+def replaced_path(out: Path) -> Path:
+    """Where `publish_folder` keeps the folder it replaces until the new one is in place (a
+    hidden name of its own, so no folder of the user's is ever taken for it)."""
+    return out.with_name(f".{out.name}.replaced")
 
 
 def publish_folder(work: Path, out: Path) -> None:
     """Put the finished folder `work` at `out`, replacing any folder there: `out` is renamed
-    to `<out>.old`, `work` to `out`, then `<out>.old` is removed. A kill between the two
-    renames leaves no `out` but both folders intact; `recover_folder` (called by every
-    publisher before it starts) finishes the swap or puts the old folder back."""
+    to `replaced_path(out)`, `work` to `out`, then the replaced folder is removed. A kill
+    between the two renames leaves no `out` but both folders intact; `recover_folder`
+    (called by every publisher before it starts) finishes the swap or puts the old folder
+    back."""
     work, out = Path(work), Path(out)
-    aside = _aside(out)
+    aside = replaced_path(out)
     if aside.exists():  # a previous publish was cut short after its swap; `out` is the newer
         shutil.rmtree(aside)
     if out.exists():
@@ -70,10 +73,10 @@ def publish_folder(work: Path, out: Path) -> None:
 
 def recover_folder(out: Path, work: Path, complete: Callable[[Path], bool]) -> None:
     """Repair what a killed `publish_folder(work, out)` left: with `out` in place, drop a
-    leftover `<out>.old`; without it, move the finished `work` in (when `complete(work)`),
-    else put `<out>.old` back."""
+    leftover replaced folder; without it, move the finished `work` in (when
+    `complete(work)`), else put the replaced folder back."""
     out, work = Path(out), Path(work)
-    aside = _aside(out)
+    aside = replaced_path(out)
     if out.exists():
         shutil.rmtree(aside, ignore_errors=True)
         return

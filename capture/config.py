@@ -73,7 +73,8 @@ class CaptureConfig:
                 raise ValueError(f"{f.name} must be {type(default).__name__}, got {value!r}")
         limits = {"fps": (1.0, 120.0), "size": (32, 4096), "crop_scale": (1.0, 10.0), "min_duration": (0.0, 3600.0),
                   "min_face_px": (1.0, 10_000.0), "min_tracked_fraction": (0.0, 1.0), "focal_sweep_steps": (2, 1000),
-                  "smoothness": (0.0, 1e6), "background_samples": (1, 10_000), "jpeg_quality": (1, 100)}
+                  "smoothness": (0.0, 1e6), "background_samples": (1, 10_000), "jpeg_quality": (1, 100),
+                  "focal_prior_fov_deg": (1.0, 170.0), "focal_prior_log_sd": (-1e6, 10.0), "min_face_px": (1.0, 1e4)}
         for name, (lo, hi) in limits.items():
             if not lo <= getattr(self, name) <= hi:
                 raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {getattr(self, name)!r}")

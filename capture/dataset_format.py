@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from avatar.errors import AvatarError
-from avatar.io import publish_folder, recover_folder
+from avatar.io import publish_folder, recover_folder, replaced_path
 
 from .audio import MEL_WINDOW, N_MELS, VISEMES, load_features
 
@@ -39,7 +39,10 @@ RECAPTURE = "re-run `avatar capture --force` on the video (or fix the file by ha
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _is_int(v: Any) -> bool:
@@ -69,7 +72,7 @@ class _Checker:
 
     def meta(self) -> dict:
         if not self.root.is_dir():
-            if self.root.with_name(self.root.name + ".old").is_dir():
+            if replaced_path(self.root).is_dir():
                 raise AvatarError(self.root, "is missing: a capture was killed while it replaced this dataset",
                                   "run the same `avatar capture` again: it restores the old or the new dataset")
             raise AvatarError(self.root, "is not a folder", "give the dataset folder written by `avatar capture`")
@@ -116,12 +119,10 @@ class _Checker:
             if key in f and not _is_number(f[key]):
                 self.fail(f"{where}.{key} must be a finite number, got {f[key]!r}")
         m = f.get("transform_matrix")
-        try:
-            c2w = np.array(m, dtype=np.float64)
-        except (TypeError, ValueError):
-            c2w = None
-        if c2w is None or c2w.shape != (4, 4):
+        if not (isinstance(m, list) and len(m) == 4 and all(isinstance(r, list) and len(r) == 4 for r in m)
+                and all(_is_number(v) or (isinstance(v, float) and not math.isfinite(v)) for r in m for v in r)):
             self.fail(f"{where}.transform_matrix must be a 4x4 list of numbers")
+        c2w = np.array(m, dtype=np.float64)
         if not np.isfinite(c2w).all():
             self.fail(f"{where}.transform_matrix has a non-finite number (NaN or infinity)")
         R = c2w[:3, :3]

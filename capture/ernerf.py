@@ -111,16 +111,20 @@ def _read_au(path: Path) -> dict[str, np.ndarray]:
 
 SOURCE_FILES = ("transforms_train.json", "transforms_val.json", "aud.wav", "bc.jpg", "au.csv", "aud_ds.npy",
                 "aud_hu.npy")
+SOURCE_FOLDERS = ("ori_imgs", "parsing")
 
 
 def source_inputs(src: Path, fps: float) -> dict:
     """What an import depends on: the format, the frame rate and the identity (size,
-    modification time) of the ER-NeRF folder's files that name or hold the data."""
+    modification time) of the ER-NeRF folder's files and of its frame and mask folders."""
     files = {}
     for name in SOURCE_FILES:
         if (src / name).is_file():
             st = (src / name).stat()
             files[name] = [st.st_size, st.st_mtime_ns]
+    for sub in SOURCE_FOLDERS:  # frames, masks, landmarks: their count, total size and newest change
+        stats = [p.stat() for p in (src / sub).iterdir() if p.is_file()] if (src / sub).is_dir() else []
+        files[sub + "/"] = [len(stats), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
     return {"format": DATASET_FORMAT, "source": str(src.resolve()), "fps": fps, "files": files}
 
 
@@ -232,8 +236,8 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
             report["head_frame"] = {"from": "triangulated 68 landmarks", "scale_to_metres": scale,
                                     "reprojection_px": {"median": float(np.median(err)),
                                                         "p90": float(np.percentile(err, 90))}}
-        write_json(work / "transforms.json", transforms)
         write_json(work / "capture_report.json", report)
+        write_json(work / "transforms.json", transforms)  # last: its presence marks the import finished
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

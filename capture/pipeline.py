@@ -240,6 +240,9 @@ def run_capture(cfg: CaptureConfig) -> Path:
 
 def _run(cfg: CaptureConfig) -> Path:
     out = Path(cfg.out)
+    for path in cfg.audio_features:
+        if not Path(path).is_file():
+            raise AvatarError(path, "not found (given with --audio-features)", "give the path of aud_ds.npy or aud_hu.npy")
     recover_dataset(out)
     readable = all(Path(p).is_file() for p in [cfg.video, *([cfg.audio] if cfg.audio else []), *cfg.audio_features])
     if (out / "transforms.json").is_file() and not cfg.force and readable:  # (else probing names the missing file)

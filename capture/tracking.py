@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
@@ -143,11 +143,12 @@ class _Solution:
     _graph = None
 
     def _start(self, build) -> None:
-        _filter.acquire()
+        self._quiet = ExitStack()
+        self._quiet.enter_context(native_stderr_filtered())
         try:
             self._graph = build()
         except BaseException:
-            _filter.release()
+            self._quiet.close()
             raise
 
     def _process(self, rgb: np.ndarray):
@@ -157,7 +158,7 @@ class _Solution:
         if self._graph is not None:
             self._graph.close()
             self._graph = None
-            _filter.release()
+            self._quiet.close()
 
     def __enter__(self):
         return self

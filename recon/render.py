@@ -110,8 +110,15 @@ def parse_camera(spec: str) -> tuple[str, tuple[float, float]]:
 
 
 def open_dataset(av: LoadedAvatar, size: int, required: bool) -> Dataset | None:
+    """The avatar's dataset; when not `required`, None if it is gone or damaged (said once)."""
     if av.dataset.is_dir():
-        return Dataset(av.dataset, size=size, cache_frames=32)
+        try:
+            return Dataset(av.dataset, size=size, cache_frames=32)
+        except AvatarError as exc:
+            if required:
+                raise
+            print(f"warning: the avatar's dataset is unusable, going on without it: {exc}", file=sys.stderr)
+            return None
     if required:
         raise AvatarError(av.dataset, "the avatar's dataset folder is missing; `--camera dataset` replays its "
                           "cameras and torso", "use --camera orbit or fixed:YAW,PITCH, or restore the dataset")

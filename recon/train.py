@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +195,7 @@ class Trainer:
     """State of one training run (model, optimizer, statistics) and its steps."""
 
     def __init__(self, dataset: Path, out: Path, cfg: TrainConfig | None, resume: bool, progress: bool = True,
-                 force: bool = False):
+                 force: bool = False, overrides: dict | None = None):
         self.out = Path(out)
         ckpt = self.out / CHECKPOINT
         if ckpt.exists() and not resume:
@@ -203,8 +203,9 @@ class Trainer:
                               "pass --resume to continue it, or choose another --out")
         resumed = load_checkpoint(ckpt) if resume and ckpt.exists() else None
         if resumed is not None:
-            cfg = resume_config(ckpt, resumed[1], cfg, Path(dataset), force)
-        self.cfg = cfg = cfg or preset("cpu")
+            cfg = resume_config(ckpt, resumed[1], cfg, Path(dataset), force, overrides or {})
+        self.cfg = cfg = cfg or preset("cpu", **(overrides or {}))
+        self.dataset_fingerprint = dataset_fingerprint(Path(dataset))
         check_backend(cfg.backend)
         self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True)
         self.mel = normalize_mel(self.ds.features["mel"])
@@ -286,7 +287,7 @@ class Trainer:
 
     def meta(self) -> dict:
         return {"step": self.step, "config": self.cfg.to_dict(), "dataset": str(self.ds.root.resolve()),
-                "dataset_fingerprint": dataset_fingerprint(self.ds.root),
+                "dataset_fingerprint": self.dataset_fingerprint,
                 "fps": float(self.ds.meta.get("fps", 25.0)), "size": self.cfg.size, "extent": self.extent,
                 "n_face": len(self.model.face), "n_mouth": len(self.model.mouth)}
 
@@ -448,40 +449,52 @@ class Trainer:
         return self.out
 
 
+BOOKKEEPING = ("checkpoint_every", "log_every", "cache_frames", "backend")
+"""Settings that do not change what is trained: never a reason to refuse a resume or retrain."""
+
+
 def checkpoint_differences(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: Path) -> tuple[TrainConfig, list[str]]:
-    """(the checkpoint's config, what differs from it: each setting of `wanted` that is not
-    the same, and the dataset when it was captured again or edited since)."""
+    """(the checkpoint's config, what differs from it: each setting of `wanted` other than
+    BOOKKEEPING that is not the same, and the dataset when it was captured again or edited
+    since)."""
     try:
         saved = TrainConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise AvatarError(ckpt, f"has an unreadable config ({exc})", "train into a new --out") from exc
     diffs = [] if wanted is None else [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(wanted, f.name)!r}"
-                                       for f in fields(TrainConfig) if getattr(saved, f.name) != getattr(wanted, f.name)]
+                                       for f in fields(TrainConfig) if f.name not in BOOKKEEPING
+                                       and getattr(saved, f.name) != getattr(wanted, f.name)]
     fingerprint = dataset_fingerprint(dataset)
     if meta.get("dataset_fingerprint", fingerprint) != fingerprint:
         diffs.append("the dataset (captured again or edited since)")
     return saved, diffs
 
 
-def resume_config(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: Path, force: bool) -> TrainConfig:
-    """The config to resume a checkpoint with: its own, unless settings were given (`wanted`)
-    that differ from it, or the dataset changed since; either stops with an error naming
-    what differs, unless `force` (then the given settings are used)."""
-    saved, diffs = checkpoint_differences(ckpt, meta, wanted, dataset)
+def resume_config(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: Path, force: bool,
+                  overrides: dict) -> TrainConfig:
+    """The config to resume a checkpoint with: its own with `overrides` applied, or
+    `wanted` (a whole config: a preset or config file was given). Any difference from the
+    checkpoint's, or a dataset changed since, stops with an error naming it, unless
+    `force` (then the given settings are used)."""
+    saved = checkpoint_differences(ckpt, meta, None, dataset)[0]
+    if wanted is None:
+        wanted = replace(saved, **overrides)
+    _, diffs = checkpoint_differences(ckpt, meta, wanted, dataset)
     if diffs and not force:
         raise AvatarError(ckpt, f"was trained with other settings or data: {'; '.join(diffs)}",
                           "resume without settings to keep the checkpoint's, pass --force to go on with the new "
                           "ones, or train into a new --out")
     if diffs:
         print(f"avatar train: --force: resuming {ckpt} with {'; '.join(diffs)}", file=sys.stderr)
-    return wanted if wanted is not None else saved
+    return wanted
 
 
 def train(dataset: str | Path, out: str | Path, cfg: TrainConfig | None, resume: bool = False, progress: bool = True,
-          force: bool = False) -> Path:
+          force: bool = False, overrides: dict | None = None) -> Path:
     """Train (or resume) an avatar; returns the avatar folder. See the module docstring.
-    cfg None: the checkpoint's config when resuming, else the cpu preset."""
-    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force)
+    cfg None: the checkpoint's config when resuming, else the cpu preset; `overrides`
+    (settings given one by one) are applied over either."""
+    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force, overrides)
     if trainer.step >= trainer.cfg.iterations:
         print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
         if not (trainer.out / "canonical.ply").is_file():

@@ -239,8 +239,10 @@ def run_job(job: JobConfig) -> dict:
 
     t = time.perf_counter()
     result["videos"] = []
-    for audio in job.render_audio:
-        video = out / "renders" / f"{audio.stem}_{job.render_camera.replace(':', '_').replace(',', '_')}.mp4"
+    stems = [a.stem for a in job.render_audio]
+    for k, audio in enumerate(job.render_audio):
+        stem = audio.stem if stems.count(audio.stem) == 1 else f"{audio.stem}-{k + 1}"  # two speech.wav: two videos
+        video = out / "renders" / f"{stem}_{job.render_camera.replace(':', '_').replace(',', '_')}.mp4"
         made_from = {"format": RENDER_INPUTS_FORMAT, "checkpoint": checkpoint, "audio": file_digest(audio),
                      "camera": job.render_camera, "size": job.render_size}
         record = video.with_suffix(".inputs.json")  # what the video was rendered from

@@ -184,6 +184,7 @@ def dataset_cases() -> list[Case]:
     for (r, c) in ((0, 0), (1, 3), (2, 2), (3, 3)):
         cases.append(_meta_case(f"pose-nan-{r}{c}", _set(["frames", 3, "transform_matrix", r, c], math.nan)))
     cases.append(_meta_case("pose-inf", _set(["frames", 0, "transform_matrix", 0, 3], math.inf)))
+    cases.append(_meta_case("pose-huge-int", _set(["frames", 0, "transform_matrix", 0, 3], 10**400)))
     eye = np.eye(4)
     poses = {"3x3": np.eye(3).tolist(), "4x3": eye[:, :3].tolist(), "empty": [], "string": "eye",
              "strings": [["1", "0", "0", "0"]] * 4, "nulls": [[None] * 4] * 4, "ragged": [[1, 0, 0, 0], [0, 1]],
@@ -524,6 +525,8 @@ def job_cases() -> list[Case]:
         "capture-fps-string": ok_input + '[capture]\nfps = "fast"\n',
         "capture-size-negative": ok_input + "[capture]\nsize = -1\n",
         "capture-audio-missing": ok_input + '[capture]\naudio = "nowhere.wav"\n',
+        "capture-features-missing": ok_input + '[capture]\naudio_features = ["nowhere.npy"]\n',
+        "capture-focal-prior-zero": ok_input + "[capture]\nfocal_prior_fov_deg = 0\n",
         "train-preset": ok_input + '[train]\npreset = "fast"\n',
         "train-unknown-key": ok_input + "[train]\niterationz = 5\n",
         "train-iterations-string": ok_input + '[train]\niterations = "many"\n',

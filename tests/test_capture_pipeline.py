@@ -310,3 +310,10 @@ def test_a_dataset_is_reused_only_for_the_same_video_and_settings(sample_dataset
     del meta["capture"]  # a dataset from before inputs were recorded
     (old / "transforms.json").write_text(json.dumps(meta))
     assert stale_fields(old, capture_inputs(same)) == ["unknown"]
+
+
+def test_missing_precomputed_features_are_named(tmp_path, capsys):
+    (tmp_path / "v.mp4").write_bytes(b"not checked yet")
+    assert run_cli(tmp_path / "v.mp4", "--out", tmp_path / "ds", "--audio-features", tmp_path / "aud_ds.npy") == 1
+    assert "aud_ds.npy: not found (given with --audio-features)" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.partial").exists()

@@ -9,6 +9,7 @@ import pytest
 
 from _datasets import make_dataset
 from avatar.errors import AvatarError
+from avatar.io import replaced_path
 from capture.dataset_format import recover_dataset, validate_dataset, work_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_a_kill_at_every_step_of_publishing_leaves_a_dataset(tmp_path):
         run = subprocess.run([sys.executable, "-c", script, str(k), str(out)], capture_output=True, text=True)
         if "published" in run.stdout:
             assert which(out) == "new" and not work_folder(out).exists()
-            assert not out.with_name("ds.old").exists()
+            assert not replaced_path(out).exists()
             break
         assert run.returncode == 9, run.stderr
         if not out.exists():  # killed between the renames: nothing is lost, and readers say what to do
@@ -64,7 +65,7 @@ def test_a_kill_at_every_step_of_publishing_leaves_a_dataset(tmp_path):
         recover_dataset(out)
         validate_dataset(out, decode=True)
         outcomes.append(which(out))
-        assert not out.with_name("ds.old").exists()
+        assert not replaced_path(out).exists()
     else:
         pytest.fail("the publish never completed")
     assert k >= 3 and set(outcomes) <= {"old", "new"} and "new" in outcomes

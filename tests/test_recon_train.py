@@ -59,6 +59,8 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
         train(sample_dataset, trained, preset("cpu", **{**TINY, "iterations": 61, "size": 96}), resume=True,
               progress=False)
     assert train(sample_dataset, trained, None, resume=True, progress=False) == trained  # its own settings
+    with pytest.raises(AvatarError, match=r"other settings or data: iterations 60 -> 61\n"):  # only what was given
+        train(sample_dataset, trained, None, resume=True, progress=False, overrides={"iterations": 61})
 
 
 def test_eval_render_export(trained, speech_wav, tmp_path):

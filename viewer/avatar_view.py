@@ -569,16 +569,23 @@ class Studio:
 
     def measure_resolution(self) -> int:
         """The resting resolution (long side) whose half, the moving one, renders at about
-        TARGET_FPS: render time is fitted as a + b * pixels from two timed frames."""
+        TARGET_FPS: render time is fitted as a + b * pixels to the median of three timed
+        frames at two sizes; the training size when the timings make no sense (a busy
+        machine)."""
         viewmat = self.renderer.rig.at(0, 0)
         times = {}
         for side in (128, 256):
             K = self.renderer.intrinsics(self.fov_y, side, side)
             self.renderer.render(viewmat, K, side, side, None, ViewSettings())  # warm-up (kernel load, caches)
-            t0 = time.perf_counter()
-            self.renderer.render(viewmat, K, side, side, None, ViewSettings())
-            times[side] = time.perf_counter() - t0
-        b = max((times[256] - times[128]) / (256**2 - 128**2), 1e-12)
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self.renderer.render(viewmat, K, side, side, None, ViewSettings())
+                runs.append(time.perf_counter() - t0)
+            times[side] = float(np.median(runs))
+        b = (times[256] - times[128]) / (256**2 - 128**2)
+        if b <= 0:
+            return self.av.size
         a = max(times[128] - b * 128**2, 0.0)
         moving = int(np.sqrt(max(1 / TARGET_FPS - a, 0.0) / b))  # side of a square view
         return int(np.clip(2 * moving // 16 * 16, 128, self.max_resolution))

@@ -110,10 +110,13 @@ def _compiler_errors(text: str, n: int = 6) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_cpu_extension():
+def load_cpu_extension(retry: bool = False):
     """Compile (first use) and import the OpenMP CPU rasterizer. A failed build raises
-    KernelBuildError with the compiler's last lines and the fix; it is recorded, so later
-    calls and later runs raise it at once until the sources, compiler or torch change."""
+    KernelBuildError with the compiler's error lines and the fix; it is recorded, so later
+    calls and later runs raise it at once until the sources, compiler or torch change.
+    retry: build again despite a recorded failure (backend 'cpu' asked for by name: the
+    user may have installed what was missing, headers or OpenMP, which the record's key
+    cannot see)."""
     import torch.utils.cpp_extension as cpp_ext
     from rich.console import Console
 
@@ -131,9 +134,9 @@ def load_cpu_extension():
         failed = json.loads(record.read_text()) if record.is_file() else None
     except ValueError:
         failed = None
-    if isinstance(failed, dict) and failed.get("key") == key:
+    if isinstance(failed, dict) and failed.get("key") == key and not retry:
         _failure = KernelBuildError(f"{failed['message']}\n  (the build failed before; recorded in {record}: it is tried "
-                               "again once the compiler, the sources or torch change, or when that file is deleted)")
+                               "again once the compiler, the sources or torch change, with --backend cpu, or when that file is deleted)")
         raise _failure
     console = Console(stderr=True)
     try:

@@ -141,7 +141,7 @@ def _pick_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
             from . import cpu_backend
             from ._build import load_cpu_extension
 
-            load_cpu_extension()
+            load_cpu_extension(retry=name == "cpu")
             return "cpu", cpu_backend
         except KernelBuildError as exc:
             if name == "cpu":
