@@ -214,3 +214,9 @@ camera = "fixed:10,0"
     err = capsys.readouterr().err
     assert "trained with other settings or data (iterations 60 -> 40)" in err and "scoring" in err
     assert (tmp_path / "work" / "avatar.previous" / "checkpoint.safetensors").is_file()
+    # Two speech files with one name: two videos, not one overwritten.
+    job.write_text(job.read_text().replace(f'audio = ["{tmp_path / "speech.wav"}"]',
+                                           f'audio = ["{tmp_path / "speech.wav"}", "{speech_wav}"]'))
+    assert cli(["run", str(job)]) == 0
+    videos = json.loads(capsys.readouterr().out)["videos"]
+    assert [os.path.basename(v) for v in videos] == ["speech-1_fixed_10_0.mp4", "speech-2_fixed_10_0.mp4"]
