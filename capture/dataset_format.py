@@ -140,7 +140,7 @@ class _Checker:
                     for m in MASK_NAMES]
         return out
 
-    def features(self, meta: dict) -> None:
+    def features(self, meta: dict) -> dict[str, np.ndarray]:
         path = self.file(meta.get("audio_features"), "audio_features")
         try:
             feats = load_features(path)
@@ -166,6 +166,7 @@ class _Checker:
         last = max(f["frame_index"] for f in meta["frames"])
         if last >= n:
             self.fail(f"covers {n} frames but transforms.json uses frame_index {last}", path)
+        return feats
 
     def arrays(self, meta: dict) -> None:
         n = len(meta["frames"])
@@ -209,7 +210,12 @@ class _Checker:
 
 
 def validate_dataset(root: str | Path, decode: bool = False) -> dict:
-    """Check a dataset folder and return its parsed transforms.json.
+    """Check a dataset folder and return its parsed transforms.json (see `open_checked`)."""
+    return open_checked(root, decode)[0]
+
+
+def open_checked(root: str | Path, decode: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """Check a dataset folder; (its parsed transforms.json, its audio features as checked).
 
     Always: the schema and types of transforms.json, finite numbers, rigid poses, every
     referenced file present and inside the folder, the feature arrays' shapes and length
@@ -220,11 +226,11 @@ def validate_dataset(root: str | Path, decode: bool = False) -> dict:
     check = _Checker(Path(root))
     meta = check.meta()
     files = check.files(meta)
-    check.features(meta)
+    feats = check.features(meta)
     check.arrays(meta)
     if decode:
         check.decode(files, meta["w"])
-    return meta
+    return meta, feats
 
 
 def work_folder(out: Path) -> Path:

@@ -16,8 +16,7 @@ import torch
 
 from avatar.errors import AvatarError
 from avatar.io import file_digest
-from capture.audio import load_features
-from capture.dataset_format import MASK_NAMES, validate_dataset
+from capture.dataset_format import MASK_NAMES, open_checked
 
 
 @dataclass
@@ -55,7 +54,7 @@ class Dataset:
 
     Args:
         root: the dataset folder written by `avatar capture`; checked up front
-            (capture.dataset_format.validate_dataset).
+            (capture.dataset_format.open_checked).
         size: resize frames to size x size (None keeps the capture size).
         cache_frames: how many decoded frames to keep in memory.
         check_images: also decode every image and mask before anything reads them (training).
@@ -63,14 +62,13 @@ class Dataset:
 
     def __init__(self, root: str | Path, size: int | None = None, cache_frames: int = 64, check_images: bool = False):
         self.root = Path(root)
-        self.meta = validate_dataset(self.root, decode=check_images)
+        self.meta, self.features = open_checked(self.root, decode=check_images)
         self.frames = self.meta["frames"]
         self.capture_size = int(self.meta["w"])
         self.size = size or self.capture_size
         s = self.size / self.capture_size
         self.K = torch.tensor([[self.meta["fl_x"] * s, 0, self.meta["cx"] * s],
                                [0, self.meta["fl_y"] * s, self.meta["cy"] * s], [0, 0, 1]], dtype=torch.float32)
-        self.features = load_features(self.root / self.meta["audio_features"])
         self.background = self._read_rgb(self.root / self.meta["background"])
         self._cache: OrderedDict[int, Frame] = OrderedDict()
         self._cache_frames = cache_frames

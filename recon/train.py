@@ -453,14 +453,19 @@ BOOKKEEPING = ("checkpoint_every", "log_every", "cache_frames", "backend")
 """Settings that do not change what is trained: never a reason to refuse a resume or retrain."""
 
 
+def saved_config(ckpt: Path, meta: dict) -> TrainConfig:
+    """The config a checkpoint was trained with; AvatarError when it is unreadable."""
+    try:
+        return TrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AvatarError(ckpt, f"has an unreadable config ({exc})", "train into a new --out") from exc
+
+
 def checkpoint_differences(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: Path) -> tuple[TrainConfig, list[str]]:
     """(the checkpoint's config, what differs from it: each setting of `wanted` other than
     BOOKKEEPING that is not the same, and the dataset when it was captured again or edited
     since)."""
-    try:
-        saved = TrainConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AvatarError(ckpt, f"has an unreadable config ({exc})", "train into a new --out") from exc
+    saved = saved_config(ckpt, meta)
     diffs = [] if wanted is None else [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(wanted, f.name)!r}"
                                        for f in fields(TrainConfig) if f.name not in BOOKKEEPING
                                        and getattr(saved, f.name) != getattr(wanted, f.name)]
@@ -476,9 +481,8 @@ def resume_config(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: P
     `wanted` (a whole config: a preset or config file was given). Any difference from the
     checkpoint's, or a dataset changed since, stops with an error naming it, unless
     `force` (then the given settings are used)."""
-    saved = checkpoint_differences(ckpt, meta, None, dataset)[0]
     if wanted is None:
-        wanted = replace(saved, **overrides)
+        wanted = replace(saved_config(ckpt, meta), **overrides)
     _, diffs = checkpoint_differences(ckpt, meta, wanted, dataset)
     if diffs and not force:
         raise AvatarError(ckpt, f"was trained with other settings or data: {'; '.join(diffs)}",
