@@ -113,7 +113,7 @@ results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
 def _render(args: argparse.Namespace) -> int:
     from recon.render import render_video
 
-    r = render_video(args.avatar, args.audio, args.out, camera=args.camera, size=args.size)
+    r = render_video(args.avatar, args.audio, args.out, camera=args.camera, size=args.size, torso=args.torso)
     print(f"video: {r['video']} ({r['frames']} frames, {r['seconds']:.2f} s; audio {r['audio_seconds']:.2f} s)")
     return 0
 
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", default="dataset",
                    help="dataset (replay the capture's head motion), orbit, or fixed:YAW,PITCH in degrees")
     p.add_argument("--size", type=int, help="frame side in pixels (default: the avatar's training size)")
+    p.add_argument("--torso", choices=("3d", "frame", "none"),
+                   help="behind the head: 3d (the avatar's neck-and-shoulders branch; the default when it has "
+                        "one), frame (the dataset frames' own pixels; dataset camera only) or none (the plate)")
     p.set_defaults(func=_render)
     p = sub.add_parser("export", help="export an avatar to standard 3DGS .ply (canonical or deformed)")
     p.add_argument("avatar", help="avatar folder written by `avatar train`")

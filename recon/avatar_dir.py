@@ -1,4 +1,4 @@
-"""The trained-avatar folder (format `avatar/3`), the hand-off from training to rendering,
+"""The trained-avatar folder (format `avatar/4`), the hand-off from training to rendering,
 evaluation, export and the viewer.
 
     AVATAR/
@@ -11,12 +11,15 @@ evaluation, export and the viewer.
 Checkpoint tensors (safetensors, no pickle):
     face.{means,quats,log_scales,opacity_logits,sh_dc,sh_rest}   face branch [n_face, ...]
     mouth.{...}                                                  inside-mouth branch
+    torso.params.{means,...}, torso.{blend,offset}.*, torso.{reference,neck_y}
+                                                                 neck-and-shoulders branch (absent
+                                                                 until the torso stage starts)
     face_deform.*, mouth_deform.*                                residual deformation heads (state_dict)
     motion_net.*                                                 speech -> motion codes (state_dict)
     rig.{vertices,triangles,falloff,basis.*}                     face mesh and motion basis (absent
                                                                  for datasets without landmarks)
     optim.<group>.{exp_avg,exp_avg_sq}                           Adam moments per tensor
-    densify.<branch>.{grad_sum,count}                            densification statistics
+    densify.<branch>.{grad_sum,count}                            densification statistics (face, mouth, torso)
     background                                                   [S, S, 3] plate at training size
     K                                                            [3, 3] intrinsics at training size
 Metadata (JSON): format, step, config, dataset, fps, size, extent, optim_steps.
@@ -34,13 +37,15 @@ from avatar.errors import AvatarError
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .gaussians import FACE, MOUTH, Gaussians
-from .model import AvatarModel, BranchParams
+from .gaussians import FACE, MOUTH, TORSO, Gaussians
+from .model import AvatarModel, BranchParams, concat
 from .motion import MotionBasis, MotionRig
+from .torso import TorsoModel
 
 CHECKPOINT = "checkpoint.safetensors"
-AVATAR_FORMAT = "avatar/3"
-# 3: MotionNet's bilabial closure; 2: speech -> motion codes -> mesh skinning;
+AVATAR_FORMAT = "avatar/4"
+# 4: the torso branch (avatar/3 checkpoints load as avatars without one, and `--resume`
+# trains them one); 3: MotionNet's bilabial closure; 2: speech -> motion codes -> mesh skinning;
 # 1: audio windows straight into the deformation heads.
 
 
@@ -53,6 +58,8 @@ def model_tensors(model: AvatarModel) -> dict[str, torch.Tensor]:
         module = getattr(model, prefix)
         if module is not None:
             out.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    if model.torso is not None:
+        out.update({f"torso.{k}": v.detach() for k, v in model.torso.state_dict().items()})
     return out
 
 
@@ -76,27 +83,32 @@ GAUSSIAN_SHAPES = {"means": (3,), "quats": (4,), "log_scales": (3,), "opacity_lo
 """Trailing shape of each per-Gaussian tensor (None: sh_rest, [N, (degree+1)^2 - 1, 3])."""
 
 
+def branch_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, label: int) -> Gaussians:
+    """One branch's Gaussians from checkpoint tensors `<prefix>.<name>`, shapes checked
+    (ValueError, KeyError)."""
+    t = {k: tensors[f"{prefix}.{k}"] for k in BranchParams.NAMES}
+    n = len(t["means"])
+    for k, tail in GAUSSIAN_SHAPES.items():
+        shape = tuple(t[k].shape)
+        if shape[:1] != (n,) or (shape[2:] != (3,) if tail is None else shape[1:] != tail):
+            raise ValueError(f"{prefix}.{k} has shape {list(shape)}, expected "
+                             f"{[n, 'K', 3] if tail is None else [n, *tail]}")
+    return Gaussians(t["means"], t["quats"], t["log_scales"], t["opacity_logits"],
+                     torch.cat([t["sh_dc"], t["sh_rest"]], 1), torch.full((n,), label, dtype=torch.uint8))
+
+
 def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarModel:
     try:
-        parts = []
-        for prefix, b in (("face", FACE), ("mouth", MOUTH)):
-            t = {k: tensors[f"{prefix}.{k}"] for k in BranchParams.NAMES}
-            n = len(t["means"])
-            for k, tail in GAUSSIAN_SHAPES.items():
-                shape = tuple(t[k].shape)
-                if shape[:1] != (n,) or (shape[2:] != (3,) if tail is None else shape[1:] != tail):
-                    raise ValueError(f"{prefix}.{k} has shape {list(shape)}, expected "
-                                     f"{[n, 'K', 3] if tail is None else [n, *tail]}")
-            parts.append(Gaussians(t["means"], t["quats"], t["log_scales"], t["opacity_logits"],
-                                   torch.cat([t["sh_dc"], t["sh_rest"]], 1),
-                                   torch.full((len(t["means"]),), b, dtype=torch.uint8)))
-        g = Gaussians(*(torch.cat([getattr(p, k) for p in parts])
-                        for k in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
+        g = concat([branch_from_tensors(tensors, prefix, b) for prefix, b in (("face", FACE), ("mouth", MOUTH))])
         first = tensors["motion_net.temporal.0.weight"]  # [width, 32 + visemes, kernel]
         model = AvatarModel(g, rig_from_tensors(tensors), motion_dim=tensors["motion_net.temporal.6.weight"].shape[0],
                             visemes=first.shape[1] - 32, window=4 * first.shape[2])
         for prefix in ("face_deform", "mouth_deform", "motion_net"):
             getattr(model, prefix).load_state_dict(_state(tensors, prefix))
+        if "torso.params.means" in tensors:
+            model.torso = TorsoModel(branch_from_tensors(tensors, "torso.params", TORSO), tensors["torso.reference"],
+                                     float(tensors["torso.neck_y"]))
+            model.torso.load_state_dict(_state(tensors, "torso"))
     except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise AvatarError(path, f"does not hold a complete avatar model ({exc.__class__.__name__}: {exc})",
                           "it was written by another version or is damaged; retrain or resume from a copy") from exc

@@ -75,6 +75,16 @@ class TrainConfig:
     (exp(-(d / falloff)^2)): points on the lips move with them, the skull does not."""
     lr_motion: float = 2e-3
     """Initial learning rate of MotionNet (decays 10x over motion_steps)."""
+    torso_steps: int = 1000
+    """Steps of the torso stage, after `iterations`: the neck-and-shoulders branch
+    (recon/torso.py) fitted under the finished head, which it never changes. 0: no torso."""
+    init_torso_points: int = 4_000
+    """Torso points at initialisation, lifted from the person masks below the head."""
+    max_torso_gaussians: int = 12_000
+    """Densification of the torso stops adding points at this count."""
+    silhouette_weight: float = 0.5
+    """Weight of |alpha - person mask| in the torso stage: the head and torso together
+    must cover the person, and nothing else (clean silhouettes in novel views)."""
     # Learning rates (Adam). Positions are in metres: the head is about 0.25 m across.
     lr_means: float = 2.5e-4
     """Initial learning rate of the Gaussian centres (decays 100x, as in 3DGS)."""
@@ -134,6 +144,11 @@ class TrainConfig:
     backend: str = "auto"
     """Rasterizer backend (auto, cpu, torch, cuda)."""
 
+    @property
+    def total_steps(self) -> int:
+        """All steps of a run: the head's `iterations`, then the torso's."""
+        return self.iterations + self.torso_steps
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -150,11 +165,13 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "cpu": TrainConfig(),
     "gpu": TrainConfig(preset="gpu", size=512, iterations=30_000, sh_degree=3, init_volume_points=40_000,
-                       init_mouth_points=5_000, max_gaussians=300_000, checkpoint_every=2000, log_every=100,
+                       init_mouth_points=5_000, max_gaussians=300_000, torso_steps=6000, init_torso_points=15_000,
+                       max_torso_gaussians=80_000, checkpoint_every=2000, log_every=100,
                        cache_frames=512, densify_until=0.5, opacity_reset_at=0.1),
     # The demo's shortened schedule: same model, fewer steps and points.
     "demo": TrainConfig(preset="demo", iterations=900, init_volume_points=6_000, init_mouth_points=800,
-                        max_gaussians=15_000, checkpoint_every=150),
+                        max_gaussians=15_000, checkpoint_every=150, torso_steps=300, init_torso_points=2_000,
+                        max_torso_gaussians=5_000),
 }
 
 
@@ -179,7 +196,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     return check_ranges(replace(base, **overrides))
 
 
-AT_LEAST_ONE = ("size", "iterations", "init_volume_points", "max_gaussians", "audio_window", "motion_components",
+AT_LEAST_ONE = ("size", "iterations", "init_volume_points", "init_torso_points", "max_gaussians", "audio_window", "motion_components",
                 "checkpoint_every", "log_every", "cache_frames", "densify_every", "lip_landmark_frames")
 FRACTIONS = ("densify_from", "densify_until", "opacity_reset_at", "percent_dense", "prune_opacity", "ssim_weight")
 

@@ -15,6 +15,12 @@ Metrics, written to AVATAR/eval.json:
                    open is the speech-to-motion stage's fault or the renderer's), and the
                    static mouth;
   fps              rendering rate (deformation + rasterization) at the avatar's size;
+  torso            (avatars with a torso branch) the held-out frames rendered with the 3D
+                   torso over the plate instead of their own pixels: full-frame PSNR/SSIM
+                   beside the frame-pixel figures above, PSNR inside the torso mask, the
+                   silhouette IoU of head-or-torso alpha > 0.5 against the person mask, and
+                   the seam where head meets torso (losses.boundary_seam, 8-bit levels),
+                   with the 3D torso and with the frame's own pixels;
   train_fit        the same PSNR/SSIM/LMD and opening measures on training frames spaced
                    evenly through the clip, driven by their speech, and (`tracked_motion`)
                    PSNR/SSIM/LMD driven by their tracked motion: the renderer's own fit.
@@ -47,9 +53,9 @@ from .avatar_dir import CHECKPOINT, LoadedAvatar, load_avatar
 from .conditioning import speech_features, speech_motion, viseme_features
 from .dataset import Dataset, behind_head, dataset_fingerprint
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
-from .losses import psnr, ssim
+from .losses import boundary_seam, psnr, ssim
 from .gaussians import FACE, MOUTH
-from .model import composite
+from .model import composite, torso_under
 from .motion import tracked_motion
 from .pose import correction_matrix
 from .render import open_dataset, ping_pong
@@ -150,6 +156,8 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             gt_lm, pred_lm = _track(tracker, gt_u8), _track(tracker, pred_u8)
             row = {"frame": i, **_score(pred, f.image, face), "lmd": _lmd(pred_lm, gt_lm),
                    "opening_real": _opening(gt_lm), "opening": _opening(pred_lm)}
+            if is_held_out and av.model.torso is not None:
+                row["torso"] = torso_scores(av, ds, i, codes[f.frame_index], eye, pred)
             if not is_held_out:
                 if tracked is not None:  # the renderer's own fit: the motion it was trained on
                     fit_pred = render(i, under, tracked[f.frame_index], eye)
@@ -173,7 +181,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
 
     lmd_frames = [r for r in rows if r["lmd"] is not None and r["lmd_static_mouth"] is not None]
     result = {
-        "format": "avatar-eval/2",
+        "format": "avatar-eval/3",
         "avatar": str(Path(avatar).resolve()), "dataset": str(ds.root), "inputs": eval_inputs(av.root, ds.root),
         "held_out_frames": [r["frame"] for r in rows],
         "size": ds.size,
@@ -186,6 +194,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         "pose_fit": held_out_pose_fit(av, ds, held_out[:: max(1, len(held_out) // pose_fit_frames)][:pose_fit_frames],
                                       codes) if pose_fit_frames else None,
         "fps": len(rows) / t_render,
+        "torso": {k: _mean([r["torso"] for r in rows], k) for k in TORSO_KEYS} if "torso" in rows[0] else None,
         "per_frame": rows,
         "train_fit": train_fit(fit_ids, fit_rows) if fit_rows else None,
     }
@@ -196,6 +205,28 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     with atomic_path(root / "eval_strip.png") as tmp:
         cv2.imwrite(str(tmp), cv2.cvtColor(np.concatenate([images, chart], axis=0), cv2.COLOR_RGB2BGR))
     return result
+
+
+TORSO_KEYS = ("psnr", "ssim", "psnr_torso_region", "silhouette_iou", "seam", "seam_frame_pixels")
+
+
+def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, code: torch.Tensor, eye: torch.Tensor,
+                 pred_frame: torch.Tensor) -> dict:
+    """Frame i rendered with the 3D torso over the plate (see the module docstring);
+    pred_frame [S, S, 3] is its render over its own pixels, for the seam's comparison."""
+    f = ds[i]
+    viewmat = ds.viewmat(i)
+    torso = av.model.torso_layer(viewmat, ds.K, ds.size, av.model.torso.motion_in(f.c2w), backend=av.config.backend)
+    out = av.model.render(viewmat, ds.K, ds.size, torso_under(torso, av.background), code, eye,
+                          backend=av.config.backend)
+    alpha = (1 - (1 - out.alpha) * (1 - torso.alpha))[..., 0] > 0.5
+    person, region, head = f.masks["person"], f.masks["torso"], f.masks["head"]
+    union = (alpha | person).sum()
+    return {"psnr": psnr(out.image, f.image), "ssim": ssim(out.image, f.image),
+            "psnr_torso_region": psnr(out.image, f.image, region) if region.any() else None,
+            "silhouette_iou": float((alpha & person).sum() / union) if union else None,
+            "seam": boundary_seam(out.image, f.image, head, region),
+            "seam_frame_pixels": boundary_seam(pred_frame, f.image, head, region)}
 
 
 OPENING_CURVES = (("real", "opening_real", (255, 255, 255)), ("avatar", "opening", (80, 220, 80)),

@@ -2,7 +2,7 @@
 
 Parameters are stored as 3DGS optimises them: log-scales, opacity logits, unnormalised
 quaternions (wxyz) and SH coefficients (DC + rest). Each Gaussian carries a branch
-label: 0 = face, 1 = inside-mouth (TalkingGaussian's split).
+label: 0 = face, 1 = inside-mouth (TalkingGaussian's split), 2 = torso (neck and shoulders).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
 
-FACE, MOUTH = 0, 1
+FACE, MOUTH, TORSO = 0, 1, 2
 SH_C0 = 0.28209479177387814  # Y_0^0: colour = SH_C0 * f_dc + 0.5
 
 
@@ -29,7 +29,7 @@ class Gaussians:
     log_scales: Tensor  # [N, 3]
     opacity_logits: Tensor  # [N]
     sh: Tensor  # [N, K, 3], K = (degree + 1)^2
-    branch: Tensor  # [N] uint8: 0 face, 1 mouth
+    branch: Tensor  # [N] uint8: 0 face, 1 mouth, 2 torso
 
     def __len__(self) -> int:
         return self.means.shape[0]

@@ -53,3 +53,30 @@ def ssim(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
     """Mean SSIM over all pixels, or over mask [H, W] (bool) only."""
     m = ssim_map(pred, gt)
     return float(m[mask].mean()) if mask is not None else float(m.mean())
+
+
+def boundary_seam(pred: Tensor, gt: Tensor, upper: Tensor, lower: Tensor, band: int = 3, ref: tuple[int, int] = (4, 6)) -> float | None:
+    """How visible the boundary between two regions stacked vertically (the head's mask
+    `upper` over the torso's `lower`, [H, W] bool) is in `pred` [H, W, 3] beyond what the
+    real frame `gt` shows there, in 8-bit levels; None where they do not meet.
+
+    Down each column where `upper` ends directly above `lower`, the signed error pred - gt
+    at the rows within `band` of the boundary is compared with its mean at the rows
+    `ref` away on both sides: a uniform error (the torso a little dark) is no seam, a line
+    or a step in the error at the boundary is (a step of s levels reads s / 2). The mean
+    over columns of the largest difference is returned.
+    """
+    H = upper.shape[0]
+    rows = torch.arange(H)[:, None].expand_as(upper)
+    last = torch.where(upper, rows, -1).max(0).values  # lowest head row per column
+    cols = torch.nonzero((last >= ref[1]) & (last < H - ref[1] - 1)).squeeze(1)
+    cols = cols[lower[last[cols] + 1, cols] & lower[(last[cols] + 2).clamp(max=H - 1), cols]]
+    if not len(cols):
+        return None
+    err = pred - gt
+    near = torch.arange(-band, band + 1)
+    far = torch.cat([torch.arange(-ref[1], -ref[0] + 1), torch.arange(ref[0], ref[1] + 1)])
+    y = last[cols]
+    e_near = err[(y[:, None] + near).clamp(0, H - 1), cols[:, None]]  # [C, 2 band + 1, 3]
+    e_far = err[(y[:, None] + far).clamp(0, H - 1), cols[:, None]].mean(1, keepdim=True)
+    return float((e_near - e_far).abs().mean(-1).max(1).values.mean()) * 255

@@ -1,6 +1,7 @@
-"""The talking avatar: persistent canonical Gaussians in two branches, moved by the face
+"""The talking avatar: persistent canonical Gaussians in two head branches, moved by the face
 mesh's motion (recon/motion.py) and each branch's residual deformation head, rendered
-mouth first, face over it, both over torso and background.
+mouth first, face over it, both over torso and background; and, once trained, a third
+branch for the neck and shoulders (recon/torso.py).
 
     speech --MotionNet--> motion codes [K] per frame (training: the frame's tracked motion)
     canonical Gaussians (face | mouth) --mesh skinning + deform(motion, eye)--> per-frame Gaussians
@@ -8,14 +9,15 @@ mouth first, face over it, both over torso and background.
     face layer  = rasterize(face branch)
     image = face + (1 - a_face) * (mouth + (1 - a_mouth) * under)
 
-`under` is what lies behind the head: during training the frame's own pixels outside its
-head mask and the background plate inside it (dataset.behind_head); when rendering new
-speech the same for a dataset frame, or the plate alone for novel views (recon/render.py).
+`under` is what lies behind the head: during the head's training the frame's own pixels
+outside its head mask and the background plate inside it (dataset.behind_head); with the
+torso branch, its layer over the plate (torso_under). recon/render.py chooses per view.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,9 @@ from recon.raster import rasterize
 from .deform import DeformationHead, DeformInputs, TriPlaneEncoding
 from .gaussians import FACE, MOUTH, Gaussians
 from .motion import MotionNet, MotionRig
+
+if TYPE_CHECKING:
+    from .torso import TorsoModel
 
 HEAD_BOUND_M = 0.25
 """Half-extent of the cube the deformation heads encode (head frame, metres)."""
@@ -50,6 +55,17 @@ class Frame:
     face: Layer
     mouth: Layer
     deformation: Tensor  # [] mean squared offset (positions in cm, rotations, log-scales); 0 if none
+
+
+def concat(parts: list[Gaussians]) -> Gaussians:
+    """Several sets of Gaussians as one (in order)."""
+    return Gaussians(*(torch.cat([getattr(p, f) for p in parts])
+                       for f in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
+
+
+def torso_under(torso: Layer | None, plate: Tensor) -> Tensor:
+    """[H, W, 3] what lies behind the head: the torso layer over the plate [H, W, 3]."""
+    return plate if torso is None else torso.rgb + (1 - torso.alpha) * plate
 
 
 def composite(face: Layer, mouth: Layer, under: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,9 +103,13 @@ class AvatarModel(nn.Module):
     motion codes are then a latent learned through the renders alone.
     """
 
+    torso: "TorsoModel | None"
+    """The neck-and-shoulders branch (recon/torso.py), None until the torso stage starts."""
+
     def __init__(self, g: Gaussians, rig: MotionRig | None = None, motion_dim: int = 16, visemes: int = 15,
                  window: int = 16):
         super().__init__()
+        self.torso = None
         self.face = BranchParams(g.select(g.branch == FACE))
         self.mouth = BranchParams(g.select(g.branch == MOUTH))
         motion_dim = rig.basis.dim if rig is not None else motion_dim
@@ -112,6 +132,7 @@ class AvatarModel(nn.Module):
                 self.rig.rebind(b, self.branch(b).means)
 
     def __len__(self) -> int:
+        """Gaussians of the head (face and mouth branches; the torso's are counted apart)."""
         return len(self.face) + len(self.mouth)
 
     @property
@@ -122,13 +143,28 @@ class AvatarModel(nn.Module):
         return self.face if branch == FACE else self.mouth
 
     def gaussians(self) -> Gaussians:
-        """The canonical state of both branches as one detached :class:`Gaussians`."""
+        """The canonical state of every branch as one detached :class:`Gaussians` (the torso
+        as novel views show it: in its reference relation to the head)."""
         parts = [self.face, self.mouth]
         cat = {k: torch.cat([getattr(p, k).detach() for p in parts]) for k in BranchParams.NAMES}
-        return Gaussians(cat["means"], cat["quats"], cat["log_scales"], cat["opacity_logits"],
+        head = Gaussians(cat["means"], cat["quats"], cat["log_scales"], cat["opacity_logits"],
                          torch.cat([cat["sh_dc"], cat["sh_rest"]], 1),
                          torch.cat([torch.full((len(p),), b, dtype=torch.uint8) for b, p in ((FACE, self.face),
                                                                                              (MOUTH, self.mouth))]))
+        if self.torso is None:
+            return head
+        with torch.no_grad():
+            torso = self.torso.deformed(None)[0]
+        return concat([head, torso])
+
+    def torso_layer(self, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], body: Tensor | None,
+                    sh_degree: int | None = None, backend: str = "auto") -> Layer | None:
+        """The torso rendered into one camera under body motion `body` [4, 4] (None: the
+        reference relation, for novel views); None for an avatar without a torso."""
+        if self.torso is None:
+            return None
+        g, _ = self.torso.deformed(body)
+        return self.render_layer(g, viewmat, K, size, self.sh_degree if sh_degree is None else sh_degree, backend)
 
     def deformed(self, branch: int, motion: Tensor | None, eye: Tensor | None, *, frozen: bool = False,
                  mouth_scale: float = 1.0) -> tuple[Gaussians, Tensor]:

@@ -6,8 +6,13 @@ Cameras (head frame; the head is still, the camera moves around it):
                each frame's own torso and surroundings around the head;
   orbit        a slow yaw/pitch orbit around the head at the capture's mean distance;
   fixed:Y,P    a still camera at yaw Y and pitch P degrees from the capture's mean view.
-Novel views (orbit, fixed) show the head over the background plate: the torso exists only
-as 2D pixels of the dataset frames and cannot be moved to a new view.
+What lies behind the head (`--torso`):
+  3d           the avatar's neck-and-shoulders branch over the background plate (recon/
+               torso.py), carried as the body moved in each dataset frame, and in its
+               reference relation to the head for novel views; the default;
+  frame        each dataset frame's own pixels around the head (ER-NeRF's way; only the
+               dataset camera has them: novel views show the plate);
+  none         the plate alone: the head by itself.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from avatar.media import write_mp4
 
 from .avatar_dir import LoadedAvatar, load_avatar
 from .conditioning import blink_schedule, speech_features, speech_motion
-from .dataset import Dataset, behind_head
+from .dataset import Dataset, Frame, behind_head
 from .gaussians import FACE, MOUTH
-from .model import composite
+from .model import composite, concat, torso_under
 
 GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
@@ -109,6 +114,34 @@ def parse_camera(spec: str) -> tuple[str, tuple[float, float]]:
     raise AvatarError(Path(spec), "is not a camera: use dataset, orbit or fixed:YAW,PITCH (degrees)")
 
 
+TORSO_MODES = ("3d", "frame", "none")
+
+
+def torso_mode(av: LoadedAvatar, torso: str | None) -> str:
+    """The torso to render (see the module docstring): `torso`, or by default 3d for an
+    avatar with a torso branch and frame for one without."""
+    if torso is None:
+        return "3d" if av.model.torso is not None else "frame"
+    if torso not in TORSO_MODES:
+        raise AvatarError(Path(torso), f"is not a torso mode: use {', '.join(TORSO_MODES)}")
+    if torso == "3d" and av.model.torso is None:
+        raise AvatarError(av.root, "has no 3D torso (trained before avatar/4, or with torso_steps 0)",
+                          "add one with `avatar train DATASET --out AVATAR --resume`, or pass --torso frame")
+    return torso
+
+
+def behind(av: LoadedAvatar, torso: str, viewmat: Tensor, K: Tensor, size: int, plate: Tensor,
+           frame: Frame | None = None) -> Tensor:
+    """[size, size, 3] what lies behind the head in one view: by `torso` mode, for a dataset
+    `frame` (its camera) or a novel view (frame None)."""
+    if torso == "3d":
+        body = None if frame is None else av.model.torso.motion_in(frame.c2w)
+        return torso_under(av.model.torso_layer(viewmat, K, size, body, backend=av.config.backend), plate)
+    if torso == "frame" and frame is not None:
+        return behind_head(frame, plate)
+    return plate
+
+
 def open_dataset(av: LoadedAvatar, size: int, required: bool) -> Dataset | None:
     """The avatar's dataset; when not `required`, None if it is gone or damaged (said once)."""
     if av.dataset.is_dir():
@@ -146,11 +179,14 @@ def ping_pong(k: int, n: int) -> int:
 
 
 def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera: str = "dataset",
-                 size: int | None = None, progress: bool = True, seed: int = 0, batch: int = 8) -> dict:
+                 size: int | None = None, progress: bool = True, seed: int = 0, batch: int = 8,
+                 torso: str | None = None) -> dict:
     """Render `audio` through the avatar to an mp4, deforming `batch` frames per pass.
+    torso: 3d, frame or none (module docstring; None: the avatar's default).
     Returns a summary dict."""
     mode, (yaw, pitch) = parse_camera(camera)
     av = load_avatar(avatar)
+    torso = torso_mode(av, torso)
     size = size or av.size
     if size % 2:
         raise AvatarError(Path(out), f"--size {size} must be even (H.264 needs even frame sizes)")
@@ -173,11 +209,10 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
                 for k, face, mouth in zip(run, faces, mouths):
                     if mode == "dataset":
                         i = ping_pong(k, len(ds))
-                        f = ds[i]
-                        viewmat, under = ds.viewmat(i), behind_head(f, plate)
+                        f, viewmat = ds[i], ds.viewmat(i)
                     else:
-                        viewmat = rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
-                        under = plate
+                        f, viewmat = None, rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
+                    under = behind(av, torso, viewmat, K, size, plate, f)
                     fl = model.render_layer(face, viewmat, K, size, model.sh_degree, av.config.backend)
                     ml = model.render_layer(mouth, viewmat, K, size, model.sh_degree, av.config.backend)
                     image, _ = composite(fl, ml, under)
@@ -189,18 +224,18 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
     finally:
         bar.close()
     return {"video": str(path), "frames": len(drive), "seconds": len(drive) / av.fps,
-            "audio_seconds": len(pcm) / 16_000, "camera": camera, "size": size}
+            "audio_seconds": len(pcm) / 16_000, "camera": camera, "size": size, "torso": torso}
 
 
 def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int):
-    """Both branches' Gaussians at frame k of a drive, concatenated (face first)."""
-    from .gaussians import Gaussians
-
+    """Every branch's Gaussians at frame k of a drive, concatenated (face, mouth, then the
+    torso in its reference relation to the head)."""
     eye = torch.tensor([float(drive.eye[k])])
     with torch.no_grad():
         parts = [av.model.deformed(b, drive.codes(k), eye)[0] for b in (FACE, MOUTH)]
-    return Gaussians(*(torch.cat([getattr(p, f) for p in parts])
-                       for f in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
+        if av.model.torso is not None:
+            parts.append(av.model.torso.deformed(None)[0])
+    return concat(parts)
 
 
 def contact_sheet(video: str | Path, out: str | Path, n: int = 8, columns: int = 4) -> Path:

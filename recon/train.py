@@ -12,7 +12,11 @@ Stages (TalkingGaussian's order; fractions in TrainConfig.stages):
           its layer over the torso/background must match the frame inside the inner lips;
   face    the face branch and its motion/eye head; its layer is laid over the frame's own
           inner mouth, and its alpha must match head-minus-mouth, so the lips learn to open;
-  fuse    everything, on the full composite.
+  fuse    everything, on the full composite;
+  torso   (`torso_steps` more, recon/torso.py) the neck-and-shoulders branch alone, under
+          the finished head, over the background plate: the composite must match the
+          whole frame, and head and torso alphas together the person mask. The head is
+          rendered without gradients, so its figures are exactly those of the fuse stage.
 Loss: (1 - 0.2) L1 + 0.2 D-SSIM with extra weight on the lips, + |alpha - mask|,
 + a small penalty on deformation magnitude, + (while the face head deforms) the distance
 between the tracked lip landmarks and the fitted face's lip landmarks carried by the
@@ -51,17 +55,34 @@ from .densify import GradStats, densify_and_prune, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
 from .losses import photometric_loss, psnr
-from .model import AvatarModel, BranchParams, composite
+from .model import AvatarModel, BranchParams, composite, torso_under
 from .motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
 from .raster.api import check_backend
+from .torso import TorsoModel, init_torso
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
 
 
+def _gaussian_lrs(cfg: TrainConfig) -> dict[str, float]:
+    return {"means": cfg.lr_means, "quats": cfg.lr_quats, "log_scales": cfg.lr_scales,
+            "opacity_logits": cfg.lr_opacity, "sh_dc": cfg.lr_sh, "sh_rest": cfg.lr_sh / 20}
+
+
+def torso_groups(torso: TorsoModel, cfg: TrainConfig) -> list[dict]:
+    """The torso's parameter groups ("torso.means", ..., "torso.mlp")."""
+    lrs = _gaussian_lrs(cfg)
+    groups = [{"params": [getattr(torso.params, k)], "name": f"torso.{k}", "lr": lrs[k]} for k in BranchParams.NAMES]
+    groups.append({"params": [*torso.blend.parameters(), *torso.offset.parameters(), *torso.sway.parameters()],
+                   "name": "torso.mlp",
+                   "lr": cfg.lr_deform})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return groups
+
+
 def make_optimizer(model: AvatarModel, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam with one named group per tensor ("face.means", ..., "face_deform", ...)."""
-    lrs = {"means": cfg.lr_means, "quats": cfg.lr_quats, "log_scales": cfg.lr_scales,
-           "opacity_logits": cfg.lr_opacity, "sh_dc": cfg.lr_sh, "sh_rest": cfg.lr_sh / 20}
+    lrs = _gaussian_lrs(cfg)
     groups = [{"params": [getattr(model.branch(b), k)], "name": f"{prefix}.{k}", "lr": lrs[k]}
               for prefix, b in BRANCHES for k in BranchParams.NAMES]
     if model.rig is None:  # no tracked motion to fit MotionNet to: it learns through the renders
@@ -75,6 +96,8 @@ def make_optimizer(model: AvatarModel, cfg: TrainConfig) -> torch.optim.Adam:
                        "name": f"{prefix}.mlp", "lr": cfg.lr_deform})
     for g in groups:
         g["base_lr"] = g["lr"]
+    if model.torso is not None:
+        groups += torso_groups(model.torso, cfg)
     return torch.optim.Adam(groups, eps=1e-15)
 
 
@@ -101,6 +124,8 @@ def load_optimizer_tensors(optim: torch.optim.Adam, tensors: dict[str, torch.Ten
 
 
 def stage_at(cfg: TrainConfig, step: int) -> str:
+    if step >= cfg.iterations:
+        return "torso"
     current = "static"
     for name, first in cfg.stages.boundaries(cfg.iterations):
         if step >= first:
@@ -218,7 +243,7 @@ class Trainer:
             self.optim = make_optimizer(self.model, cfg)
             load_optimizer_tensors(self.optim, tensors)
             self.stats = {name: GradStats.from_state({k: tensors[f"densify.{name}.{k}"] for k in ("grad_sum", "count")})
-                          for name, _ in BRANCHES}
+                          for name in [n for n, _ in BRANCHES] + (["torso"] if self.model.torso is not None else [])}
             self.step, self.extent = int(meta["step"]), float(meta["extent"])
             for stale in self.out.glob(".*.tmp*"):  # a write cut short by a crash
                 stale.unlink()
@@ -289,11 +314,12 @@ class Trainer:
         return {"step": self.step, "config": self.cfg.to_dict(), "dataset": str(self.ds.root.resolve()),
                 "dataset_fingerprint": self.dataset_fingerprint,
                 "fps": float(self.ds.meta.get("fps", 25.0)), "size": self.cfg.size, "extent": self.extent,
-                "n_face": len(self.model.face), "n_mouth": len(self.model.mouth)}
+                "n_face": len(self.model.face), "n_mouth": len(self.model.mouth),
+                "n_torso": 0 if self.model.torso is None else len(self.model.torso)}
 
     def save(self) -> Path:
         extra = {"background": self.ds.background, "K": self.ds.K, **optimizer_tensors(self.optim)}
-        for name, _ in BRANCHES:
+        for name in self.stats:
             extra.update({f"densify.{name}.{k}": v for k, v in self.stats[name].state().items()})
         return save_avatar(self.out, self.model, self.meta(), extra)
 
@@ -306,8 +332,11 @@ class Trainer:
         return self.train_ids[int(perm[k])]
 
     def set_learning_rates(self, step: int) -> None:
-        t = step / max(self.cfg.iterations - 1, 1)
+        cfg = self.cfg
+        head_t = min(step / max(cfg.iterations - 1, 1), 1.0)
+        torso_t = min(max(step - cfg.iterations, 0) / max(cfg.torso_steps - 1, 1), 1.0)
         for g in self.optim.param_groups:
+            t = torso_t if g["name"].startswith("torso.") else head_t
             if g["name"].endswith(".means"):
                 g["lr"] = g["base_lr"] * 0.01**t  # 3DGS's exponential decay to 1/100
             elif g["name"].endswith((".mlp", ".planes")):
@@ -317,9 +346,43 @@ class Trainer:
         """One more SH band every iterations / (2 (degree + 1)) steps (3DGS ramps every 1000)."""
         return min(self.cfg.sh_degree, step * 2 * (self.cfg.sh_degree + 1) // max(self.cfg.iterations, 1))
 
+    def start_torso(self) -> None:
+        """Create the torso branch (recon/torso.py) and its optimizer groups."""
+        torso = init_torso(self.ds, self.train_ids, self.cfg.init_torso_points, self.cfg.sh_degree, seed=self.cfg.seed)
+        if torso is None:
+            print("avatar train: the frames show no body below the head; no torso", file=sys.stderr)
+            return
+        self.model.torso = torso
+        for group in torso_groups(torso, self.cfg):
+            self.optim.add_param_group(group)
+        self.stats["torso"] = GradStats(len(torso))
+
+    def torso_loss_at(self, step: int) -> tuple[torch.Tensor, dict, list]:
+        """The torso stage's loss: the finished head (no gradients) over the torso over the
+        plate against the whole frame, and head-or-torso alpha against the person mask."""
+        cfg, ds, model = self.cfg, self.ds, self.model
+        i = self.frame_for_step(step)
+        f = ds[i]
+        with torch.no_grad():
+            motion, eye = self.motion_at(i, step), torch.tensor([f.eye_openness])
+            face, mouth = (model.render_layer(model.deformed(b, motion, eye)[0], ds.viewmat(i), ds.K, ds.size,
+                                              cfg.sh_degree, cfg.backend) for b in (FACE, MOUTH))
+        g, penalty = model.torso.deformed(model.torso.motion_in(f.c2w))
+        torso = model.render_layer(g, ds.viewmat(i), ds.K, ds.size, self.active_sh_degree(step), cfg.backend)
+        torso.means2d.retain_grad()
+        pred, head_alpha = composite(face, mouth, torso_under(torso, ds.background))
+        alpha = 1 - (1 - head_alpha) * (1 - torso.alpha)
+        gt, person, region = f.image, f.masks["person"], f.masks["torso"]
+        loss = (photometric_loss(pred, gt, cfg.ssim_weight)
+                + cfg.silhouette_weight * (alpha[..., 0] - person.float()).abs().mean() + cfg.deform_weight * penalty)
+        info = {"stage": "torso", "frame": i, "psnr": psnr(pred.detach(), gt, region if region.any() else None)}
+        return loss, info, [torso]
+
     def loss_at(self, step: int) -> tuple[torch.Tensor, dict, list]:
         cfg, ds, model = self.cfg, self.ds, self.model
         stage = stage_at(cfg, step)
+        if stage == "torso":
+            return self.torso_loss_at(step)
         i = self.frame_for_step(step)
         f = ds[i]
         gt, masks = f.image, f.masks
@@ -394,25 +457,45 @@ class Trainer:
             self.stats[name] = GradStats(len(p))
         return counts
 
+    def densify_torso(self, step: int) -> dict:
+        """One densification round of the torso (3DGS rules, its own budget)."""
+        cfg, torso = self.cfg, self.model.torso
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        counts = densify_and_prune(torso.params, "torso", self.optim, self.stats["torso"],
+                                   grad_threshold=cfg.densify_grad, extent=self.extent,
+                                   percent_dense=cfg.percent_dense, prune_opacity=cfg.prune_opacity,
+                                   budget=cfg.max_torso_gaussians - len(torso), generator=g)
+        self.stats["torso"] = GradStats(len(torso))
+        return {"torso": counts}
+
     def run(self, progress: bool = True) -> Path:
         cfg = self.cfg
         metrics_path = self.out / "metrics.jsonl"
         t_start, done_at_start = time.perf_counter(), self.step
-        bar = tqdm(total=cfg.iterations, initial=self.step, desc="avatar train", unit="it", disable=not progress,
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="avatar train", unit="it", disable=not progress,
                    dynamic_ncols=True, file=sys.stderr)
         densify_from, densify_until = int(cfg.densify_from * cfg.iterations), int(cfg.densify_until * cfg.iterations)
+        torso_densify = (cfg.iterations + int(cfg.densify_from * cfg.torso_steps),
+                         cfg.iterations + int(cfg.densify_until * cfg.torso_steps))
         reset_at = int(cfg.opacity_reset_at * cfg.iterations) if cfg.opacity_reset_at > 0 else -1
         log = open(metrics_path, "a")
         try:
-            while self.step < cfg.iterations:
+            while self.step < cfg.total_steps:
                 step = self.step
+                if step == cfg.iterations and self.model.torso is None:
+                    self.start_torso()
+                    if self.model.torso is None:  # nothing to fit: the run ends with the head
+                        self.step = cfg.total_steps
+                        self.save()
+                        break
                 self.set_learning_rates(step)
                 loss, info, layers = self.loss_at(step)
                 if not torch.isfinite(loss):
                     raise AvatarError(self.out, f"training diverged at step {step} (loss {float(loss)})",
                                       "resume from the last checkpoint with --resume after lowering learning rates")
                 loss.backward()
-                for (name, _), layer in zip(BRANCHES, layers):
+                names = ["torso"] if info["stage"] == "torso" else [name for name, _ in BRANCHES]
+                for name, layer in zip(names, layers):
                     if layer is not None:
                         self.stats[name].update(layer, cfg.size)
                 self.optim.step()
@@ -422,6 +505,8 @@ class Trainer:
                 if densify_from <= self.step < densify_until and self.step % cfg.densify_every == 0:
                     event["densify"] = self.densify(step)
                     self.model.rebind()
+                if torso_densify[0] <= self.step < torso_densify[1] and self.step % cfg.densify_every == 0:
+                    event["densify"] = self.densify_torso(step)
                 if self.step == reset_at:
                     for name, b in BRANCHES:
                         reset_opacity(self.model.branch(b), name, self.optim)
@@ -429,17 +514,20 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(stage=info["stage"], loss=f"{loss.item():.4f}", psnr=f"{info['psnr']:.2f}",
                                 gaussians=len(self.model), refresh=False)
-                if self.step % cfg.log_every == 0 or event or self.step == cfg.iterations:
+                if self.step % cfg.log_every == 0 or event or self.step in (cfg.iterations, cfg.total_steps):
                     elapsed = time.perf_counter() - t_start
-                    record = {"step": self.step, "stage": info["stage"], "loss": loss.item(), "psnr_head": info["psnr"],
+                    record = {"step": self.step, "stage": info["stage"], "loss": loss.item(),
+                              ("psnr_torso" if info["stage"] == "torso" else "psnr_head"): info["psnr"],
                               "n_face": len(self.model.face), "n_mouth": len(self.model.mouth),
                               "it_per_s": (self.step - done_at_start) / max(elapsed, 1e-9),
                               "elapsed_s": elapsed, **event}
+                    if self.model.torso is not None:
+                        record["n_torso"] = len(self.model.torso)
                     if "lip_landmark_px" in info:
                         record["lip_landmark_px"] = info["lip_landmark_px"]
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                if self.step % cfg.checkpoint_every == 0 or self.step in (cfg.iterations, cfg.total_steps):
                     self.save()
                     self.model.rebind()  # from the saved points, as a run resumed here binds
         finally:
@@ -499,7 +587,7 @@ def train(dataset: str | Path, out: str | Path, cfg: TrainConfig | None, resume:
     cfg None: the checkpoint's config when resuming, else the cpu preset; `overrides`
     (settings given one by one) are applied over either."""
     trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force, overrides)
-    if trainer.step >= trainer.cfg.iterations:
+    if trainer.step >= trainer.cfg.total_steps:
         print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
         if not (trainer.out / "canonical.ply").is_file():
             save_ply(trainer.out / "canonical.ply", trainer.model.gaussians())

@@ -56,6 +56,8 @@ class JobConfig:
     """Camera of the renders: dataset, orbit, fixed:YAW,PITCH."""
     render_size: int | None = None
     """Side of the rendered frames (default: the training size)."""
+    render_torso: str | None = None
+    """Behind the head: 3d, frame or none (recon/render.py; default: 3d when trained)."""
     evaluate: bool = True
     """Score the avatar on held-out frames (avatar eval)."""
     source: Path | None = None
@@ -63,7 +65,7 @@ class JobConfig:
 
 
 SECTIONS = {"job": {"out"}, "input": {"video", "ernerf", "sample"}, "capture": None, "train": None,
-            "render": {"audio", "camera", "size"}, "eval": {"enabled"}}
+            "render": {"audio", "camera", "size", "torso"}, "eval": {"enabled"}}
 """Each section's keys ([capture] and [train] take their config's fields)."""
 
 
@@ -83,7 +85,7 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     the input files exist is checked by `check_inputs`, before a run starts."""
     from capture.config import CaptureConfig
     from recon.config import preset
-    from recon.render import parse_camera
+    from recon.render import TORSO_MODES, parse_camera
 
     path = Path(path)
     try:
@@ -145,12 +147,15 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     size = render.get("size")
     if size is not None and (not _typed(path, "[render] size", size, int, "a positive integer") or size < 16):
         raise AvatarError(path, f"[render] size must be at least 16 pixels, got {size}")
+    torso = render.get("torso")
+    if torso is not None and _typed(path, "[render] torso", torso, str, "3d, frame or none") not in TORSO_MODES:
+        raise AvatarError(path, f"[render] torso {torso!r} is not a torso mode: use {', '.join(TORSO_MODES)}")
     return JobConfig(
         out=out_dir, video=resolve("[input] video", inp["video"]) if "video" in inp else None,
         ernerf=resolve("[input] ernerf", inp["ernerf"]) if "ernerf" in inp else None, sample=sample,
         capture=capture, train=train,
         render_audio=[resolve("[render] audio", a) for a in audio],
-        render_camera=camera, render_size=size,
+        render_camera=camera, render_size=size, render_torso=torso,
         evaluate=_typed(path, "[eval] enabled", d.get("eval", {}).get("enabled", True), bool, "true or false"),
         source=path,
     )
@@ -228,10 +233,11 @@ def run_job(job: JobConfig) -> dict:
             shutil.rmtree(previous, ignore_errors=True)
             avatar.rename(previous)
             resume = False
-    if resume and steps_done >= cfg.iterations:
+    if resume and steps_done >= cfg.total_steps:
         _say("train", f"reusing {avatar} (trained, {steps_done} steps)")
     else:
-        _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps)")
+        _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps "
+                      f"+ {cfg.torso_steps} of the torso)")
     train(dataset, avatar, cfg, resume=resume)
     result["avatar"] = str(avatar)
     result["timings_s"]["train"] = time.perf_counter() - t
@@ -244,13 +250,13 @@ def run_job(job: JobConfig) -> dict:
         stem = audio.stem if stems.count(audio.stem) == 1 else f"{audio.stem}-{k + 1}"  # two speech.wav: two videos
         video = out / "renders" / f"{stem}_{job.render_camera.replace(':', '_').replace(',', '_')}.mp4"
         made_from = {"format": RENDER_INPUTS_FORMAT, "checkpoint": checkpoint, "audio": file_digest(audio),
-                     "camera": job.render_camera, "size": job.render_size}
+                     "camera": job.render_camera, "size": job.render_size, "torso": job.render_torso}
         record = video.with_suffix(".inputs.json")  # what the video was rendered from
         if video.is_file() and _read_json(record) == made_from:
             _say("render", f"reusing {video}")
         else:
             _say("render", f"{audio} -> {video} (camera {job.render_camera})")
-            render_video(avatar, audio, video, camera=job.render_camera, size=job.render_size)
+            render_video(avatar, audio, video, camera=job.render_camera, size=job.render_size, torso=job.render_torso)
             write_json(record, made_from)
         result["videos"].append(str(video))
     result["timings_s"]["render"] = time.perf_counter() - t

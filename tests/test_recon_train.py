@@ -45,7 +45,7 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
     assert any(m.get("densify", {}).get("face", {}).get("split", 0) + m.get("densify", {}).get("face", {}).get("cloned", 0)
                for m in metrics)
     cfg = json.loads((trained / "config.json").read_text())
-    assert cfg["format"] == "avatar/3" and cfg["config"]["size"] == 64 and cfg["config"]["iterations"] == 60
+    assert cfg["format"] == "avatar/4" and cfg["config"]["size"] == 64 and cfg["config"]["iterations"] == 60
     a = load_avatar(trained)
     g = load_ply(trained / "canonical.ply")
     assert len(g) == len(a.model) and set(g.branch.tolist()) == {0, 1}
@@ -66,7 +66,7 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
 def test_eval_render_export(trained, speech_wav, tmp_path):
     r = evaluate(trained, progress=False)
     saved = json.loads((trained / "eval.json").read_text())
-    assert saved["format"] == "avatar-eval/2" and saved["held_out_frames"] == r["held_out_frames"]
+    assert saved["format"] == "avatar-eval/3" and saved["held_out_frames"] == r["held_out_frames"]
     # Lip sync: the real frames, the speech-driven avatar, the renderer on tracked motion, the static mouth.
     assert set(saved["lipsync"]) == {"real", "avatar", "tracked_motion", "static_mouth"}
     assert saved["lipsync"]["real"]["opening_range_ratio"] == pytest.approx(1.0)

@@ -31,14 +31,16 @@ from avatar.media import write_mp4
 from recon.avatar_dir import LoadedAvatar, load_avatar
 from recon.conditioning import blink_schedule, speech_features, speech_motion
 from recon.gaussians import FACE, MOUTH
-from recon.model import composite
+from recon.model import composite, torso_under
 from recon.raster import rasterize
 from recon.render import CameraRig, Drive, open_dataset
 
 MODES = ("RGB", "depth", "alpha", "face branch", "mouth branch", "centres")
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_TRACK_SECONDS = 180.0
-BRANCH_COLOURS = torch.tensor([[0.95, 0.75, 0.2], [0.9, 0.1, 0.35]])  # face, mouth
+BRANCH_COLOURS = torch.tensor([[0.95, 0.75, 0.2], [0.9, 0.1, 0.35], [0.3, 0.6, 0.95]])  # face, mouth, torso
+TORSO_CHOICES = {"3D": "3d", "capture's 2D": "frame", "none": "none"}
+"""The Torso menu: what lies behind the head (as `avatar render --torso`)."""
 SAMPLE_RATE = 16_000
 HEAD_FILL = 0.7  # share of the view's height the head fills when a tab opens
 TARGET_FPS = 10.0  # the moving camera's frame rate the default resolution is chosen for
@@ -104,7 +106,8 @@ class ViewSettings:
 
     mode: str = "RGB"
     background: bool = True
-    torso: bool = True
+    torso: str = "3d"
+    """3d (the avatar's torso branch), frame (the capture's torso, 2D) or none."""
     mouth_scale: float = 1.0
     eye: float = 1.0
 
@@ -146,12 +149,20 @@ class ViewRenderer:
             self._torso = (f.image, f.masks["torso"])
 
     def under(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, s: ViewSettings) -> torch.Tensor:
-        """What lies behind the head in this view: the background plate (and the capture's
-        torso) as seen from the capture's mean camera, put on a plane through the head
-        facing that camera and seen from this one; so the torso stays under the neck
-        when the view zooms or turns a little."""
+        """What lies behind the head in this view: the avatar's 3D torso over the background
+        plate; or the plate with the capture's torso pasted in (2D), as seen from the
+        capture's mean camera, put on a plane through the head facing that camera and seen
+        from this one, so the 2D torso stays under the neck when the view turns a little."""
+        backdrop = self.backdrop(viewmat, K, width, height, s)
+        if s.torso == "3d" and self.av.model.torso is not None:
+            layer = self.av.model.torso_layer(viewmat, K, (width, height), None, backend=self.av.config.backend)
+            return torso_under(layer, backdrop)
+        return backdrop
+
+    def backdrop(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, s: ViewSettings) -> torch.Tensor:
+        """The plate (with the capture's 2D torso when asked) seen from this view (see `under`)."""
         plate = self.av.background.numpy() if s.background else np.full((self.av.size,) * 2 + (3,), 0.12, np.float32)
-        if s.torso and self._torso is not None:
+        if s.torso == "frame" and self._torso is not None:
             img, mask = self._torso
             plate = np.where(mask.numpy()[..., None], img.numpy(), plate)
         H = self.plate_homography(viewmat, K, width, height)
@@ -202,8 +213,11 @@ class ViewRenderer:
             t1 = time.perf_counter()
             under = self.under(viewmat, K, width, height, s)
             if s.mode == "centres":
-                means = torch.cat([face.means, mouth.means])
-                colours = BRANCH_COLOURS[torch.cat([face.branch, mouth.branch]).long()]
+                parts = [face, mouth]
+                if s.torso == "3d" and model.torso is not None:
+                    parts.append(model.torso.deformed(None)[0])
+                means = torch.cat([p.means for p in parts])
+                colours = BRANCH_COLOURS[torch.cat([p.branch for p in parts]).long()]
                 n = len(means)
                 out = rasterize(means, torch.tensor([1.0, 0, 0, 0]).expand(n, 4), torch.full((n, 3), 6e-4),
                                 torch.ones(n), colours, viewmat[None], K[None], width, height, backend=backend)
@@ -273,7 +287,8 @@ class ClientSession:
 
     def __init__(self, studio: "Studio", client):
         self.studio, self.client = studio, client
-        self.settings = ViewSettings()
+        has_torso = studio.renderer.av.model.torso is not None
+        self.settings = ViewSettings(torso="3d" if has_torso else "frame")
         self.play = Playback(track=next(iter(studio.tracks.values()), None))
         self.blink_at = -1.0
         self.auto_blinks = True
@@ -308,7 +323,8 @@ class ClientSession:
         with gui.add_folder("Render"):
             self.mode = gui.add_dropdown("Mode", MODES, initial_value="RGB")
             self.background = gui.add_checkbox("Background", True)
-            self.torso = gui.add_checkbox("Torso (capture's, 2D)", True)
+            torsos = [k for k, v in TORSO_CHOICES.items() if v != "3d" or has_torso]
+            self.torso = gui.add_dropdown("Torso", torsos, initial_value=torsos[0])
             self.mouth_amp = gui.add_slider("Mouth amplitude", 0.0, 2.0, 0.05, 1.0)
             self.eye = gui.add_slider("Eye openness", 0.0, 1.0, 0.05, 1.0)
             self.auto_blink = gui.add_checkbox("Natural blinks", True)
@@ -321,7 +337,7 @@ class ClientSession:
 
         def changed(_=None) -> None:
             s = self.settings
-            s.mode, s.background, s.torso = self.mode.value, self.background.value, self.torso.value
+            s.mode, s.background, s.torso = self.mode.value, self.background.value, TORSO_CHOICES[self.torso.value]
             s.mouth_scale, self.auto_blinks = float(self.mouth_amp.value), self.auto_blink.value
             self.dirty = True
 
