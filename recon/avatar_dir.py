@@ -11,7 +11,7 @@ evaluation, export and the viewer.
 Checkpoint tensors (safetensors, no pickle):
     face.{means,quats,log_scales,opacity_logits,sh_dc,sh_rest}   face branch [n_face, ...]
     mouth.{...}                                                  inside-mouth branch
-    torso.params.{means,...}, torso.{blend,offset}.*, torso.{reference,neck_y}
+    torso.params.{means,...}, torso.{blend,offset}.*, torso.{reference,neck_y,tracks}
                                                                  neck-and-shoulders branch (absent
                                                                  until the torso stage starts)
     face_deform.*, mouth_deform.*                                residual deformation heads (state_dict)
@@ -105,9 +105,9 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarMo
                             visemes=first.shape[1] - 32, window=4 * first.shape[2])
         for prefix in ("face_deform", "mouth_deform", "motion_net"):
             getattr(model, prefix).load_state_dict(_state(tensors, prefix))
-        if "torso.params.means" in tensors:
+        if any(k.startswith("torso.") for k in tensors):  # an avatar with a torso: all of it
             model.torso = TorsoModel(branch_from_tensors(tensors, "torso.params", TORSO), tensors["torso.reference"],
-                                     float(tensors["torso.neck_y"]))
+                                     float(tensors["torso.neck_y"]), tensors["torso.tracks"])
             model.torso.load_state_dict(_state(tensors, "torso"))
     except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise AvatarError(path, f"does not hold a complete avatar model ({exc.__class__.__name__}: {exc})",

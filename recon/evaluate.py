@@ -216,7 +216,7 @@ def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, code: torch.Tensor, eye:
     pred_frame [S, S, 3] is its render over its own pixels, for the seam's comparison."""
     f = ds[i]
     viewmat = ds.viewmat(i)
-    torso = av.model.torso_layer(viewmat, ds.K, ds.size, av.model.torso.motion_in(f.c2w), backend=av.config.backend)
+    torso = av.model.torso_layer(viewmat, ds.K, ds.size, av.model.torso.motion_in(f.c2w, i), backend=av.config.backend)
     out = av.model.render(viewmat, ds.K, ds.size, torso_under(torso, av.background), code, eye,
                           backend=av.config.backend)
     alpha = (1 - (1 - out.alpha) * (1 - torso.alpha))[..., 0] > 0.5

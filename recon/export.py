@@ -1,9 +1,10 @@
 """`avatar export`: standard 3DGS `.ply` files of an avatar, readable by common splat viewers.
 
-  --ply OUT.ply                 the canonical Gaussians (both branches)
+  --ply OUT.ply                 the canonical Gaussians (every branch)
   --ply OUT.ply --frame K       deformed as in dataset frame K (its audio and eye signal)
   --audio SPEECH --frames DIR   one deformed .ply per video frame of the speech
-The extra `branch` property (0 face, 1 inside-mouth) is ignored by other viewers.
+The extra `branch` property (0 face, 1 inside-mouth, 2 torso) is ignored by other viewers.
+The torso sits in its reference relation to the head, or as the body stood in frame K.
 """
 
 from __future__ import annotations
@@ -45,5 +46,6 @@ def export(avatar: str | Path, ply: str | Path | None = None, frame: int | None 
         raise AvatarError(ds.root, f"has frames 0..{len(ds) - 1}; --frame {frame} is out of range")
     f = ds[frame]
     drive = Drive(speech_motion(av.model, ds.features), np.full(len(ds.features["mel"]), f.eye_openness, np.float32))
+    body = None if av.model.torso is None else av.model.torso.motion_in(f.c2w, frame)
     with torch.no_grad():
-        return [save_ply(ply, deformed_gaussians(av, drive, f.frame_index))]
+        return [save_ply(ply, deformed_gaussians(av, drive, f.frame_index, body))]

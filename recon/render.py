@@ -135,7 +135,7 @@ def behind(av: LoadedAvatar, torso: str, viewmat: Tensor, K: Tensor, size: int, 
     """[size, size, 3] what lies behind the head in one view: by `torso` mode, for a dataset
     `frame` (its camera) or a novel view (frame None)."""
     if torso == "3d":
-        body = None if frame is None else av.model.torso.motion_in(frame.c2w)
+        body = None if frame is None else av.model.torso.motion_in(frame.c2w, frame.index)
         return torso_under(av.model.torso_layer(viewmat, K, size, body, backend=av.config.backend), plate)
     if torso == "frame" and frame is not None:
         return behind_head(frame, plate)
@@ -227,14 +227,14 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
             "audio_seconds": len(pcm) / 16_000, "camera": camera, "size": size, "torso": torso}
 
 
-def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int):
+def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int, body: Tensor | None = None):
     """Every branch's Gaussians at frame k of a drive, concatenated (face, mouth, then the
-    torso in its reference relation to the head)."""
+    torso under body motion `body` [4, 4], None: in its reference relation to the head)."""
     eye = torch.tensor([float(drive.eye[k])])
     with torch.no_grad():
         parts = [av.model.deformed(b, drive.codes(k), eye)[0] for b in (FACE, MOUTH)]
         if av.model.torso is not None:
-            parts.append(av.model.torso.deformed(None)[0])
+            parts.append(av.model.torso.deformed(body)[0])
     return concat(parts)
 
 

@@ -3,21 +3,26 @@ views show a person and not a floating head (the torso of ER-NeRF and TalkingGau
 here as Gaussians).
 
 The body does not move with the head. Canonical torso points live in the head frame at a
-reference pose, the mean of the training cameras. The body is taken to be still in front
-of the camera, so in a frame whose camera is c2w_i (head frame, OpenGL axes) it has
-moved, relative to the head, by
+reference pose, the mean of the training cameras. Were the body still in front of the
+camera, in a frame whose camera is c2w_i (head frame, OpenGL axes) it would have moved,
+relative to the head, by c2w_i @ inv(c2w_ref). But people lean and shift: the body is
+*tracked* like the head. Each dataset frame's torso (below the neck) is registered to
+the clip's median torso image by a rotation and shift in the image plane (ECC,
+`track_body`); at the body's depth that is a rigid motion M_i of the body in camera
+coordinates, so
 
-    A_i = c2w_i @ inv(c2w_ref)
+    A_i = c2w_i @ F M_i F @ inv(c2w_ref)        (F = diag(1, -1, -1, 1): OpenCV <-> OpenGL)
 
-But people lean: the body follows part of the head's motion (on real clips a linear map
-of the head's pose predicts most of the torso's sideways shift). A learned linear `sway`
-of the pose features gives the body's own small rigid motion S_i on top. Each point
-blends the body's motion with the head's (none) by a weight w(x): 1 on the upper neck,
-which turns with the head; 0 on the shoulders, which stay with the body (two-bone linear
-blend skinning). A small network of the relative pose adds what the blend cannot say,
-such as the collar's shift when the head turns:
+Each point blends the body's motion with the head's (none) by a weight w(x): 1 on the
+upper neck, which turns with the head; 0 on the shoulders, which stay with the body
+(two-bone linear blend skinning). A small network of the relative pose adds what the
+blend cannot say, such as the collar's shift when the head turns:
 
-    x_i = w(x) x + (1 - w(x)) A_i S_i x + offset(enc(x), pose(A_i))
+    x_i = w(x) x + (1 - w(x)) A_i x + offset(enc(x), pose(A_i))
+
+As the head's tracked pose drives the head in a dataset frame, the body's tracked motion
+drives the body there; held-out frames are scored with both, as ER-NeRF scores its
+torso with the tracked pose.
 
 The branch is rendered as its own layer under the head: image = head over (torso over
 plate). Novel views use A = I, the body in its reference relation to the head.
@@ -33,8 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from capture.pose import so3_exp
 
 from .dataset import Dataset
 from .deform import _mlp
@@ -90,10 +93,16 @@ def mean_pose(c2w: Tensor) -> Tensor:
     return out
 
 
-def body_motion(c2w: Tensor, reference: Tensor) -> Tensor:
+CV_TO_GL = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+
+
+def body_motion(c2w: Tensor, reference: Tensor, track: Tensor | None = None) -> Tensor:
     """[4, 4] how the body has moved relative to the head in a frame with camera c2w
-    [4, 4], from the reference camera [4, 4] (both head frame, the same axes)."""
-    return c2w @ torch.linalg.inv(reference)
+    [4, 4], from the reference camera [4, 4] (both head frame, OpenGL axes); track [4, 4]:
+    the body's own motion in that frame, camera coordinates (OpenCV), or None (still)."""
+    if track is None:
+        return c2w @ torch.linalg.inv(reference)
+    return c2w @ CV_TO_GL @ track @ CV_TO_GL @ torch.linalg.inv(reference)
 
 
 def pose_features(A: Tensor) -> Tensor:
@@ -114,19 +123,19 @@ class TorsoModel(nn.Module):
 
     g: canonical Gaussians (head frame at the reference pose); reference: [4, 4] the
     reference camera (c2w, the dataset's axes); neck_y: head-frame height where the blend
-    weight is 1/2.
+    weight is 1/2; tracks: [N, 4, 4] the body's tracked motion in each dataset frame
+    (camera coordinates, OpenCV; `track_body`).
     """
 
-    def __init__(self, g: Gaussians, reference: Tensor, neck_y: float, width: int = 64):
+    def __init__(self, g: Gaussians, reference: Tensor, neck_y: float, tracks: Tensor, width: int = 64):
         super().__init__()
         self.params = BranchParams(g)
         self.register_buffer("reference", reference.clone().float())
         self.register_buffer("neck_y", torch.tensor(float(neck_y)))
+        self.register_buffer("tracks", tracks.clone().float())
         d = encode(torch.zeros(1, 3)).shape[1]
         self.blend = _mlp(d, 32, 1)  # residual of the blend weight's logit (starts at zero)
         self.offset = _mlp(d + 6, width, 3)  # pose-conditioned position offset (starts at zero)
-        self.sway = nn.Linear(6, 6, bias=False)  # pose -> the body's own turn (rad) and shift (dm)
-        nn.init.zeros_(self.sway.weight)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -144,22 +153,89 @@ class TorsoModel(nn.Module):
         x, q = get(p.means), F.normalize(get(p.quats), dim=-1)
         A = torch.eye(4) if A is None else A.to(x)
         pose = pose_features(A)
-        sway = self.sway(pose)
-        R = A[:3, :3] @ so3_exp(sway[None, :3])[0]
-        t = A[:3, :3] @ sway[3:] / 10 + A[:3, 3]
+        R, t = A[:3, :3], A[:3, 3]
         e = encode(x.detach())
         w = self.head_weight(x.detach())
         offset = self.offset(torch.cat([e, pose.expand(len(x), 6)], -1))
         means = w * x + (1 - w) * (x @ R.T + t) + offset
-        quats = w * q + (1 - w) * quat_multiply(rotmat_to_quat(R.detach()).expand_as(q), q)
+        quats = w * q + (1 - w) * quat_multiply(rotmat_to_quat(R).expand_as(q), q)
         sh = torch.cat([get(p.sh_dc), get(p.sh_rest)], 1)
         label = torch.full((len(x),), TORSO, dtype=torch.uint8)
         g = Gaussians(means, quats, get(p.log_scales), get(p.opacity_logits), sh, label)
         return g, ((100 * offset) ** 2).mean() if len(x) else x.new_zeros(())
 
-    def motion_in(self, c2w: Tensor) -> Tensor:
-        """[4, 4] body motion of a frame whose camera is c2w [4, 4]."""
-        return body_motion(c2w, self.reference)
+    def motion_in(self, c2w: Tensor, index: int | None = None) -> Tensor:
+        """[4, 4] body motion relative to the head in dataset frame `index`, whose camera is
+        c2w [4, 4]; with index None, the body still in front of the camera."""
+        return body_motion(c2w, self.reference, None if index is None else self.tracks[index])
+
+
+def register_euclidean(template: np.ndarray, image: np.ndarray, mask: np.ndarray, centre: np.ndarray,
+                       start: np.ndarray, iterations: int = 40) -> np.ndarray:
+    """The rotation and shift (theta, tx, ty) about `centre` [2] that carry `template` [h, w]
+    onto `image` [h, w] inside `mask` [h, w] bool: image(R (u - c) + c + t) ~ template(u).
+    Gauss-Newton on the masked pixels, from `start` [3]. (OpenCV's ECC takes a mask on the
+    moving image only and is biased by its edge; this one masks the template.)"""
+    ys, xs = np.nonzero(mask)
+    u = np.stack([xs, ys], 1).astype(np.float64) - centre
+    T = template[ys, xs].astype(np.float64)
+    gx, gy = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3) / 8, cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3) / 8
+    p = start.astype(np.float64).copy()
+    for _ in range(iterations):
+        c, s_ = math.cos(p[0]), math.sin(p[0])
+        wx = (c * u[:, 0] - s_ * u[:, 1] + centre[0] + p[1]).astype(np.float32)[None]
+        wy = (s_ * u[:, 0] + c * u[:, 1] + centre[1] + p[2]).astype(np.float32)[None]
+        sample = [cv2.remap(a, wx, wy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0].astype(np.float64)
+                  for a in (image, gx, gy)]
+        r = sample[0] - T
+        d_theta = sample[1] * (-s_ * u[:, 0] - c * u[:, 1]) + sample[2] * (c * u[:, 0] - s_ * u[:, 1])
+        J = np.stack([d_theta, sample[1], sample[2]], 1)
+        step = np.linalg.lstsq(J.T @ J + 1e-9 * np.eye(3), -J.T @ r, rcond=None)[0]
+        p += step
+        if abs(step[0]) < 1e-6 and np.abs(step[1:]).max() < 1e-3:
+            break
+    return p
+
+
+def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float, template_frames: int = 48,
+               side: int = 256) -> Tensor:
+    """[len(ds), 4, 4] the body's motion in every dataset frame, camera coordinates (OpenCV).
+
+    Its torso is registered to the median torso image of the training frames by a rotation
+    about the principal point and a shift in the image plane (register_euclidean on the
+    grey images at `side` pixels at most, coarse to fine, each frame starting from the
+    previous one; inside `body` [S, S] bool: the torso below the neck). That is a rotation
+    about the optical axis (at any depth) and a shift parallel to the image at the body's
+    `depth` (metres).
+    """
+    S = ds.size
+    r = min(1.0, side / S)
+    n = max(8, round(S * r))
+    pick = [train_ids[k] for k in np.linspace(0, len(train_ids) - 1, min(template_frames, len(train_ids))).round().astype(int)]
+
+    def grey(i: int) -> np.ndarray:
+        g = cv2.cvtColor((ds[i].image.numpy() * 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+        return cv2.GaussianBlur(cv2.resize(g, (n, n), interpolation=cv2.INTER_AREA).astype(np.float32), (0, 0), 1.0)
+
+    template = np.median(np.stack([grey(i) for i in pick]), 0).astype(np.float32)
+    mask = cv2.resize(body.astype(np.uint8), (n, n), interpolation=cv2.INTER_NEAREST) > 0
+    fx, fy = float(ds.K[0, 0]), float(ds.K[1, 1])
+    centre = ds.K[:2, 2].double().numpy() * r
+    half = (n // 2, n // 2)
+    coarse = (cv2.resize(template, half, interpolation=cv2.INTER_AREA),
+              cv2.resize(mask.astype(np.uint8), half, interpolation=cv2.INTER_NEAREST) > 0)
+    tracks, p = [], np.zeros(3)
+    for i in range(len(ds)):
+        image = grey(i)
+        if mask.any():
+            q = register_euclidean(coarse[0], cv2.resize(image, half, interpolation=cv2.INTER_AREA), coarse[1],
+                                   centre / 2, p * [1, 0.5, 0.5], iterations=20)
+            p = register_euclidean(template, image, mask, centre, q * [1, 2, 2])
+        M = np.eye(4)
+        M[:2, :2] = [[math.cos(p[0]), -math.sin(p[0])], [math.sin(p[0]), math.cos(p[0])]]
+        M[0, 3], M[1, 3] = p[1] / r * depth / fx, p[2] / r * depth / fy
+        tracks.append(M)
+    return torch.tensor(np.stack(tracks), dtype=torch.float32)
 
 
 def body_silhouette(ds: Dataset, views: list[int], chin_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,9 +289,10 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, sh_degree: int,
     for i in view_ids:
         rows = np.nonzero(ds[i].masks["head"].numpy().any(1))[0]
         chin.append(rows[-1] if len(rows) else ds.size)
-    mask, colour = body_silhouette(ds, view_ids, np.array(chin))
-    if mask.sum() < 16:
+    seen = np.mean([ds[i].masks["torso"].numpy() for i in view_ids], 0) >= 0.5  # the visible body
+    if seen.sum() < 16:
         return None
+    mask, colour = body_silhouette(ds, view_ids, np.array(chin))
     viewmat = torch.linalg.inv(reference @ torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])))  # OpenCV
     centre_head = torch.tensor([0.0, 0.0, BODY_DEPTH_BEHIND_ORIGIN_M]) if face is None else \
         torch.tensor([float(face[:, 0].mean()), 0.0, BODY_DEPTH_BEHIND_ORIGIN_M])
@@ -247,4 +324,16 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, sh_degree: int,
                           opacity_logits=torch.full((n,), math.log(0.5 / 0.5)), sh=sh,
                           branch=torch.full((n,), TORSO, dtype=torch.uint8))
     chin_y = float(face[:, 1].min()) if face is not None else float(means[:, 1].max())
-    return TorsoModel(gaussians, reference, neck_y=chin_y - NECK_BELOW_CHIN_M)
+    tracks = track_body(ds, train_ids, tracking_region(seen, np.array(chin)), z_body)
+    return TorsoModel(gaussians, reference, neck_y=chin_y - NECK_BELOW_CHIN_M, tracks=tracks)
+
+
+def tracking_region(seen: np.ndarray, chin_row: np.ndarray) -> np.ndarray:
+    """[S, S] bool where the body is tracked: the torso most views show (`seen` [S, S]),
+    widened to take in its outline against the background, and kept clear of the neck
+    (which turns with the head) by a band below the chin rows [views]."""
+    S = seen.shape[0]
+    k = max(3, S // 64) * 2 + 1
+    region = cv2.dilate(seen.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
+    region[: int(np.median(chin_row) + 0.06 * S)] = False
+    return region

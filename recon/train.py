@@ -72,8 +72,7 @@ def torso_groups(torso: TorsoModel, cfg: TrainConfig) -> list[dict]:
     """The torso's parameter groups ("torso.means", ..., "torso.mlp")."""
     lrs = _gaussian_lrs(cfg)
     groups = [{"params": [getattr(torso.params, k)], "name": f"torso.{k}", "lr": lrs[k]} for k in BranchParams.NAMES]
-    groups.append({"params": [*torso.blend.parameters(), *torso.offset.parameters(), *torso.sway.parameters()],
-                   "name": "torso.mlp",
+    groups.append({"params": [*torso.blend.parameters(), *torso.offset.parameters()], "name": "torso.mlp",
                    "lr": cfg.lr_deform})
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -367,7 +366,7 @@ class Trainer:
             motion, eye = self.motion_at(i, step), torch.tensor([f.eye_openness])
             face, mouth = (model.render_layer(model.deformed(b, motion, eye)[0], ds.viewmat(i), ds.K, ds.size,
                                               cfg.sh_degree, cfg.backend) for b in (FACE, MOUTH))
-        g, penalty = model.torso.deformed(model.torso.motion_in(f.c2w))
+        g, penalty = model.torso.deformed(model.torso.motion_in(f.c2w, i))
         torso = model.render_layer(g, ds.viewmat(i), ds.K, ds.size, self.active_sh_degree(step), cfg.backend)
         torso.means2d.retain_grad()
         pred, head_alpha = composite(face, mouth, torso_under(torso, ds.background))

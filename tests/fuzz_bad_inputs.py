@@ -539,6 +539,8 @@ def job_cases() -> list[Case]:
         "render-size-string": ok_input + '[render]\nsize = "big"\n',
         "render-size-zero": ok_input + "[render]\nsize = 0\n",
         "render-unknown-key": ok_input + "[render]\nvoice = 1\n",
+        "render-torso": ok_input + '[render]\ntorso = "2d"\n',
+        "render-torso-number": ok_input + "[render]\ntorso = 3\n",
         "eval-enabled-string": ok_input + '[eval]\nenabled = "yes"\n',
         "eval-unknown-key": ok_input + "[eval]\nfast = true\n",
         "job-out-number": ok_input + "[job]\nout = 5\n",

@@ -5,7 +5,9 @@ in rendering, evaluation and export."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,8 @@ from capture.pose import so3_exp
 from recon.gaussians import TORSO, Gaussians
 from recon.losses import boundary_seam
 from recon.raster.reference import quat_to_rotmat
-from recon.torso import (TorsoModel, body_motion, mean_pose, pose_features, quat_multiply, rotmat_to_quat)
+from recon.torso import (TorsoModel, body_motion, mean_pose, pose_features, quat_multiply, rotmat_to_quat,
+                         track_body)
 
 
 def rigid(r: list[float], t: list[float]) -> torch.Tensor:
@@ -54,7 +57,7 @@ def _torso(points: torch.Tensor, neck_y: float) -> TorsoModel:
     n = len(points)
     g = Gaussians(points, torch.tensor([1.0, 0, 0, 0]).expand(n, 4).clone(), torch.full((n, 3), -5.0),
                   torch.zeros(n), torch.zeros(n, 4, 3), torch.full((n,), TORSO, dtype=torch.uint8))
-    return TorsoModel(g, torch.eye(4), neck_y)
+    return TorsoModel(g, torch.eye(4), neck_y, torch.eye(4)[None])
 
 
 def test_torso_blend_neck_follows_head_shoulders_follow_body():
@@ -71,6 +74,49 @@ def test_torso_blend_neck_follows_head_shoulders_follow_body():
     assert (moved.means[1] - body[1]).norm() < 1e-4  # the shoulders stay with the body
     q = moved.quats[1] / moved.quats[1].norm()
     torch.testing.assert_close(quat_to_rotmat(q[None])[0], A[:3, :3], atol=1e-4, rtol=0)  # and turn with it
+
+
+class ShiftedFrames:
+    """A stand-in dataset: one textured image shifted and turned by known amounts per frame."""
+
+    def __init__(self, shifts: list[tuple[float, float, float]], size: int = 96):
+        base = cv2.GaussianBlur(np.random.default_rng(0).random((size, size)).astype(np.float32), (0, 0), 3.0)
+        self.size, self.K = size, torch.tensor([[100.0, 0, 48], [0, 100.0, 48], [0, 0, 1]])
+        self.frames = []
+        for dx, dy, deg in shifts:
+            W = cv2.getRotationMatrix2D((48.0, 48.0), -deg, 1.0)  # about the principal point
+            W[:, 2] += (dx, dy)
+            img = cv2.warpAffine(base, W, (size, size), borderMode=cv2.BORDER_REFLECT)
+            self.frames.append(SimpleNamespace(image=torch.from_numpy(np.repeat(img[..., None], 3, -1))))
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        return self.frames[i]
+
+
+def test_track_body_recovers_shifts_and_turns():
+    shifts = [(0.0, 0.0, 0.0)] * 5 + [(1.0, -0.5, 0.5), (3.0, -2.0, 1.0), (1.0, 1.0, -0.5), (-4.0, 1.0, -1.5)]
+    ds = ShiftedFrames(shifts)
+    body = np.zeros((96, 96), bool)
+    body[20:76, 20:76] = True
+    tracks = track_body(ds, list(range(5)), body, depth=0.5)  # the median of 5 still frames is the template
+    for (dx, dy, deg), M in zip(shifts, tracks):
+        assert float(M[0, 3]) * 100 / 0.5 == pytest.approx(dx, abs=0.15)  # metres at 0.5 m -> pixels
+        assert float(M[1, 3]) * 100 / 0.5 == pytest.approx(dy, abs=0.15)
+        assert math.degrees(math.atan2(float(M[1, 0]), float(M[0, 0]))) == pytest.approx(deg, abs=0.25)
+        assert float(M[2, 3]) == 0 and torch.allclose(M[2, :3], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_body_motion_with_a_track_moves_the_body_in_camera_coordinates():
+    c2w = rigid([0.0, 0.2, 0.0], [0.05, 0.0, 0.7])
+    track = torch.eye(4)
+    track[0, 3] = 0.01  # the body 1 cm to the camera's right
+    A = body_motion(c2w, c2w, track)
+    x = torch.tensor([0.0, -0.25, 0.0, 1.0])  # a point on the chest, head frame
+    cam = lambda p: torch.linalg.inv(c2w @ torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))) @ p  # noqa: E731
+    torch.testing.assert_close(cam(A @ x) - cam(x), torch.tensor([0.01, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0)
 
 
 def test_torso_offsets_train_through_the_pose():
@@ -119,6 +165,7 @@ def test_init_torso_lifts_the_body_below_the_head(sample_dataset):
     # A clip with no body below the head gets no torso.
     for i in range(len(ds)):
         ds[i].masks["person"] = ds[i].masks["head"].clone()
+        ds[i].masks["torso"] = torch.zeros_like(ds[i].masks["head"])
     assert init_torso(ds, train_ids, 400, sh_degree=1) is None
 
 
