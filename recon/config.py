@@ -75,7 +75,7 @@ class TrainConfig:
     (exp(-(d / falloff)^2)): points on the lips move with them, the skull does not."""
     lr_motion: float = 2e-3
     """Initial learning rate of MotionNet (decays 10x over motion_steps)."""
-    torso_steps: int = 1000
+    torso_steps: int = 2000
     """Steps of the torso stage, after `iterations`: the neck-and-shoulders branch
     (recon/torso.py) fitted under the finished head, which it never changes. 0: no torso."""
     init_torso_points: int = 4_000

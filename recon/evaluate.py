@@ -20,7 +20,9 @@ Metrics, written to AVATAR/eval.json:
                    beside the frame-pixel figures above, PSNR inside the torso mask, the
                    silhouette IoU of head-or-torso alpha > 0.5 against the person mask, and
                    the seam where head meets torso (losses.boundary_seam, 8-bit levels),
-                   with the 3D torso and with the frame's own pixels;
+                   with the 3D torso and with the frame's own pixels, and the alpha
+                   there (losses.boundary_coverage) of head or torso, and of the head
+                   alone (what lets the plate through with the frame's own pixels);
   train_fit        the same PSNR/SSIM/LMD and opening measures on training frames spaced
                    evenly through the clip, driven by their speech, and (`tracked_motion`)
                    PSNR/SSIM/LMD driven by their tracked motion: the renderer's own fit.
@@ -53,7 +55,7 @@ from .avatar_dir import CHECKPOINT, LoadedAvatar, load_avatar
 from .conditioning import speech_features, speech_motion, viseme_features
 from .dataset import Dataset, behind_head, dataset_fingerprint
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
-from .losses import boundary_seam, psnr, ssim
+from .losses import boundary_coverage, boundary_seam, psnr, ssim
 from .gaussians import FACE, MOUTH
 from .model import composite, torso_under
 from .motion import tracked_motion
@@ -207,7 +209,8 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     return result
 
 
-TORSO_KEYS = ("psnr", "ssim", "psnr_torso_region", "silhouette_iou", "seam", "seam_frame_pixels")
+TORSO_KEYS = ("psnr", "ssim", "psnr_torso_region", "silhouette_iou", "seam", "seam_frame_pixels", "neck_coverage",
+              "neck_coverage_head")
 
 
 def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, code: torch.Tensor, eye: torch.Tensor,
@@ -219,14 +222,17 @@ def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, code: torch.Tensor, eye:
     torso = av.model.torso_layer(viewmat, ds.K, ds.size, av.model.torso.motion_in(f.c2w, i), backend=av.config.backend)
     out = av.model.render(viewmat, ds.K, ds.size, torso_under(torso, av.background), code, eye,
                           backend=av.config.backend)
-    alpha = (1 - (1 - out.alpha) * (1 - torso.alpha))[..., 0] > 0.5
+    coverage = (1 - (1 - out.alpha) * (1 - torso.alpha))[..., 0]
+    alpha = coverage > 0.5
     person, region, head = f.masks["person"], f.masks["torso"], f.masks["head"]
     union = (alpha | person).sum()
     return {"psnr": psnr(out.image, f.image), "ssim": ssim(out.image, f.image),
             "psnr_torso_region": psnr(out.image, f.image, region) if region.any() else None,
             "silhouette_iou": float((alpha & person).sum() / union) if union else None,
             "seam": boundary_seam(out.image, f.image, head, region),
-            "seam_frame_pixels": boundary_seam(pred_frame, f.image, head, region)}
+            "seam_frame_pixels": boundary_seam(pred_frame, f.image, head, region),
+            "neck_coverage": boundary_coverage(coverage, head, region),
+            "neck_coverage_head": boundary_coverage(out.alpha[..., 0], head, region)}
 
 
 OPENING_CURVES = (("real", "opening_real", (255, 255, 255)), ("avatar", "opening", (80, 220, 80)),

@@ -55,6 +55,18 @@ def ssim(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
     return float(m[mask].mean()) if mask is not None else float(m.mean())
 
 
+def boundary_columns(upper: Tensor, lower: Tensor, margin: int = 6) -> tuple[Tensor, Tensor]:
+    """Where a region `upper` [H, W] bool ends directly above a region `lower` [H, W] bool
+    (the head's mask over the torso's): (rows [C], the last row of `upper` in each such
+    column; cols [C]), with `margin` rows to spare above and below."""
+    H = upper.shape[0]
+    rows = torch.arange(H)[:, None].expand_as(upper)
+    last = torch.where(upper, rows, -1).max(0).values  # lowest row of `upper` per column
+    cols = torch.nonzero((last >= margin) & (last < H - margin - 1)).squeeze(1)
+    cols = cols[lower[last[cols] + 1, cols] & lower[(last[cols] + 2).clamp(max=H - 1), cols]]
+    return last[cols], cols
+
+
 def boundary_seam(pred: Tensor, gt: Tensor, upper: Tensor, lower: Tensor, band: int = 3, ref: tuple[int, int] = (4, 6)) -> float | None:
     """How visible the boundary between two regions stacked vertically (the head's mask
     `upper` over the torso's `lower`, [H, W] bool) is in `pred` [H, W, 3] beyond what the
@@ -66,17 +78,24 @@ def boundary_seam(pred: Tensor, gt: Tensor, upper: Tensor, lower: Tensor, band: 
     or a step in the error at the boundary is (a step of s levels reads s / 2). The mean
     over columns of the largest difference is returned.
     """
-    H = upper.shape[0]
-    rows = torch.arange(H)[:, None].expand_as(upper)
-    last = torch.where(upper, rows, -1).max(0).values  # lowest head row per column
-    cols = torch.nonzero((last >= ref[1]) & (last < H - ref[1] - 1)).squeeze(1)
-    cols = cols[lower[last[cols] + 1, cols] & lower[(last[cols] + 2).clamp(max=H - 1), cols]]
+    y, cols = boundary_columns(upper, lower, ref[1])
     if not len(cols):
         return None
+    H = upper.shape[0]
     err = pred - gt
     near = torch.arange(-band, band + 1)
     far = torch.cat([torch.arange(-ref[1], -ref[0] + 1), torch.arange(ref[0], ref[1] + 1)])
-    y = last[cols]
     e_near = err[(y[:, None] + near).clamp(0, H - 1), cols[:, None]]  # [C, 2 band + 1, 3]
     e_far = err[(y[:, None] + far).clamp(0, H - 1), cols[:, None]].mean(1, keepdim=True)
     return float((e_near - e_far).abs().mean(-1).max(1).values.mean()) * 255
+
+
+def boundary_coverage(alpha: Tensor, upper: Tensor, lower: Tensor, band: int = 2) -> float | None:
+    """Mean of `alpha` [H, W] within `band` rows of where `upper` ends above `lower` (see
+    boundary_columns); None where they do not meet. With head-or-torso alpha: 1 when no
+    background shows through at the neck."""
+    y, cols = boundary_columns(upper, lower, band)
+    if not len(cols):
+        return None
+    near = (y[:, None] + torch.arange(-band, band + 1)).clamp(0, alpha.shape[0] - 1)
+    return float(alpha[near, cols[:, None]].mean())

@@ -170,43 +170,55 @@ class TorsoModel(nn.Module):
         return body_motion(c2w, self.reference, None if index is None else self.tracks[index])
 
 
-def register_euclidean(template: np.ndarray, image: np.ndarray, mask: np.ndarray, centre: np.ndarray,
-                       start: np.ndarray, iterations: int = 40) -> np.ndarray:
-    """The rotation and shift (theta, tx, ty) about `centre` [2] that carry `template` [h, w]
-    onto `image` [h, w] inside `mask` [h, w] bool: image(R (u - c) + c + t) ~ template(u).
-    Gauss-Newton on the masked pixels, from `start` [3]. (OpenCV's ECC takes a mask on the
-    moving image only and is biased by its edge; this one masks the template.)"""
+def register_similarity(template: np.ndarray, image: np.ndarray, mask: np.ndarray, centre: np.ndarray,
+                        start: np.ndarray, iterations: int = 40) -> np.ndarray:
+    """The turn, log-scale and shift (theta, sigma, tx, ty) about `centre` [2] that carry
+    `template` [h, w] onto `image` [h, w] inside `mask` [h, w] bool:
+    image(e^sigma R(theta) (u - c) + c + t) ~ template(u). Gauss-Newton on the masked
+    pixels, from `start` [4]; `start` again if that does not lower the error or leaves
+    plausible bounds (a turn of 0.3 rad, a scale of 20 %, a shift of a quarter of the image).
+    (OpenCV's ECC masks the moving image only, and is biased by the mask's edge; this
+    masks the template.)"""
     ys, xs = np.nonzero(mask)
     u = np.stack([xs, ys], 1).astype(np.float64) - centre
     T = template[ys, xs].astype(np.float64)
     gx, gy = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3) / 8, cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3) / 8
+
+    def sample(p: np.ndarray, *images: np.ndarray) -> tuple[list[np.ndarray], float, float]:
+        k = math.exp(p[1])
+        c, s_ = k * math.cos(p[0]), k * math.sin(p[0])
+        wx = (c * u[:, 0] - s_ * u[:, 1] + centre[0] + p[2]).astype(np.float32)[None]
+        wy = (s_ * u[:, 0] + c * u[:, 1] + centre[1] + p[3]).astype(np.float32)[None]
+        return [cv2.remap(a, wx, wy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0].astype(np.float64)
+                for a in images], c, s_
+
     p = start.astype(np.float64).copy()
     for _ in range(iterations):
-        c, s_ = math.cos(p[0]), math.sin(p[0])
-        wx = (c * u[:, 0] - s_ * u[:, 1] + centre[0] + p[1]).astype(np.float32)[None]
-        wy = (s_ * u[:, 0] + c * u[:, 1] + centre[1] + p[2]).astype(np.float32)[None]
-        sample = [cv2.remap(a, wx, wy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0].astype(np.float64)
-                  for a in (image, gx, gy)]
-        r = sample[0] - T
-        d_theta = sample[1] * (-s_ * u[:, 0] - c * u[:, 1]) + sample[2] * (c * u[:, 0] - s_ * u[:, 1])
-        J = np.stack([d_theta, sample[1], sample[2]], 1)
-        step = np.linalg.lstsq(J.T @ J + 1e-9 * np.eye(3), -J.T @ r, rcond=None)[0]
+        (img, ix, iy), c, s_ = sample(p, image, gx, gy)
+        d_theta = ix * (-s_ * u[:, 0] - c * u[:, 1]) + iy * (c * u[:, 0] - s_ * u[:, 1])
+        d_sigma = ix * (c * u[:, 0] - s_ * u[:, 1]) + iy * (s_ * u[:, 0] + c * u[:, 1])
+        J = np.stack([d_theta, d_sigma, ix, iy], 1)
+        step = np.linalg.lstsq(J.T @ J + 1e-9 * np.eye(4), -J.T @ (img - T), rcond=None)[0]
         p += step
-        if abs(step[0]) < 1e-6 and np.abs(step[1:]).max() < 1e-3:
+        if not np.isfinite(p).all() or np.abs(step[:2]).max() < 1e-6 and np.abs(step[2:]).max() < 1e-3:
             break
-    return p
+    bound = np.array([0.3, math.log(1.2), image.shape[1] / 4, image.shape[0] / 4])
+    if not np.isfinite(p).all() or (np.abs(p) > bound).any():
+        return start
+    error = lambda q: float(np.square(sample(q, image)[0][0] - T).mean())  # noqa: E731
+    return p if error(p) <= error(start) else start
 
 
 def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float, template_frames: int = 48,
                side: int = 256) -> Tensor:
     """[len(ds), 4, 4] the body's motion in every dataset frame, camera coordinates (OpenCV).
 
-    Its torso is registered to the median torso image of the training frames by a rotation
-    about the principal point and a shift in the image plane (register_euclidean on the
-    grey images at `side` pixels at most, coarse to fine, each frame starting from the
+    Its torso is registered to the median torso image of the training frames by a turn and
+    scale about the principal point and a shift in the image plane (register_similarity on
+    the grey images at `side` pixels at most, coarse to fine, each frame starting from the
     previous one; inside `body` [S, S] bool: the torso below the neck). That is a rotation
-    about the optical axis (at any depth) and a shift parallel to the image at the body's
-    `depth` (metres).
+    about the optical axis (at any depth), a move along it (the scale, at the body's
+    `depth` in metres) and a shift parallel to the image.
     """
     S = ds.size
     r = min(1.0, side / S)
@@ -224,16 +236,20 @@ def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float
     half = (n // 2, n // 2)
     coarse = (cv2.resize(template, half, interpolation=cv2.INTER_AREA),
               cv2.resize(mask.astype(np.uint8), half, interpolation=cv2.INTER_NEAREST) > 0)
-    tracks, p = [], np.zeros(3)
+    tracks, p = [], np.zeros(4)
     for i in range(len(ds)):
         image = grey(i)
-        if mask.any():
-            q = register_euclidean(coarse[0], cv2.resize(image, half, interpolation=cv2.INTER_AREA), coarse[1],
-                                   centre / 2, p * [1, 0.5, 0.5], iterations=20)
-            p = register_euclidean(template, image, mask, centre, q * [1, 2, 2])
+        if mask.sum() >= 64:
+            q = p
+            if coarse[1].sum() >= 64:
+                q = register_similarity(coarse[0], cv2.resize(image, half, interpolation=cv2.INTER_AREA), coarse[1],
+                                        centre / 2, p * [1, 1, 0.5, 0.5], iterations=20) * [1, 1, 2, 2]
+            p = register_similarity(template, image, mask, centre, q)
+        # Scale s at depth z: the body moved to depth z / s, and its shift is seen there.
+        moved = depth * math.exp(-p[1])
         M = np.eye(4)
         M[:2, :2] = [[math.cos(p[0]), -math.sin(p[0])], [math.sin(p[0]), math.cos(p[0])]]
-        M[0, 3], M[1, 3] = p[1] / r * depth / fx, p[2] / r * depth / fy
+        M[:3, 3] = p[2] / r * moved / fx, p[3] / r * moved / fy, moved - depth
         tracks.append(M)
     return torch.tensor(np.stack(tracks), dtype=torch.float32)
 

@@ -79,12 +79,12 @@ def test_torso_blend_neck_follows_head_shoulders_follow_body():
 class ShiftedFrames:
     """A stand-in dataset: one textured image shifted and turned by known amounts per frame."""
 
-    def __init__(self, shifts: list[tuple[float, float, float]], size: int = 96):
+    def __init__(self, shifts: list[tuple[float, float, float, float]], size: int = 96):
         base = cv2.GaussianBlur(np.random.default_rng(0).random((size, size)).astype(np.float32), (0, 0), 3.0)
         self.size, self.K = size, torch.tensor([[100.0, 0, 48], [0, 100.0, 48], [0, 0, 1]])
         self.frames = []
-        for dx, dy, deg in shifts:
-            W = cv2.getRotationMatrix2D((48.0, 48.0), -deg, 1.0)  # about the principal point
+        for dx, dy, deg, scale in shifts:
+            W = cv2.getRotationMatrix2D((48.0, 48.0), -deg, scale)  # about the principal point
             W[:, 2] += (dx, dy)
             img = cv2.warpAffine(base, W, (size, size), borderMode=cv2.BORDER_REFLECT)
             self.frames.append(SimpleNamespace(image=torch.from_numpy(np.repeat(img[..., None], 3, -1))))
@@ -96,17 +96,20 @@ class ShiftedFrames:
         return self.frames[i]
 
 
-def test_track_body_recovers_shifts_and_turns():
-    shifts = [(0.0, 0.0, 0.0)] * 5 + [(1.0, -0.5, 0.5), (3.0, -2.0, 1.0), (1.0, 1.0, -0.5), (-4.0, 1.0, -1.5)]
+def test_track_body_recovers_shifts_turns_and_depth():
+    shifts = [(0.0, 0.0, 0.0, 1.0)] * 5 + [(1.0, -0.5, 0.5, 1.0), (3.0, -2.0, 1.0, 1.02), (1.0, 1.0, -0.5, 0.99),
+                                           (-4.0, 1.0, -1.5, 1.0)]
     ds = ShiftedFrames(shifts)
     body = np.zeros((96, 96), bool)
     body[20:76, 20:76] = True
     tracks = track_body(ds, list(range(5)), body, depth=0.5)  # the median of 5 still frames is the template
-    for (dx, dy, deg), M in zip(shifts, tracks):
-        assert float(M[0, 3]) * 100 / 0.5 == pytest.approx(dx, abs=0.15)  # metres at 0.5 m -> pixels
-        assert float(M[1, 3]) * 100 / 0.5 == pytest.approx(dy, abs=0.15)
+    for (dx, dy, deg, scale), M in zip(shifts, tracks):
+        depth = 0.5 + float(M[2, 3])  # the body came closer by the scale
+        assert depth == pytest.approx(0.5 / scale, abs=5e-4)
+        assert float(M[0, 3]) * 100 / depth == pytest.approx(dx, abs=0.15)  # metres at its depth -> pixels
+        assert float(M[1, 3]) * 100 / depth == pytest.approx(dy, abs=0.15)
         assert math.degrees(math.atan2(float(M[1, 0]), float(M[0, 0]))) == pytest.approx(deg, abs=0.25)
-        assert float(M[2, 3]) == 0 and torch.allclose(M[2, :3], torch.tensor([0.0, 0.0, 1.0]))
+        assert torch.allclose(M[2, :3], torch.tensor([0.0, 0.0, 1.0]))
 
 
 def test_body_motion_with_a_track_moves_the_body_in_camera_coordinates():
@@ -191,7 +194,10 @@ def test_trained_avatar_has_a_torso_that_renders_and_scores(trained_avatar, samp
     assert r["torso"] == "3d"
     result = evaluate(trained_avatar, progress=False, train_fit_frames=0, pose_fit_frames=0)
     t = result["torso"]
-    assert 0 < t["silhouette_iou"] <= 1 and t["psnr"] > 10 and "seam_frame_pixels" in t
+    assert 0 < t["silhouette_iou"] <= 1 and t["psnr"] > 10
+    # Where head meets torso the head's alpha fades, and over the frame's own pixels the plate
+    # shows through there (a seam); the 3D torso fills it.
+    assert t["neck_coverage_head"] < 0.9 < 0.95 < t["neck_coverage"]
     with pytest.raises(AvatarError, match="not a torso mode"):
         torso_mode(av, "2d")
 
