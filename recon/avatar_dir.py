@@ -106,6 +106,10 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarMo
         for prefix in ("face_deform", "mouth_deform", "motion_net"):
             getattr(model, prefix).load_state_dict(_state(tensors, prefix))
         if any(k.startswith("torso.") for k in tensors):  # an avatar with a torso: all of it
+            tracks, reference = tensors["torso.tracks"], tensors["torso.reference"]
+            if tracks.dim() != 3 or tuple(tracks.shape[1:]) != (4, 4) or tuple(reference.shape) != (4, 4):
+                raise ValueError(f"torso.tracks has shape {list(tracks.shape)} and torso.reference "
+                                 f"{list(reference.shape)}, expected [N, 4, 4] and [4, 4]")
             model.torso = TorsoModel(branch_from_tensors(tensors, "torso.params", TORSO), tensors["torso.reference"],
                                      float(tensors["torso.neck_y"]), tensors["torso.tracks"])
             model.torso.load_state_dict(_state(tensors, "torso"))

@@ -146,7 +146,12 @@ def open_dataset(av: LoadedAvatar, size: int, required: bool) -> Dataset | None:
     """The avatar's dataset; when not `required`, None if it is gone or damaged (said once)."""
     if av.dataset.is_dir():
         try:
-            return Dataset(av.dataset, size=size, cache_frames=32)
+            ds = Dataset(av.dataset, size=size, cache_frames=32)
+            if av.model.torso is not None and len(ds) != len(av.model.torso.tracks):
+                raise AvatarError(av.dataset, f"has {len(ds)} frames, but the avatar tracked the body in "
+                                  f"{len(av.model.torso.tracks)}: it was captured again since the avatar was trained",
+                                  "train the avatar again on it")
+            return ds
         except AvatarError as exc:
             if required:
                 raise

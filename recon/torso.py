@@ -145,12 +145,11 @@ class TorsoModel(nn.Module):
         logit = (xyz[:, 1:2] - self.neck_y) / NECK_SOFTNESS_M + self.blend(encode(xyz))
         return torch.sigmoid(logit)
 
-    def deformed(self, A: Tensor | None = None, *, frozen: bool = False) -> tuple[Gaussians, Tensor]:
+    def deformed(self, A: Tensor | None = None) -> tuple[Gaussians, Tensor]:
         """The torso's Gaussians under body motion A [4, 4] (None: the reference, A = I), and
         the mean squared pose-conditioned offset in cm (a regulariser)."""
         p = self.params
-        get = (lambda t: t.detach()) if frozen else (lambda t: t)
-        x, q = get(p.means), F.normalize(get(p.quats), dim=-1)
+        x, q = p.means, F.normalize(p.quats, dim=-1)
         A = torch.eye(4) if A is None else A.to(x)
         pose = pose_features(A)
         R, t = A[:3, :3], A[:3, 3]
@@ -159,9 +158,9 @@ class TorsoModel(nn.Module):
         offset = self.offset(torch.cat([e, pose.expand(len(x), 6)], -1))
         means = w * x + (1 - w) * (x @ R.T + t) + offset
         quats = w * q + (1 - w) * quat_multiply(rotmat_to_quat(R).expand_as(q), q)
-        sh = torch.cat([get(p.sh_dc), get(p.sh_rest)], 1)
+        sh = torch.cat([p.sh_dc, p.sh_rest], 1)
         label = torch.full((len(x),), TORSO, dtype=torch.uint8)
-        g = Gaussians(means, quats, get(p.log_scales), get(p.opacity_logits), sh, label)
+        g = Gaussians(means, quats, p.log_scales, p.opacity_logits, sh, label)
         return g, ((100 * offset) ** 2).mean() if len(x) else x.new_zeros(())
 
     def motion_in(self, c2w: Tensor, index: int | None = None) -> Tensor:

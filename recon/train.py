@@ -13,10 +13,11 @@ Stages (TalkingGaussian's order; fractions in TrainConfig.stages):
   face    the face branch and its motion/eye head; its layer is laid over the frame's own
           inner mouth, and its alpha must match head-minus-mouth, so the lips learn to open;
   fuse    everything, on the full composite;
-  torso   (`torso_steps` more, recon/torso.py) the neck-and-shoulders branch alone, under
-          the finished head, over the background plate: the composite must match the
-          whole frame, and head and torso alphas together the person mask. The head is
-          rendered without gradients, so its figures are exactly those of the fuse stage.
+  torso   (`torso_steps` more, recon/torso.py) first the head's floaters (points that
+          project outside the person in most views) are pruned, then the neck-and-
+          shoulders branch is fitted alone, under the finished head, over the background
+          plate: the composite must match the whole frame, and head and torso alphas
+          together the person mask. The head is rendered without gradients.
 Loss: (1 - 0.2) L1 + 0.2 D-SSIM with extra weight on the lips, + |alpha - mask|,
 + a small penalty on deformation magnitude, + (while the face head deforms) the distance
 between the tracked lip landmarks and the fitted face's lip landmarks carried by the
@@ -51,7 +52,7 @@ from .conditioning import normalize_mel, viseme_features
 from .config import TrainConfig, preset
 from .dataset import Dataset, behind_head, dataset_fingerprint
 from .deform import DeformInputs
-from .densify import GradStats, densify_and_prune, reset_opacity
+from .densify import GradStats, densify_and_prune, edit_branch, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
 from .losses import photometric_loss, psnr
@@ -345,16 +346,44 @@ class Trainer:
         """One more SH band every iterations / (2 (degree + 1)) steps (3DGS ramps every 1000)."""
         return min(self.cfg.sh_degree, step * 2 * (self.cfg.sh_degree + 1) // max(self.cfg.iterations, 1))
 
-    def start_torso(self) -> None:
-        """Create the torso branch (recon/torso.py) and its optimizer groups."""
+    def prune_floaters(self, views: int = 16, share: float = 0.8) -> int:
+        """Remove face-branch Gaussians whose centres fall outside the person (its mask
+        dilated by 1 % of the frame) in at least `share` of the training views that see
+        them: they can only be painting background, and show as blotches around the head
+        in novel views. Returns how many were removed."""
+        ds, p = self.ds, self.model.face
+        picks = self.train_ids[:: max(1, len(self.train_ids) // views)][:views]
+        means = p.means.detach()
+        outside, seen = torch.zeros(len(means)), torch.zeros(len(means))
+        for i in picks:
+            px = project(means, ds.viewmat(i), ds.K).round().long()
+            ok = ((px >= 0) & (px < ds.size)).all(1)
+            person = dilate(ds[i].masks["person"], max(1, ds.size // 100))
+            outside[ok] += (~person[px[ok, 1], px[ok, 0]]).float()
+            seen[ok] += 1
+        floaters = (seen > 0) & (outside >= share * seen)
+        if floaters.any():
+            empty = {k: getattr(p, k).detach()[:0] for k in BranchParams.NAMES}
+            edit_branch(p, "face", self.optim, ~floaters, empty)
+            self.stats["face"] = GradStats(len(p))
+            self.model.rebind()
+        return int(floaters.sum())
+
+    def start_torso(self) -> int:
+        """Prune the head's floaters, create the torso branch (recon/torso.py) and its
+        optimizer groups. Returns how many floaters were pruned."""
+        removed = self.prune_floaters()
+        if removed:
+            print(f"avatar train: removed {removed} floaters outside the person", file=sys.stderr)
         torso = init_torso(self.ds, self.train_ids, self.cfg.init_torso_points, self.cfg.sh_degree, seed=self.cfg.seed)
         if torso is None:
             print("avatar train: the frames show no body below the head; no torso", file=sys.stderr)
-            return
+            return removed
         self.model.torso = torso
         for group in torso_groups(torso, self.cfg):
             self.optim.add_param_group(group)
         self.stats["torso"] = GradStats(len(torso))
+        return removed
 
     def torso_loss_at(self, step: int) -> tuple[torch.Tensor, dict, list]:
         """The torso stage's loss: the finished head (no gradients) over the torso over the
@@ -481,8 +510,9 @@ class Trainer:
         try:
             while self.step < cfg.total_steps:
                 step = self.step
+                event = {}
                 if step == cfg.iterations and self.model.torso is None:
-                    self.start_torso()
+                    event["floaters_pruned"] = self.start_torso()
                     if self.model.torso is None:  # nothing to fit: the run ends with the head
                         self.step = cfg.total_steps
                         self.save()
@@ -500,7 +530,6 @@ class Trainer:
                 self.optim.step()
                 self.optim.zero_grad(set_to_none=True)
                 self.step = step + 1
-                event = {}
                 if densify_from <= self.step < densify_until and self.step % cfg.densify_every == 0:
                     event["densify"] = self.densify(step)
                     self.model.rebind()

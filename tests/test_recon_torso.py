@@ -215,6 +215,23 @@ def test_avatar_without_torso_renders_the_frame_and_resume_adds_one(sample_datas
     assert av.model.torso is None and torso_mode(av, None) == "frame"
     with pytest.raises(AvatarError, match="has no 3D torso"):
         torso_mode(av, "3d")
-    train(sample_dataset, out, None, resume=True, progress=False, force=True, overrides={"torso_steps": 6})
+    # Before the torso, the head's floaters go: a point painted over the background in every
+    # view is removed, and nothing else.
+    from recon.densify import edit_branch
+    from recon.model import BranchParams
+    from recon.train import Trainer
+
+    trainer = Trainer(sample_dataset, out, None, resume=True, progress=False, force=True, overrides={"torso_steps": 6})
+    face = trainer.model.face
+    n = len(face)
+    f = trainer.ds[0]
+    corner = torch.linalg.inv(trainer.ds.viewmat(0)) @ torch.tensor([-0.12, -0.12, 0.5, 1.0])  # top left, far out
+    assert not f.masks["person"][:8, :8].any()
+    floater = {k: getattr(face, k).detach()[:1].clone() for k in BranchParams.NAMES}
+    floater["means"] = corner[None, :3]
+    edit_branch(face, "face", trainer.optim, torch.ones(n, dtype=torch.bool), floater)
+    assert trainer.prune_floaters() == 1 and len(trainer.model.face) == n
+    assert not torch.isclose(trainer.model.face.means, corner[:3]).all(-1).any()
+    trainer.run(progress=False)
     av = load_avatar(out)
     assert av.model.torso is not None and av.meta["step"] == 18

@@ -148,16 +148,18 @@ class ViewRenderer:
             f = self.ds[0]
             self._torso = (f.image, f.masks["torso"])
 
-    def under(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, s: ViewSettings) -> torch.Tensor:
+    def under(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
+              s: ViewSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What lies behind the head in this view: the avatar's 3D torso over the background
         plate; or the plate with the capture's torso pasted in (2D), as seen from the
         capture's mean camera, put on a plane through the head facing that camera and seen
-        from this one, so the 2D torso stays under the neck when the view turns a little."""
+        from this one, so the 2D torso stays under the neck when the view turns a little.
+        Returns ([H, W, 3], the 3D torso's alpha [H, W, 1] or None)."""
         backdrop = self.backdrop(viewmat, K, width, height, s)
         if s.torso == "3d" and self.av.model.torso is not None:
             layer = self.av.model.torso_layer(viewmat, K, (width, height), None, backend=self.av.config.backend)
-            return torso_under(layer, backdrop)
-        return backdrop
+            return torso_under(layer, backdrop), layer.alpha
+        return backdrop, None
 
     def backdrop(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, s: ViewSettings) -> torch.Tensor:
         """The plate (with the capture's 2D torso when asked) seen from this view (see `under`)."""
@@ -211,7 +213,7 @@ class ViewRenderer:
             face, _ = model.deformed(FACE, motion, eye, mouth_scale=s.mouth_scale)
             mouth, _ = model.deformed(MOUTH, motion, eye, mouth_scale=s.mouth_scale)
             t1 = time.perf_counter()
-            under = self.under(viewmat, K, width, height, s)
+            under, torso_alpha = self.under(viewmat, K, width, height, s)
             if s.mode == "centres":
                 parts = [face, mouth]
                 if s.torso == "3d" and model.torso is not None:
@@ -229,8 +231,11 @@ class ViewRenderer:
                     img = fl.rgb + (1 - fl.alpha) * under
                 elif s.mode == "mouth branch":
                     img = ml.rgb + (1 - ml.alpha) * under
-                elif s.mode == "alpha":
-                    img = composite(fl, ml, under)[1].expand(-1, -1, 3)
+                elif s.mode == "alpha":  # head, or head or torso
+                    alpha = composite(fl, ml, under)[1]
+                    if torso_alpha is not None:
+                        alpha = 1 - (1 - alpha) * (1 - torso_alpha)
+                    img = alpha.expand(-1, -1, 3)
                 elif s.mode == "depth":
                     img = self._depth(fl, ml)
                 else:
