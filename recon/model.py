@@ -58,9 +58,12 @@ class Frame:
 
 
 def concat(parts: list[Gaussians]) -> Gaussians:
-    """Several sets of Gaussians as one (in order)."""
-    return Gaussians(*(torch.cat([getattr(p, f) for p in parts])
-                       for f in ("means", "quats", "log_scales", "opacity_logits", "sh", "branch")))
+    """Several sets of Gaussians as one (in order); SH bands a set lacks are zero."""
+    K = max(p.sh.shape[1] for p in parts)
+    sh = torch.cat([torch.cat([p.sh, p.sh.new_zeros(len(p), K - p.sh.shape[1], 3)], 1) for p in parts])
+    return Gaussians(*(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "quats", "log_scales",
+                                                                            "opacity_logits")),
+                     sh, torch.cat([p.branch for p in parts]))
 
 
 def torso_under(torso: Layer | None, plate: Tensor) -> Tensor:
@@ -216,7 +219,7 @@ class AvatarModel(nn.Module):
         width, height = (size, size) if isinstance(size, int) else size
         means, quats, scales, opacities = g.activated()
         out = rasterize(means, quats, scales, opacities, g.sh, viewmat[None], K[None], width, height,
-                        sh_degree=min(sh_degree, self.sh_degree), backend=backend)
+                        sh_degree=min(sh_degree, g.sh_degree), backend=backend)
         return Layer(rgb=out.image[0], alpha=out.alpha[0], depth=out.depth[0], means2d=out.means2d,
                      radii=out.radii[0])
 

@@ -48,6 +48,13 @@ NECK_BELOW_CHIN_M = 0.04
 """Where the neck's blend weight is 1/2: this far below the fitted face's lowest point."""
 NECK_SOFTNESS_M = 0.015
 """Width of the neck's blend from the head's motion to the body's (metres)."""
+MAX_SCALE_M = 0.02
+"""Largest standard deviation a torso Gaussian renders with: a long one hidden behind the
+head in every training view would stick out of it in a novel view."""
+TOP_ABOVE_CHIN_M = 0.03
+"""The torso ends this far above the fitted face's lowest point (behind the jaw): points
+that rise higher fade out, so the branch cannot grow up behind the head, where no
+training view sees it and a novel view would."""
 ENCODING_BOUND_M = 0.4
 """Positions are divided by this before the sinusoidal encoding (the torso is ~0.5 m wide)."""
 BODY_DEPTH_BEHIND_ORIGIN_M = -0.03
@@ -160,7 +167,10 @@ class TorsoModel(nn.Module):
         quats = w * q + (1 - w) * quat_multiply(rotmat_to_quat(R).expand_as(q), q)
         sh = torch.cat([p.sh_dc, p.sh_rest], 1)
         label = torch.full((len(x),), TORSO, dtype=torch.uint8)
-        g = Gaussians(means, quats, p.log_scales, p.opacity_logits, sh, label)
+        top = self.neck_y + NECK_BELOW_CHIN_M + TOP_ABOVE_CHIN_M
+        opacity = torch.sigmoid(p.opacity_logits) * torch.sigmoid((top - x[:, 1].detach()) / 0.005)
+        logits = torch.logit(opacity.clamp(1e-6, 1 - 1e-6))
+        g = Gaussians(means, quats, p.log_scales.clamp(max=math.log(MAX_SCALE_M)), logits, sh, label)
         return g, ((100 * offset) ** 2).mean() if len(x) else x.new_zeros(())
 
     def motion_in(self, c2w: Tensor, index: int | None = None) -> Tensor:
@@ -255,7 +265,8 @@ def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float
 
 def body_silhouette(ds: Dataset, views: list[int], chin_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The body as the (still) camera sees it: pixels the person covers in most views below
-    a line a little above each view's chin, including what the head hides there.
+    a line a little above the bottom of each view's head mask (12 % of the head's height:
+    under the jaw), including what the head hides there (the neck behind the chin).
 
     chin_row: [len(views)] the lowest row of each view's head mask. Returns (mask [S, S]
     bool, the median colour of the visible torso [S, S, 3] float, inpainted where the head
@@ -270,7 +281,7 @@ def body_silhouette(ds: Dataset, views: list[int], chin_row: np.ndarray) -> tupl
         head = f.masks["head"].numpy()
         top = np.nonzero(head.any(1))[0]
         height = (chin - top[0]) if len(top) else 0
-        below = rows >= chin - 0.35 * height
+        below = rows >= chin - 0.12 * height
         votes += f.masks["person"].numpy() & below
         rgb = f.image.numpy().copy()
         rgb[~f.masks["torso"].numpy()] = np.nan
@@ -287,10 +298,11 @@ def body_silhouette(ds: Dataset, views: list[int], chin_row: np.ndarray) -> tupl
     return mask, colour
 
 
-def init_torso(ds: Dataset, train_ids: list[int], n_points: int, sh_degree: int, views: int = 16,
+def init_torso(ds: Dataset, train_ids: list[int], n_points: int, views: int = 16,
                seed: int = 0) -> TorsoModel | None:
     """Initial torso from the person masks and the head frame's geometry; None when the
-    frames show no body below the head.
+    frames show no body below the head. Its colours are view-independent (SH degree 0):
+    clothes are matte, and the torso's sides are seen from few directions.
 
     The body's silhouette (body_silhouette) is lifted onto an elliptic cylinder per image
     row: its centre on the neck's axis behind the face, its half-depth half its half-width
@@ -332,8 +344,7 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, sh_degree: int,
     rgb = torch.from_numpy(colour[ys[pick], xs[pick]])
     spacing = math.sqrt(len(xs) / n_points) * z_body / fx
     n = n_points
-    sh = torch.zeros(n, (sh_degree + 1) ** 2, 3)
-    sh[:, 0] = rgb_to_sh_dc(rgb)
+    sh = rgb_to_sh_dc(rgb)[:, None]
     gaussians = Gaussians(means=means.float(), quats=torch.tensor([1.0, 0, 0, 0]).expand(n, 4).clone(),
                           log_scales=torch.full((n, 3), math.log(0.7 * spacing)),
                           opacity_logits=torch.full((n,), math.log(0.5 / 0.5)), sh=sh,

@@ -375,7 +375,7 @@ class Trainer:
         removed = self.prune_floaters()
         if removed:
             print(f"avatar train: removed {removed} floaters outside the person", file=sys.stderr)
-        torso = init_torso(self.ds, self.train_ids, self.cfg.init_torso_points, self.cfg.sh_degree, seed=self.cfg.seed)
+        torso = init_torso(self.ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed)
         if torso is None:
             print("avatar train: the frames show no body below the head; no torso", file=sys.stderr)
             return removed
@@ -401,8 +401,12 @@ class Trainer:
         pred, head_alpha = composite(face, mouth, torso_under(torso, ds.background))
         alpha = 1 - (1 - head_alpha) * (1 - torso.alpha)
         gt, person, region = f.image, f.masks["person"], f.masks["torso"]
-        loss = (photometric_loss(pred, gt, cfg.ssim_weight)
-                + cfg.silhouette_weight * (alpha[..., 0] - person.float()).abs().mean() + cfg.deform_weight * penalty)
+        # The silhouette outside the head's mask: inside it, where the head's alpha is
+        # partial (hair), the torso must not grow up behind the head to fill it.
+        outside_head = ~f.masks["head"]
+        silhouette = (alpha[..., 0] - person.float()).abs()[outside_head].mean() if outside_head.any() else 0
+        loss = photometric_loss(pred, gt, cfg.ssim_weight) + cfg.silhouette_weight * silhouette \
+            + cfg.deform_weight * penalty
         info = {"stage": "torso", "frame": i, "psnr": psnr(pred.detach(), gt, region if region.any() else None)}
         return loss, info, [torso]
 

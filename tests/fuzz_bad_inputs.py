@@ -36,6 +36,7 @@ for p in (ROOT, ROOT / "tests"):
 import av  # noqa: E402
 import cv2  # noqa: E402
 import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
 
 from _datasets import make_dataset  # noqa: E402
 
@@ -344,7 +345,7 @@ def checkpoint_cases(keys: list[str]) -> list[Case]:
         cases.append(_ckpt_case(f"without-{key}", _rewrite(lambda t, m, k=key: t.pop(k))))
     for key in floats[1:: max(1, len(floats) // 12)]:
         cases.append(_ckpt_case(f"reshaped-{key}", _rewrite(lambda t, m, k=key: t.__setitem__(
-            k, t[k].reshape(-1)[:-1].clone() if t[k].numel() > 1 else t[k].reshape(1, 1, 1).repeat(2, 2, 2)))))
+            k, t[k].reshape(-1)[:-1].clone() if t[k].numel() > 1 else torch.full((2, 2, 2), 0.5)))))
 
     return cases + _not_a_folder("checkpoint", "avatar", lambda target, ws: ["export", str(target), "--ply",
                                                                           str(ws / "out.ply")],

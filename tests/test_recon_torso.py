@@ -122,6 +122,13 @@ def test_body_motion_with_a_track_moves_the_body_in_camera_coordinates():
     torch.testing.assert_close(cam(A @ x) - cam(x), torch.tensor([0.01, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0)
 
 
+def test_torso_never_rises_behind_the_head():
+    # neck_y -0.16: the chin at -0.12, the torso's top 3 cm above it at -0.09
+    torso = _torso(torch.tensor([[0.0, -0.20, 0.0], [0.0, -0.05, -0.05]]), neck_y=-0.16)
+    opacity = torch.sigmoid(torso.deformed(None)[0].opacity_logits).detach()
+    assert opacity[0] == pytest.approx(0.5, abs=1e-3) and opacity[1] < 1e-3
+
+
 def test_torso_offsets_train_through_the_pose():
     """The pose network is live: a loss on the moved points reaches its weights and the means."""
     torso = _torso(torch.tensor([[0.1, -0.3, 0.0], [-0.1, -0.3, 0.0]]), neck_y=-0.16)
@@ -153,7 +160,7 @@ def test_init_torso_lifts_the_body_below_the_head(sample_dataset):
 
     ds = Dataset(sample_dataset, size=64, cache_frames=10_000)  # cached: the test edits masks below
     train_ids, _ = ds.split()
-    torso = init_torso(ds, train_ids, 400, sh_degree=1)
+    torso = init_torso(ds, train_ids, 400)
     assert torso is not None and len(torso) == 400
     # Seen from the reference camera, every point falls on the person, below the face.
     viewmat = torch.linalg.inv(torso.reference @ torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])))
@@ -169,7 +176,7 @@ def test_init_torso_lifts_the_body_below_the_head(sample_dataset):
     for i in range(len(ds)):
         ds[i].masks["person"] = ds[i].masks["head"].clone()
         ds[i].masks["torso"] = torch.zeros_like(ds[i].masks["head"])
-    assert init_torso(ds, train_ids, 400, sh_degree=1) is None
+    assert init_torso(ds, train_ids, 400) is None
 
 
 def test_trained_avatar_has_a_torso_that_renders_and_scores(trained_avatar, sample_dataset, speech_wav, tmp_path):
