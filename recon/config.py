@@ -83,8 +83,8 @@ class TrainConfig:
     max_torso_gaussians: int = 12_000
     """Densification of the torso stops adding points at this count."""
     silhouette_weight: float = 0.5
-    """Weight of |alpha - person mask| in the torso stage: the head and torso together
-    must cover the person, and nothing else (clean silhouettes in novel views)."""
+    """Weight of |alpha - person mask| in the torso stage, outside the head's mask: the head
+    and torso together must cover the person, and nothing else (clean silhouettes)."""
     # Learning rates (Adam). Positions are in metres: the head is about 0.25 m across.
     lr_means: float = 2.5e-4
     """Initial learning rate of the Gaussian centres (decays 100x, as in 3DGS)."""

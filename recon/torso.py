@@ -7,9 +7,9 @@ reference pose, the mean of the training cameras. Were the body still in front o
 camera, in a frame whose camera is c2w_i (head frame, OpenGL axes) it would have moved,
 relative to the head, by c2w_i @ inv(c2w_ref). But people lean and shift: the body is
 *tracked* like the head. Each dataset frame's torso (below the neck) is registered to
-the clip's median torso image by a rotation and shift in the image plane (ECC,
-`track_body`); at the body's depth that is a rigid motion M_i of the body in camera
-coordinates, so
+the clip's median torso image by a turn, a scale and a shift in the image plane
+(`track_body`). At the body's depth that is a rigid motion M_i of the body in camera
+coordinates (a turn about the optical axis, a move along it and across it), so
 
     A_i = c2w_i @ F M_i F @ inv(c2w_ref)        (F = diag(1, -1, -1, 1): OpenCV <-> OpenGL)
 
@@ -347,7 +347,7 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, views: int = 16
     sh = rgb_to_sh_dc(rgb)[:, None]
     gaussians = Gaussians(means=means.float(), quats=torch.tensor([1.0, 0, 0, 0]).expand(n, 4).clone(),
                           log_scales=torch.full((n, 3), math.log(0.7 * spacing)),
-                          opacity_logits=torch.full((n,), math.log(0.5 / 0.5)), sh=sh,
+                          opacity_logits=torch.zeros(n), sh=sh,  # opacity 1/2
                           branch=torch.full((n,), TORSO, dtype=torch.uint8))
     chin_y = float(face[:, 1].min()) if face is not None else float(means[:, 1].max())
     tracks = track_body(ds, train_ids, tracking_region(seen, np.array(chin)), z_body)
