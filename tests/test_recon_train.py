@@ -38,9 +38,10 @@ def trained(trained_avatar):
 def test_training_writes_a_documented_avatar(trained, sample_dataset):
     metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics]
-    assert steps == sorted(set(steps)) and steps[-1] == 60
-    assert {m["stage"] for m in metrics} == {"static", "mouth", "face", "fuse"}
-    psnrs = [m["psnr_head"] for m in metrics]
+    assert steps == sorted(set(steps)) and steps[-1] == 80  # 60 of the head, 20 of the torso
+    assert {m["stage"] for m in metrics} == {"static", "mouth", "face", "fuse", "torso"}
+    assert [m["floaters_pruned"] for m in metrics if "floaters_pruned" in m] == [0]
+    psnrs = [m["psnr_head"] for m in metrics if "psnr_head" in m]
     assert np.mean(psnrs[-3:]) > psnrs[0] + 1.5, psnrs  # it learns
     assert any(m.get("densify", {}).get("face", {}).get("split", 0) + m.get("densify", {}).get("face", {}).get("cloned", 0)
                for m in metrics)
@@ -91,7 +92,8 @@ def test_eval_render_export(trained, speech_wav, tmp_path):
         assert (video.codec_context.width, video.codec_context.height) == (64, 64)
 
     paths = export(trained, ply=tmp_path / "canonical.ply")
-    assert len(load_ply(paths[0])) == len(load_avatar(trained).model)
+    model = load_avatar(trained).model
+    assert len(load_ply(paths[0])) == len(model) + len(model.torso)  # the head's branches and the torso
     export(trained, ply=tmp_path / "frame3.ply", frame=3)
     assert load_ply(tmp_path / "frame3.ply").means.shape == load_ply(paths[0]).means.shape
     frames = export(trained, audio=speech_wav, frames_dir=tmp_path / "frames", progress=False)
@@ -162,14 +164,14 @@ def test_resume_after_kill_9(sample_dataset, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(ckpt)[1]["step"]
-    assert 50 <= killed_at < 400
+    assert 50 <= killed_at < 420
     # Resuming continues from the last checkpoint and finishes; the metrics log has each step once.
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     _, meta = load_checkpoint(ckpt)
-    assert meta["step"] == 400
+    assert meta["step"] == 420  # 400 of the head, 20 of the torso
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert steps == sorted(set(steps)) and steps[-1] == 420
     assert not list(out.glob(".*.tmp*"))  # a write cut short by the kill was cleaned up
     assert f"{killed_at}/400" in done.stderr  # the progress bar restarted where the checkpoint was
     a = load_avatar(out)

@@ -328,7 +328,7 @@ class ClientSession:
         with gui.add_folder("Render"):
             self.mode = gui.add_dropdown("Mode", MODES, initial_value="RGB")
             self.background = gui.add_checkbox("Background", True)
-            torsos = [k for k, v in TORSO_CHOICES.items() if v != "3d" or has_torso]
+            torsos = [k for k, v in TORSO_CHOICES.items() if v != "3d" or self.settings.torso == "3d"]
             self.torso = gui.add_dropdown("Torso", torsos, initial_value=torsos[0])
             self.mouth_amp = gui.add_slider("Mouth amplitude", 0.0, 2.0, 0.05, 1.0)
             self.eye = gui.add_slider("Eye openness", 0.0, 1.0, 0.05, 1.0)
