@@ -303,14 +303,18 @@ def _rewrite(edit: Callable[[dict, dict], None]) -> Callable[[Path, np.random.Ge
     return make
 
 
-def checkpoint_keys(fx: Fixtures) -> list[str]:
+def checkpoint_keys(fx: Fixtures) -> dict[str, bool]:
+    """The trained avatar's checkpoint tensor names -> whether the tensor holds floating-point
+    values (at least one: a NaN can be written into it)."""
     from safetensors import safe_open
 
     with safe_open(str(fx.avatar / "checkpoint.safetensors"), framework="pt") as f:
-        return sorted(f.keys())
+        return {k: f.get_slice(k).get_dtype().startswith(("F", "BF")) and math.prod(f.get_slice(k).get_shape()) > 0
+                for k in sorted(f.keys())}
 
 
-def checkpoint_cases(keys: list[str]) -> list[Case]:
+def checkpoint_cases(keys: dict[str, bool]) -> list[Case]:
+    """keys: checkpoint_keys of the trained avatar."""
     cases = []
 
     def write(data: Callable[[bytes, np.random.Generator], bytes]):
@@ -337,13 +341,13 @@ def checkpoint_cases(keys: list[str]) -> list[Case]:
     }
     for label, fn in meta_edits.items():
         cases.append(_ckpt_case(label, _rewrite(fn)))
-    floats = [k for k in keys if not k.startswith("optim.") and not k.startswith("densify.")]
+    model = [k for k in keys if not k.startswith("optim.") and not k.startswith("densify.")]
+    floats = [k for k in model if keys[k]]
     for key in floats[:: max(1, len(floats) // 16)]:
-        cases.append(_ckpt_case(f"nan-{key}", _rewrite(lambda t, m, k=key: t[k].view(-1).__setitem__(
-            0, float("nan")) if t[k].is_floating_point() and t[k].numel() else None)))
-    for key in floats[:: max(1, len(floats) // 12)]:
+        cases.append(_ckpt_case(f"nan-{key}", _rewrite(lambda t, m, k=key: t[k].view(-1).__setitem__(0, float("nan")))))
+    for key in model[:: max(1, len(model) // 12)]:
         cases.append(_ckpt_case(f"without-{key}", _rewrite(lambda t, m, k=key: t.pop(k))))
-    for key in floats[1:: max(1, len(floats) // 12)]:
+    for key in model[1:: max(1, len(model) // 12)]:
         cases.append(_ckpt_case(f"reshaped-{key}", _rewrite(lambda t, m, k=key: t.__setitem__(
             k, t[k].reshape(-1)[:-1].clone() if t[k].numel() > 1 else torch.full((2, 2, 2), 0.5)))))
 
@@ -552,8 +556,8 @@ def job_cases() -> list[Case]:
 
 # ---------------------------------------------------------------- running ------------------
 
-def all_cases(fx_keys: list[str]) -> list[Case]:
-    """Every case, in a fixed order. fx_keys: the trained avatar's checkpoint tensor names."""
+def all_cases(fx_keys: dict[str, bool]) -> list[Case]:
+    """Every case, in a fixed order. fx_keys: checkpoint_keys of the trained avatar."""
     return dataset_cases() + checkpoint_cases(fx_keys) + speech_cases() + video_cases() + job_cases()
 
 
