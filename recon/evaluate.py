@@ -57,7 +57,7 @@ from .dataset import Dataset, behind_head, dataset_fingerprint
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
 from .losses import boundary_coverage, boundary_seam, psnr, ssim
 from .gaussians import FACE, MOUTH
-from .model import composite, torso_under
+from .model import Frame, composite, torso_under
 from .motion import tracked_motion
 from .pose import correction_matrix
 from .render import open_dataset, ping_pong
@@ -139,8 +139,8 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     t_render = 0.0
     backend = av.config.backend
 
-    def render(i, under, code, eye):
-        return av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=backend).image
+    def render(i, under, code, eye) -> Frame:
+        return av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=backend)
 
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         frames = [(i, True) for i in held_out] + [(i, False) for i in fit_ids]
@@ -150,7 +150,8 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             under = behind_head(f, av.background)
             eye = torch.tensor([f.eye_openness])
             t0 = time.perf_counter()
-            pred = render(i, under, codes[f.frame_index], eye)
+            rendered = render(i, under, codes[f.frame_index], eye)
+            pred = rendered.image
             if is_held_out:
                 t_render += time.perf_counter() - t0
             face = face_mask(ds, i)
@@ -159,22 +160,22 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             row = {"frame": i, **_score(pred, f.image, face), "lmd": _lmd(pred_lm, gt_lm),
                    "opening_real": _opening(gt_lm), "opening": _opening(pred_lm)}
             if is_held_out and av.model.torso is not None:
-                row["torso"] = torso_scores(av, ds, i, codes[f.frame_index], eye, pred)
+                row["torso"] = torso_scores(av, ds, i, rendered)
             if not is_held_out:
                 if tracked is not None:  # the renderer's own fit: the motion it was trained on
-                    fit_pred = render(i, under, tracked[f.frame_index], eye)
+                    fit_pred = render(i, under, tracked[f.frame_index], eye).image
                     row["tracked_motion"] = {**_score(fit_pred, f.image, face),
                                              "lmd": _lmd(_track(tracker, _to_uint8(fit_pred)), gt_lm)}
                 fit_rows.append(row)
                 continue
-            static = render(i, under, torch.zeros_like(codes[0]), eye)
+            static = render(i, under, torch.zeros_like(codes[0]), eye).image
             static_u8 = _to_uint8(static)
             static_lm = _track(tracker, static_u8)
             row["lmd_static_mouth"] = _lmd(static_lm, gt_lm)
             row["opening_static_mouth"] = _opening(static_lm)
             if tracked is not None:
                 row["opening_tracked_motion"] = _opening(_track(tracker, _to_uint8(
-                    render(i, under, tracked[f.frame_index], eye))))
+                    render(i, under, tracked[f.frame_index], eye).image)))
             rows.append(row)
             if n % max(1, len(held_out) // strip_frames) == 0 and len(strip) < strip_frames:
                 strip.append(np.concatenate([gt_u8, pred_u8, static_u8], axis=0))
@@ -213,26 +214,24 @@ TORSO_KEYS = ("psnr", "ssim", "psnr_torso_region", "silhouette_iou", "seam", "se
               "neck_coverage_head")
 
 
-def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, code: torch.Tensor, eye: torch.Tensor,
-                 pred_frame: torch.Tensor) -> dict:
-    """Frame i rendered with the 3D torso over the plate (see the module docstring);
-    pred_frame [S, S, 3] is its render over its own pixels, for the seam's comparison."""
+def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, rendered: Frame) -> dict:
+    """Frame i with the 3D torso over the plate (see the module docstring); `rendered` is
+    its render over its own pixels, whose head layers are laid over the torso here."""
     f = ds[i]
-    viewmat = ds.viewmat(i)
-    torso = av.model.torso_layer(viewmat, ds.K, ds.size, av.model.torso.motion_in(f.c2w, i), backend=av.config.backend)
-    out = av.model.render(viewmat, ds.K, ds.size, torso_under(torso, av.background), code, eye,
-                          backend=av.config.backend)
-    coverage = (1 - (1 - out.alpha) * (1 - torso.alpha))[..., 0]
+    torso = av.model.torso_layer(ds.viewmat(i), ds.K, ds.size, av.model.torso.motion_in(f.c2w, i),
+                                 backend=av.config.backend)
+    image, head_alpha = composite(rendered.face, rendered.mouth, torso_under(torso, av.background))
+    coverage = (1 - (1 - head_alpha) * (1 - torso.alpha))[..., 0]
     alpha = coverage > 0.5
     person, region, head = f.masks["person"], f.masks["torso"], f.masks["head"]
     union = (alpha | person).sum()
-    return {"psnr": psnr(out.image, f.image), "ssim": ssim(out.image, f.image),
-            "psnr_torso_region": psnr(out.image, f.image, region) if region.any() else None,
+    return {"psnr": psnr(image, f.image), "ssim": ssim(image, f.image),
+            "psnr_torso_region": psnr(image, f.image, region) if region.any() else None,
             "silhouette_iou": float((alpha & person).sum() / union) if union else None,
-            "seam": boundary_seam(out.image, f.image, head, region),
-            "seam_frame_pixels": boundary_seam(pred_frame, f.image, head, region),
+            "seam": boundary_seam(image, f.image, head, region),
+            "seam_frame_pixels": boundary_seam(rendered.image, f.image, head, region),
             "neck_coverage": boundary_coverage(coverage, head, region),
-            "neck_coverage_head": boundary_coverage(out.alpha[..., 0], head, region)}
+            "neck_coverage_head": boundary_coverage(head_alpha[..., 0], head, region)}
 
 
 OPENING_CURVES = (("real", "opening_real", (255, 255, 255)), ("avatar", "opening", (80, 220, 80)),
