@@ -41,6 +41,15 @@ def dataset_fingerprint(root: Path) -> str:
         return "unreadable"
 
 
+GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+"""Flips a camera's axes between OpenGL (transforms.json) and OpenCV (the rasterizer); its own inverse."""
+
+
+def world_to_camera(c2w: torch.Tensor) -> torch.Tensor:
+    """[4, 4] world-to-camera in OpenCV axes of a camera-to-world c2w [4, 4] in OpenGL axes."""
+    return torch.linalg.inv(c2w @ GL_TO_CV)
+
+
 def behind_head(frame: Frame, plate: torch.Tensor) -> torch.Tensor:
     """What lies behind the head in a dataset frame [H, W, 3]: the frame itself outside its
     head mask (torso, hair below the chin, background), the background plate inside it.
@@ -135,5 +144,4 @@ class Dataset:
 
     def viewmat(self, i: int) -> torch.Tensor:
         """[4, 4] world-to-camera in OpenCV axes (what the rasterizer takes)."""
-        c2w = torch.tensor(self.frames[i]["transform_matrix"], dtype=torch.float32)
-        return torch.linalg.inv(c2w @ torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])))
+        return world_to_camera(torch.tensor(self.frames[i]["transform_matrix"], dtype=torch.float32))

@@ -57,7 +57,7 @@ from .dataset import Dataset, behind_head, dataset_fingerprint
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
 from .losses import boundary_coverage, boundary_seam, psnr, ssim
 from .gaussians import FACE, MOUTH
-from .model import Frame, composite, torso_under
+from .model import Frame, composite, coverage, torso_under
 from .motion import tracked_motion
 from .pose import correction_matrix
 from .render import open_dataset, ping_pong
@@ -221,8 +221,8 @@ def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, rendered: Frame) -> dict
     torso = av.model.torso_layer(ds.viewmat(i), ds.K, ds.size, av.model.torso.motion_in(f.c2w, i),
                                  backend=av.config.backend)
     image, head_alpha = composite(rendered.face, rendered.mouth, torso_under(torso, av.background))
-    coverage = (1 - (1 - head_alpha) * (1 - torso.alpha))[..., 0]
-    alpha = coverage > 0.5
+    covered = coverage(head_alpha, torso.alpha)[..., 0]
+    alpha = covered > 0.5
     person, region, head = f.masks["person"], f.masks["torso"], f.masks["head"]
     union = (alpha | person).sum()
     return {"psnr": psnr(image, f.image), "ssim": ssim(image, f.image),
@@ -230,7 +230,7 @@ def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, rendered: Frame) -> dict
             "silhouette_iou": float((alpha & person).sum() / union) if union else None,
             "seam": boundary_seam(image, f.image, head, region),
             "seam_frame_pixels": boundary_seam(rendered.image, f.image, head, region),
-            "neck_coverage": boundary_coverage(coverage, head, region),
+            "neck_coverage": boundary_coverage(covered, head, region),
             "neck_coverage_head": boundary_coverage(head_alpha[..., 0], head, region)}
 
 

@@ -71,11 +71,16 @@ def torso_under(torso: Layer | None, plate: Tensor) -> Tensor:
     return plate if torso is None else torso.rgb + (1 - torso.alpha) * plate
 
 
+def coverage(a: Tensor, b: Tensor) -> Tensor:
+    """Alpha of two layers over each other: 1 - (1 - a)(1 - b)."""
+    return 1 - (1 - a) * (1 - b)
+
+
 def composite(face: Layer, mouth: Layer, under: Tensor) -> tuple[Tensor, Tensor]:
     """Mouth layer first, face layer over it, both over `under` [H, W, 3].
     Returns the image [H, W, 3] and the head coverage [H, W, 1]."""
     image = face.rgb + (1 - face.alpha) * (mouth.rgb + (1 - mouth.alpha) * under)
-    return image, 1 - (1 - face.alpha) * (1 - mouth.alpha)
+    return image, coverage(face.alpha, mouth.alpha)
 
 
 class BranchParams(nn.Module):

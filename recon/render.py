@@ -37,9 +37,6 @@ from .dataset import Dataset, Frame, behind_head
 from .gaussians import FACE, MOUTH
 from .model import composite, concat, torso_under
 
-GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
-
-
 @dataclass
 class Drive:
     """Per-frame conditioning of a rendered clip: motion codes (from its speech) and eye openness."""

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dataset import Dataset
+from .dataset import GL_TO_CV, Dataset, world_to_camera
 from .deform import _mlp
 from .gaussians import TORSO, Gaussians, rgb_to_sh_dc
 from .model import BranchParams
@@ -100,16 +100,13 @@ def mean_pose(c2w: Tensor) -> Tensor:
     return out
 
 
-CV_TO_GL = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
-
-
 def body_motion(c2w: Tensor, reference: Tensor, track: Tensor | None = None) -> Tensor:
     """[4, 4] how the body has moved relative to the head in a frame with camera c2w
     [4, 4], from the reference camera [4, 4] (both head frame, OpenGL axes); track [4, 4]:
     the body's own motion in that frame, camera coordinates (OpenCV), or None (still)."""
     if track is None:
         return c2w @ torch.linalg.inv(reference)
-    return c2w @ CV_TO_GL @ track @ CV_TO_GL @ torch.linalg.inv(reference)
+    return c2w @ GL_TO_CV @ track @ GL_TO_CV @ torch.linalg.inv(reference)
 
 
 def pose_features(A: Tensor) -> Tensor:
@@ -320,7 +317,7 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, views: int = 16
     if seen.sum() < 16:
         return None
     mask, colour = body_silhouette(ds, view_ids, np.array(chin))
-    viewmat = torch.linalg.inv(reference @ torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])))  # OpenCV
+    viewmat = world_to_camera(reference)
     centre_head = torch.tensor([0.0, 0.0, BODY_DEPTH_BEHIND_ORIGIN_M]) if face is None else \
         torch.tensor([float(face[:, 0].mean()), 0.0, BODY_DEPTH_BEHIND_ORIGIN_M])
     z_body = float((viewmat[:3, :3] @ centre_head + viewmat[:3, 3])[2])  # the neck's depth

@@ -56,7 +56,7 @@ from .densify import GradStats, densify_and_prune, edit_branch, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
 from .init import init_gaussians
 from .losses import photometric_loss, psnr
-from .model import AvatarModel, BranchParams, composite, torso_under
+from .model import AvatarModel, BranchParams, composite, coverage, torso_under
 from .motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
 from .raster.api import check_backend
 from .torso import TorsoModel, init_torso
@@ -399,7 +399,7 @@ class Trainer:
         torso = model.render_layer(g, ds.viewmat(i), ds.K, ds.size, self.active_sh_degree(step), cfg.backend)
         torso.means2d.retain_grad()
         pred, head_alpha = composite(face, mouth, torso_under(torso, ds.background))
-        alpha = 1 - (1 - head_alpha) * (1 - torso.alpha)
+        alpha = coverage(head_alpha, torso.alpha)
         gt, person, region = f.image, f.masks["person"], f.masks["torso"]
         # The silhouette outside the head's mask: inside it, where the head's alpha is
         # partial (hair), the torso must not grow up behind the head to fill it.

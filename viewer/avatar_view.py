@@ -31,7 +31,7 @@ from avatar.media import write_mp4
 from recon.avatar_dir import LoadedAvatar, load_avatar
 from recon.conditioning import blink_schedule, speech_features, speech_motion
 from recon.gaussians import FACE, MOUTH
-from recon.model import composite, torso_under
+from recon.model import composite, coverage, torso_under
 from recon.raster import rasterize
 from recon.render import CameraRig, Drive, open_dataset
 
@@ -234,7 +234,7 @@ class ViewRenderer:
                 elif s.mode == "alpha":  # head, or head or torso
                     alpha = composite(fl, ml, under)[1]
                     if torso_alpha is not None:
-                        alpha = 1 - (1 - alpha) * (1 - torso_alpha)
+                        alpha = coverage(alpha, torso_alpha)
                     img = alpha.expand(-1, -1, 3)
                 elif s.mode == "depth":
                     img = self._depth(fl, ml)
@@ -247,7 +247,7 @@ class ViewRenderer:
     @staticmethod
     def _depth(fl, ml) -> torch.Tensor:
         depth = torch.where(fl.alpha > 0.5, fl.depth, ml.depth)[..., 0]
-        cover = (1 - (1 - fl.alpha) * (1 - ml.alpha))[..., 0] > 0.5
+        cover = coverage(fl.alpha, ml.alpha)[..., 0] > 0.5
         if not cover.any():
             return torch.zeros(*depth.shape, 3)
         lo, hi = torch.quantile(depth[cover], torch.tensor([0.02, 0.98]))
