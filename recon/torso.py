@@ -31,6 +31,7 @@ plate). Novel views use A = I, the body in its reference relation to the head.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import cv2
@@ -38,8 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from .dataset import GL_TO_CV, Dataset, world_to_camera
+from .dataset import GL_TO_CV, Dataset, spread, world_to_camera
 from .deform import _mlp
 from .gaussians import TORSO, Gaussians, rgb_to_sh_dc
 from .model import BranchParams
@@ -216,7 +218,7 @@ def register_similarity(template: np.ndarray, image: np.ndarray, mask: np.ndarra
 
 
 def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float, template_frames: int = 48,
-               side: int = 256) -> Tensor:
+               side: int = 256, progress: bool = False) -> Tensor:
     """[len(ds), 4, 4] the body's motion in every dataset frame, camera coordinates (OpenCV).
 
     Its torso is registered to the median torso image of the training frames by a turn and
@@ -224,12 +226,12 @@ def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float
     the grey images at `side` pixels at most, coarse to fine, each frame starting from the
     previous one; inside `body` [S, S] bool: the torso below the neck). That is a rotation
     about the optical axis (at any depth), a move along it (the scale, at the body's
-    `depth` in metres) and a shift parallel to the image.
+    `depth` in metres) and a shift parallel to the image. progress: show a progress bar.
     """
     S = ds.size
     r = min(1.0, side / S)
     n = max(8, round(S * r))
-    pick = [train_ids[k] for k in np.linspace(0, len(train_ids) - 1, min(template_frames, len(train_ids))).round().astype(int)]
+    pick = spread(train_ids, template_frames)
 
     def grey(i: int) -> np.ndarray:
         g = cv2.cvtColor((ds[i].image.numpy() * 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
@@ -243,7 +245,8 @@ def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float
     coarse = (cv2.resize(template, half, interpolation=cv2.INTER_AREA),
               cv2.resize(mask.astype(np.uint8), half, interpolation=cv2.INTER_NEAREST) > 0)
     tracks, p = [], np.zeros(4)
-    for i in range(len(ds)):
+    for i in tqdm(range(len(ds)), desc="track body", unit="frame", disable=not progress, file=sys.stderr,
+                  leave=False):
         image = grey(i)
         if mask.sum() >= 64:
             q = p
@@ -296,7 +299,7 @@ def body_silhouette(ds: Dataset, views: list[int], chin_row: np.ndarray) -> tupl
 
 
 def init_torso(ds: Dataset, train_ids: list[int], n_points: int, views: int = 16,
-               seed: int = 0) -> TorsoModel | None:
+               seed: int = 0, progress: bool = False) -> TorsoModel | None:
     """Initial torso from the person masks and the head frame's geometry; None when the
     frames show no body below the head. Its colours are view-independent (SH degree 0):
     clothes are matte, and the torso's sides are seen from few directions.
@@ -308,7 +311,7 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, views: int = 16
     face = ds.face_geometry()
     c2w = torch.stack([torch.tensor(ds.frames[i]["transform_matrix"], dtype=torch.float32) for i in train_ids])
     reference = mean_pose(c2w)
-    view_ids = [train_ids[k] for k in np.linspace(0, len(train_ids) - 1, min(views, len(train_ids))).round().astype(int)]
+    view_ids = spread(train_ids, views)
     chin = []
     for i in view_ids:
         rows = np.nonzero(ds[i].masks["head"].numpy().any(1))[0]
@@ -347,7 +350,7 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, views: int = 16
                           opacity_logits=torch.zeros(n), sh=sh,  # opacity 1/2
                           branch=torch.full((n,), TORSO, dtype=torch.uint8))
     chin_y = float(face[:, 1].min()) if face is not None else float(means[:, 1].max())
-    tracks = track_body(ds, train_ids, tracking_region(seen, np.array(chin)), z_body)
+    tracks = track_body(ds, train_ids, tracking_region(seen, np.array(chin)), z_body, progress=progress)
     return TorsoModel(gaussians, reference, neck_y=chin_y - NECK_BELOW_CHIN_M, tracks=tracks)
 
 

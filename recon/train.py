@@ -369,13 +369,14 @@ class Trainer:
             self.model.rebind()
         return int(floaters.sum())
 
-    def start_torso(self) -> int:
+    def start_torso(self, progress: bool = False) -> int:
         """Prune the head's floaters, create the torso branch (recon/torso.py) and its
-        optimizer groups. Returns how many floaters were pruned."""
+        optimizer groups (progress: a bar while the body is tracked). Returns how many
+        floaters were pruned."""
         removed = self.prune_floaters()
         if removed:
             print(f"avatar train: removed {removed} floaters outside the person", file=sys.stderr)
-        torso = init_torso(self.ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed)
+        torso = init_torso(self.ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed, progress=progress)
         if torso is None:
             print("avatar train: the frames show no body below the head; no torso", file=sys.stderr)
             return removed
@@ -516,7 +517,7 @@ class Trainer:
                 step = self.step
                 event = {}
                 if step == cfg.iterations and self.model.torso is None:
-                    event["floaters_pruned"] = self.start_torso()
+                    event["floaters_pruned"] = self.start_torso(progress)
                     if self.model.torso is None:  # nothing to fit: the run ends with the head
                         self.step = cfg.total_steps
                         self.save()
