@@ -50,6 +50,11 @@ def world_to_camera(c2w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(c2w @ GL_TO_CV)
 
 
+def spread(ids: list[int], n: int) -> list[int]:
+    """At most n of `ids`, evenly spaced from the first to the last."""
+    return [ids[k] for k in np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)]
+
+
 def behind_head(frame: Frame, plate: torch.Tensor) -> torch.Tensor:
     """What lies behind the head in a dataset frame [H, W, 3]: the frame itself outside its
     head mask (torso, hair below the chin, background), the background plate inside it.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,7 +17,7 @@ from avatar.errors import AvatarError
 from capture.ernerf import INNER_MOUTH68
 from capture.tracking import INNER_LIPS, N_LANDMARKS
 
-from .dataset import Dataset
+from .dataset import Dataset, spread
 from .gaussians import FACE, MOUTH, Gaussians, rgb_to_sh_dc
 
 
@@ -60,7 +59,7 @@ def init_gaussians(ds: Dataset, n_volume: int = 20_000, n_mouth: int = 2_000, sh
                           "capture it with `avatar capture`, or import an ER-NeRF folder whose frames all have .lms landmarks")
     g = torch.Generator().manual_seed(seed)
     train, _ = ds.split()
-    view_ids = [train[k] for k in np.linspace(0, len(train) - 1, min(views, len(train))).round().astype(int)]
+    view_ids = spread(train, views)
 
     # Face branch: landmarks plus a carved head volume around them.
     # Hair reaches well above and beside the face mesh; the back of the head is unseen.
