@@ -74,9 +74,9 @@ def init_gaussians(ds: Dataset, n_volume: int = 20_000, n_mouth: int = 2_000, sh
 
     # Mouth branch: behind the inner-lip contour.
     lips = face[list(INNER_LIPS if len(face) == N_LANDMARKS else INNER_MOUTH68)]
-    centre, spread = lips.mean(0), (lips.max(0).values - lips.min(0).values) / 2
+    centre, half = lips.mean(0), (lips.max(0).values - lips.min(0).values) / 2
     u = torch.rand(n_mouth, 3, generator=g) * 2 - 1
-    mouth_pts = centre + u * torch.tensor([spread[0], max(spread[1], 0.004), 0.0])
+    mouth_pts = centre + u * torch.tensor([half[0], max(half[1], 0.004), 0.0])
     mouth_pts[:, 2] = centre[2] - 0.01 - 0.02 * torch.rand(n_mouth, generator=g)
     mouth_col = torch.tensor([0.35, 0.12, 0.12]).expand(n_mouth, 3)
 
