@@ -82,6 +82,10 @@ class TrainConfig:
     """Torso points at initialisation, lifted from the person masks below the head."""
     max_torso_gaussians: int = 12_000
     """Densification of the torso stops adding points at this count."""
+    body_refine_at: float = 0.5
+    """Fraction of the torso stage after which every frame's body track is refined through
+    the renderer (recon/torso.py: refine_tracks), so that the rest of the stage fits a body
+    tracked in 3D; 0: never (the image-plane registration is kept)."""
     silhouette_weight: float = 0.5
     """Weight of |alpha - person mask| in the torso stage, outside the head's mask: the head
     and torso together must cover the person, and nothing else (clean silhouettes)."""
@@ -198,7 +202,7 @@ def preset(name: str, **overrides) -> TrainConfig:
 
 AT_LEAST_ONE = ("size", "iterations", "init_volume_points", "init_torso_points", "max_gaussians", "audio_window", "motion_components",
                 "checkpoint_every", "log_every", "cache_frames", "densify_every", "lip_landmark_frames")
-FRACTIONS = ("densify_from", "densify_until", "opacity_reset_at", "percent_dense", "prune_opacity", "ssim_weight")
+FRACTIONS = ("body_refine_at", "densify_from", "densify_until", "opacity_reset_at", "percent_dense", "prune_opacity", "ssim_weight")
 
 
 def check_ranges(cfg: TrainConfig) -> TrainConfig:

@@ -55,6 +55,11 @@ def spread(ids: list[int], n: int) -> list[int]:
     return [ids[k] for k in np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)]
 
 
+def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """[H, W] bool -> bool, dilated by a (2 px + 1) square."""
+    return torch.nn.functional.max_pool2d(mask[None, None].float(), 2 * px + 1, stride=1, padding=px)[0, 0] > 0
+
+
 def behind_head(frame: Frame, plate: torch.Tensor) -> torch.Tensor:
     """What lies behind the head in a dataset frame [H, W, 3]: the frame itself outside its
     head mask (torso, hair below the chin, background), the background plate inside it.

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -41,10 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .dataset import GL_TO_CV, Dataset, spread, world_to_camera
+from .dataset import GL_TO_CV, Dataset, dilate, spread, world_to_camera
 from .deform import _mlp
 from .gaussians import TORSO, Gaussians, rgb_to_sh_dc
 from .model import BranchParams
+
+if TYPE_CHECKING:
+    from .model import AvatarModel
 
 NECK_BELOW_CHIN_M = 0.04
 """Where the neck's blend weight is 1/2: this far below the fitted face's lowest point."""
@@ -151,17 +155,21 @@ class TorsoModel(nn.Module):
         logit = (xyz[:, 1:2] - self.neck_y) / NECK_SOFTNESS_M + self.blend(encode(xyz))
         return torch.sigmoid(logit)
 
-    def deformed(self, A: Tensor | None = None) -> tuple[Gaussians, Tensor]:
+    def offset_at(self, A: Tensor) -> Tensor:
+        """[N, 3] the pose-conditioned offsets of the canonical points under body motion A [4, 4]."""
+        x = self.params.means.detach()
+        return self.offset(torch.cat([encode(x), pose_features(A.to(x)).expand(len(x), 6)], -1))
+
+    def deformed(self, A: Tensor | None = None, offset: Tensor | None = None) -> tuple[Gaussians, Tensor]:
         """The torso's Gaussians under body motion A [4, 4] (None: the reference, A = I), and
-        the mean squared pose-conditioned offset in cm (a regulariser)."""
+        the mean squared pose-conditioned offset in cm (a regulariser). offset: [N, 3] the
+        offsets to use instead of offset_at(A) (a fit of A that holds them)."""
         p = self.params
         x, q = p.means, F.normalize(p.quats, dim=-1)
         A = torch.eye(4) if A is None else A.to(x)
-        pose = pose_features(A)
         R, t = A[:3, :3], A[:3, 3]
-        e = encode(x.detach())
         w = self.head_weight(x.detach())
-        offset = self.offset(torch.cat([e, pose.expand(len(x), 6)], -1))
+        offset = self.offset_at(A) if offset is None else offset
         means = w * x + (1 - w) * (x @ R.T + t) + offset
         quats = w * q + (1 - w) * quat_multiply(rotmat_to_quat(R).expand_as(q), q)
         sh = torch.cat([p.sh_dc, p.sh_rest], 1)
@@ -261,6 +269,93 @@ def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float
         M[:3, 3] = p[2] / r * moved / fx, p[3] / r * moved / fy, moved - depth
         tracks.append(M)
     return torch.tensor(np.stack(tracks), dtype=torch.float32)
+
+
+def twist(rotation: Tensor, shift: Tensor, pivot: Tensor) -> Tensor:
+    """[4, 4] a rigid motion: a turn by the rotation vector [3] (radians) about `pivot` [3],
+    then a shift [3]."""
+    z = rotation.new_zeros(())
+    wx, wy, wz = rotation.unbind()
+    R = torch.linalg.matrix_exp(torch.stack([torch.stack([z, -wz, wy]), torch.stack([wz, z, -wx]),
+                                             torch.stack([-wy, wx, z])]))
+    top = torch.cat([R, (pivot - R @ pivot + shift)[:, None]], 1)
+    return torch.cat([top, torch.tensor([[0.0, 0.0, 0.0, 1.0]])])
+
+
+def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_keyframes: int = 150,
+                  side: int = 256, backend: str = "auto", progress: bool = False) -> Tensor:
+    """[len(ds), 4, 4] the body's tracks (`TorsoModel.tracks`) refined through the renderer.
+
+    The image-plane registration of `track_body` cannot see a body that turns or leans
+    towards the camera, and misses the collar and tie by a pixel. Here a frame's track gains
+    a rigid correction in camera coordinates, a turn about the torso's centre and a shift
+    (6 numbers), fitted by Levenberg-Marquardt (`iterations`, forward-difference Jacobian)
+    to the torso layer over the plate against the frame, outside the head's mask (the head
+    hides the rest), at `side` pixels at most; the pose-conditioned offsets are held at the
+    registered pose during the fit. Every third frame is fitted (fewer on long clips: at
+    most `max_keyframes`, so the cost is bounded), in order, each from the previous
+    correction, and the frames between take the linear blend of their neighbours' (a body
+    moves smoothly). As the head's tracked pose does, every frame's body pose comes from
+    that frame: held-out frames are tracked like training ones.
+    """
+    torso = model.torso
+    n = min(ds.size, side)
+    K = ds.K.clone()
+    K[:2] *= n / ds.size
+    shrink = lambda x: F.interpolate(x.permute(2, 0, 1)[None], size=(n, n), mode="area")[0].permute(1, 2, 0)  # noqa: E731
+    plate = shrink(ds.background)
+    # Units of 1/100 rad and 1 mm, so that the six numbers are alike in size.
+    units = torch.tensor([0.01] * 3 + [0.001] * 3)
+
+    def fit(i: int, start: Tensor) -> tuple[Tensor, Tensor]:
+        """Frame i's correction [6] from `start` [6], and the torso's centre [3] (camera)."""
+        f, viewmat = ds[i], ds.viewmat(i)
+        region = shrink((~dilate(f.masks["head"], max(1, ds.size // 128))).float()[..., None])[..., 0] > 0.999
+        A = torso.motion_in(f.c2w, i)
+        offset = torso.offset_at(A)
+        means = torso.deformed(A, offset=offset)[0].means
+        pivot = (means @ viewmat[:3, :3].T + viewmat[:3, 3]).mean(0)
+        if region.sum() < 64:
+            return start, pivot
+        gt = shrink(f.image)[region]
+        to_head = torch.linalg.inv(viewmat)
+
+        def residual(x: Tensor) -> Tensor:
+            E = to_head @ twist(x[:3] * units[:3], x[3:] * units[3:], pivot) @ viewmat
+            layer = model.render_layer(torso.deformed(E @ A, offset=offset)[0], viewmat, K, n, 0, backend)
+            return ((layer.rgb + (1 - layer.alpha) * plate)[region] - gt).flatten()
+
+        x, r, damping, h = start.clone(), residual(start), 1e-3, 0.1
+        for _ in range(iterations):
+            J = torch.stack([(residual(x + h * e) - r) / h for e in torch.eye(6)], 1)
+            JtJ, g = J.T @ J, J.T @ r
+            for _ in range(4):
+                step = torch.linalg.solve(JtJ + damping * (torch.diag(torch.diag(JtJ)) + 1e-9 * torch.eye(6)), -g)
+                r_new = residual(x + step)
+                if r_new.square().sum() < r.square().sum():
+                    x, r, damping = x + step, r_new, max(damping / 10, 1e-6)
+                    break
+                damping *= 10
+            else:
+                break  # no step lowers the error: converged
+        return x, pivot
+
+    tracks = torso.tracks.clone()
+    stride = max(3, math.ceil(len(ds) / max_keyframes))
+    keys = list(range(0, len(ds), stride))
+    if keys[-1] != len(ds) - 1:
+        keys.append(len(ds) - 1)
+    found, x = {}, torch.zeros(6)
+    with torch.no_grad():
+        for i in tqdm(keys, desc="refine body", unit="frame", disable=not progress, file=sys.stderr, leave=False):
+            x, pivot = fit(i, x)
+            found[i] = torch.cat([x, pivot])
+        for a, b in zip(keys, keys[1:] + [keys[-1] + 1]):
+            for i in range(a, b):
+                t = (i - a) / (b - a)
+                blend = (1 - t) * found[a] + t * found.get(b, found[a])  # the correction [6] and pivot [3]
+                tracks[i] = twist(blend[:3] * units[:3], blend[3:6] * units[3:], blend[6:]) @ tracks[i]
+    return tracks
 
 
 def body_silhouette(ds: Dataset, views: list[int], chin_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

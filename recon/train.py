@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from avatar.errors import AvatarError
@@ -50,7 +49,7 @@ from .avatar_dir import CHECKPOINT, model_from_tensors, read_json_lines, save_av
 from .checkpoint import load_checkpoint
 from .conditioning import normalize_mel, viseme_features
 from .config import TrainConfig, preset
-from .dataset import Dataset, behind_head, dataset_fingerprint
+from .dataset import Dataset, behind_head, dataset_fingerprint, dilate
 from .deform import DeformInputs
 from .densify import GradStats, densify_and_prune, edit_branch, reset_opacity
 from .gaussians import FACE, MOUTH, save_ply
@@ -59,7 +58,7 @@ from .losses import photometric_loss, psnr
 from .model import AvatarModel, BranchParams, composite, coverage, torso_under
 from .motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
 from .raster.api import check_backend
-from .torso import TorsoModel, init_torso
+from .torso import TorsoModel, init_torso, refine_tracks
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
 
@@ -209,11 +208,6 @@ class LipTargets:
                    viewmat=torch.stack([ds.viewmat(i) for i in ids]),
                    eye=torch.tensor([[float(ds.frames[i].get("eye_openness", 1.0))] for i in ids]),
                    motion=motion[ids])
-
-
-def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
-    """[H, W] bool -> bool, dilated by a (2 px + 1) square."""
-    return F.max_pool2d(mask[None, None].float(), 2 * px + 1, stride=1, padding=px)[0, 0] > 0
 
 
 class Trainer:
@@ -386,6 +380,16 @@ class Trainer:
         self.stats["torso"] = GradStats(len(torso))
         return removed
 
+    def refine_body(self, progress: bool = False) -> dict:
+        """Refine every frame's body track through the renderer (recon/torso.py:
+        refine_tracks); returns the mean turn of the corrections (degrees)."""
+        torso = self.model.torso
+        tracks = refine_tracks(self.model, self.ds, backend=self.cfg.backend, progress=progress)
+        change = tracks @ torch.linalg.inv(torso.tracks)
+        angle = torch.arccos(((change[:, :3, :3].diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1))
+        torso.tracks.copy_(tracks)
+        return {"mean_turn_deg": round(float(angle.mean().rad2deg()), 3)}
+
     def torso_loss_at(self, step: int) -> tuple[torch.Tensor, dict, list]:
         """The torso stage's loss: the finished head (no gradients) over the torso over the
         plate against the whole frame, and head-or-torso alpha against the person mask."""
@@ -511,6 +515,7 @@ class Trainer:
         torso_densify = (cfg.iterations + int(cfg.densify_from * cfg.torso_steps),
                          cfg.iterations + int(cfg.densify_until * cfg.torso_steps))
         reset_at = int(cfg.opacity_reset_at * cfg.iterations) if cfg.opacity_reset_at > 0 else -1
+        refine_at = cfg.iterations + max(1, round(cfg.body_refine_at * cfg.torso_steps)) if cfg.body_refine_at > 0 else -1
         log = open(metrics_path, "a")
         try:
             while self.step < cfg.total_steps:
@@ -535,6 +540,8 @@ class Trainer:
                 self.optim.step()
                 self.optim.zero_grad(set_to_none=True)
                 self.step = step + 1
+                if self.step == refine_at and self.model.torso is not None:
+                    event["body_refined"] = self.refine_body(progress)
                 if densify_from <= self.step < densify_until and self.step % cfg.densify_every == 0:
                     event["densify"] = self.densify(step)
                     self.model.rebind()
