@@ -37,6 +37,17 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace):
+    """The torch device of --device (recon/device.py); a named error when it cannot run here."""
+    from avatar.errors import AvatarError
+    from recon.device import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        raise AvatarError(None, f"--device: {exc}") from exc
+
+
 def _train(args: argparse.Namespace) -> int:
     from avatar.errors import AvatarError
     from recon.config import load_config, preset
@@ -54,7 +65,8 @@ def _train(args: argparse.Namespace) -> int:
             raise AvatarError(None, f"training setting {exc}") from exc
         if args.preset:
             cfg, overrides = checked, {}
-    out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides)
+    out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides,
+                device=_device(args))
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
     return 0
 
@@ -118,7 +130,8 @@ results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
 def _render(args: argparse.Namespace) -> int:
     from recon.render import render_video
 
-    r = render_video(args.avatar, args.audio, args.out, camera=args.camera, size=args.size, torso=args.torso)
+    r = render_video(args.avatar, args.audio, args.out, camera=args.camera, size=args.size, torso=args.torso,
+                     device=_device(args))
     print(f"video: {r['video']} ({r['frames']} frames, {r['seconds']:.2f} s; audio {r['audio_seconds']:.2f} s)")
     return 0
 
@@ -126,7 +139,8 @@ def _render(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from recon.export import export
 
-    paths = export(args.avatar, ply=args.ply, frame=args.frame, audio=args.audio, frames_dir=args.frames)
+    paths = export(args.avatar, ply=args.ply, frame=args.frame, audio=args.audio, frames_dir=args.frames,
+                   device=_device(args))
     print(f"wrote {paths[0]}" if len(paths) == 1 else f"wrote {len(paths)} files to {paths[0].parent}")
     return 0
 
@@ -205,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="override the preset's resolution")
     p.add_argument("--seed", type=int, help="override the seed (default 0)")
     p.add_argument("--backend", choices=["auto", "cpu", "torch", "cuda"], help="rasterizer backend (default auto)")
+    p.add_argument("--device", default="auto",
+                   help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true",
                    help="continue from the folder's last checkpoint, with its settings (settings given here must "
                         "match them)")
@@ -229,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torso", choices=("3d", "frame", "none"),
                    help="behind the head: 3d (the avatar's neck-and-shoulders branch; the default when it has "
                         "one), frame (the dataset frames' own pixels; dataset camera only) or none (the plate)")
+    p.add_argument("--device", default="auto",
+                   help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.set_defaults(func=_render)
     p = sub.add_parser("export", help="export an avatar to standard 3DGS .ply (canonical or deformed)")
     p.add_argument("avatar", help="avatar folder written by `avatar train`")
@@ -236,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", type=int, help="deform as in this dataset frame")
     p.add_argument("--audio", help="speech file: write one deformed .ply per video frame into --frames")
     p.add_argument("--frames", help="folder for the per-frame .ply files")
+    p.add_argument("--device", default="auto",
+                   help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.set_defaults(func=_export)
     p = sub.add_parser("view", help="open the browser studio on an avatar (or a dataset, to inspect a capture)")
     p.add_argument("path", help="avatar folder (`avatar train`) or dataset folder (`avatar capture`)")

@@ -122,7 +122,7 @@ def log_mel(pcm: np.ndarray) -> np.ndarray:
     spec = torch.stft(x, N_FFT, hop_length=HOP, win_length=WIN, window=torch.hann_window(WIN),
                       center=True, return_complex=True).abs() ** 2  # [F, T]
     mel = torch.from_numpy(_mel_filterbank()) @ spec
-    return torch.log(mel + 1e-6).T.numpy().astype(np.float32)
+    return torch.log(mel + 1e-6).T.numpy().astype(np.float32)  # host: capture computes on the host
 
 
 def frame_features(pcm: np.ndarray, n_frames: int, fps: float) -> dict[str, np.ndarray]:

@@ -143,8 +143,10 @@ class LoadedAvatar:
         return Path(self.meta["dataset"])
 
 
-def load_avatar(root: str | Path) -> LoadedAvatar:
-    """Open an avatar folder; AvatarError if it is missing, corrupt or not an avatar."""
+def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedAvatar:
+    """Open an avatar folder onto `device` (checkpoints are read to the host first, so an
+    avatar trained on any device opens on any other); AvatarError if it is missing, corrupt
+    or not an avatar."""
     root = Path(root)
     path = root / CHECKPOINT
     if not root.is_dir():
@@ -163,9 +165,10 @@ def load_avatar(root: str | Path) -> LoadedAvatar:
         config = TrainConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise AvatarError(path, f"has an unreadable config ({exc})") from exc
-    model = model_from_tensors(tensors, path)
+    device = torch.device(device)
+    model = model_from_tensors(tensors, path).to(device)
     model.eval()
-    return LoadedAvatar(root, model, config, meta, tensors["background"], tensors["K"])
+    return LoadedAvatar(root, model, config, meta, tensors["background"].to(device), tensors["K"].to(device))
 
 
 def save_avatar(root: Path, model: AvatarModel, meta: dict, extra: dict[str, torch.Tensor]) -> Path:

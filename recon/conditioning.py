@@ -24,7 +24,7 @@ def normalize_mel(mel: np.ndarray) -> Tensor:
     colour and part of the voice's timbre, so speech recorded elsewhere drives the avatar
     like the training clip did.
     """
-    x = torch.as_tensor(np.asarray(mel, np.float32))
+    x = torch.as_tensor(np.asarray(mel, np.float32), device="cpu")  # features are made on the host
     flat = x.reshape(-1, x.shape[-1])
     return (x - flat.mean(0)) / flat.std(0).clamp_min(1e-3)
 
@@ -36,7 +36,8 @@ def viseme_features(feats: dict) -> Tensor:
 
     vis = feats.get("visemes")
     n = len(feats["mel"])
-    return torch.zeros(n, len(VISEMES)) if vis is None else torch.as_tensor(np.asarray(vis, np.float32))
+    return (torch.zeros(n, len(VISEMES), device="cpu") if vis is None  # features are made on the host
+            else torch.as_tensor(np.asarray(vis, np.float32), device="cpu"))
 
 
 def blink_schedule(n_frames: int, fps: float, seed: int = 0, mean_interval_s: float = 4.0,

@@ -6,6 +6,7 @@ stays bounded however long the clip is (today's tools preload 60 GB+).
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
 def world_to_camera(c2w: torch.Tensor) -> torch.Tensor:
     """[4, 4] world-to-camera in OpenCV axes of a camera-to-world c2w [4, 4] in OpenGL axes."""
-    return torch.linalg.inv(c2w @ GL_TO_CV)
+    return torch.linalg.inv(c2w @ GL_TO_CV.to(c2w))
 
 
 def spread(ids: list[int], n: int) -> list[int]:
@@ -77,23 +78,37 @@ class Dataset:
         size: resize frames to size x size (None keeps the capture size).
         cache_frames: how many decoded frames to keep in memory.
         check_images: also decode every image and mask before anything reads them (training).
+        device: where frames, masks, poses, intrinsics and the plate are put (recon/device.py):
+            a torch.device, or "cpu" for the host (what `on` gives the host-side setup).
     """
 
-    def __init__(self, root: str | Path, size: int | None = None, cache_frames: int = 64, check_images: bool = False):
+    def __init__(self, root: str | Path, size: int | None = None, cache_frames: int = 64, check_images: bool = False,
+                 device: torch.device | str = "cpu"):
         self.root = Path(root)
+        self.device = device
         self.meta, self.features = open_checked(self.root, decode=check_images)
         self.frames = self.meta["frames"]
         self.capture_size = int(self.meta["w"])
         self.size = size or self.capture_size
         s = self.size / self.capture_size
         self.K = torch.tensor([[self.meta["fl_x"] * s, 0, self.meta["cx"] * s],
-                               [0, self.meta["fl_y"] * s, self.meta["cy"] * s], [0, 0, 1]], dtype=torch.float32)
+                               [0, self.meta["fl_y"] * s, self.meta["cy"] * s], [0, 0, 1]], dtype=torch.float32,
+                              device=self.device)
         self.background = self._read_rgb(self.root / self.meta["background"])
         self._cache: OrderedDict[int, Frame] = OrderedDict()
         self._cache_frames = cache_frames
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    def on(self, device: torch.device | str) -> "Dataset":
+        """The same dataset read onto another device, with a cache of its own (the host-side
+        setup of a run on a GPU reads its frames on the CPU)."""
+        other = copy.copy(self)
+        other.device = device
+        other.K, other.background = self.K.to(device), self.background.to(device)
+        other._cache = OrderedDict()
+        return other
 
     def _read(self, path: Path, flags: int) -> np.ndarray:
         img = cv2.imread(str(path), flags)
@@ -106,7 +121,7 @@ class Dataset:
 
     def _read_rgb(self, path: Path) -> torch.Tensor:
         img = cv2.cvtColor(self._read(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        return torch.from_numpy(img).float() / 255
+        return torch.from_numpy(img).to(self.device).float() / 255
 
     def __getitem__(self, i: int) -> Frame:
         if i in self._cache:
@@ -118,8 +133,8 @@ class Dataset:
             frame_index=int(f["frame_index"]),
             image=self._read_rgb(self.root / f["file_path"]),
             masks={m: torch.from_numpy(self._read(self.root / f[f"{m}_mask_path"], cv2.IMREAD_GRAYSCALE) > 127)
-                   for m in MASK_NAMES},
-            c2w=torch.tensor(f["transform_matrix"], dtype=torch.float32),
+                   .to(self.device) for m in MASK_NAMES},
+            c2w=self.c2w(i),
             eye_openness=float(f.get("eye_openness", 1.0)),
             mouth_opening=float(f.get("mouth_opening", 0.0)),
         )
@@ -152,6 +167,10 @@ class Dataset:
         n_test = max(1, int(round(len(self) * holdout_fraction)))
         return list(range(len(self) - n_test)), list(range(len(self) - n_test, len(self)))
 
+    def c2w(self, i: int) -> torch.Tensor:
+        """[4, 4] frame i's camera-to-world, OpenGL axes (the dataset's)."""
+        return torch.tensor(self.frames[i]["transform_matrix"], dtype=torch.float32, device=self.device)
+
     def viewmat(self, i: int) -> torch.Tensor:
         """[4, 4] world-to-camera in OpenCV axes (what the rasterizer takes)."""
-        return world_to_camera(torch.tensor(self.frames[i]["transform_matrix"], dtype=torch.float32))
+        return world_to_camera(self.c2w(i))

@@ -20,9 +20,9 @@ from .raster.reference import quat_to_rotmat
 class GradStats:
     """Running mean of the view-space positional gradient norm of one branch's Gaussians."""
 
-    def __init__(self, n: int):
-        self.grad_sum = torch.zeros(n)  # [n]
-        self.count = torch.zeros(n)  # [n]
+    def __init__(self, n: int, device: torch.device | str = "cpu"):
+        self.grad_sum = torch.zeros(n, device=device)  # [n]
+        self.count = torch.zeros(n, device=device)  # [n]
 
     def update(self, layer: Layer, size: int) -> None:
         """Add this step's gradients of layer.means2d (retain_grad was called on it)."""
@@ -41,9 +41,9 @@ class GradStats:
         return {"grad_sum": self.grad_sum, "count": self.count}
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor]) -> "GradStats":
+    def from_state(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> "GradStats":
         s = cls(0)
-        s.grad_sum, s.count = state["grad_sum"].clone(), state["count"].clone()
+        s.grad_sum, s.count = state["grad_sum"].to(device, copy=True), state["count"].to(device, copy=True)
         return s
 
 
@@ -93,7 +93,7 @@ def densify_and_prune(p: BranchParams, prefix: str, optim: torch.optim.Optimizer
         extra = {name: getattr(p, name).detach()[clone_idx] for name in BranchParams.NAMES}
         # Split: two children sampled from the parent's Gaussian, scales / 1.6 (3DGS).
         stds = p.log_scales.detach()[split_idx].exp().repeat(2, 1)
-        samples = torch.randn(stds.shape, generator=generator) * stds
+        samples = torch.randn(stds.shape, generator=generator, device="cpu").to(stds) * stds  # host generator
         rot = quat_to_rotmat(p.quats.detach()[split_idx]).repeat(2, 1, 1)
         children = {name: getattr(p, name).detach()[split_idx].repeat(2, *[1] * (getattr(p, name).dim() - 1))
                     for name in BranchParams.NAMES}

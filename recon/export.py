@@ -25,8 +25,9 @@ from .render import Drive, deformed_gaussians, open_dataset
 
 
 def export(avatar: str | Path, ply: str | Path | None = None, frame: int | None = None,
-           audio: str | Path | None = None, frames_dir: str | Path | None = None, progress: bool = True) -> list[Path]:
-    av = load_avatar(avatar)
+           audio: str | Path | None = None, frames_dir: str | Path | None = None, progress: bool = True,
+           device: torch.device | str = "cpu") -> list[Path]:
+    av = load_avatar(avatar, device)
     if audio is not None:
         if frames_dir is None:
             raise AvatarError(Path(audio), "--audio needs --frames DIR to write one .ply per frame")

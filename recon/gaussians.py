@@ -55,11 +55,11 @@ def save_ply(path: str | Path, g: Gaussians) -> Path:
     """Write the standard 3DGS layout (x y z nx ny nz f_dc_* f_rest_* opacity scale_* rot_*),
     readable by common splat viewers, plus our `branch` property (ignored by them)."""
     n, K = len(g), g.sh.shape[1]
-    sh = g.sh.detach().cpu().float()
+    sh = g.sh.detach().cpu().float()  # host: written to the file
     rest = sh[:, 1:].transpose(1, 2).reshape(n, -1)  # channel-major, as Inria writes it
     cols = {
         "x": g.means[:, 0], "y": g.means[:, 1], "z": g.means[:, 2],
-        "nx": torch.zeros(n), "ny": torch.zeros(n), "nz": torch.zeros(n),
+        "nx": torch.zeros(n, device="cpu"), "ny": torch.zeros(n, device="cpu"), "nz": torch.zeros(n, device="cpu"),
         **{f"f_dc_{c}": sh[:, 0, c] for c in range(3)},
         **{f"f_rest_{i}": rest[:, i] for i in range(3 * (K - 1))},
         "opacity": g.opacity_logits,
@@ -68,8 +68,8 @@ def save_ply(path: str | Path, g: Gaussians) -> Path:
     }
     data = np.empty(n, dtype=[(k, "f4") for k in cols] + [("branch", "u1")])
     for k, v in cols.items():
-        data[k] = v.detach().cpu().float().numpy()
-    data["branch"] = g.branch.cpu().numpy().astype(np.uint8)
+        data[k] = v.detach().cpu().float().numpy()  # host: written to the file
+    data["branch"] = g.branch.cpu().numpy().astype(np.uint8)  # host: written to the file
     with atomic_path(path) as tmp:
         PlyData([PlyElement.describe(data, "vertex")], text=False).write(str(tmp))
     return Path(path)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _window(size: int = 11, sigma: float = 1.5) -> Tensor:
+def _window(size: int = 11, sigma: float = 1.5, device: torch.device | None = None) -> Tensor:
     """1D Gaussian taps; the 2D window is their outer product, applied separably."""
-    x = torch.arange(size, dtype=torch.float32) - size // 2
+    x = torch.arange(size, dtype=torch.float32, device=device) - size // 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
@@ -20,7 +20,7 @@ def ssim_map(a: Tensor, b: Tensor) -> Tensor:
     """Per-pixel SSIM of two images [H, W, C] in [0, 1] -> [H, W] (mean over channels)."""
     C = a.shape[-1]
     x, y = a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]
-    g = _window().to(a)
+    g = _window(device=a.device).to(a.dtype)
     wx, wy = g.reshape(1, 1, 1, 11).expand(5 * C, 1, 1, 11), g.reshape(1, 1, 11, 1).expand(5 * C, 1, 11, 1)
 
     def blur(t: Tensor) -> Tensor:

@@ -131,7 +131,8 @@ class AvatarModel(nn.Module):
     def motion_codes(self, mel: Tensor, visemes: Tensor) -> Tensor:
         """Speech of a whole clip -> motion codes [T, K] (inference). mel: [T, 16, 80]
         normalised (conditioning.normalize_mel); visemes: [T, V] posteriors."""
-        return self.motion_net.predict(mel, visemes)
+        on = self.motion_net.centre.device
+        return self.motion_net.predict(mel.to(on), visemes.to(on))
 
     def rebind(self) -> None:
         """Bind both branches' current canonical points to the face mesh (see MotionRig)."""
@@ -157,8 +158,8 @@ class AvatarModel(nn.Module):
         cat = {k: torch.cat([getattr(p, k).detach() for p in parts]) for k in BranchParams.NAMES}
         head = Gaussians(cat["means"], cat["quats"], cat["log_scales"], cat["opacity_logits"],
                          torch.cat([cat["sh_dc"], cat["sh_rest"]], 1),
-                         torch.cat([torch.full((len(p),), b, dtype=torch.uint8) for b, p in ((FACE, self.face),
-                                                                                             (MOUTH, self.mouth))]))
+                         torch.cat([torch.full((len(p),), b, dtype=torch.uint8, device=p.means.device)
+                                    for b, p in ((FACE, self.face), (MOUTH, self.mouth))]))
         if self.torso is None:
             return head
         with torch.no_grad():
@@ -199,7 +200,7 @@ class AvatarModel(nn.Module):
         get = (lambda t: t.detach()) if frozen else (lambda t: t)
         means, quats, log_scales = get(p.means), get(p.quats), get(p.log_scales)
         sh = torch.cat([get(p.sh_dc), get(p.sh_rest)], 1)
-        label = torch.full((len(p),), branch, dtype=torch.uint8)
+        label = torch.full((len(p),), branch, dtype=torch.uint8, device=means.device)
 
         def frame(m: Tensor, q: Tensor, s: Tensor) -> Gaussians:
             return Gaussians(m, q, s, get(p.opacity_logits), sh, label)

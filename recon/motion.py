@@ -343,7 +343,8 @@ def bind_to_mesh(points: Tensor, vertices: Tensor, triangles: Tensor, falloff: f
         for v in tri:
             around[v].append(f)
     width = max(len(a) for a in around)
-    ring = torch.tensor([a + [a[0]] * (width - len(a)) if a else [0] * width for a in around])  # [V, width]
+    ring = torch.tensor([a + [a[0]] * (width - len(a)) if a else [0] * width for a in around],
+                        device=points.device)  # [V, width]
     tri, bary, dist2 = [], [], []
     for start in range(0, len(points), chunk):
         x = points[start:start + chunk]
@@ -351,7 +352,7 @@ def bind_to_mesh(points: Tensor, vertices: Tensor, triangles: Tensor, falloff: f
         cand = ring[nearest].reshape(len(x), -1)  # [n, near * width] triangle ids
         d2, b = closest_on_triangles(x, vertices[triangles[cand]])
         best = d2.argmin(1)
-        rows = torch.arange(len(x))
+        rows = torch.arange(len(x), device=x.device)
         tri.append(triangles[cand[rows, best]])
         bary.append(b[rows, best])
         dist2.append(d2[rows, best])
@@ -407,6 +408,6 @@ def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) 
 
 def tracked_motion(ds: Dataset, rig: MotionRig) -> torch.Tensor:
     """[len(ds), K] each frame's tracked motion codes."""
-    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), rig.vertices.numpy(),
+    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), rig.vertices.cpu().numpy(),
                               list(RIGID))
     return rig.basis.encode(torch.from_numpy(offsets)).float()

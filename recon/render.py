@@ -54,18 +54,19 @@ class Drive:
     def batch(self, frames: range) -> tuple[Tensor, Tensor]:
         """Motion codes [B, K] and eye openness [B, 1] of a run of frames."""
         return (self.motion[frames.start:frames.stop],
-                torch.from_numpy(self.eye[frames.start:frames.stop].astype(np.float32))[:, None])
+                torch.from_numpy(self.eye[frames.start:frames.stop].astype(np.float32))[:, None].to(self.motion.device))
 
 
-def look_at(eye: Tensor, target: Tensor, up: Tensor = torch.tensor([0.0, 1.0, 0.0])) -> Tensor:
-    """[4, 4] world-to-camera (OpenCV axes) of a camera at `eye` looking at `target`."""
+def look_at(eye: Tensor, target: Tensor, up: tuple[float, float, float] = (0.0, 1.0, 0.0)) -> Tensor:
+    """[4, 4] world-to-camera (OpenCV axes) of a camera at `eye` [3] looking at `target` [3]."""
+    up = torch.tensor(up, device=eye.device)
     z = target - eye
     z = z / z.norm()
     x = torch.linalg.cross(-up, z)
     x = x / x.norm()
     y = torch.linalg.cross(z, x)
     R = torch.stack([x, y, z])  # rows: camera axes in world
-    w2c = torch.eye(4)
+    w2c = torch.eye(4, device=eye.device)
     w2c[:3, :3] = R
     w2c[:3, 3] = -R @ eye
     return w2c
@@ -78,10 +79,9 @@ class CameraRig:
         face = av.model.face.means.detach()
         self.target = face.median(0).values
         if ds is not None:
-            centres = torch.stack([torch.tensor(f["transform_matrix"])[:3, 3] for f in ds.frames]).float()
-            mean_centre = centres.mean(0)
+            mean_centre = torch.stack([ds.c2w(i)[:3, 3] for i in range(len(ds))]).mean(0).to(self.target)
         else:  # a camera straight in front of the face at a typical phone distance
-            mean_centre = self.target + torch.tensor([0.0, 0.0, 0.5])
+            mean_centre = self.target + torch.tensor([0.0, 0.0, 0.5], device=self.target.device)
         offset = mean_centre - self.target
         self.distance = float(offset.norm())
         self.base_dir = offset / offset.norm()
@@ -89,8 +89,10 @@ class CameraRig:
     def at(self, yaw_deg: float, pitch_deg: float, distance: float | None = None) -> Tensor:
         """[4, 4] viewmat at yaw/pitch degrees away from the capture's mean view."""
         yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
-        ry = torch.tensor([[math.cos(yaw), 0, math.sin(yaw)], [0, 1, 0], [-math.sin(yaw), 0, math.cos(yaw)]])
-        rx = torch.tensor([[1, 0, 0], [0, math.cos(pitch), -math.sin(pitch)], [0, math.sin(pitch), math.cos(pitch)]])
+        on = self.base_dir.device
+        ry = torch.tensor([[math.cos(yaw), 0, math.sin(yaw)], [0, 1, 0], [-math.sin(yaw), 0, math.cos(yaw)]], device=on)
+        rx = torch.tensor([[1, 0, 0], [0, math.cos(pitch), -math.sin(pitch)], [0, math.sin(pitch), math.cos(pitch)]],
+                          device=on)
         d = ry @ rx @ self.base_dir
         return look_at(self.target + (distance or self.distance) * d, self.target)
 
@@ -143,7 +145,7 @@ def open_dataset(av: LoadedAvatar, size: int, required: bool) -> Dataset | None:
     """The avatar's dataset; when not `required`, None if it is gone or damaged (said once)."""
     if av.dataset.is_dir():
         try:
-            ds = Dataset(av.dataset, size=size, cache_frames=32)
+            ds = Dataset(av.dataset, size=size, cache_frames=32, device=av.background.device)
             if av.model.torso is not None and len(ds) != len(av.model.torso.tracks):
                 raise AvatarError(av.dataset, f"has {len(ds)} frames, but the avatar tracked the body in "
                                   f"{len(av.model.torso.tracks)}: it was captured again since the avatar was trained",
@@ -165,10 +167,11 @@ def scaled(av: LoadedAvatar, size: int) -> tuple[Tensor, Tensor]:
     s = size / av.size
     K = av.K.clone()
     K[:2] *= s
-    bg = av.background.numpy()
-    if size != av.size:
-        bg = cv2.resize(bg, (size, size), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    return K, torch.from_numpy(np.ascontiguousarray(bg))
+    if size == av.size:
+        return K, av.background
+    bg = cv2.resize(av.background.cpu().numpy(), (size, size),  # host: OpenCV resamples the plate
+                    interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return K, torch.from_numpy(bg).to(av.background.device)
 
 
 def ping_pong(k: int, n: int) -> int:
@@ -182,12 +185,12 @@ def ping_pong(k: int, n: int) -> int:
 
 def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera: str = "dataset",
                  size: int | None = None, progress: bool = True, seed: int = 0, batch: int = 8,
-                 torso: str | None = None) -> dict:
+                 torso: str | None = None, device: torch.device | str = "cpu") -> dict:
     """Render `audio` through the avatar to an mp4, deforming `batch` frames per pass.
-    torso: 3d, frame or none (module docstring; None: the avatar's default).
-    Returns a summary dict."""
+    torso: 3d, frame or none (module docstring; None: the avatar's default); device: where
+    the avatar renders (recon/device.py). Returns a summary dict."""
     mode, (yaw, pitch) = parse_camera(camera)
-    av = load_avatar(avatar)
+    av = load_avatar(avatar, device)
     torso = torso_mode(av, torso)
     size = size or av.size
     if size % 2:
@@ -219,7 +222,7 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
                     ml = model.render_layer(mouth, viewmat, K, size, model.sh_degree, av.config.backend)
                     image, _ = composite(fl, ml, under)
                     bar.update(1)
-                    yield (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+                    yield (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # host: to the encoder
 
     try:
         path = write_mp4(out, frames(), av.fps, audio=pcm)
@@ -232,7 +235,7 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
 def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int, body: Tensor | None = None):
     """Every branch's Gaussians at frame k of a drive, concatenated (face, mouth, then the
     torso under body motion `body` [4, 4], None: in its reference relation to the head)."""
-    eye = torch.tensor([float(drive.eye[k])])
+    eye = torch.tensor([float(drive.eye[k])], device=drive.motion.device)
     with torch.no_grad():
         parts = [av.model.deformed(b, drive.codes(k), eye)[0] for b in (FACE, MOUTH)]
         if av.model.torso is not None:

@@ -112,7 +112,8 @@ def body_motion(c2w: Tensor, reference: Tensor, track: Tensor | None = None) -> 
     the body's own motion in that frame, camera coordinates (OpenCV), or None (still)."""
     if track is None:
         return c2w @ torch.linalg.inv(reference)
-    return c2w @ GL_TO_CV @ track @ GL_TO_CV @ torch.linalg.inv(reference)
+    flip = GL_TO_CV.to(c2w)
+    return c2w @ flip @ track @ flip @ torch.linalg.inv(reference)
 
 
 def pose_features(A: Tensor) -> Tensor:
@@ -166,14 +167,14 @@ class TorsoModel(nn.Module):
         offsets to use instead of offset_at(A) (a fit of A that holds them)."""
         p = self.params
         x, q = p.means, F.normalize(p.quats, dim=-1)
-        A = torch.eye(4) if A is None else A.to(x)
+        A = torch.eye(4, device=x.device) if A is None else A.to(x)
         R, t = A[:3, :3], A[:3, 3]
         w = self.head_weight(x.detach())
         offset = self.offset_at(A) if offset is None else offset
         means = w * x + (1 - w) * (x @ R.T + t) + offset
         quats = w * q + (1 - w) * quat_multiply(rotmat_to_quat(R).expand_as(q), q)
         sh = torch.cat([p.sh_dc, p.sh_rest], 1)
-        label = torch.full((len(x),), TORSO, dtype=torch.uint8)
+        label = torch.full((len(x),), TORSO, dtype=torch.uint8, device=x.device)
         top = self.neck_y + NECK_BELOW_CHIN_M + TOP_ABOVE_CHIN_M
         opacity = torch.sigmoid(p.opacity_logits) * torch.sigmoid((top - x[:, 1].detach()) / 0.005)
         logits = torch.logit(opacity.clamp(1e-6, 1 - 1e-6))
@@ -242,13 +243,13 @@ def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float
     pick = spread(train_ids, template_frames)
 
     def grey(i: int) -> np.ndarray:
-        g = cv2.cvtColor((ds[i].image.numpy() * 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+        g = cv2.cvtColor((ds[i].image.cpu().numpy() * 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
         return cv2.GaussianBlur(cv2.resize(g, (n, n), interpolation=cv2.INTER_AREA).astype(np.float32), (0, 0), 1.0)
 
     template = np.median(np.stack([grey(i) for i in pick]), 0).astype(np.float32)
     mask = cv2.resize(body.astype(np.uint8), (n, n), interpolation=cv2.INTER_NEAREST) > 0
     fx, fy = float(ds.K[0, 0]), float(ds.K[1, 1])
-    centre = ds.K[:2, 2].double().numpy() * r
+    centre = ds.K[:2, 2].double().cpu().numpy() * r
     half = (n // 2, n // 2)
     coarse = (cv2.resize(template, half, interpolation=cv2.INTER_AREA),
               cv2.resize(mask.astype(np.uint8), half, interpolation=cv2.INTER_NEAREST) > 0)
@@ -279,7 +280,7 @@ def twist(rotation: Tensor, shift: Tensor, pivot: Tensor) -> Tensor:
     R = torch.linalg.matrix_exp(torch.stack([torch.stack([z, -wz, wy]), torch.stack([wz, z, -wx]),
                                              torch.stack([-wy, wx, z])]))
     top = torch.cat([R, (pivot - R @ pivot + shift)[:, None]], 1)
-    return torch.cat([top, torch.tensor([[0.0, 0.0, 0.0, 1.0]])])
+    return torch.cat([top, torch.tensor([[0.0, 0.0, 0.0, 1.0]], device=top.device)])
 
 
 def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_keyframes: int = 150,
@@ -305,7 +306,8 @@ def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_k
     shrink = lambda x: F.interpolate(x.permute(2, 0, 1)[None], size=(n, n), mode="area")[0].permute(1, 2, 0)  # noqa: E731
     plate = shrink(ds.background)
     # Units of 1/100 rad and 1 mm, so that the six numbers are alike in size.
-    units = torch.tensor([0.01] * 3 + [0.001] * 3)
+    units = torch.tensor([0.01] * 3 + [0.001] * 3, device=ds.device)
+    eye6 = torch.eye(6, device=ds.device)
 
     def fit(i: int, start: Tensor) -> tuple[Tensor, Tensor]:
         """Frame i's correction [6] from `start` [6], and the torso's centre [3] (camera)."""
@@ -327,10 +329,10 @@ def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_k
 
         x, r, damping, h = start.clone(), residual(start), 1e-3, 0.1
         for _ in range(iterations):
-            J = torch.stack([(residual(x + h * e) - r) / h for e in torch.eye(6)], 1)
+            J = torch.stack([(residual(x + h * e) - r) / h for e in eye6], 1)
             JtJ, g = J.T @ J, J.T @ r
             for _ in range(4):
-                step = torch.linalg.solve(JtJ + damping * (torch.diag(torch.diag(JtJ)) + 1e-9 * torch.eye(6)), -g)
+                step = torch.linalg.solve(JtJ + damping * (torch.diag(torch.diag(JtJ)) + 1e-9 * eye6), -g)
                 r_new = residual(x + step)
                 if r_new.square().sum() < r.square().sum():
                     x, r, damping = x + step, r_new, max(damping / 10, 1e-6)
@@ -345,7 +347,7 @@ def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_k
     keys = list(range(0, len(ds), stride))
     if keys[-1] != len(ds) - 1:
         keys.append(len(ds) - 1)
-    found, x = {}, torch.zeros(6)
+    found, x = {}, torch.zeros(6, device=ds.device)
     with torch.no_grad():
         for i in tqdm(keys, desc="refine body", unit="frame", disable=not progress, file=sys.stderr, leave=False):
             x, pivot = fit(i, x)
@@ -373,13 +375,13 @@ def body_silhouette(ds: Dataset, views: list[int], chin_row: np.ndarray) -> tupl
     rows = np.arange(S)[:, None]
     for i, chin in zip(views, chin_row):
         f = ds[i]
-        head = f.masks["head"].numpy()
+        head = f.masks["head"].cpu().numpy()
         top = np.nonzero(head.any(1))[0]
         height = (chin - top[0]) if len(top) else 0
         below = rows >= chin - 0.12 * height
-        votes += f.masks["person"].numpy() & below
-        rgb = f.image.numpy().copy()
-        rgb[~f.masks["torso"].numpy()] = np.nan
+        votes += f.masks["person"].cpu().numpy() & below
+        rgb = f.image.cpu().numpy().copy()
+        rgb[~f.masks["torso"].cpu().numpy()] = np.nan
         visible.append(rgb)
     mask = votes >= 0.5 * len(views)
     with warnings.catch_warnings():
@@ -409,9 +411,9 @@ def init_torso(ds: Dataset, train_ids: list[int], n_points: int, views: int = 16
     view_ids = spread(train_ids, views)
     chin = []
     for i in view_ids:
-        rows = np.nonzero(ds[i].masks["head"].numpy().any(1))[0]
+        rows = np.nonzero(ds[i].masks["head"].cpu().numpy().any(1))[0]
         chin.append(rows[-1] if len(rows) else ds.size)
-    seen = np.mean([ds[i].masks["torso"].numpy() for i in view_ids], 0) >= 0.5  # the visible body
+    seen = np.mean([ds[i].masks["torso"].cpu().numpy() for i in view_ids], 0) >= 0.5  # the visible body
     if seen.sum() < 16:
         return None
     mask, colour = body_silhouette(ds, view_ids, np.array(chin))

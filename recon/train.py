@@ -108,7 +108,7 @@ def optimizer_tensors(optim: torch.optim.Adam) -> dict[str, torch.Tensor]:
             if st:
                 out[f"optim.{g['name']}.{j}.exp_avg"] = st["exp_avg"]
                 out[f"optim.{g['name']}.{j}.exp_avg_sq"] = st["exp_avg_sq"]
-                out[f"optim.{g['name']}.{j}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+                out[f"optim.{g['name']}.{j}.step"] = torch.as_tensor(st["step"], dtype=torch.float32, device="cpu").reshape(1)
     return out
 
 
@@ -117,9 +117,9 @@ def load_optimizer_tensors(optim: torch.optim.Adam, tensors: dict[str, torch.Ten
         for j, p in enumerate(g["params"]):
             key = f"optim.{g['name']}.{j}"
             if f"{key}.exp_avg" in tensors:
-                optim.state[p] = {"step": tensors[f"{key}.step"].reshape(()).clone(),
-                                  "exp_avg": tensors[f"{key}.exp_avg"].clone(),
-                                  "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].clone()}
+                optim.state[p] = {"step": tensors[f"{key}.step"].reshape(()).clone(),  # Adam keeps it on the host
+                                  "exp_avg": tensors[f"{key}.exp_avg"].to(p.device, copy=True),
+                                  "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device, copy=True)}
 
 
 def stage_at(cfg: TrainConfig, step: int) -> str:
@@ -146,7 +146,7 @@ def lip_weights(ds: Dataset, i: int, margin: float = 0.25) -> torch.Tensor | Non
     lo, hi = lips.min(0), lips.max(0)
     pad = (hi - lo) * margin
     (x0, y0), (x1, y1) = np.floor(lo - pad).astype(int), np.ceil(hi + pad).astype(int)
-    w = torch.zeros(ds.size, ds.size)
+    w = torch.zeros(ds.size, ds.size, device=ds.device)
     w[max(y0, 0): max(y1, 0), max(x0, 0): max(x1, 0)] = 1
     return w
 
@@ -209,13 +209,17 @@ class LipTargets:
                    eye=torch.tensor([[float(ds.frames[i].get("eye_openness", 1.0))] for i in ids]),
                    motion=motion[ids])
 
+    def to(self, device: torch.device | str) -> "LipTargets":
+        return LipTargets(**{k: getattr(self, k).to(device) for k in ("lips", "target", "viewmat", "eye", "motion")})
+
 
 class Trainer:
     """State of one training run (model, optimizer, statistics) and its steps."""
 
     def __init__(self, dataset: Path, out: Path, cfg: TrainConfig | None, resume: bool, progress: bool = True,
-                 force: bool = False, overrides: dict | None = None):
+                 force: bool = False, overrides: dict | None = None, device: torch.device | str = "cpu"):
         self.out = Path(out)
+        self.device = device = torch.device(device)
         ckpt = self.out / CHECKPOINT
         if ckpt.exists() and not resume:
             raise AvatarError(self.out, "already holds a trained avatar",
@@ -225,55 +229,64 @@ class Trainer:
             cfg = resume_config(ckpt, resumed[1], cfg, Path(dataset), force, overrides or {})
         self.cfg = cfg = cfg or preset("cpu", **(overrides or {}))
         self.dataset_fingerprint = dataset_fingerprint(Path(dataset))
-        check_backend(cfg.backend)
-        self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True)
-        self.mel = normalize_mel(self.ds.features["mel"])
-        self.visemes = viseme_features(self.ds.features)
+        check_backend(cfg.backend, device)
+        self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True, device=device)
+        # The model is built on the host, from the dataset read there, and then moved.
+        self.host_ds = self.ds.on("cpu")
+        mel, visemes = normalize_mel(self.ds.features["mel"]), viseme_features(self.ds.features)
+        self.mel, self.visemes = mel.to(device), visemes.to(device)
         self.train_ids, self.held_out = self.ds.split()
         self.step = 0
         if resumed is not None:
             tensors, meta = resumed
             self.model = model_from_tensors(tensors, ckpt)
+            motion = tracked_motion(self.host_ds, self.model.rig) if self.model.rig is not None else None
+            self.model.to(device)
             self.optim = make_optimizer(self.model, cfg)
             load_optimizer_tensors(self.optim, tensors)
-            self.stats = {name: GradStats.from_state({k: tensors[f"densify.{name}.{k}"] for k in ("grad_sum", "count")})
+            self.stats = {name: GradStats.from_state({k: tensors[f"densify.{name}.{k}"] for k in ("grad_sum", "count")},
+                                                     device)
                           for name in [n for n, _ in BRANCHES] + (["torso"] if self.model.torso is not None else [])}
             self.step, self.extent = int(meta["step"]), float(meta["extent"])
             for stale in self.out.glob(".*.tmp*"):  # a write cut short by a crash
                 stale.unlink()
             self._trim_metrics()
             print(f"avatar train: resuming {self.out} from step {self.step}", file=sys.stderr)
-            self.motion = tracked_motion(self.ds, self.model.rig) if self.model.rig is not None else None
         else:
             if resume:
                 print(f"avatar train: {ckpt} not found; starting from the beginning", file=sys.stderr)
             torch.manual_seed(cfg.seed)
-            g = init_gaussians(self.ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
+            g = init_gaussians(self.host_ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
                                sh_degree=cfg.sh_degree, seed=cfg.seed)
-            rig, self.motion = (fit_rig(self.ds, self.train_ids, cfg.motion_components, cfg.motion_falloff)
-                                if has_tracked_faces(self.ds) else (None, None))
-            self.model = AvatarModel(g, rig, motion_dim=cfg.motion_components, visemes=self.visemes.shape[1],
+            rig, motion = (fit_rig(self.host_ds, self.train_ids, cfg.motion_components, cfg.motion_falloff)
+                           if has_tracked_faces(self.host_ds) else (None, None))
+            self.model = AvatarModel(g, rig, motion_dim=cfg.motion_components, visemes=visemes.shape[1],
                                      window=cfg.audio_window)
             if rig is not None:
-                self.fit_motion_net(progress)
+                self.fit_motion_net(mel, visemes, motion, progress)
+            self.model.to(device)
             self.optim = make_optimizer(self.model, cfg)
-            self.stats = {name: GradStats(len(self.model.branch(b))) for name, b in BRANCHES}
+            self.stats = {name: GradStats(len(self.model.branch(b)), self.device) for name, b in BRANCHES}
             face = g.means[g.branch == FACE]
             self.extent = float((face.max(0).values - face.min(0).values).norm())
-        self.lip_targets = LipTargets.of(self.ds, self.train_ids, self.motion) if cfg.lip_landmark_weight > 0 else None
+        self.motion = None if motion is None else motion.to(device)
+        lips = LipTargets.of(self.host_ds, self.train_ids, motion) if cfg.lip_landmark_weight > 0 else None
+        self.lip_targets = None if lips is None else lips.to(device)
         self.out.mkdir(parents=True, exist_ok=True)
 
-    def fit_motion_net(self, progress: bool) -> None:
-        """The speech-to-motion stage: MotionNet fitted to the training frames' tracked codes,
-        its range calibrated out of sample (motion.fit_motion_stage); logged to motion.json."""
+    def fit_motion_net(self, mel: torch.Tensor, visemes: torch.Tensor, motion: torch.Tensor, progress: bool) -> None:
+        """The speech-to-motion stage (on the host, before the model moves): MotionNet fitted
+        to the training frames' tracked codes (motion [len(ds), K]) from the clip's speech
+        (mel, visemes), its range calibrated out of sample (motion.fit_motion_stage);
+        logged to motion.json."""
         cfg = self.cfg
         rows = torch.tensor([int(self.ds.frames[i]["frame_index"]) for i in self.train_ids])
         opening = mouth_opening(np.stack([self.ds.landmarks(i) for i in self.train_ids]))
-        self.model.motion_net.set_closed_mouth(self.model.rig.basis, self.motion[self.train_ids], opening)
+        self.model.motion_net.set_closed_mouth(self.model.rig.basis, motion[self.train_ids], opening)
         bar = tqdm(total=cfg.motion_steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)
         t0 = time.perf_counter()
-        result = fit_motion_stage(self.model.motion_net, self.mel, self.visemes, self.motion[self.train_ids], rows,
+        result = fit_motion_stage(self.model.motion_net, mel, visemes, motion[self.train_ids], rows,
                                   cfg.motion_steps, lr=cfg.lr_motion, noise=cfg.audio_noise,
                                   velocity_weight=cfg.motion_velocity_weight, seed=cfg.seed,
                                   progress=lambda step, loss: (bar.update(1),
@@ -281,7 +294,7 @@ class Trainer:
         bar.close()
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "motion.json", {**result, "seconds": time.perf_counter() - t0,
-                                              "frames": len(rows), "codes": self.motion.shape[1]})
+                                              "frames": len(rows), "codes": motion.shape[1]})
 
     def motion_at(self, i: int, step: int) -> torch.Tensor:
         """[K] the motion codes that drive frame i: its tracked codes, or (without tracked
@@ -293,7 +306,7 @@ class Trainer:
         mel = self.mel[lo:hi]
         if self.cfg.audio_noise > 0:
             noise = torch.Generator().manual_seed(self.cfg.seed * 104_729 + step + 1)
-            mel = mel + self.cfg.audio_noise * torch.randn(mel.shape, generator=noise)
+            mel = mel + self.cfg.audio_noise * torch.randn(mel.shape, generator=noise, device="cpu").to(mel)
         return self.model.motion_net.train()(mel, self.visemes[lo:hi])[r - lo]
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -322,7 +335,7 @@ class Trainer:
         """Shuffled epochs, a pure function of (seed, step): a resumed run sees the same frames."""
         n = len(self.train_ids)
         epoch, k = divmod(step, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch), device="cpu")
         return self.train_ids[int(perm[k])]
 
     def set_learning_rates(self, step: int) -> None:
@@ -348,7 +361,7 @@ class Trainer:
         ds, p = self.ds, self.model.face
         picks = self.train_ids[:: max(1, len(self.train_ids) // views)][:views]
         means = p.means.detach()
-        outside, seen = torch.zeros(len(means)), torch.zeros(len(means))
+        outside, seen = torch.zeros(len(means), device=self.device), torch.zeros(len(means), device=self.device)
         for i in picks:
             px = project(means, ds.viewmat(i), ds.K).round().long()
             ok = ((px >= 0) & (px < ds.size)).all(1)
@@ -359,7 +372,7 @@ class Trainer:
         if floaters.any():
             empty = {k: getattr(p, k).detach()[:0] for k in BranchParams.NAMES}
             edit_branch(p, "face", self.optim, ~floaters, empty)
-            self.stats["face"] = GradStats(len(p))
+            self.stats["face"] = GradStats(len(p), self.device)
             self.model.rebind()
         return int(floaters.sum())
 
@@ -370,14 +383,14 @@ class Trainer:
         removed = self.prune_floaters()
         if removed:
             print(f"avatar train: removed {removed} floaters outside the person", file=sys.stderr)
-        torso = init_torso(self.ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed, progress=progress)
+        torso = init_torso(self.host_ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed, progress=progress)
         if torso is None:
             print("avatar train: the frames show no body below the head; no torso", file=sys.stderr)
             return removed
-        self.model.torso = torso
+        self.model.torso = torso.to(self.device)
         for group in torso_groups(torso, self.cfg):
             self.optim.add_param_group(group)
-        self.stats["torso"] = GradStats(len(torso))
+        self.stats["torso"] = GradStats(len(torso), self.device)
         return removed
 
     def refine_body(self, progress: bool = False) -> dict:
@@ -397,7 +410,7 @@ class Trainer:
         i = self.frame_for_step(step)
         f = ds[i]
         with torch.no_grad():
-            motion, eye = self.motion_at(i, step), torch.tensor([f.eye_openness])
+            motion, eye = self.motion_at(i, step), torch.tensor([f.eye_openness], device=self.device)
             face, mouth = (model.render_layer(model.deformed(b, motion, eye)[0], ds.viewmat(i), ds.K, ds.size,
                                               cfg.sh_degree, cfg.backend) for b in (FACE, MOUTH))
         g, penalty = model.torso.deformed(model.torso.motion_in(f.c2w, i))
@@ -415,6 +428,22 @@ class Trainer:
         info = {"stage": "torso", "frame": i, "psnr": psnr(pred.detach(), gt, region if region.any() else None)}
         return loss, info, [torso]
 
+    def optimize(self, step: int) -> tuple[torch.Tensor, dict]:
+        """One optimizer step at `step`: its loss, gradients, densification statistics and
+        update. Returns the loss and the step's info."""
+        loss, info, layers = self.loss_at(step)
+        if not torch.isfinite(loss):
+            raise AvatarError(self.out, f"training diverged at step {step} (loss {float(loss)})",
+                              "resume from the last checkpoint with --resume after lowering learning rates")
+        loss.backward()
+        names = ["torso"] if info["stage"] == "torso" else [name for name, _ in BRANCHES]
+        for name, layer in zip(names, layers):
+            if layer is not None:
+                self.stats[name].update(layer, self.cfg.size)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        return loss, info
+
     def loss_at(self, step: int) -> tuple[torch.Tensor, dict, list]:
         cfg, ds, model = self.cfg, self.ds, self.model
         stage = stage_at(cfg, step)
@@ -425,13 +454,13 @@ class Trainer:
         gt, masks = f.image, f.masks
         under = behind_head(f, ds.background)
         motion = self.motion_at(i, step)
-        eye = torch.tensor([f.eye_openness])
+        eye = torch.tensor([f.eye_openness], device=self.device)
         lips = lip_weights(ds, i)
         weight = 1 + cfg.lip_weight * lips if lips is not None else None
         inner_mouth = dilate(masks["mouth"], max(1, ds.size // 128))
         trains, deforms = STAGE_TRAINS[stage], STAGE_DEFORMS[stage]
         sh = self.active_sh_degree(step)
-        layers, penalty = [], torch.zeros(())
+        layers, penalty = [], torch.zeros((), device=self.device)
         for k, b in enumerate((FACE, MOUTH)):
             if stage in ("mouth", "face") and not trains[k]:
                 layers.append(None)  # the other branch is not rendered in its single-branch stage
@@ -473,8 +502,9 @@ class Trainer:
         frames per step, the static and mouth stages included."""
         cfg, lt = self.cfg, self.lip_targets
         g = torch.Generator().manual_seed(cfg.seed * 15_485_863 + step)
-        rows = torch.cat([torch.tensor([self.train_ids.index(i)]),
-                          torch.randint(len(self.train_ids), (max(cfg.lip_landmark_frames - 1, 0),), generator=g)])
+        rows = torch.cat([torch.tensor([self.train_ids.index(i)], device="cpu"),  # row numbers, from a host generator
+                          torch.randint(len(self.train_ids), (max(cfg.lip_landmark_frames - 1, 0),), generator=g,
+                                        device="cpu")])
         return lip_landmark_loss(self.model, lt.lips, lt.motion[rows], torch.cat([eye.reshape(1, 1), lt.eye[rows[1:]]]),
                                  lt.viewmat[rows], self.ds.K, lt.target[rows])
 
@@ -491,7 +521,7 @@ class Trainer:
             counts[name] = densify_and_prune(p, name, self.optim, self.stats[name], grad_threshold=cfg.densify_grad,
                                              extent=self.extent, percent_dense=cfg.percent_dense,
                                              prune_opacity=cfg.prune_opacity, budget=budget, generator=g)
-            self.stats[name] = GradStats(len(p))
+            self.stats[name] = GradStats(len(p), self.device)
         return counts
 
     def densify_torso(self, step: int) -> dict:
@@ -502,7 +532,7 @@ class Trainer:
                                    grad_threshold=cfg.densify_grad, extent=self.extent,
                                    percent_dense=cfg.percent_dense, prune_opacity=cfg.prune_opacity,
                                    budget=cfg.max_torso_gaussians - len(torso), generator=g)
-        self.stats["torso"] = GradStats(len(torso))
+        self.stats["torso"] = GradStats(len(torso), self.device)
         return {"torso": counts}
 
     def run(self, progress: bool = True) -> Path:
@@ -528,24 +558,15 @@ class Trainer:
                         self.save()
                         break
                 self.set_learning_rates(step)
-                loss, info, layers = self.loss_at(step)
-                if not torch.isfinite(loss):
-                    raise AvatarError(self.out, f"training diverged at step {step} (loss {float(loss)})",
-                                      "resume from the last checkpoint with --resume after lowering learning rates")
-                loss.backward()
-                names = ["torso"] if info["stage"] == "torso" else [name for name, _ in BRANCHES]
-                for name, layer in zip(names, layers):
-                    if layer is not None:
-                        self.stats[name].update(layer, cfg.size)
-                self.optim.step()
-                self.optim.zero_grad(set_to_none=True)
+                loss, info = self.optimize(step)
                 self.step = step + 1
                 if self.step == refine_at and self.model.torso is not None:
                     event["body_refined"] = self.refine_body(progress)
                 if densify_from <= self.step < densify_until and self.step % cfg.densify_every == 0:
                     event["densify"] = self.densify(step)
                     self.model.rebind()
-                if torso_densify[0] <= self.step < torso_densify[1] and self.step % cfg.densify_every == 0:
+                if self.model.torso is not None and torso_densify[0] <= self.step < torso_densify[1] \
+                        and self.step % cfg.densify_every == 0:
                     event["densify"] = self.densify_torso(step)
                 if self.step == reset_at:
                     for name, b in BRANCHES:
@@ -622,11 +643,11 @@ def resume_config(ckpt: Path, meta: dict, wanted: TrainConfig | None, dataset: P
 
 
 def train(dataset: str | Path, out: str | Path, cfg: TrainConfig | None, resume: bool = False, progress: bool = True,
-          force: bool = False, overrides: dict | None = None) -> Path:
-    """Train (or resume) an avatar; returns the avatar folder. See the module docstring.
-    cfg None: the checkpoint's config when resuming, else the cpu preset; `overrides`
-    (settings given one by one) are applied over either."""
-    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force, overrides)
+          force: bool = False, overrides: dict | None = None, device: torch.device | str = "cpu") -> Path:
+    """Train (or resume) an avatar on `device` (recon/device.py); returns the avatar folder.
+    See the module docstring. cfg None: the checkpoint's config when resuming, else the cpu
+    preset; `overrides` (settings given one by one) are applied over either."""
+    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force, overrides, device)
     if trainer.step >= trainer.cfg.total_steps:
         print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
         if not (trainer.out / "canonical.ply").is_file():

@@ -118,7 +118,8 @@ class RenderedBody:
     corrections of its track (camera 0.75 m in front of it, nothing of a head in view)."""
 
     def __init__(self, torso: TorsoModel, model, truths: list[torch.Tensor], size: int = 64):
-        self.size, self.K = size, torch.tensor([[1.4 * size, 0, size / 2], [0, 1.4 * size, size / 2], [0, 0, 1]])
+        self.size, self.device = size, "cpu"
+        self.K = torch.tensor([[1.4 * size, 0, size / 2], [0, 1.4 * size, size / 2], [0, 0, 1]])
         self.background = torch.full((size, size, 3), 0.5)
         self.c2w = c2w = torso.reference  # every frame seen from the reference camera
         self.frames = []
