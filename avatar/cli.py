@@ -92,13 +92,13 @@ def _eval(args: argparse.Namespace) -> int:
         from recon.evaluate import evaluate_drive
 
         for speech in args.drive:
-            r = evaluate_drive(args.avatar, speech)
+            r = evaluate_drive(args.avatar, speech, device=_device(args))
             print(f"driven by {speech}: {r['frames']} frames\n{_lipsync_table(r['lipsync'])}\n"
                   f"results: {Path(args.avatar) / ('eval_drive_' + Path(speech).stem + '.json')}")
         return 0
     from recon.evaluate import evaluate
 
-    r = evaluate(args.avatar)
+    r = evaluate(args.avatar, device=_device(args))
     fmt = _fmt
     p = r.get("pose_fit")
     pose = (f"\n  pose-only fit to {len(p['frames'])} frames: face PSNR {fmt(p['psnr_face_capture_pose'], '.2f')} dB with "
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("avatar", help="avatar folder written by `avatar train`")
     p.add_argument("--drive", nargs="+", metavar="SPEECH",
                    help="score lip sync driven by these speech files instead (any voice)")
+    p.add_argument("--device", default="auto",
+                   help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.set_defaults(func=_eval)
     p = sub.add_parser("render", help="drive an avatar with speech: mp4 with H.264 video and AAC audio")
     p.add_argument("avatar", help="avatar folder written by `avatar train`")

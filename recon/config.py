@@ -85,7 +85,8 @@ class TrainConfig:
     body_refine_at: float = 0.5
     """Fraction of the torso stage after which every frame's body track is refined through
     the renderer (recon/torso.py: refine_tracks), so that the rest of the stage fits a body
-    tracked in 3D; 0: never (the image-plane registration is kept)."""
+    tracked in 3D; they are refined once more after the last step, against the finished
+    torso. 0: never (the image-plane registration is kept)."""
     silhouette_weight: float = 0.5
     """Weight of |alpha - person mask| in the torso stage, outside the head's mask: the head
     and torso together must cover the person, and nothing else (clean silhouettes)."""

@@ -101,13 +101,15 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def on(self, device: torch.device | str) -> "Dataset":
-        """The same dataset read onto another device, with a cache of its own (the host-side
-        setup of a run on a GPU reads its frames on the CPU)."""
+    def on(self, device: torch.device | str, cache_frames: int | None = None) -> "Dataset":
+        """The same dataset read onto another device, with a cache of its own (of
+        `cache_frames`, default this one's size): the host-side setup of a run on a GPU
+        reads its frames on the CPU."""
         other = copy.copy(self)
         other.device = device
         other.K, other.background = self.K.to(device), self.background.to(device)
         other._cache = OrderedDict()
+        other._cache_frames = self._cache_frames if cache_frames is None else cache_frames
         return other
 
     def _read(self, path: Path, flags: int) -> np.ndarray:

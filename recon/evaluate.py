@@ -64,7 +64,7 @@ from .render import open_dataset, ping_pong
 
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
-    return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # host: to the face tracker and the strip
 
 
 def _score(pred: torch.Tensor, gt: torch.Tensor, face: torch.Tensor | None) -> dict:
@@ -96,8 +96,8 @@ def tracked_codes(av: LoadedAvatar, ds: Dataset) -> torch.Tensor | None:
     """[N rows of the features, K] each dataset frame's tracked motion codes (None without a rig)."""
     if av.model.rig is None or ds.landmarks(0) is None:
         return None
-    per_frame = tracked_motion(ds, av.model.rig)
-    out = torch.zeros(len(ds.features["mel"]), per_frame.shape[1])
+    per_frame = tracked_motion(ds, av.model.rig).to(ds.device)
+    out = torch.zeros(len(ds.features["mel"]), per_frame.shape[1], device=ds.device)
     out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
     return out
 
@@ -111,7 +111,7 @@ def face_mask(ds: Dataset, i: int) -> torch.Tensor | None:
     """[S, S] bool inside frame i's tracked face oval (the face PSNR's region), or None
     without landmarks."""
     lm = ds.landmarks(i)
-    return None if lm is None else torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)]))
+    return None if lm is None else torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)])).to(ds.device)
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -120,16 +120,16 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, train_fit_frames: int = 18,
-             pose_fit_frames: int = 12) -> dict:
+             pose_fit_frames: int = 12, device: torch.device | str = "cpu") -> dict:
     """Score `avatar` (see the module docstring) and write eval.json and eval_strip.png.
 
     train_fit_frames: training frames, evenly spaced, also scored (`train_fit` in eval.json):
     how well the avatar fits what it was trained on, so the held-out figures read as fit
     minus a generalisation gap. 0 skips them.
     pose_fit_frames: held-out frames, evenly spaced, also scored after a pose-only fit to the
-    frame (`pose_fit`); 0 skips it.
+    frame (`pose_fit`); 0 skips it. device: where the avatar renders (recon/device.py).
     """
-    av = load_avatar(avatar)
+    av = load_avatar(avatar, device)
     ds = open_dataset(av, av.size, required=True)
     train_ids, held_out = ds.split()
     codes = speech_motion(av.model, ds.features)
@@ -148,7 +148,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
                                                   file=sys.stderr)):
             f = ds[i]
             under = behind_head(f, av.background)
-            eye = torch.tensor([f.eye_openness])
+            eye = torch.tensor([f.eye_openness], device=ds.device)
             t0 = time.perf_counter()
             rendered = render(i, under, codes[f.frame_index], eye)
             pred = rendered.image
@@ -271,7 +271,7 @@ def held_out_pose_fit(av: LoadedAvatar, ds: Dataset, frames: list[int], codes: t
     rows = []
     for i in frames:
         f = ds[i]
-        under, eye = behind_head(f, av.background), torch.tensor([f.eye_openness])
+        under, eye = behind_head(f, av.background), torch.tensor([f.eye_openness], device=ds.device)
         face = face_mask(ds, i)
         head = f.masks["head"]
         with torch.no_grad():
@@ -283,7 +283,7 @@ def held_out_pose_fit(av: LoadedAvatar, ds: Dataset, frames: list[int], codes: t
                       for g in layers)
             return composite(fl, ml, under)[0]
 
-        delta = torch.zeros(6, requires_grad=True)
+        delta = torch.zeros(6, requires_grad=True, device=ds.device)
         opt = torch.optim.Adam([delta], lr=lr)
         for _ in range(steps):
             loss = (render(delta) - f.image).abs().mean(-1)[head].mean()
@@ -291,7 +291,7 @@ def held_out_pose_fit(av: LoadedAvatar, ds: Dataset, frames: list[int], codes: t
             loss.backward()
             opt.step()
         with torch.no_grad():
-            before, after = render(torch.zeros(6)), render(delta.detach())
+            before, after = render(torch.zeros_like(delta)), render(delta.detach())
         mask = face if face is not None and face.any() else head
         rows.append({"frame": i, "psnr_face_capture_pose": psnr(before, f.image, mask),
                      "psnr_face_fitted_pose": psnr(after, f.image, mask),
@@ -315,7 +315,7 @@ def train_fit(frames: list[int], rows: list[dict]) -> dict:
 def held_out_lipsync(ds: Dataset, rows: list[dict], fps: float) -> dict:
     """The lipsync rows over the held-out frames (consecutive frames of the clip's end)."""
     feature_rows = [int(ds.frames[r["frame"]]["frame_index"]) for r in rows]
-    visemes = viseme_features(ds.features).numpy()[feature_rows]
+    visemes = viseme_features(ds.features).numpy()[feature_rows]  # host: features are made there
     envelope = syllable_envelope(ds.features["mel"][feature_rows])
     real = np.array([r["opening_real"] for r in rows], np.float64)
     out = {"real": lipsync_block(real, visemes, envelope, fps, real)}
@@ -327,16 +327,18 @@ def held_out_lipsync(ds: Dataset, rows: list[dict], fps: float) -> dict:
     return out
 
 
-def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True, real_frames: int = 500) -> dict:
+def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True, real_frames: int = 500,
+                   device: torch.device | str = "cpu") -> dict:
     """Lip sync of `avatar` driven by any speech file: rendered through the dataset's cameras
     (replayed back and forth, as `avatar render --camera dataset`), tracked, and measured
     against the speech and the subject's real mouth (its first `real_frames` frames).
-    Writes AVATAR/eval_drive_<speech name>.json and returns it."""
-    av = load_avatar(avatar)
+    Writes AVATAR/eval_drive_<speech name>.json and returns it. device: where the avatar
+    renders (recon/device.py)."""
+    av = load_avatar(avatar, device)
     ds = open_dataset(av, av.size, required=True)
     _, feats = speech_features(Path(speech), av.fps)
     codes = speech_motion(av.model, feats)
-    visemes = viseme_features(feats).numpy()
+    visemes = viseme_features(feats).numpy()  # host: features are made there
     n_real = min(len(ds), real_frames)
     opened = {"avatar": [], "static_mouth": [], "real": []}
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
@@ -348,7 +350,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
         for k in range(len(codes)):
             i = ping_pong(k, len(ds))
             f = ds[i]
-            under, eye = behind_head(f, av.background), torch.tensor([1.0])
+            under, eye = behind_head(f, av.background), torch.tensor([1.0], device=ds.device)
             for name, code in (("avatar", codes[k]), ("static_mouth", torch.zeros_like(codes[k]))):
                 img = av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=av.config.backend).image
                 opened[name].append(_opening(_track(tracker, _to_uint8(img))))
@@ -361,7 +363,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
         "format": "avatar-eval-drive/1", "avatar": str(Path(avatar).resolve()), "speech": str(Path(speech).resolve()),
         "frames": len(codes), "fps": av.fps,
         "lipsync": {
-            "real": lipsync_block(real, viseme_features(ds.features).numpy()[real_rows],
+            "real": lipsync_block(real, viseme_features(ds.features).numpy()[real_rows],  # host: features
                                   syllable_envelope(ds.features["mel"][real_rows]), av.fps, real),
             **{name: lipsync_block(np.array(opened[name]), visemes, envelope, av.fps, real)
                for name in ("avatar", "static_mouth")},

@@ -60,7 +60,7 @@ def boundary_columns(upper: Tensor, lower: Tensor, margin: int = 6) -> tuple[Ten
     (the head's mask over the torso's): (rows [C], the last row of `upper` in each such
     column; cols [C]), with `margin` rows to spare above and below."""
     H = upper.shape[0]
-    rows = torch.arange(H)[:, None].expand_as(upper)
+    rows = torch.arange(H, device=upper.device)[:, None].expand_as(upper)
     last = torch.where(upper, rows, -1).max(0).values  # lowest row of `upper` per column
     cols = torch.nonzero((last >= margin) & (last < H - margin - 1)).squeeze(1)
     cols = cols[lower[last[cols] + 1, cols] & lower[(last[cols] + 2).clamp(max=H - 1), cols]]
@@ -83,8 +83,9 @@ def boundary_seam(pred: Tensor, gt: Tensor, upper: Tensor, lower: Tensor, band: 
         return None
     H = upper.shape[0]
     err = pred - gt
-    near = torch.arange(-band, band + 1)
-    far = torch.cat([torch.arange(-ref[1], -ref[0] + 1), torch.arange(ref[0], ref[1] + 1)])
+    on = pred.device
+    near = torch.arange(-band, band + 1, device=on)
+    far = torch.cat([torch.arange(-ref[1], -ref[0] + 1, device=on), torch.arange(ref[0], ref[1] + 1, device=on)])
     e_near = err[(y[:, None] + near).clamp(0, H - 1), cols[:, None]]  # [C, 2 band + 1, 3]
     e_far = err[(y[:, None] + far).clamp(0, H - 1), cols[:, None]].mean(1, keepdim=True)
     return float((e_near - e_far).abs().mean(-1).max(1).values.mean()) * 255
@@ -97,5 +98,5 @@ def boundary_coverage(alpha: Tensor, upper: Tensor, lower: Tensor, band: int = 2
     y, cols = boundary_columns(upper, lower, band)
     if not len(cols):
         return None
-    near = (y[:, None] + torch.arange(-band, band + 1)).clamp(0, alpha.shape[0] - 1)
+    near = (y[:, None] + torch.arange(-band, band + 1, device=alpha.device)).clamp(0, alpha.shape[0] - 1)
     return float(alpha[near, cols[:, None]].mean())

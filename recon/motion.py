@@ -107,7 +107,7 @@ class MotionBasis(nn.Module):
 
     def encode(self, offsets: Tensor) -> Tensor:
         """[T, P, 3] mesh offsets -> [T, K] whitened codes."""
-        x = offsets[:, self.vertices].reshape(len(offsets), -1).to(self.mean)
+        x = offsets.to(self.mean)[:, self.vertices].reshape(len(offsets), -1)
         return (x - self.mean) @ self.components.T / self.std
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -408,6 +408,7 @@ def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) 
 
 def tracked_motion(ds: Dataset, rig: MotionRig) -> torch.Tensor:
     """[len(ds), K] each frame's tracked motion codes."""
-    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), rig.vertices.cpu().numpy(),
+    vertices = rig.vertices.cpu().numpy()  # host: the landmark fit runs in numpy
+    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), vertices,
                               list(RIGID))
     return rig.basis.encode(torch.from_numpy(offsets)).float()

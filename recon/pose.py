@@ -19,7 +19,7 @@ def correction_matrix(delta: Tensor) -> Tensor:
     zero = torch.zeros_like(w[..., 0])
     skew = torch.stack([zero, -w[..., 2], w[..., 1], w[..., 2], zero, -w[..., 0], -w[..., 1], w[..., 0], zero],
                        -1).reshape(*w.shape[:-1], 3, 3)
-    out = torch.zeros(*w.shape[:-1], 4, 4, dtype=delta.dtype)
+    out = torch.zeros(*w.shape[:-1], 4, 4, dtype=delta.dtype, device=delta.device)
     out[..., :3, :3] = torch.linalg.matrix_exp(skew)
     out[..., :3, 3] = t
     out[..., 3, 3] = 1

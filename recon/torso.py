@@ -65,6 +65,10 @@ ENCODING_BOUND_M = 0.4
 """Positions are divided by this before the sinusoidal encoding (the torso is ~0.5 m wide)."""
 BODY_DEPTH_BEHIND_ORIGIN_M = -0.03
 """The neck's axis, along the head frame's z (towards the camera), relative to its origin."""
+MAX_CORRECTION_RAD = 0.15
+MAX_CORRECTION_M = 0.03
+"""The largest correction refine_tracks makes to a registered body (8.6 degrees, 3 cm):
+beyond, the fit has run off, and the image-plane registration is kept for that frame."""
 
 
 def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
@@ -293,7 +297,8 @@ def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_k
     (6 numbers), fitted by Levenberg-Marquardt (`iterations`, forward-difference Jacobian)
     to the torso layer over the plate against the frame, outside the head's mask (the head
     hides the rest), at `side` pixels at most; the pose-conditioned offsets are held at the
-    registered pose during the fit. Every third frame is fitted (fewer on long clips: at
+    registered pose during the fit; a correction beyond MAX_CORRECTION_RAD or
+    MAX_CORRECTION_M is dropped. Every third frame is fitted (fewer on long clips: at
     most `max_keyframes`, so the cost is bounded), in order, each from the previous
     correction, and the frames between take the linear blend of their neighbours' (a body
     moves smoothly). As the head's tracked pose does, every frame's body pose comes from
@@ -303,7 +308,11 @@ def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_k
     n = min(ds.size, side)
     K = ds.K.clone()
     K[:2] *= n / ds.size
-    shrink = lambda x: F.interpolate(x.permute(2, 0, 1)[None], size=(n, n), mode="area")[0].permute(1, 2, 0)  # noqa: E731
+
+    def shrink(x: Tensor) -> Tensor:
+        """[S, S, C] -> [n, n, C], area-averaged."""
+        return F.interpolate(x.permute(2, 0, 1)[None], size=(n, n), mode="area")[0].permute(1, 2, 0)
+
     plate = shrink(ds.background)
     # Units of 1/100 rad and 1 mm, so that the six numbers are alike in size.
     units = torch.tensor([0.01] * 3 + [0.001] * 3, device=ds.device)
@@ -340,6 +349,8 @@ def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_k
                 damping *= 10
             else:
                 break  # no step lowers the error: converged
+        if (x[:3] * units[:3]).norm() > MAX_CORRECTION_RAD or (x[3:] * units[3:]).norm() > MAX_CORRECTION_M:
+            x = torch.zeros_like(x)  # a fit that ran off (an unfinished torso, a blank shirt): the registration
         return x, pivot
 
     tracks = torso.tracks.clone()

@@ -108,7 +108,8 @@ def optimizer_tensors(optim: torch.optim.Adam) -> dict[str, torch.Tensor]:
             if st:
                 out[f"optim.{g['name']}.{j}.exp_avg"] = st["exp_avg"]
                 out[f"optim.{g['name']}.{j}.exp_avg_sq"] = st["exp_avg_sq"]
-                out[f"optim.{g['name']}.{j}.step"] = torch.as_tensor(st["step"], dtype=torch.float32, device="cpu").reshape(1)
+                step = torch.as_tensor(st["step"], dtype=torch.float32, device="cpu")  # Adam keeps it on the host
+                out[f"optim.{g['name']}.{j}.step"] = step.reshape(1)
     return out
 
 
@@ -117,7 +118,7 @@ def load_optimizer_tensors(optim: torch.optim.Adam, tensors: dict[str, torch.Ten
         for j, p in enumerate(g["params"]):
             key = f"optim.{g['name']}.{j}"
             if f"{key}.exp_avg" in tensors:
-                optim.state[p] = {"step": tensors[f"{key}.step"].reshape(()).clone(),  # Adam keeps it on the host
+                optim.state[p] = {"step": tensors[f"{key}.step"].reshape(()).clone(),
                                   "exp_avg": tensors[f"{key}.exp_avg"].to(p.device, copy=True),
                                   "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device, copy=True)}
 
@@ -232,7 +233,7 @@ class Trainer:
         check_backend(cfg.backend, device)
         self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True, device=device)
         # The model is built on the host, from the dataset read there, and then moved.
-        self.host_ds = self.ds.on("cpu")
+        self.host_ds = self.ds.on("cpu", cache_frames=16)
         mel, visemes = normalize_mel(self.ds.features["mel"]), viseme_features(self.ds.features)
         self.mel, self.visemes = mel.to(device), visemes.to(device)
         self.train_ids, self.held_out = self.ds.split()
@@ -335,7 +336,8 @@ class Trainer:
         """Shuffled epochs, a pure function of (seed, step): a resumed run sees the same frames."""
         n = len(self.train_ids)
         epoch, k = divmod(step, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch), device="cpu")
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g, device="cpu")
         return self.train_ids[int(perm[k])]
 
     def set_learning_rates(self, step: int) -> None:
@@ -383,7 +385,8 @@ class Trainer:
         removed = self.prune_floaters()
         if removed:
             print(f"avatar train: removed {removed} floaters outside the person", file=sys.stderr)
-        torso = init_torso(self.host_ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed, progress=progress)
+        torso = init_torso(self.host_ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed,
+                           progress=progress)
         if torso is None:
             print("avatar train: the frames show no body below the head; no torso", file=sys.stderr)
             return removed
@@ -545,7 +548,10 @@ class Trainer:
         torso_densify = (cfg.iterations + int(cfg.densify_from * cfg.torso_steps),
                          cfg.iterations + int(cfg.densify_until * cfg.torso_steps))
         reset_at = int(cfg.opacity_reset_at * cfg.iterations) if cfg.opacity_reset_at > 0 else -1
-        refine_at = cfg.iterations + max(1, round(cfg.body_refine_at * cfg.torso_steps)) if cfg.body_refine_at > 0 else -1
+        # Body tracks are refined part-way (the rest of the stage fits the refined body) and
+        # after the last step (every frame tracked against the finished torso).
+        refine_at = {cfg.iterations + max(1, round(cfg.body_refine_at * cfg.torso_steps)), cfg.total_steps} \
+            if cfg.body_refine_at > 0 else set()
         log = open(metrics_path, "a")
         try:
             while self.step < cfg.total_steps:
@@ -560,7 +566,7 @@ class Trainer:
                 self.set_learning_rates(step)
                 loss, info = self.optimize(step)
                 self.step = step + 1
-                if self.step == refine_at and self.model.torso is not None:
+                if self.step in refine_at and self.model.torso is not None:
                     event["body_refined"] = self.refine_body(progress)
                 if densify_from <= self.step < densify_until and self.step % cfg.densify_every == 0:
                     event["densify"] = self.densify(step)

@@ -12,7 +12,7 @@ on the CPU: it follows where each tensor would live and reports what CUDA would 
   `.to("cpu")`. Tensors the guard never saw made (autograd's gradients) take no side.
 - *What is reported*, with the file and line of this project's code that made the call:
   an operation mixing a host tensor and a device tensor (0-d host tensors and host index
-  tensors are allowed, as CUDA allows them); and, when `strict`, every factory call
+  tensors into device tensors are allowed, as CUDA allows them); and, when `strict`, every factory call
   without a device and every transfer to the host (`.cpu()`, `.numpy()`, `.to("cpu")`),
   except on a line that says why with a `# host:` comment (frames to the video encoder).
 
@@ -104,7 +104,8 @@ class DeviceGuard(TorchFunctionMode):
         where = _project_line()
         if where is None:
             return
-        if host_ok and "# host:" in linecache.getline(str(ROOT / where.rsplit(":", 1)[0]), int(where.rsplit(":", 1)[1])):
+        path, line = where.rsplit(":", 1)
+        if host_ok and "# host:" in linecache.getline(str(ROOT / path), int(line)):
             return
         self.violations.append(f"{where}: {problem}")
 
@@ -125,8 +126,10 @@ class DeviceGuard(TorchFunctionMode):
             return out
         if func is torch.Tensor.to and _to_device(args, kwargs):
             return _moved(args[0], out, "device")
-        if func is torch.Tensor.__getitem__:  # CUDA tensors take host index tensors
+        if func is torch.Tensor.__getitem__:  # a device tensor takes host indices, not the reverse
             inputs = list(_tensors(args[:1]))
+            if _side(args[0]) == "host" and any(_side(t) == "device" for t in _tensors(args[1:])):
+                self._report("a host tensor indexed by a device tensor")
         elif func is torch.Tensor.__setitem__:
             inputs = list(_tensors([args[0], *args[2:]]))
         else:

@@ -124,3 +124,22 @@ def test_rendering_and_export_stay_on_the_device(trained_avatar, speech_wav, tmp
         recon.export.export(trained_avatar, tmp_path / "frame.ply", frame=1, progress=False,
                             device=torch.device("cpu"))
     _clean(guard)
+
+
+def test_evaluation_stays_on_the_device(trained_avatar, speech_wav, monkeypatch):
+    """eval's held-out frames (scores, torso, pose-only fit, training-frame fit) and eval
+    --drive under the guard; only images handed to the face tracker leave the device."""
+    import recon.evaluate
+    from recon.avatar_dir import load_avatar
+
+    building = DeviceGuard(strict=False)
+    with building:
+        av = load_avatar(trained_avatar, torch.device("cpu"))
+    monkeypatch.setattr(recon.evaluate, "load_avatar", lambda *a, **k: av)
+    with DeviceGuard() as guard:
+        recon.evaluate.evaluate(trained_avatar, progress=False, train_fit_frames=2, pose_fit_frames=1,
+                                device=torch.device("cpu"))
+        recon.evaluate.evaluate_drive(trained_avatar, speech_wav, progress=False, real_frames=4,
+                                      device=torch.device("cpu"))
+    _clean(building)
+    _clean(guard)

@@ -44,9 +44,11 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
     start = next(m for m in metrics if "floaters_pruned" in m)
     before = next(m for m in metrics if m["step"] == 60)
     assert start["step"] == 61 and start["n_face"] == before["n_face"] - start["floaters_pruned"]
-    # Half-way through the torso stage the body's tracks are refined through the renderer, once.
+    # Half-way through the torso stage and after its last step the body's tracks are refined
+    # through the renderer.
     refined = [m for m in metrics if "body_refined" in m]
-    assert [m["step"] for m in refined] == [70] and 0 <= refined[0]["body_refined"]["mean_turn_deg"] < 10
+    assert [m["step"] for m in refined] == [70, 80]
+    assert all(0 <= m["body_refined"]["mean_turn_deg"] < 10 for m in refined)
     psnrs = [m["psnr_head"] for m in metrics if "psnr_head" in m]
     assert np.mean(psnrs[-3:]) > psnrs[0] + 1.5, psnrs  # it learns
     assert any(m.get("densify", {}).get("face", {}).get("split", 0) + m.get("densify", {}).get("face", {}).get("cloned", 0)
