@@ -79,7 +79,9 @@ class CameraRig:
         face = av.model.face.means.detach()
         self.target = face.median(0).values
         if ds is not None:
-            mean_centre = torch.stack([ds.c2w(i)[:3, 3] for i in range(len(ds))]).mean(0).to(self.target)
+            poses = torch.tensor([f["transform_matrix"] for f in ds.frames], dtype=torch.float32,
+                                 device=self.target.device)
+            mean_centre = poses[:, :3, 3].mean(0)
         else:  # a camera straight in front of the face at a typical phone distance
             mean_centre = self.target + torch.tensor([0.0, 0.0, 0.5], device=self.target.device)
         offset = mean_centre - self.target
