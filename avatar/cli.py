@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from scenes.job import load_job, run_job
 
-    result = run_job(load_job(Path(args.job), args.out))
+    result = run_job(load_job(Path(args.job), args.out), device=_device(args))
     print(json.dumps({k: v for k, v in result.items() if k != "eval"}, indent=2))
     return 0
 
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job config: capture -> train -> render -> eval (see scenes/*.toml)")
     p.add_argument("job", help="job TOML file (scenes/phone_video.toml shows every option)")
     p.add_argument("--out", help="working folder (default: the job's [job] out)")
+    p.add_argument("--device", default="auto",
+                   help="where to train, render and score: auto (a CUDA GPU when there is one, else the CPU; the "
+                        "default), cpu, cuda or cuda:N")
     p.set_defaults(func=_run)
     p = sub.add_parser("bench", help="benchmarks (raster: rasterizer backends vs gsplat)")
     p.add_argument("target", choices=["raster"], help="what to benchmark")

@@ -26,9 +26,13 @@ import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from avatar.errors import AvatarError
 from avatar.io import file_digest, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 JOB_DIR = Path(__file__).resolve().parent
 RENDER_INPUTS_FORMAT = "avatar-render-inputs/1"
@@ -187,8 +191,9 @@ def _read_json(path: Path) -> object:
         return None
 
 
-def run_job(job: JobConfig) -> dict:
-    """Run (or finish) every stage of a job; returns the artifacts and results."""
+def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
+    """Run (or finish) every stage of a job, training, rendering and scoring on `device`
+    (recon/device.py; capture runs on the host); returns the artifacts and results."""
     from capture.config import CaptureConfig
     from recon.avatar_dir import CHECKPOINT, load_avatar
     from recon.config import preset
@@ -238,7 +243,7 @@ def run_job(job: JobConfig) -> dict:
     else:
         _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps "
                       f"+ {cfg.torso_steps} of the torso)")
-    train(dataset, avatar, cfg, resume=resume)
+    train(dataset, avatar, cfg, resume=resume, device=device)
     result["avatar"] = str(avatar)
     result["timings_s"]["train"] = time.perf_counter() - t
     checkpoint = file_digest(avatar / CHECKPOINT)
@@ -256,7 +261,8 @@ def run_job(job: JobConfig) -> dict:
             _say("render", f"reusing {video}")
         else:
             _say("render", f"{audio} -> {video} (camera {job.render_camera})")
-            render_video(avatar, audio, video, camera=job.render_camera, size=job.render_size, torso=job.render_torso)
+            render_video(avatar, audio, video, camera=job.render_camera, size=job.render_size, torso=job.render_torso,
+                         device=device)
             write_json(record, made_from)
         result["videos"].append(str(video))
     result["timings_s"]["render"] = time.perf_counter() - t
@@ -269,7 +275,7 @@ def run_job(job: JobConfig) -> dict:
             result["eval"] = saved
         else:
             _say("eval", f"scoring {avatar} on held-out frames")
-            result["eval"] = evaluate(avatar)
+            result["eval"] = evaluate(avatar, device=device)
         result["timings_s"]["eval"] = time.perf_counter() - t
     load_avatar(avatar)  # the finished avatar opens cleanly
     return result

@@ -31,10 +31,12 @@ def test_resolve_device_names_what_cannot_run():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")
-def test_cuda_without_a_gpu_is_a_named_error_before_anything_is_written(sample_dataset, tmp_path):
-    out = tmp_path / "avatar"
-    r = subprocess.run([sys.executable, "-m", "avatar", "train", str(sample_dataset), "--out", str(out),
-                        "--device", "cuda"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_cuda_without_a_gpu_is_a_named_error_before_anything_is_written(command, sample_dataset, tmp_path):
+    out = tmp_path / "out"
+    args = [str(sample_dataset)] if command == "train" else [str(ROOT / "scenes" / "demo.toml")]
+    r = subprocess.run([sys.executable, "-m", "avatar", command, *args, "--out", str(out), "--device", "cuda"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error: --device: device 'cuda' cannot run here")
     assert "Traceback" not in r.stderr and not out.exists()
 
