@@ -46,6 +46,7 @@ from .dataset import GL_TO_CV, Dataset, dilate, spread, world_to_camera
 from .deform import _mlp
 from .gaussians import TORSO, Gaussians, rgb_to_sh_dc
 from .model import BranchParams
+from .pose import correction_matrix
 
 if TYPE_CHECKING:
     from .model import AvatarModel
@@ -278,13 +279,9 @@ def track_body(ds: Dataset, train_ids: list[int], body: np.ndarray, depth: float
 
 def twist(rotation: Tensor, shift: Tensor, pivot: Tensor) -> Tensor:
     """[4, 4] a rigid motion: a turn by the rotation vector [3] (radians) about `pivot` [3],
-    then a shift [3]."""
-    z = rotation.new_zeros(())
-    wx, wy, wz = rotation.unbind()
-    R = torch.linalg.matrix_exp(torch.stack([torch.stack([z, -wz, wy]), torch.stack([wz, z, -wx]),
-                                             torch.stack([-wy, wx, z])]))
-    top = torch.cat([R, (pivot - R @ pivot + shift)[:, None]], 1)
-    return torch.cat([top, torch.tensor([[0.0, 0.0, 0.0, 1.0]], device=top.device)])
+    then a shift [3] (metres)."""
+    M = correction_matrix(torch.cat([rotation, 100 * shift]))  # turn about the origin, shift in cm
+    return torch.cat([torch.cat([M[:3, :3], (M[:3, 3] + pivot - M[:3, :3] @ pivot)[:, None]], 1), M[3:]])
 
 
 def refine_tracks(model: AvatarModel, ds: Dataset, *, iterations: int = 3, max_keyframes: int = 150,
