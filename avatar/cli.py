@@ -50,23 +50,27 @@ def _device(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from avatar.errors import AvatarError
-    from recon.config import load_config, preset
-    from recon.train import train
+    from recon.engine import DEFAULT_METHOD, train
+    from recon.method import config_from_file, method_class
 
     overrides = {k: v for k, v in dict(iterations=args.iterations, size=args.size, seed=args.seed,
-                                       backend=args.backend).items() if v is not None}
-    cfg = None  # the cpu preset, or when resuming, the checkpoint's own settings (overrides over either)
+                                       batch_size=args.batch_size, backend=args.backend).items() if v is not None}
+    try:
+        method = method_class(args.method or DEFAULT_METHOD)
+    except ValueError as exc:
+        raise AvatarError(None, f"--method: {exc}") from exc
+    cfg = None  # the default preset, or when resuming, the checkpoint's own settings (overrides over either)
     if args.config:
-        cfg, overrides = load_config(Path(args.config), args.preset, **overrides), {}
+        cfg, overrides = config_from_file(Path(args.config), method.name, args.preset, **overrides), {}
     else:
         try:
-            checked = preset(args.preset or "cpu", **overrides)  # types and ranges of what was given
+            checked = method.config(args.preset, **overrides)  # types and ranges of what was given
         except ValueError as exc:
             raise AvatarError(None, f"training setting {exc}") from exc
         if args.preset:
             cfg, overrides = checked, {}
     out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides,
-                device=_device(args))
+                device=_device(args), method=args.method)
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
     return 0
 
@@ -218,9 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="override the preset's number of steps")
     p.add_argument("--size", type=int, help="override the preset's resolution")
     p.add_argument("--seed", type=int, help="override the seed (default 0)")
+    p.add_argument("--batch-size", type=int, help="override the views per step (default 1)")
     p.add_argument("--backend", choices=["auto", "cpu", "torch", "cuda"], help="rasterizer backend (default auto)")
     p.add_argument("--device", default="auto",
                    help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
+    p.add_argument("--method",
+                   help="the reconstruction method, recon/method.py (default gaussians, the talking Gaussian avatar; when resuming, "
+                        "the checkpoint's)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the folder's last checkpoint, with its settings (settings given here must "
                         "match them)")

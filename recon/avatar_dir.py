@@ -46,7 +46,8 @@ CHECKPOINT = "checkpoint.safetensors"
 AVATAR_FORMAT = "avatar/4"
 # 4: the torso branch (avatar/3 checkpoints load as avatars without one, and `--resume`
 # trains them one); 3: MotionNet's bilabial closure; 2: speech -> motion codes -> mesh skinning;
-# 1: audio windows straight into the deformation heads.
+# 1: audio windows straight into the deformation heads. Checkpoints name the method that
+# trained them (recon/method.py); those that name none are the Gaussian avatar's.
 
 
 def model_tensors(model: AvatarModel) -> dict[str, torch.Tensor]:
@@ -154,6 +155,9 @@ def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedA
     if not path.is_file():
         raise AvatarError(root, f"is not an avatar folder (no {CHECKPOINT})", "train one with `avatar train`")
     tensors, meta = load_checkpoint(path)
+    if meta.get("method", "gaussians") != "gaussians":
+        raise AvatarError(path, f"was trained by the method {meta['method']!r}; rendering, evaluation, export and "
+                          "the viewer open Gaussian avatars (--method gaussians) only")
     for key in ("background", "K"):
         if key not in tensors:
             raise AvatarError(path, f"lacks the tensor {key!r}; it is not an avatar checkpoint")
@@ -171,12 +175,14 @@ def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedA
     return LoadedAvatar(root, model, config, meta, tensors["background"].to(device), tensors["K"].to(device))
 
 
-def save_avatar(root: Path, model: AvatarModel, meta: dict, extra: dict[str, torch.Tensor]) -> Path:
-    """Write checkpoint.safetensors atomically (model + `extra` tensors) and config.json."""
-    save_checkpoint(root / CHECKPOINT, {**model_tensors(model), **extra}, meta)
+def save_avatar(root: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write checkpoint.safetensors atomically (a method's tensors, the optimizer's, and
+    `meta` with at least step, method, config and dataset) and config.json."""
+    save_checkpoint(root / CHECKPOINT, tensors, meta)
     from avatar.io import write_json
 
-    write_json(root / "config.json", {"format": AVATAR_FORMAT, "dataset": meta["dataset"], "config": meta["config"]})
+    write_json(root / "config.json", {"format": AVATAR_FORMAT, "method": meta["method"], "dataset": meta["dataset"],
+                                      "config": meta["config"]})
     return root / CHECKPOINT
 
 

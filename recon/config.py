@@ -6,7 +6,6 @@ says how it was made, and `--resume` continues with exactly the same settings.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -44,7 +43,10 @@ class TrainConfig:
     size: int = 256
     """Training and rendering resolution (square)."""
     iterations: int = 3000
-    """Optimisation steps (one frame per step)."""
+    """Optimisation steps of the head (each on `batch_size` views)."""
+    batch_size: int = 1
+    """Views per step (recon/datamanager.py): the loss is their mean. More views per step
+    use a GPU's width; on a CPU, time grows with the views, so one is the default."""
     stages: StageSchedule = field(default_factory=StageSchedule)
     """How the steps split into TalkingGaussian's stages."""
     seed: int = 0
@@ -201,7 +203,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     return check_ranges(replace(base, **overrides))
 
 
-AT_LEAST_ONE = ("size", "iterations", "init_volume_points", "init_torso_points", "max_gaussians", "audio_window", "motion_components",
+AT_LEAST_ONE = ("size", "iterations", "batch_size", "init_volume_points", "init_torso_points", "max_gaussians", "audio_window", "motion_components",
                 "checkpoint_every", "log_every", "cache_frames", "densify_every", "lip_landmark_frames")
 FRACTIONS = ("body_refine_at", "densify_from", "densify_until", "opacity_reset_at", "percent_dense", "prune_opacity", "ssim_weight")
 
@@ -231,21 +233,3 @@ def check_ranges(cfg: TrainConfig) -> TrainConfig:
     if any(not math.isfinite(v) or v < 0 for v in stages) or sum(stages) <= 0:
         raise ValueError(f"stages must be fractions >= 0 with a positive sum, got {cfg.stages}")
     return cfg
-
-
-def load_config(path: Path, name: str | None = None, **overrides) -> TrainConfig:
-    """A JSON file of TrainConfig fields over a preset (its own "preset" key, or `name`);
-    keyword overrides win over both. Raises AvatarError naming the file when it is bad."""
-    from avatar.errors import AvatarError
-
-    try:
-        d = json.loads(Path(path).read_text())
-        if not isinstance(d, dict):
-            raise ValueError("the top level must be an object of config fields")
-        base = name or d.pop("preset", "cpu")
-        d.pop("preset", None)
-        return preset(base, **{**d, **{k: v for k, v in overrides.items() if v is not None}})
-    except FileNotFoundError as exc:
-        raise AvatarError(path, "config file not found") from exc
-    except (json.JSONDecodeError, ValueError, TypeError) as exc:
-        raise AvatarError(path, f"is not a valid training config ({exc})") from exc

@@ -129,8 +129,24 @@ class Dataset:
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
+        return self.keep(self.read_frame(i))
+
+    def cached(self, i: int) -> bool:
+        return i in self._cache
+
+    def keep(self, frame: Frame) -> Frame:
+        """Put a frame read by `read_frame` into the cache (dropping the least recently used)."""
+        self._cache[frame.index] = frame
+        self._cache.move_to_end(frame.index)
+        if len(self._cache) > self._cache_frames:
+            self._cache.popitem(last=False)
+        return frame
+
+    def read_frame(self, i: int) -> Frame:
+        """Decode frame i from disk, bypassing the cache (it touches no state of the reader,
+        so a background thread may call it: recon/datamanager.py prefetches with it)."""
         f = self.frames[i]
-        frame = Frame(
+        return Frame(
             index=i,
             frame_index=int(f["frame_index"]),
             image=self._read_rgb(self.root / f["file_path"]),
@@ -140,10 +156,6 @@ class Dataset:
             eye_openness=float(f.get("eye_openness", 1.0)),
             mouth_opening=float(f.get("mouth_opening", 0.0)),
         )
-        self._cache[i] = frame
-        if len(self._cache) > self._cache_frames:
-            self._cache.popitem(last=False)
-        return frame
 
     def landmarks(self, i: int) -> np.ndarray | None:
         """[478, 2] mediapipe landmarks of frame i in pixels at `size`, or None when the dataset

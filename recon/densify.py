@@ -24,13 +24,15 @@ class GradStats:
         self.grad_sum = torch.zeros(n, device=device)  # [n]
         self.count = torch.zeros(n, device=device)  # [n]
 
-    def update(self, layer: Layer, size: int) -> None:
-        """Add this step's gradients of layer.means2d (retain_grad was called on it)."""
+    def update(self, layer: Layer, size: int, views: int = 1) -> None:
+        """Add this step's gradients of layer.means2d (retain_grad was called on it), one of
+        `views` views whose losses were averaged."""
         if layer.means2d.grad is None:
             return
         visible = (layer.radii > 0).all(-1)
-        # Pixel gradients -> NDC units, where 3DGS's threshold (2e-4) is defined.
-        g = layer.means2d.grad.detach()[0] * (size / 2)
+        # Pixel gradients -> NDC units, where 3DGS's threshold (2e-4) is defined; times the
+        # views, to undo the batch mean (gsplat does the same), so B views count as B steps.
+        g = layer.means2d.grad.detach()[0] * ((size / 2) * views)
         self.grad_sum[visible] += g[visible].norm(dim=-1)
         self.count[visible] += 1
 

@@ -200,7 +200,7 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
     from recon.evaluate import eval_inputs, evaluate
     from recon.render import render_video
     from recon.checkpoint import load_checkpoint
-    from recon.train import checkpoint_differences, train
+    from recon.engine import checkpoint_differences, train
 
     check_inputs(job)
     out = job.out

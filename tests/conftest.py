@@ -56,7 +56,7 @@ def trained_avatar(sample_dataset, tmp_path_factory):
     """An avatar trained on sample_dataset with the tiny test schedule (made once)."""
     from _scenes import TINY_TRAIN
     from recon.config import preset
-    from recon.train import train
+    from recon.engine import train
 
     out = tmp_path_factory.mktemp("avatar") / "avatar"
     train(sample_dataset, out, preset("cpu", **TINY_TRAIN), progress=False)

@@ -622,7 +622,7 @@ def make_fixtures(root: Path) -> Fixtures:
     from capture.config import CaptureConfig
     from capture.pipeline import run_capture
     from recon.config import preset
-    from recon.train import train
+    from recon.engine import train
     from scenes.sample import SampleConfig, generate_sample
     from scenes.speech import synthesize
 

@@ -78,7 +78,7 @@ def test_training_steps_stay_on_the_device(sample_dataset, tmp_path):
     from _scenes import TINY_TRAIN
 
     from recon.config import preset
-    from recon.train import Trainer
+    from recon.engine import Trainer
 
     cfg = preset("cpu", **{**TINY_TRAIN, "iterations": 8, "torso_steps": 4})
     building = DeviceGuard(strict=False)  # only follows where tensors live
@@ -86,21 +86,23 @@ def test_training_steps_stay_on_the_device(sample_dataset, tmp_path):
         trainer = Trainer(sample_dataset, tmp_path / "avatar", cfg, resume=False, progress=False,
                           device=torch.device("cpu"))
     guard = DeviceGuard()
+    trainer.data.close()  # frames decoded in the step, under the guard (its mode does not follow threads)
 
     for s in range(0, 8, 2):  # static, mouth, face and fuse
         with guard:
             trainer.optimize(s)
+    method = trainer.method
     with guard:
-        trainer.densify(7)
-        trainer.model.rebind()
+        method.densify(7, trainer.optim)
+        method.model.rebind()
     with building:
-        trainer.start_torso()
+        method.start_torso(trainer.optim)
     for s in (8, 9):
         with guard:
             trainer.optimize(s)
     with guard:
-        trainer.densify_torso(9)
-        trainer.refine_body()
+        method.densify_torso(9, trainer.optim)
+        method.refine_body()
     _clean(building)
     _clean(guard)
 

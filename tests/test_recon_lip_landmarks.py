@@ -15,7 +15,8 @@ from recon.deform import DeformationHead, TriPlaneEncoding
 from recon.model import AvatarModel
 from recon.raster import rasterize
 from recon.config import preset
-from recon.train import Trainer, lip_landmark_loss, lip_landmark_target, project, stage_at
+from recon.engine import Trainer
+from recon.methods.gaussians import lip_landmark_loss, lip_landmark_target, project, stage_at
 from test_recon_model import random_gaussians
 
 
@@ -112,21 +113,19 @@ def test_static_stage_trains_the_face_head_on_a_batch_of_lip_landmarks(sample_da
     (static) step on, over `lip_landmark_frames` frames per step, drawn reproducibly."""
     cfg = preset("cpu", **{**TINY_TRAIN, "lip_landmark_frames": 6})
     trainer = Trainer(sample_dataset, tmp_path / "avatar", cfg, resume=False)
-    lt = trainer.lip_targets
+    method = trainer.method
+    lt = method.lip_targets
     assert lt is not None and lt.target.shape == (len(trainer.train_ids), len(LIPS), 2)
     assert stage_at(cfg, 0) == "static"
-    before = {k: v.clone() for k, v in trainer.model.face_deform.state_dict().items()}
+    before = {k: v.clone() for k, v in method.model.face_deform.state_dict().items()}
     for step in range(2):  # the output layer starts at zero: the first step moves only it
-        loss, info, _ = trainer.loss_at(step)
-        loss.backward()
-        trainer.optim.step()
-        trainer.optim.zero_grad()
+        loss, info = trainer.optimize(step)
     assert "lip_landmark_px" in info
-    moved = [k for k, v in trainer.model.face_deform.state_dict().items() if not torch.equal(v, before[k])]
+    moved = [k for k, v in method.model.face_deform.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("out.") for k in moved), moved
-    # The batch: the step's frame, then frames drawn from (seed, step), the same on a rerun.
-    frame = trainer.frame_for_step(0)
-    a = trainer.lip_landmark_loss_at(0, frame, torch.ones(1))
-    b = trainer.lip_landmark_loss_at(0, frame, torch.ones(1))
+    # Per view: its frame, then frames drawn from (seed, the sample's key), the same on a rerun.
+    batch = trainer.data.batch(0)
+    a = method.lip_landmark_loss_at(batch)
+    b = method.lip_landmark_loss_at(batch)
     torch.testing.assert_close(a[0], b[0])
     assert a[1] == b[1]

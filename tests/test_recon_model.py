@@ -12,7 +12,7 @@ from recon.densify import GradStats, densify_and_prune, reset_opacity
 from recon.gaussians import FACE, MOUTH, Gaussians, rgb_to_sh_dc
 from recon.model import AvatarModel
 from recon.render import look_at, ping_pong
-from recon.train import make_optimizer, stage_at
+from recon.methods.gaussians import head_groups, stage_at
 
 
 def random_gaussians(n_face=300, n_mouth=60, seed=0):
@@ -75,7 +75,7 @@ def test_densification_statistics_are_collected():
 def test_densify_clones_splits_prunes_within_a_branch():
     torch.manual_seed(0)
     model = AvatarModel(random_gaussians())
-    optim = make_optimizer(model, TrainConfig())
+    optim = torch.optim.Adam(head_groups(model, TrainConfig()))
     # Give Adam some state for every tensor.
     fr = model.render(*camera(), 48, torch.zeros(48, 48, 3), None, None, backend="torch")
     fr.image.sum().backward()

@@ -274,7 +274,7 @@ def test_avatar_without_torso_renders_the_frame_and_resume_adds_one(sample_datas
     from recon.avatar_dir import load_avatar
     from recon.config import preset
     from recon.render import torso_mode
-    from recon.train import train
+    from recon.engine import train
 
     out = tmp_path / "avatar"
     train(sample_dataset, out, preset("cpu", **{**TINY_TRAIN, "iterations": 12, "torso_steps": 0}), progress=False)
@@ -286,10 +286,11 @@ def test_avatar_without_torso_renders_the_frame_and_resume_adds_one(sample_datas
     # view is removed, and nothing else.
     from recon.densify import edit_branch
     from recon.model import BranchParams
-    from recon.train import Trainer
+    from recon.engine import Trainer
 
     trainer = Trainer(sample_dataset, out, None, resume=True, progress=False, force=True, overrides={"torso_steps": 6})
-    face = trainer.model.face
+    method = trainer.method
+    face = method.model.face
     n = len(face)
     f = trainer.ds[0]
     corner = torch.linalg.inv(trainer.ds.viewmat(0)) @ torch.tensor([-0.12, -0.12, 0.5, 1.0])  # top left, far out
@@ -297,8 +298,8 @@ def test_avatar_without_torso_renders_the_frame_and_resume_adds_one(sample_datas
     floater = {k: getattr(face, k).detach()[:1].clone() for k in BranchParams.NAMES}
     floater["means"] = corner[None, :3]
     edit_branch(face, "face", trainer.optim, torch.ones(n, dtype=torch.bool), floater)
-    assert trainer.prune_floaters() == 1 and len(trainer.model.face) == n
-    assert not torch.isclose(trainer.model.face.means, corner[:3]).all(-1).any()
+    assert method.prune_floaters(trainer.optim) == 1 and len(method.model.face) == n
+    assert not torch.isclose(method.model.face.means, corner[:3]).all(-1).any()
     trainer.run(progress=False)
     av = load_avatar(out)
     assert av.model.torso is not None and av.meta["step"] == 18

@@ -23,7 +23,7 @@ from recon.evaluate import evaluate, evaluate_drive
 from recon.export import export
 from recon.gaussians import load_ply
 from recon.render import render_video
-from recon.train import train
+from recon.engine import train
 
 pytestmark = pytest.mark.slow
 

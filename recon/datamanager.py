@@ -1,0 +1,74 @@
+"""The engine's data manager: per step, B training samples, decoded ahead of time.
+
+Samples come in shuffled epochs over the training frames, as one stream: sample n of the
+run is frame perm_e[n mod N] of epoch e = n // N (a permutation drawn from the seed and e),
+and step s takes samples s*B .. s*B + B - 1. The order is a pure function of (seed, B, step),
+so a resumed run sees what an uninterrupted one would, and B = 1 is the one-frame-per-step
+order of earlier versions.
+
+Frames stream from disk through the dataset's LRU cache (recon/dataset.py). While a step
+computes, a background thread decodes the next step's frames, so that decoding overlaps
+compute instead of adding to it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .dataset import Dataset
+from .method import Batch, Sample
+
+
+class DataManager:
+    """Batches of B samples from `train_ids` of `ds` (see the module docstring).
+
+    Args:
+        ds: the dataset, read on the run's device.
+        train_ids: the frames to draw from.
+        batch_size: B, samples per step.
+        seed: seed of the shuffles.
+        prefetch: decode the next step's frames in a background thread.
+    """
+
+    def __init__(self, ds: Dataset, train_ids: list[int], batch_size: int, seed: int, prefetch: bool = True):
+        if not train_ids:
+            raise ValueError("no training frames to draw from")
+        self.ds, self.train_ids, self.batch_size, self.seed = ds, list(train_ids), batch_size, seed
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        self._ahead: tuple[int, Future] | None = None  # (step, its frames being decoded)
+        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+
+    def index(self, n: int) -> int:
+        """Dataset index of sample n of the stream."""
+        epoch, k = divmod(n, len(self.train_ids))
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.train_ids), generator=g, device="cpu"))  # host: an order
+        return self.train_ids[int(self._perm[1][k])]
+
+    def samples(self, step: int) -> list[Sample]:
+        """The B samples of `step`."""
+        first = step * self.batch_size
+        return [Sample(key=n, index=self.index(n)) for n in range(first, first + self.batch_size)]
+
+    def batch(self, step: int) -> Batch:
+        """The samples of `step` with their frames; starts decoding step + 1's."""
+        samples = self.samples(step)
+        if self._ahead is not None and self._ahead[0] == step:
+            for frame in self._ahead[1].result():  # a bad file raises here, in the step that needs it
+                self.ds.keep(frame)
+        self._ahead = None
+        frames = [self.ds[s.index] for s in samples]
+        if self._pool is not None:
+            missing = list(dict.fromkeys(s.index for s in self.samples(step + 1) if not self.ds.cached(s.index)))
+            if missing:
+                self._ahead = (step + 1, self._pool.submit(lambda: [self.ds.read_frame(i) for i in missing]))
+        return Batch(samples, frames)
+
+    def close(self) -> None:
+        """Stop prefetching (a pending decode is finished and dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._ahead = None, None

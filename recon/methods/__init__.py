@@ -1,0 +1,1 @@
+"""Reconstruction methods the engine (recon/engine.py) trains; see recon/method.py."""

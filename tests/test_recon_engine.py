@@ -1,0 +1,209 @@
+"""The engine (recon/engine.py) and its method interface (recon/method.py): a second, tiny
+method trains, checkpoints and resumes through it without any change to the engine; the
+data manager's batches and prefetch; and B views per step give the gradient of the mean
+of B one-view steps."""
+
+from dataclasses import asdict, dataclass, replace
+
+import pytest
+import torch
+
+from _scenes import TINY_TRAIN
+from avatar.errors import AvatarError
+from recon.avatar_dir import load_avatar
+from recon.checkpoint import load_checkpoint
+from recon.config import preset
+from recon.datamanager import DataManager
+from recon.dataset import Dataset
+from recon.engine import Trainer, train
+from recon.method import METHODS, Batch, Method, register_method
+
+
+@dataclass
+class ColourConfig:
+    """A tiny method's config: the engine's settings and one of its own."""
+
+    preset: str = "tiny"
+    seed: int = 0
+    size: int = 32
+    batch_size: int = 2
+    total_steps: int = 40
+    checkpoint_every: int = 10
+    log_every: int = 5
+    cache_frames: int = 8
+    backend: str = "torch"
+    lr: float = 0.05
+    """Learning rate of the colour grid."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ColourConfig":
+        unknown = set(d) - set(asdict(cls()))
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class ColourGrid(Method):
+    """The smallest method: one colour grid for every frame (the clip's mean image), an 8x8
+    grid upsampled to the frame size, fitted by L1. It shares nothing with the Gaussian
+    avatar but the interface."""
+
+    name = "colour-grid"
+    presets = {"tiny": ColourConfig()}
+
+    def create(self, out, progress):
+        self.grid = torch.nn.Parameter(torch.rand(1, 3, 8, 8, device=self.device))
+        self.steps_seen = torch.zeros((), device=self.device)
+
+    def restore(self, tensors, meta, path):
+        if "grid" not in tensors:
+            raise AvatarError(path, "has no colour grid")
+        self.grid = torch.nn.Parameter(tensors["grid"].to(self.device))
+        self.steps_seen = tensors["steps_seen"].to(self.device)
+
+    def state_tensors(self):
+        return {"grid": self.grid.detach(), "steps_seen": self.steps_seen}
+
+    def param_groups(self):
+        return [{"params": [self.grid], "name": "grid", "lr": self.cfg.lr}]
+
+    def learning_rate(self, group, step):
+        return group["base_lr"] * 0.5 ** (step / self.cfg.total_steps)
+
+    def render(self, batch, step):
+        image = torch.nn.functional.interpolate(self.grid, size=(self.cfg.size,) * 2, mode="bilinear")
+        rgb = image.permute(0, 2, 3, 1).expand(len(batch), -1, -1, -1)
+        return {"rgb": rgb, "alpha": torch.ones_like(rgb[..., :1])}
+
+    def loss(self, batch, outputs, step):
+        gt = torch.stack([f.image for f in batch.frames])
+        loss = (outputs["rgb"] - gt).abs().mean()
+        return loss, {"l1": loss.item()}
+
+    def after_step(self, steps_done, optim, progress):
+        self.steps_seen += 1
+        return {"halfway": True} if steps_done == self.cfg.total_steps // 2 else {}
+
+
+@pytest.fixture
+def colour_method():
+    register_method(ColourGrid)
+    yield ColourGrid
+    METHODS.pop(ColourGrid.name)
+
+
+def test_a_second_method_trains_checkpoints_and_resumes_through_the_engine(colour_method, sample_dataset, tmp_path):
+    out = train(sample_dataset, tmp_path / "a", None, method="colour-grid", progress=False)
+    tensors, meta = load_checkpoint(out / "checkpoint.safetensors")
+    assert meta["method"] == "colour-grid" and meta["step"] == 40 and float(tensors["steps_seen"]) == 40
+    assert any(k.startswith("optim.grid.0.") for k in tensors)
+    import json
+
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 40 and log[-1]["l1"] < 0.6 * log[0]["l1"], log
+    assert any(r.get("halfway") for r in log)
+    # Killed after step 23 (the last checkpoint: 20) and resumed, the method named by the
+    # checkpoint, it ends where the uninterrupted run did.
+    cut = Trainer(sample_dataset, tmp_path / "b", None, resume=False, progress=False, method="colour-grid")
+    after_step = cut.method.after_step
+
+    def killed(steps_done, optim, progress):
+        if steps_done == 23:
+            raise KeyboardInterrupt
+        return after_step(steps_done, optim, progress)
+
+    cut.method.after_step = killed
+    with pytest.raises(KeyboardInterrupt):
+        cut.run(progress=False)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")[1]["step"] == 20
+    resumed = train(sample_dataset, tmp_path / "b", None, resume=True, progress=False)
+    again, meta_b = load_checkpoint(resumed / "checkpoint.safetensors")
+    assert meta_b["method"] == "colour-grid"
+    torch.testing.assert_close(again["grid"], tensors["grid"])
+    with pytest.raises(AvatarError, match="open Gaussian avatars"):
+        load_avatar(out)
+    with pytest.raises(AvatarError, match="was trained by the method 'colour-grid', not 'gaussians'"):
+        train(sample_dataset, tmp_path / "b", None, resume=True, progress=False, method="gaussians")
+
+
+def test_data_manager_streams_shuffled_epochs_in_batches(sample_dataset):
+    ds = Dataset(sample_dataset, size=32, cache_frames=16)
+    ids = list(range(0, len(ds) - 3))
+    one, two = DataManager(ds, ids, 1, seed=3), DataManager(ds, ids, 2, seed=3)
+    stream = [one.samples(s)[0].index for s in range(2 * len(ids))]
+    # Each epoch visits every training frame once, in a new order.
+    assert sorted(stream[: len(ids)]) == ids and sorted(stream[len(ids):]) == ids
+    assert stream[: len(ids)] != stream[len(ids):]
+    # B = 2: step s carries samples 2s and 2s + 1 of the same stream, keyed by position.
+    for s in range(len(ids)):
+        pair = two.samples(s)
+        assert [p.index for p in pair] == stream[2 * s: 2 * s + 2] and [p.key for p in pair] == [2 * s, 2 * s + 1]
+    # Prefetch: after a step's batch, the next step's frames are being decoded, and the
+    # frames are those a plain read gives.
+    batch = two.batch(0)
+    assert isinstance(batch, Batch) and len(batch) == 2
+    ahead = two._ahead
+    assert ahead is not None and ahead[0] == 1
+    nxt = two.batch(1)
+    for s, f in zip(nxt.samples, nxt.frames):
+        plain = ds.read_frame(s.index)
+        assert f.index == s.index and torch.equal(f.image, plain.image)
+        assert all(torch.equal(f.masks[m], plain.masks[m]) for m in plain.masks)
+    two.close()
+    one.close()
+
+
+def _gradients(trainer, batch, step):
+    trainer.optim.zero_grad(set_to_none=True)
+    outputs = trainer.method.render(batch, step)
+    loss, _ = trainer.method.loss(batch, outputs, step)
+    loss.backward()
+    grads = {g["name"]: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in g["params"]]
+             for g in trainer.optim.param_groups}
+    return grads, outputs
+
+
+@pytest.mark.parametrize("step", [50, 75], ids=["fuse", "torso"])
+def test_two_views_give_the_gradient_of_the_mean_of_two_one_view_steps(sample_dataset, tmp_path, step):
+    """The Gaussian avatar at a fuse-stage step (both branches deform, lip landmarks) and a
+    torso-stage step: B = 2 is the mean of the two B = 1 steps of the same samples, in
+    every parameter's gradient and in the densification statistics."""
+    cfg = preset("cpu", **{**TINY_TRAIN, "batch_size": 2, "iterations": 60, "torso_steps": 20})
+    trainer = Trainer(sample_dataset, tmp_path / "avatar", cfg, resume=False, progress=False)
+    trainer.data.close()
+    method = trainer.method
+    if step >= cfg.iterations:
+        method.start_torso(trainer.optim)
+    batch = trainer.data.batch(step)
+    assert len({s.index for s in batch.samples}) == 2
+    stats_name = "torso" if step >= cfg.iterations else "face"
+    both, outputs = _gradients(trainer, batch, step)
+    before = method.stats[stats_name].grad_sum.clone()
+    method.after_backward(batch, outputs)
+    stat_both = method.stats[stats_name].grad_sum - before
+    singles, stat_singles = [], torch.zeros_like(stat_both)
+    for s, f in zip(batch.samples, batch.frames):
+        one = Batch([s], [f])
+        grads, outputs = _gradients(trainer, one, step)
+        singles.append(grads)
+        before = method.stats[stats_name].grad_sum.clone()
+        method.after_backward(one, outputs)
+        stat_singles += method.stats[stats_name].grad_sum - before
+    moved = 0
+    for name, grads in both.items():
+        for k, g in enumerate(grads):
+            mean = (singles[0][name][k] + singles[1][name][k]) / 2
+            torch.testing.assert_close(g, mean, rtol=1e-4, atol=1e-7, msg=name)
+            moved += int(g.abs().sum() > 0)
+    assert moved >= 5, "too few parameters with a gradient to compare"
+    assert stat_both.sum() > 0
+    torch.testing.assert_close(stat_both, stat_singles, rtol=1e-4, atol=1e-9)
+
+
+def test_batch_size_is_a_checked_setting():
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        preset("cpu", batch_size=0)
+    assert replace(preset("gpu"), seed=1).batch_size >= 1
