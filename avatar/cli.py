@@ -187,6 +187,10 @@ def _bench(args: argparse.Namespace) -> int:
         from bench.rasterizer import main as bench_raster
 
         return bench_raster(args.rest)
+    if args.target == "train":
+        from bench.training import main as bench_train
+
+        return bench_train(args.rest)
     return 2
 
 
@@ -284,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train, render and score: auto (a CUDA GPU when there is one, else the CPU; the "
                         "default), cpu, cuda or cuda:N")
     p.set_defaults(func=_run)
-    p = sub.add_parser("bench", help="benchmarks (raster: rasterizer backends vs gsplat)")
-    p.add_argument("target", choices=["raster"], help="what to benchmark")
+    p = sub.add_parser("bench", help="benchmarks (raster: rasterizer backends vs gsplat; train: views per step "
+                                     "and prefetch)")
+    p.add_argument("target", choices=["raster", "train"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `avatar bench raster --help`)")
     p.set_defaults(func=_bench)
     return parser

@@ -3,6 +3,7 @@ method trains, checkpoints and resumes through it without any change to the engi
 data manager's batches and prefetch; and B views per step give the gradient of the mean
 of B one-view steps."""
 
+import os
 from dataclasses import asdict, dataclass, replace
 
 import pytest
@@ -13,7 +14,7 @@ from avatar.errors import AvatarError
 from recon.avatar_dir import load_avatar
 from recon.checkpoint import load_checkpoint
 from recon.config import preset
-from recon.datamanager import DataManager
+from recon.datamanager import DataManager, prefetch_helps
 from recon.dataset import Dataset
 from recon.engine import Trainer, train
 from recon.method import METHODS, Batch, Method, register_method
@@ -132,7 +133,7 @@ def test_a_second_method_trains_checkpoints_and_resumes_through_the_engine(colou
 def test_data_manager_streams_shuffled_epochs_in_batches(sample_dataset):
     ds = Dataset(sample_dataset, size=32, cache_frames=16)
     ids = list(range(0, len(ds) - 3))
-    one, two = DataManager(ds, ids, 1, seed=3), DataManager(ds, ids, 2, seed=3)
+    one, two = DataManager(ds, ids, 1, seed=3), DataManager(ds, ids, 2, seed=3, prefetch=True)
     stream = [one.samples(s)[0].index for s in range(2 * len(ids))]
     # Each epoch visits every training frame once, in a new order.
     assert sorted(stream[: len(ids)]) == ids and sorted(stream[len(ids):]) == ids
@@ -154,6 +155,9 @@ def test_data_manager_streams_shuffled_epochs_in_batches(sample_dataset):
         assert all(torch.equal(f.masks[m], plain.masks[m]) for m in plain.masks)
     two.close()
     one.close()
+    # By default a decoding thread runs only where it has a core of its own.
+    assert prefetch_helps(torch.device("cuda"))
+    assert prefetch_helps(torch.device("cpu")) == ((os.cpu_count() or 1) > torch.get_num_threads())
 
 
 def _gradients(trainer, batch, step):
@@ -207,3 +211,15 @@ def test_batch_size_is_a_checked_setting():
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         preset("cpu", batch_size=0)
     assert replace(preset("gpu"), seed=1).batch_size >= 1
+
+
+def test_training_benchmark_runs_every_set_up(sample_dataset, capsys):
+    from avatar.cli import main
+
+    assert main(["bench", "train", str(sample_dataset), "--preset", "demo", "--steps", "1", "--rounds", "1",
+                 "--batch-sizes", "1", "2", "--json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert list(rows) == ["B=1 in-step", "B=1 prefetch", "B=2 prefetch"]
+    assert rows["B=1 in-step"]["speedup_per_view"] == 1.0 and rows["B=2 prefetch"]["views"] == 2
