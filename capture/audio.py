@@ -14,7 +14,6 @@ The same code computes features for `avatar render`, so training and driving mat
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -24,19 +23,14 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from avatar.dataset_format import MEL_WINDOW, N_MELS, SAMPLE_RATE, VISEMES
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
 from avatar.media import open_media
 
-SAMPLE_RATE = 16_000
 HOP = 160  # 10 ms
 WIN = 400  # 25 ms
 N_FFT = 512
-N_MELS = 80
-MEL_WINDOW = 16  # hops per video frame window
-FEATURES_FORMAT = "avatar-audio-features/1"
-
-VISEMES = ("sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou")
 _PHONE_TO_VISEME = {
     "P": "PP", "B": "PP", "M": "PP", "F": "FF", "V": "FF", "TH": "TH", "DH": "TH",
     "T": "DD", "D": "DD", "K": "kk", "G": "kk", "NG": "kk", "HH": "kk",
@@ -191,20 +185,3 @@ def compute_features(pcm: np.ndarray, n_frames: int, fps: float, extra: dict[str
     feats["visemes"] = viseme_track(phone_segments(pcm), n_frames, fps)
     feats.update(extra or {})
     return feats
-
-
-def save_features(path: Path, feats: dict[str, np.ndarray], fps: float) -> None:
-    meta = {"format": FEATURES_FORMAT, "fps": fps, "sample_rate": SAMPLE_RATE,
-            "shapes": {k: list(v.shape) for k, v in feats.items()}}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, viseme_names=np.array(VISEMES), meta=np.array(json.dumps(meta)), **feats)
-
-
-def load_features(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        out = {k: z[k] for k in z.files}
-    meta = json.loads(str(out.pop("meta")))
-    if meta.get("format") != FEATURES_FORMAT:
-        raise AvatarError(path, f"unknown audio feature format {meta.get('format')!r}, expected {FEATURES_FORMAT}")
-    return out

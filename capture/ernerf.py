@@ -25,17 +25,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from avatar.dataset_format import DATASET_FORMAT, EYES68, INNER_MOUTH68, MASK_NAMES, polygon_mask, save_features
 from avatar.errors import AvatarError
 from avatar.io import write_json
 
 from . import audio as audio_mod
-from .dataset_format import DATASET_FORMAT, MASK_NAMES, publish_dataset, recover_dataset, work_folder
-from .masks import polygon_mask
 from .pipeline import _write_jpg, _write_png
+from .publish import publish_dataset, recover_dataset, work_folder
 
 log = logging.getLogger("avatar.capture")
-_EYES68 = (tuple(range(36, 42)), tuple(range(42, 48)))
-INNER_MOUTH68 = tuple(range(60, 68))
 
 
 def _read_frames(src: Path) -> tuple[dict, list[dict]]:
@@ -179,7 +177,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
             mouth = polygon_mask((H, W), lm[list(INNER_MOUTH68)]) if lm is not None and len(lm) == 68 else np.zeros((H, W), bool)
             eyes = np.zeros((H, W), bool)
             if lm is not None and len(lm) == 68:
-                eyes = polygon_mask((H, W), lm[list(_EYES68[0])]) | polygon_mask((H, W), lm[list(_EYES68[1])])
+                eyes = polygon_mask((H, W), lm[list(EYES68[0])]) | polygon_mask((H, W), lm[list(EYES68[1])])
                 lms68.append(lm)
             for mname, m in zip(MASK_NAMES, (person, head, mouth, eyes, torso)):
                 _write_png(work / "masks" / mname / f"{name}.png", m)
@@ -205,7 +203,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
         extra = dict(audio_mod.load_ernerf_features(p, n_audio) for p in (src / "aud_ds.npy", src / "aud_hu.npy")
                      if p.is_file())
         feats = audio_mod.compute_features(pcm, n_audio, fps, extra)
-        audio_mod.save_features(work / "audio_features.npz", feats, fps)
+        save_features(work / "audio_features.npz", feats, fps)
         transforms = {
             "format": DATASET_FORMAT, "camera_model": "OPENCV", "source": "ernerf", "source_inputs": inputs,
             "fl_x": float(meta["focal_len"]), "fl_y": float(meta["focal_len"]),

@@ -7,15 +7,7 @@ import warnings
 import cv2
 import numpy as np
 
-from .tracking import (CHIN, EYE_OUTER, FACE_OVAL, INNER_LIPS, LEFT_EAR, LEFT_EYE, LOWER_LIP,
-                       RIGHT_EAR, RIGHT_EYE, UPPER_LIP)
-
-
-def polygon_mask(shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:
-    """[H, W] bool mask of a filled polygon. pts: [K, 2] pixels."""
-    m = np.zeros(shape, np.uint8)
-    cv2.fillPoly(m, [np.round(pts).astype(np.int32)], 1)
-    return m.astype(bool)
+from avatar.dataset_format import CHIN, FACE_OVAL, INNER_LIPS, LEFT_EAR, LEFT_EYE, RIGHT_EAR, RIGHT_EYE, polygon_mask
 
 
 def frame_masks(lm: np.ndarray, person_prob: np.ndarray) -> dict[str, np.ndarray]:
@@ -80,13 +72,6 @@ def eye_openness(lm: np.ndarray) -> np.ndarray:
     ear = eye_aspect_ratio(lm)
     open_ref = np.percentile(ear, 90)
     return np.clip((ear - 0.3 * open_ref) / (0.7 * open_ref + 1e-9), 0, 1).astype(np.float32)
-
-
-def mouth_opening(lm: np.ndarray) -> np.ndarray:
-    """Inner-lip gap over the outer eye-corner distance per frame (replaces AU25). [T]."""
-    gap = np.linalg.norm(lm[:, UPPER_LIP, :2] - lm[:, LOWER_LIP, :2], axis=-1)
-    eyes = np.linalg.norm(lm[:, EYE_OUTER[0], :2] - lm[:, EYE_OUTER[1], :2], axis=-1)
-    return (gap / (eyes + 1e-9)).astype(np.float32)
 
 
 def sharpness(rgb: np.ndarray, box: np.ndarray) -> tuple[float, float]:

@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .pose import pseudo_huber, so3_exp
-from .tracking import LEFT_EYE, RIGHT_EYE, RIGID, face_triangles
+from avatar.dataset_format import LEFT_EYE, RIGHT_EYE, RIGID, face_triangles
+from avatar.geometry import pseudo_huber
+
+from .pose import so3_exp
 
 NOSE_BASE = 2  # subnasale: the rigid surface is what lies above it
 MIN_COS = 0.3  # samples seen more obliquely than ~73 deg are ignored

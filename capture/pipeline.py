@@ -20,17 +20,18 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from avatar.dataset_format import DATASET_FORMAT, MASK_NAMES, RIGID, load_features, mouth_opening, save_features
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, write_json
 
 from . import audio as audio_mod
 from .config import CaptureConfig
-from .dataset_format import DATASET_FORMAT, MASK_NAMES, publish_dataset, recover_dataset, work_folder
-from .masks import background_plate, eye_openness, frame_masks, mouth_opening, sharpness
+from .masks import background_plate, eye_openness, frame_masks, sharpness
 from .photometric import refine_poses
 from .pose import c2w_opengl, fit_head_pose, project_points, rotation_jitter_deg
 from .preview import annotate, contact_sheet, signal_plot
-from .tracking import RIGID, FaceDetector, FaceTracker, PersonSegmenter
+from .publish import publish_dataset, recover_dataset, work_folder
+from .tracking import FaceDetector, FaceTracker, PersonSegmenter
 from .video import DecodeStats, VideoInfo, iter_frames, probe_video
 
 log = logging.getLogger("avatar.capture")
@@ -320,9 +321,9 @@ def _run(cfg: CaptureConfig) -> Path:
         extra = dict(audio_mod.load_ernerf_features(p, n) for p in cfg.audio_features)
         audio_mod.write_wav(work / "audio.wav", pcm)
         feats = audio_mod.compute_features(pcm, n, cfg.fps, extra)
-        audio_mod.save_features(work / "audio_features.npz", feats, cfg.fps)
+        save_features(work / "audio_features.npz", feats, cfg.fps)
         stages.mark("audio", **speech)
-    feats = audio_mod.load_features(work / "audio_features.npz")
+    feats = load_features(work / "audio_features.npz")
     timed("audio", t0)
 
     # 5. Head pose and focal; frames the fit cannot explain are dropped as tracking outliers.

@@ -30,7 +30,8 @@ import cv2
 import numpy as np
 import torch
 
-from .tracking import BROW_TOP, CHIN, EYE_OUTER, RIGID
+from avatar.dataset_format import BROW_TOP, CHIN, EYE_OUTER, RIGID
+from avatar.geometry import pseudo_huber, umeyama
 
 EYE_CORNER_DISTANCE_M = 0.09  # adult outer canthi, ex-ex
 HEAD_CENTER_BEHIND_EYES_M = 0.09
@@ -65,18 +66,6 @@ def project_points(X: np.ndarray, R: np.ndarray, t: np.ndarray, focal: float, cx
     """Head-frame points X [M, 3] seen from T poses (R [T, 3, 3], t [T, 3]) -> pixels [T, M, 2]."""
     Xc = X[None] @ np.swapaxes(R, 1, 2) + t[:, None]
     return focal * Xc[..., :2] / Xc[..., 2:] + np.array([cx, cy])
-
-
-def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Similarity (s, R, t) minimising ||s R src + t - dst||^2. src, dst: [M, 3]."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    D = np.eye(3)
-    D[2, 2] = np.sign(np.linalg.det(U @ Vt))
-    R = U @ D @ Vt
-    s = float(np.trace(np.diag(S) @ D) / (a**2).sum(1).mean())
-    return s, R, mu_d - s * R @ mu_s
 
 
 def backproject(lm3d: np.ndarray, focal: float, cx: float, cy: float) -> np.ndarray:
@@ -145,11 +134,6 @@ def so3_exp(r: torch.Tensor) -> torch.Tensor:
     Kx = torch.stack([zero, -r[:, 2], r[:, 1], r[:, 2], zero, -r[:, 0], -r[:, 1], r[:, 0], zero], -1).reshape(-1, 3, 3)
     eye = torch.eye(3, dtype=r.dtype).expand_as(Kx)
     return eye + a[..., None] * Kx + b[..., None] * (Kx @ Kx)
-
-
-def pseudo_huber(r2: torch.Tensor, delta: float) -> torch.Tensor:
-    """Robust cost of squared residuals r2: quadratic below delta, linear above."""
-    return delta**2 * (torch.sqrt(1 + r2 / delta**2) - 1)
 
 
 def rotation_jitter_deg(R: np.ndarray, window: int = 5) -> float:

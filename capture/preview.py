@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .tracking import RIGID
+from avatar.dataset_format import RIGID
 
 _TINT = {"head": (255, 140, 0), "torso": (0, 120, 255), "mouth": (255, 0, 200), "eyes": (0, 255, 255)}
 

@@ -14,42 +14,7 @@ from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
-# Landmarks that do not move with speech or expression: forehead, brow ridge, nose
-# bridge and tip, temples, eye corners (not eyelids, lips, cheeks or jaw).
-RIGID = (
-    10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 109, 338, 67, 297, 108, 337, 69, 299, 104, 333,
-    54, 284, 21, 251, 103, 332, 127, 356, 162, 389, 33, 133, 362, 263, 130, 359, 243, 463, 226, 446,
-)
-FACE_OVAL = (
-    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
-    148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
-)
-INNER_LIPS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
-OUTER_LIPS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
-LIPS = list(OUTER_LIPS + INNER_LIPS)  # the 40 lip landmarks (LMD, the lip-landmark loss)
-RIGHT_EYE = (33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7)
-LEFT_EYE = (263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249)
-# Eye aspect ratio points (p1..p6: outer corner, two upper lid, inner corner, two lower lid).
-RIGHT_EAR = (33, 160, 158, 133, 153, 144)
-LEFT_EAR = (263, 387, 385, 362, 380, 373)
-EYE_OUTER = (33, 263)
-UPPER_LIP, LOWER_LIP = 13, 14
-BROW_TOP, CHIN = 10, 152
-N_LANDMARKS = 478
-
-
-def face_triangles() -> list[tuple[int, int, int]]:
-    """The face mesh's triangles [(i, j, k)], recovered as the 3-cliques of mediapipe's
-    tessellation edges (the package ships edges, not faces)."""
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
-
-    adjacent: dict[int, set[int]] = {}
-    for a, b in FACEMESH_TESSELATION:
-        adjacent.setdefault(a, set()).add(b)
-        adjacent.setdefault(b, set()).add(a)
-    return sorted({tuple(sorted((a, b, c))) for a in adjacent for b in adjacent[a] if b > a
-                   for c in adjacent[a] & adjacent[b] if c > b})
-
+from avatar.dataset_format import BROW_TOP, CHIN
 
 def face_height(lm: np.ndarray) -> np.ndarray:
     """Brow-to-chin distance in pixels. lm: [..., 478, >=2] -> [...]."""

@@ -30,9 +30,9 @@ def normalize_mel(mel: np.ndarray) -> Tensor:
 
 
 def viseme_features(feats: dict) -> Tensor:
-    """[N, 15] viseme posteriors of a feature set (capture.audio), zeros where a dataset
+    """[N, 15] viseme posteriors of a feature set (avatar.dataset_format), zeros where a dataset
     was made without them: the speaker-independent half of MotionNet's input."""
-    from capture.audio import VISEMES
+    from avatar.dataset_format import VISEMES
 
     vis = feats.get("visemes")
     n = len(feats["mel"])
@@ -63,7 +63,8 @@ def speech_features(path: Path, fps: float, max_seconds: float | None = None) ->
     """Audio of any speech file -> (16 kHz mono pcm, per-frame features: mel, energy,
     visemes), exactly as capture computes them. Raises AvatarError for unreadable files,
     audio without speech, or audio longer than `max_seconds`."""
-    from capture.audio import SAMPLE_RATE, check_speech, compute_features, load_audio
+    from avatar.dataset_format import SAMPLE_RATE
+    from capture import check_speech, compute_features, load_audio
 
     pcm = load_audio(Path(path), max_seconds)
     if pcm.size < SAMPLE_RATE // fps:

@@ -17,7 +17,7 @@ import torch
 
 from avatar.errors import AvatarError
 from avatar.io import file_digest
-from capture.dataset_format import MASK_NAMES, open_checked
+from avatar.dataset_format import MASK_NAMES, open_checked
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Dataset:
 
     Args:
         root: the dataset folder written by `avatar capture`; checked up front
-            (capture.dataset_format.open_checked).
+            (avatar.dataset_format.open_checked).
         size: resize frames to size x size (None keeps the capture size).
         cache_frames: how many decoded frames to keep in memory.
         check_images: also decode every image and mask before anything reads them (training).

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from avatar.dataset_format import FACE_OVAL, LIPS, polygon_mask
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, file_digest, write_json
-from capture.masks import polygon_mask
-from capture.tracking import FACE_OVAL, LIPS, FaceTracker
+from capture import FaceTracker
 
 from .avatar_dir import CHECKPOINT, LoadedAvatar, load_avatar
 from .conditioning import speech_features, speech_motion, viseme_features

@@ -13,9 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from avatar.dataset_format import INNER_LIPS, INNER_MOUTH68, N_LANDMARKS
 from avatar.errors import AvatarError
-from capture.ernerf import INNER_MOUTH68
-from capture.tracking import INNER_LIPS, N_LANDMARKS
 
 from .dataset import Dataset, spread
 from .gaussians import FACE, MOUTH, Gaussians, rgb_to_sh_dc

@@ -2,7 +2,7 @@
 
 Every measure reads the *inner-lip opening* of a face, tracked by mediapipe on the image
 (render or real frame alike): the gap between landmarks 13 and 14 over the outer eye-corner
-distance (capture.masks.mouth_opening). Against the real mouth:
+distance (avatar.dataset_format.mouth_opening). Against the real mouth:
   opening_corr          Pearson correlation with the real opening, frame by frame;
   opening_range_ratio   (p95 - p5) of the opening over (p95 - p5) of the real one: 1 when
                         the mouth opens as far as the real one, ~0.4 for a mumbling avatar.
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from capture.audio import VISEMES
-from capture.masks import mouth_opening
+from avatar.dataset_format import VISEMES, mouth_opening
 
 CLOSED_FRACTION = 0.2
 """Lips count as closed below the real mouth's p5 + this fraction of its p5-p95 range."""

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capture.audio import VISEMES
-from capture.pose import umeyama
-from capture.tracking import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, face_triangles
+from avatar.dataset_format import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, VISEMES, face_triangles
+from avatar.geometry import umeyama
 
 from .lipsync import closed_threshold
 
@@ -190,7 +189,7 @@ class MotionNet(nn.Module):
 
     def set_closed_mouth(self, basis: MotionBasis, codes: Tensor, opening: np.ndarray) -> None:
         """Set the lip axis from `basis` and the closed gap from the training frames' codes
-        [R, K] whose inner-lip opening [R] (capture.masks.mouth_opening) counts as closed by
+        [R, K] whose inner-lip opening [R] (avatar.dataset_format.mouth_opening) counts as closed by
         lipsync's rule: the subject's own closed lips."""
         self.lip_axis.copy_(basis.axis(UPPER_LIP, LOWER_LIP, 1))
         shut = torch.from_numpy(np.asarray(opening) <= closed_threshold(opening))

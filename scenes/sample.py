@@ -27,12 +27,12 @@ from scipy.interpolate import griddata
 from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
+from avatar.dataset_format import CHIN, EYE_OUTER, LEFT_EYE, LOWER_LIP, RIGHT_EYE, UPPER_LIP
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, write_json
 from avatar.media import write_mp4
 from capture.pose import EYE_CORNER_DISTANCE_M, HEAD_CENTER_BEHIND_EYES_M
-from capture.tracking import (CHIN, EYE_OUTER, LEFT_EYE, LOWER_LIP, RIGHT_EYE, UPPER_LIP, FaceTracker,
-                              PersonSegmenter)
+from capture.tracking import FaceTracker, PersonSegmenter
 
 from .speech import SAMPLE_RATE, synthesize
 

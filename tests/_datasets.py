@@ -6,7 +6,7 @@ import json
 import cv2
 import numpy as np
 
-from capture.audio import save_features
+from avatar.dataset_format import save_features
 
 
 def make_dataset(root, n=6, size=32, landmarks=False):

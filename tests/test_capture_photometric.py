@@ -8,7 +8,7 @@ import torch
 
 from capture.photometric import PhotometricConfig, refine_poses, rigid_surface
 from capture.pose import project_points
-from capture.tracking import RIGID, face_triangles
+from avatar.dataset_format import RIGID, face_triangles
 from recon.raster import rasterize
 
 SIZE = 256

@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from capture.pose import backproject, canonical_face, fit_head_pose, rotation_jitter_deg, umeyama
-from capture.tracking import BROW_TOP, CHIN, EYE_OUTER, LOWER_LIP, RIGID, UPPER_LIP
+from capture.pose import backproject, canonical_face, fit_head_pose, rotation_jitter_deg
+from avatar.geometry import umeyama
+from avatar.dataset_format import BROW_TOP, CHIN, EYE_OUTER, LOWER_LIP, RIGID, UPPER_LIP
 
 
 def synthetic_face(seed=0) -> np.ndarray:

@@ -75,3 +75,31 @@ def test_every_import_is_declared_and_every_dependency_imported():
     assert not unused, f"declared in [project] dependencies but never imported: {sorted(unused)}"
     unused = extras["test"] - set(tests)
     assert not unused, f"declared in the test extra but never imported by the tests: {sorted(unused)}"
+
+
+def _imports_of(folder: str, package: str) -> list[tuple[str, int, str, list[str]]]:
+    """(file, line, module, names) of every import of `package` (or its modules) under folder."""
+    out = []
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module \
+                    and node.module.split(".")[0] == package:
+                out.append((str(path.relative_to(ROOT)), node.lineno, node.module, [a.name for a in node.names]))
+            elif isinstance(node, ast.Import):
+                out += [(str(path.relative_to(ROOT)), node.lineno, a.name, []) for a in node.names
+                        if a.name.split(".")[0] == package]
+    return out
+
+
+def test_data_flows_one_way_through_the_dataset_format():
+    """video -> capture -> dataset folder -> recon -> avatar -> viewer: recon and the viewer
+    read the dataset through avatar/dataset_format.py and use of capture only the tools its
+    package exports (capture/__init__.py); no stage imports a later one."""
+    import capture
+
+    reaching_in = [(f, line, module, names) for folder in ("recon", "viewer")
+                   for f, line, module, names in _imports_of(folder, "capture")
+                   if module != "capture" or not set(names) <= set(capture.__all__)]
+    assert not reaching_in, f"imports of capture's internals: {reaching_in}"
+    backwards = _imports_of("capture", "recon") + _imports_of("capture", "viewer") + _imports_of("recon", "viewer")
+    assert not backwards, f"imports of a later stage: {backwards}"

@@ -10,7 +10,8 @@ import pytest
 from _datasets import make_dataset
 from avatar.errors import AvatarError
 from avatar.io import replaced_path
-from capture.dataset_format import recover_dataset, validate_dataset, work_folder
+from avatar.dataset_format import validate_dataset
+from capture.publish import recover_dataset, work_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ KILLED_PUBLISH = """
 import os, shutil, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from capture.dataset_format import publish_dataset
+from capture.publish import publish_dataset
 k, calls = int(sys.argv[1]), [0]
 def killing(fn):
     def step(*args, **kwargs):

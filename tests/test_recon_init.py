@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from avatar.errors import AvatarError
-from capture.tracking import INNER_LIPS
+from avatar.dataset_format import INNER_LIPS
 from recon.dataset import Dataset
 from recon.gaussians import FACE, MOUTH, SH_C0
 from recon.init import init_gaussians

@@ -10,7 +10,7 @@ import torch
 
 from _scenes import TINY_TRAIN
 
-from capture.tracking import LIPS, N_LANDMARKS, RIGID
+from avatar.dataset_format import LIPS, N_LANDMARKS, RIGID
 from recon.deform import DeformationHead, TriPlaneEncoding
 from recon.model import AvatarModel
 from recon.raster import rasterize

@@ -4,7 +4,7 @@ range, a late mouth as an offset, lips that stay open at P/B/M as missed closure
 import numpy as np
 import pytest
 
-from capture.audio import VISEMES
+from avatar.dataset_format import VISEMES
 from recon.lipsync import agreement, av_offset, bilabial_closure, closed_threshold, lipsync_block
 
 

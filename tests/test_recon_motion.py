@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from capture.tracking import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, face_triangles
+from avatar.dataset_format import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, face_triangles
 from recon.motion import (MotionBasis, MotionNet, MotionRig, bind_to_mesh, closest_on_triangles, fit_motion_net,
                           fit_motion_stage, tracked_offsets)
 

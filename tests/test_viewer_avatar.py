@@ -159,7 +159,7 @@ def canvas_box(page) -> tuple[int, int, int, int]:
 def test_first_screen_is_framed_on_the_face(browser, studio):
     """The studio opens on the face: the face fills at least a third of the view's height,
     centred, with the torso under it and nothing of the view hidden by the GUI."""
-    from capture.tracking import FACE_OVAL
+    from avatar.dataset_format import FACE_OVAL
 
     page, _ = open_tab(browser, studio)
     session = next(iter(studio.sessions.values()))

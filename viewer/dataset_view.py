@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from avatar.errors import AvatarError
-from capture.tracking import RIGID
+from avatar.dataset_format import RIGID
 
 THUMB = 160  # frustum image size in pixels
 

@@ -40,10 +40,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from avatar.dataset_format import LIPS, OUTER_LIPS, RIGID, mouth_opening
+from avatar.geometry import pseudo_huber
 from avatar.io import write_json
-from capture.masks import mouth_opening
-from capture.pose import pseudo_huber
-from capture.tracking import LIPS, OUTER_LIPS, RIGID
 
 from ..avatar_dir import model_from_tensors, model_tensors
 from ..conditioning import normalize_mel, viseme_features

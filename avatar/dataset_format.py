@@ -1,17 +1,22 @@
-"""The dataset folder (format ``avatar-dataset/1``): capture writes it, recon reads it, and
-this module checks it up front, before any stage creates anything from it.
+"""The dataset folder (format ``avatar-dataset/1``), the hand-off from capture to recon:
+capture writes it, recon and the viewer read it, and this module alone defines it. It
+checks a folder up front, before any stage creates anything from it, and it holds the
+layouts the files are written in: the landmark index sets (lips, eyes, rigid points), the
+masks, and the audio feature file.
 
 Layout (every path in transforms.json is relative to the folder and stays inside it):
     transforms.json        nerfstudio-style: format, fl_x, fl_y, cx, cy, w == h, fps, frames[]
                            each frame: file_path, <mask>_mask_path for MASK_NAMES,
                            transform_matrix [4, 4] (camera-to-world, OpenGL axes, rigid),
                            frame_index (row of the audio features), optional time,
-                           eye_openness, mouth_opening
+                           eye_openness, mouth_opening (see `mouth_opening`)
     images/, masks/<mask>/ one JPEG / PNG per frame, w x h
     background.png         the plate behind the subject, w x h
-    audio_features.npz     capture.audio's format: mel [N, 16, 80], energy [N], visemes [N, 15]
-    landmarks.npy          optional [frames, 478, 3] mediapipe landmarks in pixels
-    landmarks68.npy        optional [frames, 68, 2] (ER-NeRF imports)
+    audio_features.npz     format avatar-audio-features/1 (`save_features`): mel [N, 16, 80],
+                           energy [N], visemes [N, 15] (VISEMES), at SAMPLE_RATE
+    landmarks.npy          optional [frames, 478, 3] mediapipe landmarks in pixels (the
+                           478-point layout below)
+    landmarks68.npy        optional [frames, 68, 2] (ER-NeRF imports; the 68-point layout)
     face_geometry.npz      optional canonical [478 or 68, 3] face in the head frame, metres
 """
 
@@ -28,9 +33,7 @@ import cv2
 import numpy as np
 
 from avatar.errors import AvatarError
-from avatar.io import publish_folder, recover_folder, replaced_path
-
-from .audio import MEL_WINDOW, N_MELS, VISEMES, load_features
+from avatar.io import atomic_path, replaced_path
 
 DATASET_FORMAT = "avatar-dataset/1"
 SUPPORTED_FORMATS = (DATASET_FORMAT,)
@@ -233,23 +236,85 @@ def open_checked(root: str | Path, decode: bool = False) -> tuple[dict, dict[str
     return meta, feats
 
 
-def work_folder(out: Path) -> Path:
-    """Where a dataset is built before it is published at `out` (capture resumes from it)."""
-    return out.with_name(out.name + ".partial")
+# -- landmark layouts: mediapipe's 478-point face mesh (landmarks.npy) ------------------
+# Landmarks that do not move with speech or expression: forehead, brow ridge, nose
+# bridge and tip, temples, eye corners (not eyelids, lips, cheeks or jaw).
+RIGID = (
+    10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 109, 338, 67, 297, 108, 337, 69, 299, 104, 333,
+    54, 284, 21, 251, 103, 332, 127, 356, 162, 389, 33, 133, 362, 263, 130, 359, 243, 463, 226, 446,
+)
+FACE_OVAL = (
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+    148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+)
+INNER_LIPS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
+OUTER_LIPS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
+LIPS = list(OUTER_LIPS + INNER_LIPS)  # the 40 lip landmarks (LMD, the lip-landmark loss)
+RIGHT_EYE = (33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7)
+LEFT_EYE = (263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249)
+# Eye aspect ratio points (p1..p6: outer corner, two upper lid, inner corner, two lower lid).
+RIGHT_EAR = (33, 160, 158, 133, 153, 144)
+LEFT_EAR = (263, 387, 385, 362, 380, 373)
+EYE_OUTER = (33, 263)
+UPPER_LIP, LOWER_LIP = 13, 14
+BROW_TOP, CHIN = 10, 152
+N_LANDMARKS = 478
 
 
-def _finished(work: Path) -> bool:
-    # transforms.json is written last, and the stage markers go just before publishing.
-    return (work / "transforms.json").is_file() and not any(work.glob(".stage_*.json"))
+def face_triangles() -> list[tuple[int, int, int]]:
+    """The face mesh's triangles [(i, j, k)], recovered as the 3-cliques of mediapipe's
+    tessellation edges (the package ships edges, not faces)."""
+    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
+
+    adjacent: dict[int, set[int]] = {}
+    for a, b in FACEMESH_TESSELATION:
+        adjacent.setdefault(a, set()).add(b)
+        adjacent.setdefault(b, set()).add(a)
+    return sorted({tuple(sorted((a, b, c))) for a in adjacent for b in adjacent[a] if b > a
+                   for c in adjacent[a] & adjacent[b] if c > b})
 
 
-def publish_dataset(out: Path) -> Path:
-    """Move the finished work folder onto `out`, keeping the old dataset until the new one
-    is in place (avatar.io.publish_folder)."""
-    publish_folder(work_folder(out), out)
+# The 68-point layout of ER-NeRF imports (landmarks68.npy).
+EYES68 = (tuple(range(36, 42)), tuple(range(42, 48)))
+INNER_MOUTH68 = tuple(range(60, 68))
+
+
+# -- measures and masks defined on those layouts ----------------------------------------
+def polygon_mask(shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:
+    """[H, W] bool mask of a filled polygon. pts: [K, 2] pixels."""
+    m = np.zeros(shape, np.uint8)
+    cv2.fillPoly(m, [np.round(pts).astype(np.int32)], 1)
+    return m.astype(bool)
+
+
+def mouth_opening(lm: np.ndarray) -> np.ndarray:
+    """Inner-lip gap over the outer eye-corner distance per frame (replaces AU25). [T]."""
+    gap = np.linalg.norm(lm[:, UPPER_LIP, :2] - lm[:, LOWER_LIP, :2], axis=-1)
+    eyes = np.linalg.norm(lm[:, EYE_OUTER[0], :2] - lm[:, EYE_OUTER[1], :2], axis=-1)
+    return (gap / (eyes + 1e-9)).astype(np.float32)
+
+
+# -- audio_features.npz (format avatar-audio-features/1) ---------------------------------
+SAMPLE_RATE = 16_000
+"""Sample rate of the speech the features are computed from (capture.audio resamples to it)."""
+N_MELS = 80
+MEL_WINDOW = 16  # hops (10 ms) per video frame's log-mel window
+FEATURES_FORMAT = "avatar-audio-features/1"
+VISEMES = ("sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou")
+
+
+def save_features(path: Path, feats: dict[str, np.ndarray], fps: float) -> None:
+    meta = {"format": FEATURES_FORMAT, "fps": fps, "sample_rate": SAMPLE_RATE,
+            "shapes": {k: list(v.shape) for k, v in feats.items()}}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, viseme_names=np.array(VISEMES), meta=np.array(json.dumps(meta)), **feats)
+
+
+def load_features(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files}
+    meta = json.loads(str(out.pop("meta")))
+    if meta.get("format") != FEATURES_FORMAT:
+        raise AvatarError(path, f"unknown audio feature format {meta.get('format')!r}, expected {FEATURES_FORMAT}")
     return out
-
-
-def recover_dataset(out: Path) -> None:
-    """Finish or undo a publish that a kill cut short (called before any capture or import)."""
-    recover_folder(out, work_folder(out), _finished)
