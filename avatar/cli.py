@@ -160,7 +160,8 @@ def _view(args: argparse.Namespace) -> int:
     if (path / CHECKPOINT).is_file():
         from viewer.avatar_view import run_avatar_viewer
 
-        return run_avatar_viewer(path, [Path(a) for a in args.audio], args.host, args.port, args.resolution)
+        return run_avatar_viewer(path, [Path(a) for a in args.audio], args.host, args.port, args.resolution,
+                                 _device(args))
     print(f"avatar view: {path} is neither a dataset folder (transforms.json) nor an avatar folder ({CHECKPOINT})",
           file=sys.stderr)
     return 2
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="long side of rendered frames (default: the training size on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--device", default="auto",
+                   help="where an avatar renders: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, "
+                        "cuda or cuda:N (a dataset is always shown from the host)")
     p.set_defaults(func=_view)
     p = sub.add_parser("demo", help="the whole pipeline on the built-in sample subject (scenes/demo.toml)")
     p.add_argument("--out", help="working folder (default outputs/demo); reruns reuse it")

@@ -41,6 +41,14 @@ def test_cuda_without_a_gpu_is_a_named_error_before_anything_is_written(command,
     assert "Traceback" not in r.stderr and not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")
+def test_viewing_on_cuda_without_a_gpu_is_a_named_error(trained_avatar):
+    r = subprocess.run([sys.executable, "-m", "avatar", "view", str(trained_avatar), "--device", "cuda"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: --device: device 'cuda' cannot run here")
+    assert "Traceback" not in r.stderr
+
+
 def test_the_guard_sees_a_planted_host_tensor():
     """The check itself can fail: code in recon/ that makes a tensor without a device, brings
     one to the host, or mixes a host array with a device tensor is named with its line; a
@@ -146,4 +154,29 @@ def test_evaluation_stays_on_the_device(trained_avatar, speech_wav, monkeypatch)
         recon.evaluate.evaluate_drive(trained_avatar, speech_wav, progress=False, real_frames=4,
                                       device=torch.device("cpu"))
     _clean(building)
+    _clean(guard)
+
+
+def test_the_studio_renders_on_the_device(trained_avatar, speech_wav):
+    """The viewer's frames in every mode, with speech and the 3D torso, under the guard: the
+    browser's camera comes from the host, the avatar renders on its device, and only the
+    plate's warp and the finished frame cross back (each line saying why)."""
+    from recon.avatar_dir import load_avatar
+    from viewer.avatar_view import ViewRenderer, ViewSettings, head_extent, load_track
+
+    building = DeviceGuard(strict=False)
+    with building:
+        av = load_avatar(trained_avatar, torch.device("cpu"))
+        renderer = ViewRenderer(av)
+        track = load_track(speech_wav, av)
+    _clean(building)
+    viewmat = renderer.rig.at(10.0, 5.0).cpu()  # as the browser's camera arrives: a host tensor
+    K = renderer.intrinsics(0.5, 48, 40)
+    with DeviceGuard() as guard:
+        for mode in ("rgb", "centres", "face branch", "mouth branch", "alpha", "depth"):
+            for torso in ("3d", "frame"):
+                rgb, _ = renderer.render(viewmat, K, 48, 40, track.drive.codes(3),
+                                         ViewSettings(mode=mode, torso=torso))
+                assert rgb.shape == (40, 48, 3)
+        head_extent(av)
     _clean(guard)

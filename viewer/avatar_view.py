@@ -96,8 +96,8 @@ def head_extent(av: LoadedAvatar) -> tuple[torch.Tensor, float]:
     """(centre [3], height) of the head in world units: the 2nd-98th percentile of the face
     Gaussians along the world's up axis (y), so stray Gaussians do not set the framing."""
     means = av.model.face.means.detach()
-    lo, hi = torch.quantile(means, torch.tensor([0.02, 0.98]), dim=0)
-    return (lo + hi) / 2, float(hi[1] - lo[1])
+    lo, hi = torch.quantile(means, torch.tensor([0.02, 0.98], device=means.device), dim=0)
+    return ((lo + hi) / 2).cpu(), float(hi[1] - lo[1])  # host: the browser's camera
 
 
 @dataclass
@@ -136,10 +136,13 @@ class FairLock:
 
 class ViewRenderer:
     """Renders an avatar into an arbitrary camera with the viewer's modes; thread-safe
-    (one render at a time, in turn, so tabs share the cores instead of fighting over them)."""
+    (one render at a time, in turn, so tabs share the cores instead of fighting over them).
+    Cameras and the plate's warp are worked out on the host (the browser's camera, OpenCV);
+    the avatar renders on its own device (load_avatar's), and frames come back to the host."""
 
     def __init__(self, av: LoadedAvatar):
         self.av = av
+        self.device = av.background.device
         self.ds = open_dataset(av, av.size, required=False)
         self.rig = CameraRig(av, self.ds)
         self.lock = FairLock()
@@ -155,18 +158,20 @@ class ViewRenderer:
         capture's mean camera, put on a plane through the head facing that camera and seen
         from this one, so the 2D torso stays under the neck when the view turns a little.
         Returns ([H, W, 3], the 3D torso's alpha [H, W, 1] or None)."""
-        backdrop = self.backdrop(viewmat, K, width, height, s)
+        backdrop = self.backdrop(viewmat.cpu(), K.cpu(), width, height, s).to(self.device)  # host: OpenCV's warp
         if s.torso == "3d" and self.av.model.torso is not None:
-            layer = self.av.model.torso_layer(viewmat, K, (width, height), None, backend=self.av.config.backend)
+            layer = self.av.model.torso_layer(viewmat.to(self.device), K.to(self.device), (width, height), None,
+                                              backend=self.av.config.backend)
             return torso_under(layer, backdrop), layer.alpha
         return backdrop, None
 
     def backdrop(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, s: ViewSettings) -> torch.Tensor:
         """The plate (with the capture's 2D torso when asked) seen from this view (see `under`)."""
-        plate = self.av.background.numpy() if s.background else np.full((self.av.size,) * 2 + (3,), 0.12, np.float32)
+        grey = np.full((self.av.size,) * 2 + (3,), 0.12, np.float32)
+        plate = self.av.background.cpu().numpy() if s.background else grey  # host: OpenCV's warp
         if s.torso == "frame" and self._torso is not None:
             img, mask = self._torso
-            plate = np.where(mask.numpy()[..., None], img.numpy(), plate)
+            plate = np.where(mask.cpu().numpy()[..., None], img.cpu().numpy(), plate)  # host: OpenCV's warp
         H = self.plate_homography(viewmat, K, width, height)
         plate = np.ascontiguousarray(plate)
         if H is None:  # the plane is behind this camera or edge-on: the plate as a flat backdrop
@@ -179,13 +184,15 @@ class ViewRenderer:
         """[3, 3] map from this view's pixels to the plate's (capture's mean camera at the
         avatar's size), through the plane at the head's depth; None when a corner's ray
         misses the plane."""
-        capture_w2c = self.rig.at(0.0, 0.0).double()
-        c2w = torch.linalg.inv(viewmat.double())
+        capture_w2c = self.rig.at(0.0, 0.0).double().cpu()  # host: OpenCV's homography
+        c2w = torch.linalg.inv(viewmat.double().cpu())  # host: OpenCV's homography
         axis = capture_w2c[2, :3]  # the capture camera's viewing direction in world
         centre = -capture_w2c[:3, :3].T @ capture_w2c[:3, 3]
         plane_point = centre + self.rig.distance * axis
-        corners = torch.tensor([[0.0, 0.0], [width, 0.0], [width, height], [0.0, height]], dtype=torch.float64)
-        rays = torch.cat([corners, torch.ones(4, 1, dtype=torch.float64)], 1) @ torch.linalg.inv(K.double()).T
+        corners = torch.tensor([[0.0, 0.0], [width, 0.0], [width, height], [0.0, height]], dtype=torch.float64,
+                               device="cpu")  # host: OpenCV's homography
+        rays = torch.cat([corners, torch.ones(4, 1, dtype=torch.float64, device="cpu")], 1) \
+            @ torch.linalg.inv(K.double().cpu()).T  # host: OpenCV's homography
         dirs = rays @ c2w[:3, :3].T
         denom = dirs @ axis
         if bool((denom.abs() < 1e-6).any()):
@@ -195,9 +202,10 @@ class ViewRenderer:
             return None
         points = c2w[:3, 3] + depth[:, None] * dirs
         cam = points @ capture_w2c[:3, :3].T + capture_w2c[:3, 3]
-        pix = cam @ self.av.K.double().T
+        pix = cam @ self.av.K.double().cpu().T  # host: OpenCV's homography
         pix = pix[:, :2] / pix[:, 2:]
-        return cv2.getPerspectiveTransform(corners.numpy().astype(np.float32), pix.numpy().astype(np.float32))
+        return cv2.getPerspectiveTransform(corners.numpy().astype(np.float32),  # host: OpenCV's homography
+                                           pix.numpy().astype(np.float32))  # host: OpenCV's homography
 
     def intrinsics(self, fov_y: float, width: int, height: int) -> torch.Tensor:
         f = height / (2 * np.tan(fov_y / 2))
@@ -205,24 +213,28 @@ class ViewRenderer:
 
     def render(self, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, motion: torch.Tensor | None,
                s: ViewSettings) -> tuple[np.ndarray, dict[str, float]]:
-        """-> ([H, W, 3] uint8, timings in ms {deform, rasterize})."""
-        model, backend = self.av.model, self.av.config.backend
-        eye = torch.tensor([s.eye])
+        """viewmat [4, 4], K [3, 3] (on any device), motion [K] or None -> ([H, W, 3] uint8,
+        timings in ms {deform, rasterize})."""
+        model, backend, dev = self.av.model, self.av.config.backend, self.device
+        eye = torch.tensor([s.eye], device=dev)
+        motion = None if motion is None else motion.to(dev)
         with self.lock, torch.no_grad():
             t0 = time.perf_counter()
             face, _ = model.deformed(FACE, motion, eye, mouth_scale=s.mouth_scale)
             mouth, _ = model.deformed(MOUTH, motion, eye, mouth_scale=s.mouth_scale)
             t1 = time.perf_counter()
             under, torso_alpha = self.under(viewmat, K, width, height, s)
+            viewmat, K = viewmat.to(dev), K.to(dev)
             if s.mode == "centres":
                 parts = [face, mouth]
                 if s.torso == "3d" and model.torso is not None:
                     parts.append(model.torso.deformed(None)[0])
                 means = torch.cat([p.means for p in parts])
-                colours = BRANCH_COLOURS[torch.cat([p.branch for p in parts]).long()]
+                colours = BRANCH_COLOURS.to(dev)[torch.cat([p.branch for p in parts]).long()]
                 n = len(means)
-                out = rasterize(means, torch.tensor([1.0, 0, 0, 0]).expand(n, 4), torch.full((n, 3), 6e-4),
-                                torch.ones(n), colours, viewmat[None], K[None], width, height, backend=backend)
+                out = rasterize(means, torch.tensor([1.0, 0, 0, 0], device=dev).expand(n, 4),
+                                torch.full((n, 3), 6e-4, device=dev), torch.ones(n, device=dev), colours, viewmat[None],
+                                K[None], width, height, backend=backend)
                 img = out.image[0] + (1 - out.alpha[0]) * under * 0.3
             else:
                 fl = model.render_layer(face, viewmat, K, (width, height), model.sh_degree, backend)
@@ -241,7 +253,7 @@ class ViewRenderer:
                 else:
                     img, _ = composite(fl, ml, under)
             t2 = time.perf_counter()
-        rgb = (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+        rgb = (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # host: to the browser
         return rgb, {"deform": 1e3 * (t1 - t0), "rasterize": 1e3 * (t2 - t1)}
 
     @staticmethod
@@ -249,12 +261,12 @@ class ViewRenderer:
         depth = torch.where(fl.alpha > 0.5, fl.depth, ml.depth)[..., 0]
         cover = coverage(fl.alpha, ml.alpha)[..., 0] > 0.5
         if not cover.any():
-            return torch.zeros(*depth.shape, 3)
-        lo, hi = torch.quantile(depth[cover], torch.tensor([0.02, 0.98]))
+            return torch.zeros(*depth.shape, 3, device=depth.device)
+        lo, hi = torch.quantile(depth[cover], torch.tensor([0.02, 0.98], device=depth.device))
         d = ((depth - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-        u8 = (255 * (1 - d)).to(torch.uint8).numpy()
+        u8 = (255 * (1 - d)).to(torch.uint8).cpu().numpy()  # host: OpenCV's colour map
         col = cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
-        return torch.from_numpy(col).float() / 255 * cover[..., None]
+        return torch.from_numpy(col).to(depth.device).float() / 255 * cover[..., None]
 
 
 @dataclass
@@ -423,7 +435,7 @@ class ClientSession:
         cam.up_direction = (0.0, 1.0, 0.0)
         centre, height = self.studio.head
         distance = min(height / (HEAD_FILL * 2 * np.tan(self.studio.fov_y / 2)), 0.95 * rig.distance)
-        cam.position = (centre + distance * rig.base_dir).numpy().astype(np.float64)
+        cam.position = (centre + distance * rig.base_dir.cpu()).numpy().astype(np.float64)  # host: the browser's
         cam.look_at = centre.numpy().astype(np.float64)  # after position: it re-aims the camera
 
     def _camera_moved(self, _=None) -> None:
@@ -559,10 +571,10 @@ class Studio:
     """The viewer server: one avatar, shared speech tracks, one session per browser tab."""
 
     def __init__(self, avatar: str | Path, audio: list[Path] = (), host: str = "127.0.0.1", port: int = 8080,
-                 resolution: int | None = None, verbose: bool = True):
+                 resolution: int | None = None, verbose: bool = True, device: torch.device | str = "cpu"):
         import viser
 
-        self.av = load_avatar(avatar)
+        self.av = load_avatar(avatar, device)
         self.renderer = ViewRenderer(self.av)
         self.tracks: dict[str, Track] = {}
         self._lock = threading.Lock()
@@ -570,9 +582,9 @@ class Studio:
             self.add_track(load_track(Path(path), self.av))
         self.fov_y = 2 * float(np.arctan(self.av.size / (2 * float(self.av.K[1, 1]))))
         self.head = head_extent(self.av)
-        # Frames render with the avatar's rasterizer backend on the CPU; the CUDA path arrives
-        # with the CUDA kernels. Default: the resolution a moving camera renders at about
-        # TARGET_FPS on this machine (measured now); a resting camera renders at twice it.
+        # Frames render with the avatar's rasterizer backend on `device`. Default: the
+        # resolution a moving camera renders at about TARGET_FPS on this machine (measured
+        # now); a resting camera renders at twice it.
         self.max_resolution = 1024
         self.default_resolution = resolution or self.measure_resolution()
         self.verbose = verbose
@@ -691,8 +703,9 @@ class Studio:
         self.server.stop()
 
 
-def run_avatar_viewer(avatar: Path, audio: list[Path], host: str, port: int, resolution: int | None) -> int:
-    studio = Studio(avatar, audio, host, port, resolution)
+def run_avatar_viewer(avatar: Path, audio: list[Path], host: str, port: int, resolution: int | None,
+                      device: torch.device | str = "cpu") -> int:
+    studio = Studio(avatar, audio, host, port, resolution, device=device)
     print(f"avatar view: {avatar} at {studio.url} (Ctrl-C to stop)", flush=True)
     try:
         while True:
