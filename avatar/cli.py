@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="override the preset's resolution")
     p.add_argument("--seed", type=int, help="override the seed (default 0)")
     p.add_argument("--batch-size", type=int, help="override the views per step (default 1)")
-    p.add_argument("--backend", choices=["auto", "cpu", "torch", "cuda"], help="rasterizer backend (default auto)")
+    p.add_argument("--backend", choices=["auto", "cpu", "torch", "cuda", "gsplat"],
+                   help="rasterizer backend (default auto: the CPU kernels on a CPU, gsplat's on a GPU)")
     p.add_argument("--device", default="auto",
                    help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.add_argument("--method",

@@ -148,7 +148,7 @@ class TrainConfig:
     cache_frames: int = 256
     """Decoded frames kept in memory (data streams from disk; 256 frames at 256^2 is ~0.3 GB)."""
     backend: str = "auto"
-    """Rasterizer backend (auto, cpu, torch, cuda)."""
+    """Rasterizer backend (auto, cpu, torch, cuda, gsplat; recon/raster/api.py)."""
 
     @property
     def total_steps(self) -> int:

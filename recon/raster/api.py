@@ -14,7 +14,7 @@ from avatar.errors import AvatarError
 from . import reference
 from ._build import KernelBuildError
 
-BACKENDS = ("auto", "torch", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "cpu", "cuda", "gsplat")
 TORCH_SLOWDOWN = 50
 """Forward + backward time of the torch backend over the CPU kernels (`avatar bench raster
 --scenes head`: 20k Gaussians at 256^2 on 2 cores, 3327 vs 66 ms)."""
@@ -133,7 +133,21 @@ def _pick_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
     if name == "cuda":
         raise BackendUnavailable(None, "backend 'cuda': the custom CUDA kernels are not built yet"
                                  + ("" if torch.cuda.is_available() else ", and this machine has no CUDA GPU"),
-                                 "use backend auto: the CPU kernels here, the torch backend on a GPU")
+                                 "use backend auto: the CPU kernels here, gsplat's (or the torch backend) on a GPU")
+    if name == "gsplat" or (name == "auto" and device.type == "cuda"):
+        if device.type != "cuda":
+            raise BackendUnavailable(None, f"backend 'gsplat' runs gsplat's CUDA kernels, and this run is on {device}",
+                                     "use backend auto (the CPU kernels here), or --device cuda on a GPU")
+        from . import gsplat_backend
+
+        try:
+            gsplat_backend.load_gsplat()
+            return "gsplat", gsplat_backend
+        except (ImportError, RuntimeError, OSError) as exc:
+            if name == "gsplat":
+                raise BackendUnavailable(None, f"backend 'gsplat': its CUDA kernels cannot be built here ({exc})",
+                                         "install the CUDA toolkit matching torch, or use backend torch") from exc
+            _announce_fallback(KernelBuildError(f"gsplat's CUDA kernels cannot be built here ({exc})"))
     if name == "cpu" or (name == "auto" and device.type == "cpu"):
         if device.type != "cpu":
             raise RasterizerArgumentError(f"backend='cpu' needs CPU tensors, got {device}")
@@ -201,8 +215,10 @@ def rasterize(
         antialiased: scale opacity by sqrt(det / det_dilated) (Mip-Splatting's 2D
             filter), so small Gaussians do not bloat when rendered far away.
         tile_size: tile edge in pixels (16 as in 3DGS).
-        backend: "auto" (cuda > cpu > torch by availability), "torch" (pure-PyTorch
-            reference), "cpu" (OpenMP C++ kernels), "cuda" (custom CUDA kernels).
+        backend: "auto" (the device's: the CPU kernels on a CPU, gsplat's on a CUDA
+            device; torch where they cannot be built), "torch" (pure-PyTorch reference),
+            "cpu" (OpenMP C++ kernels), "cuda" (custom CUDA kernels, not built yet),
+            "gsplat" (gsplat 1.5.3's CUDA kernels).
 
     Returns:
         A :class:`RasterOutput`. Differentiable with respect to means, quats, scales,
@@ -210,6 +226,10 @@ def rasterize(
     """
     C, D = _check(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds, tile_size)
     name, ops = _pick_backend(backend, means.device)
+    if name == "gsplat":
+        return ops.rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                    sh_degree=sh_degree, backgrounds=backgrounds, near_plane=near_plane,
+                                    far_plane=far_plane, eps2d=eps2d, antialiased=antialiased, tile_size=tile_size)
     N = means.shape[0]
 
     radii, means2d, depths, conics, comps = ops.project(
