@@ -113,6 +113,7 @@ def run(scenes: list[str], repeats: int, budget_s: float, backends: list[str] | 
     peers: dict[str, Callable] = {}
     if device.type == "cuda":
         peers["gsplat-cuda"] = gsplat_cuda_render
+        peers["gsplat"] = ours("gsplat")  # the same kernels through our backend's glue
         peers["torch"] = ours("torch")
     else:
         peers["gsplat-torch"] = gsplat_torch_render

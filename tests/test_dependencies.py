@@ -103,3 +103,11 @@ def test_data_flows_one_way_through_the_dataset_format():
     assert not reaching_in, f"imports of capture's internals: {reaching_in}"
     backwards = _imports_of("capture", "recon") + _imports_of("capture", "viewer") + _imports_of("recon", "viewer")
     assert not backwards, f"imports of a later stage: {backwards}"
+
+
+def test_every_package_is_installed():
+    """A wheel (not only an editable install) holds every Python package of the project."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(init.parent.relative_to(ROOT)).replace("/", ".") for folder in RUNTIME
+             for init in (ROOT / folder).rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"

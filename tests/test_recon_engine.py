@@ -223,3 +223,22 @@ def test_training_benchmark_runs_every_set_up(sample_dataset, capsys):
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert list(rows) == ["B=1 in-step", "B=1 prefetch", "B=2 prefetch"]
     assert rows["B=1 in-step"]["speedup_per_view"] == 1.0 and rows["B=2 prefetch"]["views"] == 2
+
+
+def test_the_gpu_check_runs_its_steps_on_a_cpu(sample_dataset, tmp_path):
+    """bench/gpu_check.py is what a session lent a GPU runs first, unseen before then: on a
+    CPU its steps (the rasterizer benchmark aside, minutes on the torch backend) must run
+    and report the figures a closing note quotes."""
+    import json
+
+    from bench.gpu_check import main
+
+    rc = main([str(sample_dataset), "--out", str(tmp_path), "--device", "cpu", "--steps", "8", "--torso-steps", "4",
+               "--size", "64", "--bench-steps", "1", "--skip", "raster"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 0 and all(r["ok"] for r in report.values()), report
+    assert list(report) == ["environment", "parity", "train_bench", "training"]
+    assert "passed" in report["parity"]["pytest"]
+    assert set(report["train_bench"]["rows"]) == {"B=1 in-step", "B=1 prefetch", "B=4 prefetch"}
+    t = report["training"]
+    assert (t["batch_size"], t["size"], t["steps"]) == (4, 64, 8) and t["psnr"] > 10 and t["it_per_s"] > 0

@@ -1,0 +1,150 @@
+"""The GPU check: what a session lent a GPU runs first, as one command of a few minutes.
+
+    python -m bench.gpu_check DATASET --out DIR [--device cuda] [--steps 600] [--torso-steps 150]
+
+Steps, in order; each is timed, and a step that fails is recorded with its error and the
+next one runs. Everything lands in DIR/gpu_check.json (the figures a closing note quotes),
+with each step's log beside it:
+
+  1. environment: torch, the device, and gsplat's CUDA kernels built (their build time);
+  2. parity: the GPU tests through pytest (tests/test_raster_backends.py: the gsplat backend
+     against the torch reference, values and gradients; the torch backend on the GPU);
+  3. rasterizer benchmark (`avatar bench raster`: gsplat's kernels, ours through their glue,
+     and the torch reference, forward and backward);
+  4. training-step benchmark (`avatar bench train`: 1 and 4 views a step, `gpu` preset);
+  5. a short `gpu`-preset training of DATASET (512 px, 4 views a step, the device's raster
+     backend: gsplat on a GPU) for `--steps` head steps and `--torso-steps` torso steps,
+     then `avatar eval`: it/s and the held-out figures.
+
+On a CPU (`--device cpu` and a small `--size`) the same script checks its own plumbing
+(tests/test_recon_engine.py runs it so). On the device machine (the `device` tool: one
+call, its working tree this checkout) carry the dataset and the wheels its image lacks,
+and run, for example:
+
+    python -m bench.gpu_check data/hdtf --out $OUT/check --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from avatar.io import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _environment(device: torch.device) -> dict:
+    out = {"torch": torch.__version__, "device": str(device), "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        t = time.perf_counter()
+        from recon.raster.gsplat_backend import load_gsplat
+
+        load_gsplat()
+        out["gsplat_kernels_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def _parity(out: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", str(ROOT / "tests" / "test_raster_backends.py"),
+                        "-k", "gpu or gsplat"], capture_output=True, text=True, cwd=ROOT)
+    (out / "parity_pytest.log").write_text(r.stdout + r.stderr)
+    summary = (r.stdout.strip().splitlines() or [""])[-1]
+    if r.returncode not in (0, 5):
+        raise RuntimeError(f"pytest failed: {summary}")
+    return {"pytest": summary}
+
+
+def _raster_bench(device: torch.device) -> dict:
+    from bench.rasterizer import run
+
+    scenes = ["garden", "head", "head8"] if device.type == "cuda" else ["head"]
+    return run(scenes, repeats=5, budget_s=20.0, backends=None)
+
+
+def _train_bench(dataset: Path, device: torch.device, steps: int) -> dict:
+    from bench.training import run
+
+    return run(dataset, "gpu" if device.type == "cuda" else "demo", steps, 2, [1, 4], device)
+
+
+def _training(dataset: Path, out: Path, device: torch.device, steps: int, torso_steps: int, size: int | None) -> dict:
+    from recon.config import preset
+    from recon.engine import train
+    from recon.evaluate import evaluate
+
+    avatar = out / "avatar"
+    cfg = preset("gpu", iterations=steps, torso_steps=torso_steps, checkpoint_every=max(steps // 2, 1),
+                 log_every=max(steps // 20, 1), size=size)
+    t = time.perf_counter()
+    train(dataset, avatar, cfg, resume=(avatar / "checkpoint.safetensors").is_file(), progress=False, device=device)
+    train_s = time.perf_counter() - t
+    log = [json.loads(line) for line in (avatar / "metrics.jsonl").read_text().splitlines()]
+    head = [r for r in log if r["stage"] != "torso"]
+    t = time.perf_counter()
+    scores = evaluate(avatar, progress=False, device=device)
+    lip = scores["lipsync"]["avatar"]
+    return {"steps": steps, "torso_steps": torso_steps, "size": cfg.size, "batch_size": cfg.batch_size,
+            "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t, 1),
+            "head_it_per_s": head[-1]["it_per_s"] if head else None, "it_per_s": log[-1]["it_per_s"],
+            "gaussians": log[-1].get("n_face", 0) + log[-1].get("n_mouth", 0), "psnr": scores["psnr"],
+            "psnr_face": scores["psnr_face"], "lmd": scores["lmd"], "lmd_static_mouth": scores["lmd_static_mouth"],
+            "opening_corr": lip.get("opening_corr"), "opening_range_ratio": lip.get("opening_range_ratio")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("dataset", help="dataset folder written by `avatar capture`")
+    p.add_argument("--out", required=True, help="folder for gpu_check.json and the logs")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to check the script itself")
+    p.add_argument("--steps", type=int, default=600, help="head steps of the short training")
+    p.add_argument("--torso-steps", type=int, default=150, help="torso steps of the short training")
+    p.add_argument("--size", type=int, help="training size (default: the gpu preset's 512)")
+    p.add_argument("--bench-steps", type=int, default=10, help="timed steps per set-up of the training benchmark")
+    p.add_argument("--skip", nargs="*", default=[], choices=["parity", "raster", "train_bench", "training"],
+                   help="steps to leave out")
+    args = p.parse_args(argv)
+
+    from recon.device import resolve_device
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    dataset = Path(args.dataset)
+    steps = {"environment": lambda: _environment(device), "parity": lambda: _parity(out),
+             "raster": lambda: _raster_bench(device),
+             "train_bench": lambda: _train_bench(dataset, device, args.bench_steps),
+             "training": lambda: _training(dataset, out, device, args.steps, args.torso_steps, args.size)}
+    report: dict = {}
+    for name, step in steps.items():
+        if name in args.skip:
+            continue
+        t = time.perf_counter()
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                result = {"ok": True, **step()}
+        except Exception as exc:  # a failed step is a finding; the next steps still run
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            log.write(traceback.format_exc())
+        result["seconds"] = round(time.perf_counter() - t, 1)
+        if log.getvalue():
+            (out / f"{name}.log").write_text(log.getvalue())
+        report[name] = result
+        print(f"gpu_check: {name}: {'ok' if result['ok'] else result['error']} ({result['seconds']} s)", flush=True)
+        write_json(out / "gpu_check.json", report)  # after every step: a killed run keeps what it measured
+    return 0 if all(r["ok"] for r in report.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
