@@ -261,17 +261,15 @@ BROW_TOP, CHIN = 10, 152
 N_LANDMARKS = 478
 
 
-def face_triangles() -> list[tuple[int, int, int]]:
-    """The face mesh's triangles [(i, j, k)], recovered as the 3-cliques of mediapipe's
-    tessellation edges (the package ships edges, not faces)."""
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
+FACE_TRIANGLES_FILE = Path(__file__).with_name("face_triangles.npy")
+"""The face mesh's 854 triangles [854, 3] (int16, sorted): the 3-cliques of mediapipe
+0.10.21's tessellation edges (it ships edges, not faces), kept here so that reading a
+dataset needs no face tracker (tests/test_capture_tracking.py checks them against it)."""
 
-    adjacent: dict[int, set[int]] = {}
-    for a, b in FACEMESH_TESSELATION:
-        adjacent.setdefault(a, set()).add(b)
-        adjacent.setdefault(b, set()).add(a)
-    return sorted({tuple(sorted((a, b, c))) for a in adjacent for b in adjacent[a] if b > a
-                   for c in adjacent[a] & adjacent[b] if c > b})
+
+def face_triangles() -> list[tuple[int, int, int]]:
+    """The face mesh's triangles [(i, j, k)] over the 478-point layout (FACE_TRIANGLES_FILE)."""
+    return [tuple(int(v) for v in t) for t in np.load(FACE_TRIANGLES_FILE)]
 
 
 # The 68-point layout of ER-NeRF imports (landmarks68.npy).

@@ -1,7 +1,8 @@
 """capture/: video -> dataset folder (the folder's format: avatar/dataset_format.py).
 
 Later stages read the dataset folder, never capture's modules. The tools they share with
-capture are this package's public API:
+capture are this package's public API, imported on first use (so that reading a dataset
+pulls in neither the face tracker nor the audio stack):
     FaceTracker                               mediapipe's face mesh, offline (`avatar eval`
                                               tracks the avatar's renders with it)
     load_audio, check_speech, compute_features   any speech file -> the per-frame features
@@ -9,7 +10,13 @@ capture are this package's public API:
                                               avatar with new speech through them)
 """
 
-from .audio import check_speech, compute_features, load_audio
-from .tracking import FaceTracker
+import importlib
 
-__all__ = ["FaceTracker", "check_speech", "compute_features", "load_audio"]
+_TOOLS = {"FaceTracker": "tracking", "check_speech": "audio", "compute_features": "audio", "load_audio": "audio"}
+__all__ = sorted(_TOOLS)
+
+
+def __getattr__(name: str):
+    if name in _TOOLS:
+        return getattr(importlib.import_module(f".{_TOOLS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,3 +41,19 @@ def test_mediapipe_graphs_run_quietly(sample_dataset):
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip() == "", run.stderr
+
+
+def test_the_dataset_formats_face_triangles_are_mediapipes():
+    """avatar/face_triangles.npy is the face mesh's triangles: the 3-cliques of the
+    tessellation edges mediapipe ships (checked here, where mediapipe is at hand)."""
+    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
+
+    from avatar.dataset_format import face_triangles
+
+    adjacent: dict[int, set[int]] = {}
+    for a, b in FACEMESH_TESSELATION:
+        adjacent.setdefault(a, set()).add(b)
+        adjacent.setdefault(b, set()).add(a)
+    cliques = sorted({tuple(sorted((a, b, c))) for a in adjacent for b in adjacent[a] if b > a
+                      for c in adjacent[a] & adjacent[b] if c > b})
+    assert face_triangles() == cliques and len(cliques) == 854

@@ -68,8 +68,6 @@ def test_closest_points_agree_with_a_dense_search():
 def test_skinning_opens_the_mouth_along_the_slit():
     """A point just above the closed slit goes with the upper lip, one just below with the
     lower lip, though the two lie a fraction of a millimetre apart."""
-    import mediapipe  # noqa: F401  (the tessellation ships with it)
-
     face = canonical_face()
     face[UPPER_LIP] = [0.0, -0.030, 0.03]
     face[LOWER_LIP] = [0.0, -0.0302, 0.03]  # a closed mouth: the inner lips 0.2 mm apart
