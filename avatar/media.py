@@ -1,4 +1,7 @@
-"""Video output shared by every stage that writes one: H.264 + AAC mp4, audio muxed in."""
+"""Video output shared by every stage that writes one: H.264 + AAC mp4, audio muxed in.
+
+PyAV is imported by the functions that use it, so that stages which only read a dataset
+(training, held-out evaluation) run without the video stack."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
-import av
 import numpy as np
 
 from .errors import AvatarError
@@ -15,6 +17,8 @@ from .io import atomic_path
 
 def open_media(path: str | Path, what: str, remedy: str):
     """av.open with the project's errors: missing file, or not readable as `what`."""
+    import av
+
     path = Path(path)
     if not path.is_file():
         raise AvatarError(path, "file not found")
@@ -30,6 +34,8 @@ def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: float, audio:
 
     Written to a temp file and renamed, so a crash never leaves a broken video behind.
     """
+    import av
+
     path = Path(path)
     with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as container:

@@ -24,11 +24,15 @@ and run, for example:
 
     python -m bench.gpu_check data/hdtf --out $OUT/check --device cuda
 
-Training needs, of our dependencies, only torch, numpy, OpenCV, safetensors, tqdm, plyfile
-and gsplat (tests/test_dependencies.py trains with the face tracker and the audio stack
-unimportable). eval also needs av and mediapipe; mediapipe 0.10.21 is built for numpy < 2,
-so on an image with numpy 2 the eval step may fail, and is recorded as failed while the
-training figures stand.
+Of our dependencies, training needs only torch, numpy, OpenCV, safetensors, tqdm, plyfile
+and gsplat, and held-out evaluation adds mediapipe (tests/test_dependencies.py runs both
+with the rest unimportable). The `nvidia-h200` image (device/KINDS.md) lacks gsplat,
+plyfile and mediapipe: carry their Python 3.12 wheels (6.5 MB, 36 kB, 35.6 MB; `pip
+download --no-deps --only-binary=:all: --python-version 3.12 --platform
+manylinux_2_28_x86_64 ...`) and a copy of the dataset (HDTF at 512 px: 22 MB), under
+64 MiB together. mediapipe 0.10.21 is built for numpy < 2 and that image has numpy 2: if
+it fails to import there, the eval step is recorded as failed and the training figures
+stand.
 """
 
 from __future__ import annotations
