@@ -50,8 +50,8 @@ def _device(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from avatar.errors import AvatarError
-    from recon.engine import DEFAULT_METHOD, train
-    from recon.method import config_from_file, method_class
+    from recon.engine import train
+    from recon.method import DEFAULT_METHOD, config_from_file, method_class
 
     overrides = {k: v for k, v in dict(iterations=args.iterations, size=args.size, seed=args.seed,
                                        batch_size=args.batch_size, backend=args.backend).items() if v is not None}

@@ -38,6 +38,7 @@ from avatar.errors import AvatarError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .gaussians import FACE, MOUTH, TORSO, Gaussians
+from .method import checkpoint_method, method_class
 from .model import AvatarModel, BranchParams, concat
 from .motion import MotionBasis, MotionRig
 from .torso import TorsoModel
@@ -145,9 +146,10 @@ class LoadedAvatar:
 
 
 def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedAvatar:
-    """Open an avatar folder onto `device` (checkpoints are read to the host first, so an
-    avatar trained on any device opens on any other); AvatarError if it is missing, corrupt
-    or not an avatar."""
+    """Open an avatar folder onto `device` through the method that trained it
+    (Method.open_trained; checkpoints are read to the host first, so an avatar trained on
+    any device opens on any other); AvatarError if it is missing, corrupt, not an avatar,
+    or of a method without a renderer."""
     root = Path(root)
     path = root / CHECKPOINT
     if not root.is_dir():
@@ -155,9 +157,13 @@ def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedA
     if not path.is_file():
         raise AvatarError(root, f"is not an avatar folder (no {CHECKPOINT})", "train one with `avatar train`")
     tensors, meta = load_checkpoint(path)
-    if meta.get("method", "gaussians") != "gaussians":
-        raise AvatarError(path, f"was trained by the method {meta['method']!r}; rendering, evaluation, export and "
-                          "the viewer open Gaussian avatars (--method gaussians) only")
+    return method_class(checkpoint_method(path, meta)).open_trained(root, tensors, meta, torch.device(device))
+
+
+def open_gaussian_avatar(root: Path, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> LoadedAvatar:
+    """The Gaussian avatar of folder `root` from its checkpoint (`load_avatar` for the
+    gaussians method)."""
+    path = root / CHECKPOINT
     for key in ("background", "K"):
         if key not in tensors:
             raise AvatarError(path, f"lacks the tensor {key!r}; it is not an avatar checkpoint")
@@ -169,7 +175,6 @@ def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedA
         config = TrainConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise AvatarError(path, f"has an unreadable config ({exc})") from exc
-    device = torch.device(device)
     model = model_from_tensors(tensors, path).to(device)
     model.eval()
     return LoadedAvatar(root, model, config, meta, tensors["background"].to(device), tensors["K"].to(device))

@@ -28,11 +28,8 @@ from .avatar_dir import CHECKPOINT, read_json_lines, save_avatar
 from .checkpoint import load_checkpoint
 from .dataset import Dataset, dataset_fingerprint
 from .datamanager import DataManager
-from .method import Method, method_class
+from .method import DEFAULT_METHOD, Method, checkpoint_method, method_class
 from .raster.api import check_backend
-
-DEFAULT_METHOD = "gaussians"
-"""The method of checkpoints that name none (written before the engine)."""
 
 BOOKKEEPING = ("checkpoint_every", "log_every", "cache_frames", "backend")
 """Settings that do not change what is trained: never a reason to refuse a resume or retrain."""
@@ -60,16 +57,6 @@ def load_optimizer_tensors(optim: torch.optim.Adam, tensors: dict[str, torch.Ten
                 optim.state[p] = {"step": tensors[f"{key}.step"].reshape(()).clone(),
                                   "exp_avg": tensors[f"{key}.exp_avg"].to(p.device, copy=True),
                                   "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device, copy=True)}
-
-
-def checkpoint_method(ckpt: Path, meta: dict) -> str:
-    """The method a checkpoint was trained by (older checkpoints: gaussians)."""
-    name = meta.get("method", DEFAULT_METHOD)
-    try:
-        method_class(name)
-    except ValueError as exc:
-        raise AvatarError(ckpt, f"was trained by a method this version lacks ({exc})") from exc
-    return name
 
 
 def saved_config(ckpt: Path, meta: dict) -> Any:

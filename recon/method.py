@@ -164,7 +164,18 @@ class Method(ABC):
     def finish(self, out: Path) -> None:
         """Write the method's end-of-training artifacts into the avatar folder."""
 
+    # -- the trained avatar ------------------------------------------------------------
+    @classmethod
+    def open_trained(cls, root: Path, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> Any:
+        """The trained avatar in folder `root` (its checkpoint's tensors, on the host, and
+        metadata) on `device`, as `avatar render`, `eval`, `export` and `view` take it
+        (recon/avatar_dir.py: load_avatar). AvatarError when the method has none."""
+        raise AvatarError(root, f"was trained by the method {cls.name!r}, which has no renderer yet: render, eval, "
+                          "export and view open avatars of the gaussians method")
 
+
+DEFAULT_METHOD = "gaussians"
+"""The method of `--method`'s default, and of checkpoints that name none (written before the engine)."""
 METHODS: dict[str, str | type[Method]] = {"gaussians": "recon.methods.gaussians:GaussianAvatar"}
 """Method name -> class, or "module:Class" imported on first use."""
 
@@ -200,3 +211,14 @@ def config_from_file(path: Path, method: str, preset: str | None = None, **overr
         raise AvatarError(path, "config file not found") from exc
     except (json.JSONDecodeError, ValueError, TypeError) as exc:
         raise AvatarError(path, f"is not a valid training config ({exc})") from exc
+
+
+def checkpoint_method(ckpt: Path, meta: dict) -> str:
+    """The name of the method a checkpoint was trained by (its metadata `meta`); AvatarError
+    naming `ckpt` when this version lacks it."""
+    name = meta.get("method", DEFAULT_METHOD)
+    try:
+        method_class(name)
+    except ValueError as exc:
+        raise AvatarError(ckpt, f"was trained by a method this version lacks ({exc})") from exc
+    return name

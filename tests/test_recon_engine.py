@@ -124,7 +124,7 @@ def test_a_second_method_trains_checkpoints_and_resumes_through_the_engine(colou
     again, meta_b = load_checkpoint(resumed / "checkpoint.safetensors")
     assert meta_b["method"] == "colour-grid"
     torch.testing.assert_close(again["grid"], tensors["grid"])
-    with pytest.raises(AvatarError, match="open Gaussian avatars"):
+    with pytest.raises(AvatarError, match="was trained by the method 'colour-grid', which has no renderer yet"):
         load_avatar(out)
     with pytest.raises(AvatarError, match="was trained by the method 'colour-grid', not 'gaussians'"):
         train(sample_dataset, tmp_path / "b", None, resume=True, progress=False, method="gaussians")

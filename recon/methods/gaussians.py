@@ -44,7 +44,7 @@ from avatar.dataset_format import LIPS, OUTER_LIPS, RIGID, mouth_opening
 from avatar.geometry import pseudo_huber
 from avatar.io import write_json
 
-from ..avatar_dir import model_from_tensors, model_tensors
+from ..avatar_dir import LoadedAvatar, model_from_tensors, model_tensors, open_gaussian_avatar
 from ..conditioning import normalize_mel, viseme_features
 from ..config import PRESETS, TrainConfig
 from ..dataset import Dataset, Frame, behind_head, dilate
@@ -261,6 +261,11 @@ class GaussianAvatar(Method):
 
     def finish(self, out: Path) -> None:
         save_ply(out / "canonical.ply", self.model.gaussians())
+
+    @classmethod
+    def open_trained(cls, root: Path, tensors: dict[str, torch.Tensor], meta: dict,
+                     device: torch.device) -> LoadedAvatar:
+        return open_gaussian_avatar(root, tensors, meta, device)
 
     def fit_motion_net(self, mel: torch.Tensor, visemes: torch.Tensor, motion: torch.Tensor, out: Path,
                        progress: bool) -> None:
