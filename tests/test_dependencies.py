@@ -114,20 +114,26 @@ def test_every_package_is_installed():
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
 
 
+AUDIO_VIDEO_VIEWER = ("av", "soundfile", "pocketsphinx", "silero_vad", "viser")
+
+
+def _run_without(modules: tuple[str, ...], code: str) -> None:
+    """Run `code` in a fresh interpreter where `modules` cannot be imported."""
+    prelude = (f"import sys\nfor m in {modules!r}:\n    sys.modules[m] = None\n"
+               f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n")
+    r = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_training_needs_neither_the_face_tracker_nor_the_audio_stack(sample_dataset, tmp_path):
     """Training reads the dataset folder alone: with mediapipe, av, soundfile, pocketsphinx,
     silero-vad and viser unimportable (as on a GPU image without them), an avatar trains."""
-    code = ("import sys\n"
-            "for m in ('mediapipe', 'av', 'soundfile', 'pocketsphinx', 'silero_vad', 'viser'):\n"
-            "    sys.modules[m] = None\n"
-            f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-            "from _scenes import TINY_TRAIN\n"
-            "from recon.config import preset\n"
-            "from recon.engine import train\n"
-            f"train({str(sample_dataset)!r}, {str(tmp_path / 'avatar')!r},\n"
-            "      preset('cpu', **{**TINY_TRAIN, 'iterations': 10, 'torso_steps': 4}), progress=False)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _run_without(("mediapipe", *AUDIO_VIDEO_VIEWER),
+                 "from _scenes import TINY_TRAIN\n"
+                 "from recon.config import preset\n"
+                 "from recon.engine import train\n"
+                 f"train({str(sample_dataset)!r}, {str(tmp_path / 'avatar')!r},\n"
+                 "      preset('cpu', **{**TINY_TRAIN, 'iterations': 10, 'torso_steps': 4}), progress=False)\n")
     assert (tmp_path / "avatar" / "canonical.ply").is_file()
 
 
@@ -137,11 +143,7 @@ def test_held_out_evaluation_needs_no_video_or_audio_stack(trained_avatar, tmp_p
     import shutil
 
     avatar = shutil.copytree(trained_avatar, tmp_path / "avatar")  # eval writes into the folder
-    code = ("import sys\n"
-            "for m in ('av', 'soundfile', 'pocketsphinx', 'silero_vad', 'viser'):\n"
-            "    sys.modules[m] = None\n"
-            "from recon.evaluate import evaluate\n"
-            f"r = evaluate({str(avatar)!r}, progress=False, train_fit_frames=2, pose_fit_frames=1)\n"
-            "assert r['psnr'] > 10, r['psnr']\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _run_without(AUDIO_VIDEO_VIEWER,
+                 "from recon.evaluate import evaluate\n"
+                 f"r = evaluate({str(avatar)!r}, progress=False, train_fit_frames=2, pose_fit_frames=1)\n"
+                 "assert r['psnr'] > 10, r['psnr']\n")
