@@ -346,31 +346,31 @@ class GaussianAvatar(Method):
         eye = torch.tensor([[f.eye_openness] for f in batch.frames], device=self.device)
         return motion, eye
 
-    def _layers(self, branch: int, motion: torch.Tensor | None, eye: torch.Tensor, batch: Batch, sh: int,
-                frozen: bool = False) -> tuple[list[Layer], torch.Tensor]:
+    def _layers(self, branch: int, motion: torch.Tensor | None, eye: torch.Tensor, viewmats: list[torch.Tensor],
+                sh: int, frozen: bool = False) -> tuple[list[Layer], torch.Tensor]:
         """The branch deformed for every view of the batch (one pass of its head) and
-        rendered into each view's camera; and the mean deformation penalty."""
+        rendered into each view's camera (viewmats: B [4, 4]); and the mean deformation penalty."""
         model, ds = self.model, self.ds
         gs, penalty = model.deformed_batch(branch, motion, eye, frozen=frozen)
-        gs = gs * len(batch) if len(gs) == 1 else gs  # undeformed: one set for every view
-        return [model.render_layer(g, ds.viewmat(s.index), ds.K, ds.size, sh, self.cfg.backend)
-                for g, s in zip(gs, batch.samples)], penalty
+        gs = gs * len(viewmats) if len(gs) == 1 else gs  # undeformed: one set for every view
+        return [model.render_layer(g, v, ds.K, ds.size, sh, self.cfg.backend) for g, v in zip(gs, viewmats)], penalty
 
     def render(self, batch: Batch, step: int) -> dict:
         """{"rgb", "alpha": [B, H, W, *] the rendered layers over what lies behind them,
         "face", "mouth" (and in the torso stage "torso"): B layers each (None for a branch
         the stage leaves out), "deformation": [] mean penalty}."""
         stage = stage_at(self.cfg, step)
+        viewmats = [self.ds.viewmat(s.index) for s in batch.samples]  # once per view, shared by the branches
         if stage == "torso":
             with torch.no_grad():  # the finished head
                 motion, eye = self._drive(batch)
-                face, _ = self._layers(FACE, motion, eye, batch, self.cfg.sh_degree)
-                mouth, _ = self._layers(MOUTH, motion, eye, batch, self.cfg.sh_degree)
+                face, _ = self._layers(FACE, motion, eye, viewmats, self.cfg.sh_degree)
+                mouth, _ = self._layers(MOUTH, motion, eye, viewmats, self.cfg.sh_degree)
             torso, penalty = [], torch.zeros((), device=self.device)
-            for s, f in zip(batch.samples, batch.frames):
+            for s, f, v in zip(batch.samples, batch.frames, viewmats):
                 g, pen = self.model.torso.deformed(self.model.torso.motion_in(f.c2w, s.index))
-                torso.append(self.model.render_layer(g, self.ds.viewmat(s.index), self.ds.K, self.ds.size,
-                                                     self.active_sh_degree(step), self.cfg.backend))
+                torso.append(self.model.render_layer(g, v, self.ds.K, self.ds.size, self.active_sh_degree(step),
+                                                     self.cfg.backend))
                 torso[-1].means2d.retain_grad()
                 penalty = penalty + pen / len(batch)
             unders = [torso_under(t, self.ds.background) for t in torso]
@@ -378,12 +378,12 @@ class GaussianAvatar(Method):
         else:
             motion, eye = self._drive(batch)
             trains, deforms = STAGE_TRAINS[stage], STAGE_DEFORMS[stage]
-            out, penalty = {"deformation": torch.zeros((), device=self.device)}, torch.zeros((), device=self.device)
+            out, penalty = {}, torch.zeros((), device=self.device)
             for k, (name, b) in enumerate(BRANCHES):
                 if stage in ("mouth", "face") and not trains[k]:
                     out[name] = [None] * len(batch)  # the other branch is not rendered in its single-branch stage
                     continue
-                out[name], pen = self._layers(b, motion if deforms[k] else None, eye, batch,
+                out[name], pen = self._layers(b, motion if deforms[k] else None, eye, viewmats,
                                               self.active_sh_degree(step), frozen=not trains[k])
                 for layer in out[name]:
                     layer.means2d.retain_grad()
