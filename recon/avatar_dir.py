@@ -28,7 +28,6 @@ Metadata (JSON): format, step, config, dataset, fps, size, extent, optim_steps.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,11 +35,13 @@ import torch
 from avatar.errors import AvatarError
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .conditioning import speech_motion
 from .config import TrainConfig
+from .dataset import Dataset, Frame
 from .gaussians import FACE, MOUTH, TORSO, Gaussians
-from .method import checkpoint_method, method_class
-from .model import AvatarModel, BranchParams, concat
-from .motion import MotionBasis, MotionRig
+from .method import HeadView, TrainedAvatar, checkpoint_method, method_class
+from .model import AvatarModel, BranchParams, Layer, concat
+from .motion import MotionBasis, MotionRig, tracked_motion
 from .torso import TorsoModel
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -121,31 +122,71 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarMo
     return model
 
 
-@dataclass
-class LoadedAvatar:
-    """A trained avatar ready to render."""
+class TrainedGaussianAvatar(TrainedAvatar):
+    """The Gaussian avatar (recon/model.py) as render, eval, export and view use it. A pose
+    is the face and mouth branches' deformed Gaussians of one frame."""
 
-    root: Path
-    model: AvatarModel
-    config: TrainConfig
-    meta: dict
-    background: torch.Tensor  # [S, S, 3]
-    K: torch.Tensor  # [3, 3] at size S
+    layer_names = ("face", "mouth")
+    has_gaussians = True
+
+    def __init__(self, root: Path, model: AvatarModel, config: TrainConfig, meta: dict, background: torch.Tensor,
+                 K: torch.Tensor):
+        super().__init__(root, config, meta, background, K)
+        self.model = model
+
+    def speech_motion(self, feats: dict) -> torch.Tensor:
+        return speech_motion(self.model, feats)
+
+    def tracked_motion(self, ds: Dataset) -> torch.Tensor | None:
+        if self.model.rig is None or ds.landmarks(0) is None:
+            return None
+        per_frame = tracked_motion(ds, self.model.rig).to(ds.device)
+        out = torch.zeros(len(ds.features["mel"]), per_frame.shape[1], device=ds.device)
+        out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
+        return out
+
+    def head_points(self) -> torch.Tensor:
+        return self.model.face.means.detach()
+
+    def deform(self, motion: torch.Tensor | None, eye: torch.Tensor, *,
+               mouth_scale: float = 1.0) -> list[list[Gaussians]]:
+        branches = [self.model.deformed_batch(b, motion, eye, mouth_scale=mouth_scale)[0] for b in (FACE, MOUTH)]
+        return [list(pose) for pose in zip(*branches)]
+
+    def render_head(self, pose: list[Gaussians], viewmat: torch.Tensor, K: torch.Tensor,
+                    size: int | tuple[int, int]) -> HeadView:
+        return HeadView({name: self.model.render_layer(g, viewmat, K, size, self.model.sh_degree, self.config.backend)
+                         for name, g in zip(self.layer_names, pose)})
 
     @property
-    def size(self) -> int:
-        return int(self.meta["size"])
+    def has_torso(self) -> bool:
+        return self.model.torso is not None
 
-    @property
-    def fps(self) -> float:
-        return float(self.meta["fps"])
+    def check_dataset(self, ds: Dataset) -> None:
+        if self.model.torso is not None and len(ds) != len(self.model.torso.tracks):
+            raise AvatarError(ds.root, f"has {len(ds)} frames, but the avatar tracked the body in "
+                              f"{len(self.model.torso.tracks)}: it was captured again since the avatar was trained",
+                              "train the avatar again on it")
 
-    @property
-    def dataset(self) -> Path:
-        return Path(self.meta["dataset"])
+    def _body(self, frame: Frame | None) -> torch.Tensor | None:
+        return None if frame is None else self.model.torso.motion_in(frame.c2w, frame.index)
+
+    def torso_layer(self, viewmat: torch.Tensor, K: torch.Tensor, size: int | tuple[int, int],
+                    frame: Frame | None) -> Layer | None:
+        if self.model.torso is None:
+            return None
+        return self.model.torso_layer(viewmat, K, size, self._body(frame), backend=self.config.backend)
+
+    def gaussians(self, pose: list[Gaussians] | None = None, *, torso: bool = True,
+                  frame: Frame | None = None) -> Gaussians:
+        with torch.no_grad():  # concatenated copies, cut from the parameters
+            parts = list(pose) if pose is not None else [self.model.deformed(b, None, None)[0] for b in (FACE, MOUTH)]
+            if torso and self.model.torso is not None:
+                parts.append(self.model.torso.deformed(self._body(frame))[0])
+            return concat(parts)
 
 
-def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedAvatar:
+def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> TrainedAvatar:
     """Open an avatar folder onto `device` through the method that trained it
     (Method.open_trained; checkpoints are read to the host first, so an avatar trained on
     any device opens on any other); AvatarError if it is missing, corrupt, not an avatar,
@@ -160,7 +201,8 @@ def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> LoadedA
     return method_class(checkpoint_method(path, meta)).open_trained(root, tensors, meta, torch.device(device))
 
 
-def open_gaussian_avatar(root: Path, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> LoadedAvatar:
+def open_gaussian_avatar(root: Path, tensors: dict[str, torch.Tensor], meta: dict,
+                         device: torch.device) -> TrainedGaussianAvatar:
     """The Gaussian avatar of folder `root` from its checkpoint (`load_avatar` for the
     gaussians method)."""
     path = root / CHECKPOINT
@@ -177,7 +219,8 @@ def open_gaussian_avatar(root: Path, tensors: dict[str, torch.Tensor], meta: dic
         raise AvatarError(path, f"has an unreadable config ({exc})") from exc
     model = model_from_tensors(tensors, path).to(device)
     model.eval()
-    return LoadedAvatar(root, model, config, meta, tensors["background"].to(device), tensors["K"].to(device))
+    return TrainedGaussianAvatar(root, model, config, meta, tensors["background"].to(device),
+                                 tensors["K"].to(device))
 
 
 def save_avatar(root: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:

@@ -51,14 +51,12 @@ from avatar.errors import AvatarError
 from avatar.io import atomic_path, file_digest, write_json
 from capture import FaceTracker
 
-from .avatar_dir import CHECKPOINT, LoadedAvatar, load_avatar
-from .conditioning import speech_features, speech_motion, viseme_features
+from .avatar_dir import CHECKPOINT, load_avatar
+from .conditioning import speech_features, viseme_features
 from .dataset import Dataset, behind_head, dataset_fingerprint
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
 from .losses import boundary_coverage, boundary_seam, psnr, ssim
-from .gaussians import FACE, MOUTH
-from .model import Frame, composite, coverage, torso_under
-from .motion import tracked_motion
+from .method import HeadView, TrainedAvatar, coverage, torso_under
 from .pose import correction_matrix
 from .render import open_dataset, ping_pong
 
@@ -92,16 +90,6 @@ def _opening(found: np.ndarray | None) -> float:
     return float("nan") if v is None else v
 
 
-def tracked_codes(av: LoadedAvatar, ds: Dataset) -> torch.Tensor | None:
-    """[N rows of the features, K] each dataset frame's tracked motion codes (None without a rig)."""
-    if av.model.rig is None or ds.landmarks(0) is None:
-        return None
-    per_frame = tracked_motion(ds, av.model.rig).to(ds.device)
-    out = torch.zeros(len(ds.features["mel"]), per_frame.shape[1], device=ds.device)
-    out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
-    return out
-
-
 def eval_inputs(avatar: Path, dataset: Path) -> dict:
     """What an eval.json was scored from (a later run reuses it only if these match)."""
     return {"checkpoint": file_digest(Path(avatar) / CHECKPOINT), "dataset": dataset_fingerprint(dataset)}
@@ -132,15 +120,16 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     av = load_avatar(avatar, device)
     ds = open_dataset(av, av.size, required=True)
     train_ids, held_out = ds.split()
-    codes = speech_motion(av.model, ds.features)
-    tracked = tracked_codes(av, ds)
+    codes = av.speech_motion(ds.features)
+    tracked = av.tracked_motion(ds)
     fit_ids = train_ids[:: max(1, len(train_ids) // train_fit_frames)][:train_fit_frames] if train_fit_frames else []
     rows, fit_rows, strip = [], [], []
     t_render = 0.0
-    backend = av.config.backend
 
-    def render(i, under, code, eye) -> Frame:
-        return av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=backend)
+    def render(i, under, code, eye) -> tuple[torch.Tensor, HeadView]:
+        """(frame i's image over `under` with motion `code` [C] and `eye` [1], its head view)."""
+        view = av.render_head(av.deform(code[None], eye[None])[0], ds.viewmat(i), ds.K, ds.size)
+        return view.over(under)[0], view
 
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         frames = [(i, True) for i in held_out] + [(i, False) for i in fit_ids]
@@ -150,8 +139,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             under = behind_head(f, av.background)
             eye = torch.tensor([f.eye_openness], device=ds.device)
             t0 = time.perf_counter()
-            rendered = render(i, under, codes[f.frame_index], eye)
-            pred = rendered.image
+            pred, view = render(i, under, codes[f.frame_index], eye)
             if is_held_out:
                 t_render += time.perf_counter() - t0
             face = face_mask(ds, i)
@@ -159,23 +147,23 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             gt_lm, pred_lm = _track(tracker, gt_u8), _track(tracker, pred_u8)
             row = {"frame": i, **_score(pred, f.image, face), "lmd": _lmd(pred_lm, gt_lm),
                    "opening_real": _opening(gt_lm), "opening": _opening(pred_lm)}
-            if is_held_out and av.model.torso is not None:
-                row["torso"] = torso_scores(av, ds, i, rendered)
+            if is_held_out and av.has_torso:
+                row["torso"] = torso_scores(av, ds, i, pred, view)
             if not is_held_out:
                 if tracked is not None:  # the renderer's own fit: the motion it was trained on
-                    fit_pred = render(i, under, tracked[f.frame_index], eye).image
+                    fit_pred = render(i, under, tracked[f.frame_index], eye)[0]
                     row["tracked_motion"] = {**_score(fit_pred, f.image, face),
                                              "lmd": _lmd(_track(tracker, _to_uint8(fit_pred)), gt_lm)}
                 fit_rows.append(row)
                 continue
-            static = render(i, under, torch.zeros_like(codes[0]), eye).image
+            static = render(i, under, torch.zeros_like(codes[0]), eye)[0]
             static_u8 = _to_uint8(static)
             static_lm = _track(tracker, static_u8)
             row["lmd_static_mouth"] = _lmd(static_lm, gt_lm)
             row["opening_static_mouth"] = _opening(static_lm)
             if tracked is not None:
                 row["opening_tracked_motion"] = _opening(_track(tracker, _to_uint8(
-                    render(i, under, tracked[f.frame_index], eye).image)))
+                    render(i, under, tracked[f.frame_index], eye)[0])))
             rows.append(row)
             if n % max(1, len(held_out) // strip_frames) == 0 and len(strip) < strip_frames:
                 strip.append(np.concatenate([gt_u8, pred_u8, static_u8], axis=0))
@@ -214,13 +202,12 @@ TORSO_KEYS = ("psnr", "ssim", "psnr_torso_region", "silhouette_iou", "seam", "se
               "neck_coverage_head")
 
 
-def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, rendered: Frame) -> dict:
-    """Frame i with the 3D torso over the plate (see the module docstring); `rendered` is
-    its render over its own pixels, whose head layers are laid over the torso here."""
+def torso_scores(av: TrainedAvatar, ds: Dataset, i: int, over_frame: torch.Tensor, view: HeadView) -> dict:
+    """Frame i with the 3D torso over the plate (see the module docstring); `over_frame` is
+    its render over its own pixels, and `view` its head, laid over the torso here."""
     f = ds[i]
-    torso = av.model.torso_layer(ds.viewmat(i), ds.K, ds.size, av.model.torso.motion_in(f.c2w, i),
-                                 backend=av.config.backend)
-    image, head_alpha = composite(rendered.face, rendered.mouth, torso_under(torso, av.background))
+    torso = av.torso_layer(ds.viewmat(i), ds.K, ds.size, f)
+    image, head_alpha = view.over(torso_under(torso, av.background))
     covered = coverage(head_alpha, torso.alpha)[..., 0]
     alpha = covered > 0.5
     person, region, head = f.masks["person"], f.masks["torso"], f.masks["head"]
@@ -229,7 +216,7 @@ def torso_scores(av: LoadedAvatar, ds: Dataset, i: int, rendered: Frame) -> dict
             "psnr_torso_region": psnr(image, f.image, region) if region.any() else None,
             "silhouette_iou": float((alpha & person).sum() / union) if union else None,
             "seam": boundary_seam(image, f.image, head, region),
-            "seam_frame_pixels": boundary_seam(rendered.image, f.image, head, region),
+            "seam_frame_pixels": boundary_seam(over_frame, f.image, head, region),
             "neck_coverage": boundary_coverage(covered, head, region),
             "neck_coverage_head": boundary_coverage(head_alpha[..., 0], head, region)}
 
@@ -263,7 +250,7 @@ def opening_chart(rows: list[dict], lipsync: dict, width: int, height: int = 160
     return chart
 
 
-def held_out_pose_fit(av: LoadedAvatar, ds: Dataset, frames: list[int], codes: torch.Tensor, steps: int = 25,
+def held_out_pose_fit(av: TrainedAvatar, ds: Dataset, frames: list[int], codes: torch.Tensor, steps: int = 25,
                       lr: float = 3e-3) -> dict:
     """Face PSNR of held-out frames with capture's pose and after a pose-only fit: a rigid
     correction of the head (recon/pose.py) fitted to the frame by Adam on the head's L1,
@@ -275,13 +262,11 @@ def held_out_pose_fit(av: LoadedAvatar, ds: Dataset, frames: list[int], codes: t
         face = face_mask(ds, i)
         head = f.masks["head"]
         with torch.no_grad():
-            layers = [av.model.deformed(b, codes[f.frame_index], eye)[0] for b in (FACE, MOUTH)]
+            pose = av.deform(codes[f.frame_index][None], eye[None])[0]
 
         def render(delta: torch.Tensor) -> torch.Tensor:
             viewmat = ds.viewmat(i) @ correction_matrix(delta)
-            fl, ml = (av.model.render_layer(g, viewmat, ds.K, ds.size, av.model.sh_degree, av.config.backend)
-                      for g in layers)
-            return composite(fl, ml, under)[0]
+            return av.render_head(pose, viewmat, ds.K, ds.size).over(under)[0]
 
         delta = torch.zeros(6, requires_grad=True, device=ds.device)
         opt = torch.optim.Adam([delta], lr=lr)
@@ -337,7 +322,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
     av = load_avatar(avatar, device)
     ds = open_dataset(av, av.size, required=True)
     _, feats = speech_features(Path(speech), av.fps)
-    codes = speech_motion(av.model, feats)
+    codes = av.speech_motion(feats)
     visemes = viseme_features(feats).numpy()  # host: features are made there
     n_real = min(len(ds), real_frames)
     opened = {"avatar": [], "static_mouth": [], "real": []}
@@ -352,7 +337,8 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
             f = ds[i]
             under, eye = behind_head(f, av.background), torch.tensor([1.0], device=ds.device)
             for name, code in (("avatar", codes[k]), ("static_mouth", torch.zeros_like(codes[k]))):
-                img = av.model.render(ds.viewmat(i), ds.K, ds.size, under, code, eye, backend=av.config.backend).image
+                view = av.render_head(av.deform(code[None], eye[None])[0], ds.viewmat(i), ds.K, ds.size)
+                img = view.over(under)[0]
                 opened[name].append(_opening(_track(tracker, _to_uint8(img))))
             bar.update(1)
         bar.close()

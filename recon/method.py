@@ -20,6 +20,14 @@ also carries the engine's settings, read by name: `preset`, `seed`, `size`, `bat
 Checkpoints hold `state_tensors()` and `state_meta()` beside the optimizer, with the
 method's name in the metadata, so that `--resume` rebuilds the same method with `restore`.
 Methods are found by name in METHODS; `register_method` adds one (tests plug in their own).
+
+Once trained, an avatar is opened by its method's `open_trained` as a `TrainedAvatar`, the
+only thing `avatar render`, `eval`, `export` and `view` talk to (recon/avatar_dir.py:
+load_avatar). Per video frame it takes motion codes [C] (from speech by `speech_motion`;
+zeros: the clip's average, neutral mouth) and eye openness [1]; `deform` poses the head
+for a run of frames and `render_head` draws one pose into any camera as layers, front to
+back, that `HeadView.over` lays over what lies behind the head (a torso, the plate, the
+frame's own pixels).
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import Tensor
 
 from avatar.errors import AvatarError
 
@@ -166,12 +175,155 @@ class Method(ABC):
 
     # -- the trained avatar ------------------------------------------------------------
     @classmethod
-    def open_trained(cls, root: Path, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> Any:
+    def open_trained(cls, root: Path, tensors: dict[str, torch.Tensor], meta: dict,
+                     device: torch.device) -> "TrainedAvatar":
         """The trained avatar in folder `root` (its checkpoint's tensors, on the host, and
         metadata) on `device`, as `avatar render`, `eval`, `export` and `view` take it
-        (recon/avatar_dir.py: load_avatar). AvatarError when the method has none."""
+        (recon/avatar_dir.py: load_avatar). AvatarError when the method has no renderer."""
         raise AvatarError(root, f"was trained by the method {cls.name!r}, which has no renderer yet: render, eval, "
                           "export and view open avatars of the gaussians method")
+
+
+class ImageLayer(Protocol):
+    """Anything rendered into one camera, H x W pixels."""
+
+    rgb: Tensor  # [H, W, 3] premultiplied by alpha (black behind)
+    alpha: Tensor  # [H, W, 1]
+    depth: Tensor  # [H, W, 1] expected camera z
+
+
+def coverage(a: Tensor, b: Tensor) -> Tensor:
+    """Alpha of two layers over each other: 1 - (1 - a)(1 - b)."""
+    return 1 - (1 - a) * (1 - b)
+
+
+def torso_under(torso: ImageLayer | None, plate: Tensor) -> Tensor:
+    """[H, W, 3] what lies behind the head: the torso layer over the plate [H, W, 3]."""
+    return plate if torso is None else torso.rgb + (1 - torso.alpha) * plate
+
+
+@dataclass
+class HeadView:
+    """A posed head rendered into one camera: its layers by name, front to back (the
+    Gaussian avatar's: "face" over "mouth")."""
+
+    layers: dict[str, ImageLayer]
+
+    def over(self, under: Tensor) -> tuple[Tensor, Tensor]:
+        """The layers, back to front, over `under` [H, W, 3]: (image [H, W, 3], head
+        coverage [H, W, 1])."""
+        image = under
+        for layer in reversed(self.layers.values()):
+            image = layer.rgb + (1 - layer.alpha) * image
+        return image, self.alpha
+
+    @property
+    def alpha(self) -> Tensor:
+        """[H, W, 1] head coverage."""
+        layers = list(self.layers.values())
+        alpha = layers[0].alpha
+        for layer in layers[1:]:
+            alpha = coverage(alpha, layer.alpha)
+        return alpha
+
+    @property
+    def depth(self) -> Tensor:
+        """[H, W, 1] camera z of the front-most layer covering each pixel by more than half."""
+        layers = list(self.layers.values())
+        depth = layers[-1].depth
+        for layer in reversed(layers[:-1]):
+            depth = torch.where(layer.alpha > 0.5, layer.depth, depth)
+        return depth
+
+
+class TrainedAvatar(ABC):
+    """A trained avatar, as `avatar render`, `eval`, `export` and `view` use it (see the
+    module docstring): a method's `open_trained` returns one, on the device asked for.
+
+    Args (kept as attributes):
+        root: the avatar folder.
+        config: the method's config it was trained with (`backend` is read by name).
+        meta: the checkpoint's metadata (size, fps, dataset...).
+        background: [S, S, 3] the plate behind the head, at the training size S.
+        K: [3, 3] the capture's intrinsics at size S.
+    """
+
+    layer_names: ClassVar[tuple[str, ...]]
+    """The names of a HeadView's layers, front to back (the viewer shows each alone)."""
+    has_gaussians: ClassVar[bool] = False
+    """Whether `gaussians` gives 3DGS points (for `avatar export --ply` and the viewer)."""
+
+    def __init__(self, root: Path, config: Any, meta: dict, background: Tensor, K: Tensor):
+        self.root, self.config, self.meta, self.background, self.K = root, config, meta, background, K
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def fps(self) -> float:
+        return float(self.meta["fps"])
+
+    @property
+    def dataset(self) -> Path:
+        return Path(self.meta["dataset"])
+
+    @property
+    def device(self) -> torch.device:
+        return self.background.device
+
+    # -- conditioning ------------------------------------------------------------------
+    @abstractmethod
+    def speech_motion(self, feats: dict) -> Tensor:
+        """[N, C] motion codes of the N video frames of speech features (capture's layout:
+        avatar.dataset_format), on the avatar's device."""
+
+    def tracked_motion(self, ds: Dataset) -> Tensor | None:
+        """[rows of ds.features, C] each dataset frame's motion codes from its tracked face
+        (the renderer's own input in training: eval's expression oracle), or None when the
+        method or the dataset has none."""
+        return None
+
+    # -- the head ----------------------------------------------------------------------
+    @abstractmethod
+    def head_points(self) -> Tensor:
+        """[P, 3] points on the head in the head frame (framing: the camera rig and the viewer)."""
+
+    @abstractmethod
+    def deform(self, motion: Tensor | None, eye: Tensor, *, mouth_scale: float = 1.0) -> list[Any]:
+        """The head posed in B frames: motion [B, C], eye [B, 1] -> B poses for
+        `render_head` (opaque to callers); motion None: one pose, the canonical head.
+        mouth_scale multiplies the motion's effect (the viewer's amplitude)."""
+
+    @abstractmethod
+    def render_head(self, pose: Any, viewmat: Tensor, K: Tensor, size: int | tuple[int, int]) -> HeadView:
+        """One pose (from `deform`) in one camera: viewmat [4, 4] world-to-camera (OpenCV),
+        K [3, 3], size S (square) or (W, H). Differentiable in viewmat (eval fits poses)."""
+
+    # -- what lies behind it -------------------------------------------------------------
+    @property
+    def has_torso(self) -> bool:
+        """Whether the avatar has a 3D neck-and-shoulders branch."""
+        return False
+
+    def check_dataset(self, ds: Dataset) -> None:
+        """AvatarError naming `ds` when it is not the dataset this avatar was trained on
+        (captured again since)."""
+
+    def torso_layer(self, viewmat: Tensor, K: Tensor, size: int | tuple[int, int],
+                    frame: Frame | None) -> ImageLayer | None:
+        """The torso in one camera, as the body stood in dataset `frame`, or (None) in its
+        reference relation to the head for novel views; None without a torso."""
+        return None
+
+    # -- points --------------------------------------------------------------------------
+    def gaussians(self, pose: Any = None, *, torso: bool = True, frame: Frame | None = None) -> Any:
+        """Every branch's 3D Gaussians (recon.gaussians.Gaussians): canonical (pose None) or
+        in a pose from `deform`, with the torso (when `torso` and the avatar has one) as
+        the body stood in `frame` (None: its reference relation). AvatarError for methods
+        without Gaussians (`has_gaussians`)."""
+        raise AvatarError(self.root, f"was trained by the method {self.meta.get('method', DEFAULT_METHOD)!r}, "
+                          "which has no 3D Gaussians to export")
 
 
 DEFAULT_METHOD = "gaussians"

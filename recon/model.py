@@ -11,7 +11,7 @@ branch for the neck and shoulders (recon/torso.py).
 
 `under` is what lies behind the head: during the head's training the frame's own pixels
 outside its head mask and the background plate inside it (dataset.behind_head); with the
-torso branch, its layer over the plate (torso_under). recon/render.py chooses per view.
+torso branch, its layer over the plate (method.torso_under). recon/render.py chooses per view.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from recon.raster import rasterize
 
 from .deform import DeformationHead, DeformInputs, TriPlaneEncoding
 from .gaussians import FACE, MOUTH, Gaussians
+from .method import coverage
 from .motion import MotionNet, MotionRig
 
 if TYPE_CHECKING:
@@ -64,16 +65,6 @@ def concat(parts: list[Gaussians]) -> Gaussians:
     return Gaussians(*(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "quats", "log_scales",
                                                                             "opacity_logits")),
                      sh, torch.cat([p.branch for p in parts]))
-
-
-def torso_under(torso: Layer | None, plate: Tensor) -> Tensor:
-    """[H, W, 3] what lies behind the head: the torso layer over the plate [H, W, 3]."""
-    return plate if torso is None else torso.rgb + (1 - torso.alpha) * plate
-
-
-def coverage(a: Tensor, b: Tensor) -> Tensor:
-    """Alpha of two layers over each other: 1 - (1 - a)(1 - b)."""
-    return 1 - (1 - a) * (1 - b)
 
 
 def composite(face: Layer, mouth: Layer, under: Tensor) -> tuple[Tensor, Tensor]:

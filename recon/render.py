@@ -31,11 +31,10 @@ from tqdm import tqdm
 from avatar.errors import AvatarError
 from avatar.media import write_mp4
 
-from .avatar_dir import LoadedAvatar, load_avatar
-from .conditioning import blink_schedule, speech_features, speech_motion
+from .avatar_dir import load_avatar
+from .conditioning import blink_schedule, speech_features
 from .dataset import Dataset, Frame, behind_head
-from .gaussians import FACE, MOUTH
-from .model import composite, concat, torso_under
+from .method import TrainedAvatar, torso_under
 
 @dataclass
 class Drive:
@@ -75,9 +74,8 @@ def look_at(eye: Tensor, target: Tensor, up: tuple[float, float, float] = (0.0, 
 class CameraRig:
     """Cameras around a trained avatar, from the capture's mean viewpoint."""
 
-    def __init__(self, av: LoadedAvatar, ds: Dataset | None):
-        face = av.model.face.means.detach()
-        self.target = face.median(0).values
+    def __init__(self, av: TrainedAvatar, ds: Dataset | None):
+        self.target = av.head_points().median(0).values
         if ds is not None:
             poses = torch.tensor([f["transform_matrix"] for f in ds.frames], dtype=torch.float32,
                                  device=self.target.device)
@@ -118,40 +116,36 @@ def parse_camera(spec: str) -> tuple[str, tuple[float, float]]:
 TORSO_MODES = ("3d", "frame", "none")
 
 
-def torso_mode(av: LoadedAvatar, torso: str | None) -> str:
+def torso_mode(av: TrainedAvatar, torso: str | None) -> str:
     """The torso to render (see the module docstring): `torso`, or by default 3d for an
     avatar with a torso branch and frame for one without."""
     if torso is None:
-        return "3d" if av.model.torso is not None else "frame"
+        return "3d" if av.has_torso else "frame"
     if torso not in TORSO_MODES:
         raise AvatarError(Path(torso), f"is not a torso mode: use {', '.join(TORSO_MODES)}")
-    if torso == "3d" and av.model.torso is None:
+    if torso == "3d" and not av.has_torso:
         raise AvatarError(av.root, "has no 3D torso (trained before avatar/4, or with torso_steps 0)",
                           "add one with `avatar train DATASET --out AVATAR --resume`, or pass --torso frame")
     return torso
 
 
-def behind(av: LoadedAvatar, torso: str, viewmat: Tensor, K: Tensor, size: int, plate: Tensor,
+def behind(av: TrainedAvatar, torso: str, viewmat: Tensor, K: Tensor, size: int, plate: Tensor,
            frame: Frame | None = None) -> Tensor:
     """[size, size, 3] what lies behind the head in one view: by `torso` mode, for a dataset
     `frame` (its camera) or a novel view (frame None)."""
     if torso == "3d":
-        body = None if frame is None else av.model.torso.motion_in(frame.c2w, frame.index)
-        return torso_under(av.model.torso_layer(viewmat, K, size, body, backend=av.config.backend), plate)
+        return torso_under(av.torso_layer(viewmat, K, size, frame), plate)
     if torso == "frame" and frame is not None:
         return behind_head(frame, plate)
     return plate
 
 
-def open_dataset(av: LoadedAvatar, size: int, required: bool) -> Dataset | None:
+def open_dataset(av: TrainedAvatar, size: int, required: bool) -> Dataset | None:
     """The avatar's dataset; when not `required`, None if it is gone or damaged (said once)."""
     if av.dataset.is_dir():
         try:
-            ds = Dataset(av.dataset, size=size, cache_frames=32, device=av.background.device)
-            if av.model.torso is not None and len(ds) != len(av.model.torso.tracks):
-                raise AvatarError(av.dataset, f"has {len(ds)} frames, but the avatar tracked the body in "
-                                  f"{len(av.model.torso.tracks)}: it was captured again since the avatar was trained",
-                                  "train the avatar again on it")
+            ds = Dataset(av.dataset, size=size, cache_frames=32, device=av.device)
+            av.check_dataset(ds)
             return ds
         except AvatarError as exc:
             if required:
@@ -164,7 +158,7 @@ def open_dataset(av: LoadedAvatar, size: int, required: bool) -> Dataset | None:
     return None
 
 
-def scaled(av: LoadedAvatar, size: int) -> tuple[Tensor, Tensor]:
+def scaled(av: TrainedAvatar, size: int) -> tuple[Tensor, Tensor]:
     """(K [3, 3], background [size, size, 3]) at a render size."""
     s = size / av.size
     K = av.K.clone()
@@ -198,31 +192,25 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
     if size % 2:
         raise AvatarError(Path(out), f"--size {size} must be even (H.264 needs even frame sizes)")
     pcm, feats = speech_features(Path(audio), av.fps)
-    drive = Drive(speech_motion(av.model, feats), blink_schedule(len(feats["mel"]), av.fps, seed))
+    drive = Drive(av.speech_motion(feats), blink_schedule(len(feats["mel"]), av.fps, seed))
     ds = open_dataset(av, size, required=mode == "dataset")
     rig = CameraRig(av, ds)
     K, plate = scaled(av, size)
 
-    model = av.model
     bar = tqdm(total=len(drive), desc="avatar render", unit="frame", disable=not progress, file=sys.stderr)
 
     def frames():
         with torch.no_grad():
             for start in range(0, len(drive), batch):
                 run = range(start, min(start + batch, len(drive)))
-                motion, eye = drive.batch(run)
-                faces, _ = model.deformed_batch(FACE, motion, eye)
-                mouths, _ = model.deformed_batch(MOUTH, motion, eye)
-                for k, face, mouth in zip(run, faces, mouths):
+                for k, pose in zip(run, av.deform(*drive.batch(run))):
                     if mode == "dataset":
                         i = ping_pong(k, len(ds))
                         f, viewmat = ds[i], ds.viewmat(i)
                     else:
                         f, viewmat = None, rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
                     under = behind(av, torso, viewmat, K, size, plate, f)
-                    fl = model.render_layer(face, viewmat, K, size, model.sh_degree, av.config.backend)
-                    ml = model.render_layer(mouth, viewmat, K, size, model.sh_degree, av.config.backend)
-                    image, _ = composite(fl, ml, under)
+                    image, _ = av.render_head(pose, viewmat, K, size).over(under)
                     bar.update(1)
                     yield (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # host: to the encoder
 
@@ -234,15 +222,12 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
             "audio_seconds": len(pcm) / 16_000, "camera": camera, "size": size, "torso": torso}
 
 
-def deformed_gaussians(av: LoadedAvatar, drive: Drive, k: int, body: Tensor | None = None):
-    """Every branch's Gaussians at frame k of a drive, concatenated (face, mouth, then the
-    torso under body motion `body` [4, 4], None: in its reference relation to the head)."""
-    eye = torch.tensor([float(drive.eye[k])], device=drive.motion.device)
+def posed_gaussians(av: TrainedAvatar, drive: Drive, k: int, frame: Frame | None = None):
+    """Every branch's Gaussians at frame k of a drive (the torso as the body stood in
+    dataset `frame`; None: in its reference relation to the head)."""
     with torch.no_grad():
-        parts = [av.model.deformed(b, drive.codes(k), eye)[0] for b in (FACE, MOUTH)]
-        if av.model.torso is not None:
-            parts.append(av.model.torso.deformed(body)[0])
-    return concat(parts)
+        pose = av.deform(*drive.batch(range(k, k + 1)))[0]
+    return av.gaussians(pose, frame=frame)
 
 
 def contact_sheet(video: str | Path, out: str | Path, n: int = 8, columns: int = 4) -> Path:

@@ -106,6 +106,35 @@ def test_data_flows_one_way_through_the_dataset_format():
     assert not backwards, f"imports of a later stage: {backwards}"
 
 
+def _module_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, absolute module, names) of every import in one file, relative ones resolved."""
+    package = ".".join(path.relative_to(ROOT).parent.parts)
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = node.module if not node.level else ".".join(p for p in (base, node.module) if p)
+            out.append((node.lineno, module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, []) for a in node.names]
+    return out
+
+
+def test_render_eval_export_and_view_use_only_the_trained_avatar_interface():
+    """What a trained avatar is made of belongs to its method: the commands that use one go
+    through recon/method.py's TrainedAvatar (and write .ply through the 3DGS file format)."""
+    internals = ("recon.model", "recon.torso", "recon.motion", "recon.deform", "recon.densify", "recon.init",
+                 "recon.methods", "recon.config", "recon.raster")
+    allowed = {"recon.gaussians": {"save_ply"}, "recon.raster": {"rasterize"}}  # the .ply writer; the viewer's dots
+    reaching_in = [(str(f.relative_to(ROOT)), line, module, names)
+                   for f in (ROOT / "recon/render.py", ROOT / "recon/evaluate.py", ROOT / "recon/export.py",
+                             *(ROOT / "viewer").glob("avatar_*.py"))
+                   for line, module, names in _module_imports(f)
+                   if (module == "recon.gaussians" or module.startswith(internals))
+                   and not set(names) <= allowed.get(module, set())]
+    assert not reaching_in, f"imports of a method's internals: {reaching_in}"
+
+
 def test_every_package_is_installed():
     """A wheel (not only an editable install) holds every Python package of the project."""
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])

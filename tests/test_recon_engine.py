@@ -1,11 +1,13 @@
 """The engine (recon/engine.py) and its method interface (recon/method.py): a second, tiny
-method trains, checkpoints and resumes through it without any change to the engine; the
-data manager's batches and prefetch; and B views per step give the gradient of the mean
-of B one-view steps."""
+method trains, checkpoints and resumes through it without any change to the engine, and
+its trained avatar renders, evaluates and shows in the viewer without any change to them;
+the data manager's batches and prefetch; and B views per step give the gradient of the
+mean of B one-view steps."""
 
 import os
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from recon.config import preset
 from recon.datamanager import DataManager, prefetch_helps
 from recon.dataset import Dataset
 from recon.engine import Trainer, train
-from recon.method import METHODS, Batch, Method, register_method
+from recon.method import METHODS, Batch, HeadView, Method, TrainedAvatar, register_method
 
 
 @dataclass
@@ -88,6 +90,58 @@ class ColourGrid(Method):
         self.steps_seen += 1
         return {"halfway": True} if steps_done == self.cfg.total_steps // 2 else {}
 
+    @classmethod
+    def open_trained(cls, root, tensors, meta, device):
+        ds = Dataset(meta["dataset"], size=meta["size"])
+        return ColourCard(root, cls.config(**meta["config"]), meta, ds.background.to(device), ds.K.to(device),
+                          tensors["grid"].to(device))
+
+
+@dataclass
+class Card:
+    rgb: torch.Tensor
+    alpha: torch.Tensor
+    depth: torch.Tensor
+
+
+class ColourCard(TrainedAvatar):
+    """ColourGrid's trained avatar: its grid on a 30 cm square card through the head's
+    origin, facing +z, ray-cast into any camera; speech brightens it by its energy. It
+    shares nothing with the Gaussian avatar but the interface."""
+
+    layer_names = ("card",)
+    HALF = 0.15
+
+    def __init__(self, root, config, meta, background, K, grid):
+        super().__init__(root, config, meta, background, K)
+        self.grid = grid  # [1, 3, 8, 8]
+
+    def speech_motion(self, feats):
+        return torch.as_tensor(feats["energy"], dtype=torch.float32, device=self.device).reshape(-1, 1)
+
+    def head_points(self):
+        corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], device=self.device) * self.HALF
+        return torch.cat([corners, torch.zeros(4, 1, device=self.device)], 1)
+
+    def deform(self, motion, eye, *, mouth_scale=1.0):
+        if motion is None:
+            return [torch.ones((), device=self.device)]
+        return list(1 + 0.2 * mouth_scale * motion[:, 0].clamp(0, 1))  # a brightness gain per frame
+
+    def render_head(self, pose, viewmat, K, size):
+        width, height = (size, size) if isinstance(size, int) else size
+        v, u = torch.meshgrid(torch.arange(height, device=self.device) + 0.5,
+                              torch.arange(width, device=self.device) + 0.5, indexing="ij")
+        rays = torch.stack([u, v, torch.ones_like(u)], -1) @ torch.linalg.inv(K).T  # camera frame, z = 1
+        c2w = torch.linalg.inv(viewmat)
+        origin, dirs = c2w[:3, 3], rays @ c2w[:3, :3].T
+        t = -origin[2] / dirs[..., 2]
+        hit = origin[:2] + t[..., None] * dirs[..., :2]  # [H, W, 2] on the card's plane
+        inside = ((hit.abs() < self.HALF).all(-1) & (t > 0)).float()[..., None]
+        colour = torch.nn.functional.grid_sample(self.grid, (hit / self.HALF)[None], align_corners=False)[0]
+        rgb = colour.permute(1, 2, 0).clamp(0, 1) * pose * inside
+        return HeadView({"card": Card(rgb, inside, (t * rays[..., 2])[..., None] * inside)})
+
 
 @pytest.fixture
 def colour_method():
@@ -125,9 +179,43 @@ def test_a_second_method_trains_checkpoints_and_resumes_through_the_engine(colou
     assert meta_b["method"] == "colour-grid"
     torch.testing.assert_close(again["grid"], tensors["grid"])
     with pytest.raises(AvatarError, match="was trained by the method 'colour-grid', which has no renderer yet"):
-        load_avatar(out)
+        super(ColourGrid, ColourGrid).open_trained(out, tensors, meta, torch.device("cpu"))  # a method without one
     with pytest.raises(AvatarError, match="was trained by the method 'colour-grid', not 'gaussians'"):
         train(sample_dataset, tmp_path / "b", None, resume=True, progress=False, method="gaussians")
+
+
+def test_a_second_method_renders_evaluates_and_shows_through_the_trained_avatar(colour_method, sample_dataset,
+                                                                                speech_wav, tmp_path):
+    from avatar.media import open_media
+    from recon.evaluate import evaluate
+    from recon.export import export
+    from recon.render import render_video
+    from viewer.avatar_view import ViewRenderer, ViewSettings, head_extent, load_track, render_modes
+
+    out = train(sample_dataset, tmp_path / "a", None, method="colour-grid", progress=False)
+    av = load_avatar(out)
+    assert isinstance(av, ColourCard)
+    for camera in ("dataset", "orbit"):
+        summary = render_video(out, speech_wav, tmp_path / f"{camera}.mp4", camera=camera, progress=False)
+        with open_media(summary["video"], "video", "") as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == summary["frames"] > 20
+        assert np.std(np.stack(frames).astype(np.float32)) > 5  # the card and the plate, not a blank
+    with pytest.raises(AvatarError, match="'colour-grid', which has no 3D Gaussians to export"):
+        export(out, tmp_path / "card.ply", progress=False)
+    assert not (tmp_path / "card.ply").exists()
+    result = evaluate(out, progress=False, train_fit_frames=2, pose_fit_frames=1)
+    assert np.isfinite(result["psnr"]) and result["per_frame"] and (out / "eval_strip.png").is_file()
+    assert result["pose_fit"]["per_frame"][0]["psnr_face_fitted_pose"] is not None
+    renderer = ViewRenderer(av)
+    assert render_modes(av) == ("RGB", "depth", "alpha", "card branch")
+    track = load_track(speech_wav, av)
+    centre, height = head_extent(av)
+    assert height == pytest.approx(2 * ColourCard.HALF) and centre.abs().max() < 1e-6
+    viewmat, K = renderer.rig.at(10.0, 5.0), renderer.intrinsics(0.6, 40, 32)
+    for mode in render_modes(av):
+        rgb, timings = renderer.render(viewmat, K, 40, 32, track.drive.codes(3), ViewSettings(mode=mode, torso="none"))
+        assert rgb.shape == (32, 40, 3) and rgb.max() > 0 and set(timings) == {"deform", "rasterize"}
 
 
 def test_data_manager_streams_shuffled_epochs_in_batches(sample_dataset):

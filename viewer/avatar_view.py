@@ -28,14 +28,12 @@ import torch
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
 from avatar.media import write_mp4
-from recon.avatar_dir import LoadedAvatar, load_avatar
-from recon.conditioning import blink_schedule, speech_features, speech_motion
-from recon.gaussians import FACE, MOUTH
-from recon.model import composite, coverage, torso_under
+from recon.avatar_dir import load_avatar
+from recon.conditioning import blink_schedule, speech_features
+from recon.method import HeadView, TrainedAvatar, coverage, torso_under
 from recon.raster import rasterize
 from recon.render import CameraRig, Drive, open_dataset
 
-MODES = ("RGB", "depth", "alpha", "face branch", "mouth branch", "centres")
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_TRACK_SECONDS = 180.0
 BRANCH_COLOURS = torch.tensor([[0.95, 0.75, 0.2], [0.9, 0.1, 0.35], [0.3, 0.6, 0.95]])  # face, mouth, torso
@@ -66,7 +64,7 @@ class Track:
         return len(self.pcm) / SAMPLE_RATE
 
 
-def load_track(path: Path, av: LoadedAvatar, name: str | None = None) -> Track:
+def load_track(path: Path, av: TrainedAvatar, name: str | None = None) -> Track:
     """Speech file -> Track; AvatarError for unreadable, silent or over-long audio."""
     try:
         pcm, feats = speech_features(path, av.fps, max_seconds=MAX_TRACK_SECONDS)
@@ -75,11 +73,11 @@ def load_track(path: Path, av: LoadedAvatar, name: str | None = None) -> Track:
             raise AvatarError(path, f"is longer than {MAX_TRACK_SECONDS:.0f} s, the most the viewer plays",
                               "render long speech with `avatar render`") from exc
         raise
-    drive = Drive(speech_motion(av.model, feats), np.ones(len(feats["mel"]), np.float32))
+    drive = Drive(av.speech_motion(feats), np.ones(len(feats["mel"]), np.float32))
     return Track(name or Path(path).name, pcm, drive)
 
 
-def track_from_upload(name: str, content: bytes, av: LoadedAvatar) -> Track:
+def track_from_upload(name: str, content: bytes, av: TrainedAvatar) -> Track:
     """An uploaded file -> Track (validated as load_track, plus size limits)."""
     if not content:
         raise AvatarError(Path(name), "is empty")
@@ -92,11 +90,12 @@ def track_from_upload(name: str, content: bytes, av: LoadedAvatar) -> Track:
         return load_track(path, av, Path(name).name)
 
 
-def head_extent(av: LoadedAvatar) -> tuple[torch.Tensor, float]:
-    """(centre [3], height) of the head in world units: the 2nd-98th percentile of the face
-    Gaussians along the world's up axis (y), so stray Gaussians do not set the framing."""
-    means = av.model.face.means.detach()
-    lo, hi = torch.quantile(means, torch.tensor([0.02, 0.98], device=means.device), dim=0)
+def head_extent(av: TrainedAvatar) -> tuple[torch.Tensor, float]:
+    """(centre [3], height) of the head in world units: the 2nd-98th percentile of its
+    points (TrainedAvatar.head_points) along the world's up axis (y), so stray points do
+    not set the framing."""
+    points = av.head_points()
+    lo, hi = torch.quantile(points, torch.tensor([0.02, 0.98], device=points.device), dim=0)
     return ((lo + hi) / 2).cpu(), float(hi[1] - lo[1])  # host: the browser's camera
 
 
@@ -134,13 +133,20 @@ class FairLock:
             self._cond.notify_all()
 
 
+def render_modes(av: TrainedAvatar) -> tuple[str, ...]:
+    """The Mode menu: the composite, its depth and alpha, each of the head's layers alone,
+    and (avatars of Gaussians) every Gaussian's centre coloured by branch."""
+    return ("RGB", "depth", "alpha", *(f"{name} branch" for name in av.layer_names),
+            *(("centres",) if av.has_gaussians else ()))
+
+
 class ViewRenderer:
     """Renders an avatar into an arbitrary camera with the viewer's modes; thread-safe
     (one render at a time, in turn, so tabs share the cores instead of fighting over them).
     Cameras and the plate's warp are worked out on the host (the browser's camera, OpenCV);
     the avatar renders on its own device (load_avatar's), and frames come back to the host."""
 
-    def __init__(self, av: LoadedAvatar):
+    def __init__(self, av: TrainedAvatar):
         self.av = av
         self.device = av.background.device
         self.ds = open_dataset(av, av.size, required=False)
@@ -159,9 +165,8 @@ class ViewRenderer:
         from this one, so the 2D torso stays under the neck when the view turns a little.
         Returns ([H, W, 3], the 3D torso's alpha [H, W, 1] or None)."""
         backdrop = self.backdrop(viewmat.cpu(), K.cpu(), width, height, s).to(self.device)  # host: OpenCV's warp
-        if s.torso == "3d" and self.av.model.torso is not None:
-            layer = self.av.model.torso_layer(viewmat.to(self.device), K.to(self.device), (width, height), None,
-                                              backend=self.av.config.backend)
+        if s.torso == "3d" and self.av.has_torso:
+            layer = self.av.torso_layer(viewmat.to(self.device), K.to(self.device), (width, height), None)
             return torso_under(layer, backdrop), layer.alpha
         return backdrop, None
 
@@ -215,51 +220,45 @@ class ViewRenderer:
                s: ViewSettings) -> tuple[np.ndarray, dict[str, float]]:
         """viewmat [4, 4], K [3, 3] (on any device), motion [K] or None -> ([H, W, 3] uint8,
         timings in ms {deform, rasterize})."""
-        model, backend, dev = self.av.model, self.av.config.backend, self.device
-        eye = torch.tensor([s.eye], device=dev)
-        motion = None if motion is None else motion.to(dev)
+        av, dev = self.av, self.device
+        eye = torch.tensor([[s.eye]], device=dev)
+        motion = None if motion is None else motion.to(dev)[None]
         with self.lock, torch.no_grad():
             t0 = time.perf_counter()
-            face, _ = model.deformed(FACE, motion, eye, mouth_scale=s.mouth_scale)
-            mouth, _ = model.deformed(MOUTH, motion, eye, mouth_scale=s.mouth_scale)
+            pose = av.deform(motion, eye, mouth_scale=s.mouth_scale)[0]
             t1 = time.perf_counter()
             under, torso_alpha = self.under(viewmat, K, width, height, s)
             viewmat, K = viewmat.to(dev), K.to(dev)
             if s.mode == "centres":
-                parts = [face, mouth]
-                if s.torso == "3d" and model.torso is not None:
-                    parts.append(model.torso.deformed(None)[0])
-                means = torch.cat([p.means for p in parts])
-                colours = BRANCH_COLOURS.to(dev)[torch.cat([p.branch for p in parts]).long()]
-                n = len(means)
-                out = rasterize(means, torch.tensor([1.0, 0, 0, 0], device=dev).expand(n, 4),
+                g = av.gaussians(pose, torso=s.torso == "3d")
+                colours = BRANCH_COLOURS.to(dev)[g.branch.long()]
+                n = len(g)
+                out = rasterize(g.means, torch.tensor([1.0, 0, 0, 0], device=dev).expand(n, 4),
                                 torch.full((n, 3), 6e-4, device=dev), torch.ones(n, device=dev), colours, viewmat[None],
-                                K[None], width, height, backend=backend)
+                                K[None], width, height, backend=av.config.backend)
                 img = out.image[0] + (1 - out.alpha[0]) * under * 0.3
             else:
-                fl = model.render_layer(face, viewmat, K, (width, height), model.sh_degree, backend)
-                ml = model.render_layer(mouth, viewmat, K, (width, height), model.sh_degree, backend)
-                if s.mode == "face branch":
-                    img = fl.rgb + (1 - fl.alpha) * under
-                elif s.mode == "mouth branch":
-                    img = ml.rgb + (1 - ml.alpha) * under
+                view = av.render_head(pose, viewmat, K, (width, height))
+                if s.mode.endswith(" branch"):
+                    layer = view.layers[s.mode.removesuffix(" branch")]
+                    img = layer.rgb + (1 - layer.alpha) * under
                 elif s.mode == "alpha":  # head, or head or torso
-                    alpha = composite(fl, ml, under)[1]
+                    alpha = view.alpha
                     if torso_alpha is not None:
                         alpha = coverage(alpha, torso_alpha)
                     img = alpha.expand(-1, -1, 3)
                 elif s.mode == "depth":
-                    img = self._depth(fl, ml)
+                    img = self._depth(view)
                 else:
-                    img, _ = composite(fl, ml, under)
+                    img, _ = view.over(under)
             t2 = time.perf_counter()
         rgb = (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # host: to the browser
         return rgb, {"deform": 1e3 * (t1 - t0), "rasterize": 1e3 * (t2 - t1)}
 
     @staticmethod
-    def _depth(fl, ml) -> torch.Tensor:
-        depth = torch.where(fl.alpha > 0.5, fl.depth, ml.depth)[..., 0]
-        cover = coverage(fl.alpha, ml.alpha)[..., 0] > 0.5
+    def _depth(view: HeadView) -> torch.Tensor:
+        depth = view.depth[..., 0]
+        cover = view.alpha[..., 0] > 0.5
         if not cover.any():
             return torch.zeros(*depth.shape, 3, device=depth.device)
         lo, hi = torch.quantile(depth[cover], torch.tensor([0.02, 0.98], device=depth.device))
@@ -304,8 +303,7 @@ class ClientSession:
 
     def __init__(self, studio: "Studio", client):
         self.studio, self.client = studio, client
-        has_torso = studio.renderer.av.model.torso is not None
-        self.settings = ViewSettings(torso="3d" if has_torso else "frame")
+        self.settings = ViewSettings(torso="3d" if studio.renderer.av.has_torso else "frame")
         self.play = Playback(track=next(iter(studio.tracks.values()), None))
         self.blink_at = -1.0
         self.auto_blinks = True
@@ -338,7 +336,7 @@ class ClientSession:
             self.speed = gui.add_slider("Speed", 0.25, 2.0, 0.25, 1.0)
             self.audio_html = gui.add_html("")
         with gui.add_folder("Render"):
-            self.mode = gui.add_dropdown("Mode", MODES, initial_value="RGB")
+            self.mode = gui.add_dropdown("Mode", render_modes(studio.av), initial_value="RGB")
             self.background = gui.add_checkbox("Background", True)
             torsos = [k for k, v in TORSO_CHOICES.items() if v != "3d" or self.settings.torso == "3d"]
             self.torso = gui.add_dropdown("Torso", torsos, initial_value=torsos[0])

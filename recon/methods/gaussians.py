@@ -44,7 +44,7 @@ from avatar.dataset_format import LIPS, OUTER_LIPS, RIGID, mouth_opening
 from avatar.geometry import pseudo_huber
 from avatar.io import write_json
 
-from ..avatar_dir import LoadedAvatar, model_from_tensors, model_tensors, open_gaussian_avatar
+from ..avatar_dir import TrainedGaussianAvatar, model_from_tensors, model_tensors, open_gaussian_avatar
 from ..conditioning import normalize_mel, viseme_features
 from ..config import PRESETS, TrainConfig
 from ..dataset import Dataset, Frame, behind_head, dilate
@@ -53,8 +53,8 @@ from ..densify import GradStats, densify_and_prune, edit_branch, reset_opacity
 from ..gaussians import FACE, MOUTH, save_ply
 from ..init import init_gaussians
 from ..losses import photometric_loss, psnr
-from ..method import Batch, Method
-from ..model import AvatarModel, BranchParams, Layer, composite, coverage, torso_under
+from ..method import Batch, Method, coverage, torso_under
+from ..model import AvatarModel, BranchParams, Layer, composite
 from ..motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
 from ..torso import TorsoModel, init_torso, refine_tracks
 
@@ -264,7 +264,7 @@ class GaussianAvatar(Method):
 
     @classmethod
     def open_trained(cls, root: Path, tensors: dict[str, torch.Tensor], meta: dict,
-                     device: torch.device) -> LoadedAvatar:
+                     device: torch.device) -> TrainedGaussianAvatar:
         return open_gaussian_avatar(root, tensors, meta, device)
 
     def fit_motion_net(self, mel: torch.Tensor, visemes: torch.Tensor, motion: torch.Tensor, out: Path,
