@@ -1,10 +1,14 @@
 """The engine's data manager: per step, B training samples, decoded ahead of time.
 
-Samples come in shuffled epochs over the training frames, as one stream: sample n of the
-run is frame perm_e[n mod N] of epoch e = n // N (a permutation drawn from the seed and e),
-and step s takes samples s*B .. s*B + B - 1. The order is a pure function of (seed, B, step),
-so a resumed run sees what an uninterrupted one would, and B = 1 is the one-frame-per-step
-order of earlier versions.
+Samples come in shuffled epochs over the training frames, as one stream. The frames are
+grouped by timestep (their row of the audio features: the views of one moment from each
+camera of a rig share it; a monocular clip has one per timestep), an epoch visits the
+timesteps in a permutation drawn from the seed and the epoch, each timestep's views
+together, in dataset order, and step s takes samples s*B .. s*B + B - 1 of the stream. So a
+batch of as many samples as the rig has cameras is one moment seen from all of them. The
+order is a pure function of (seed, B, step), so a resumed run sees what an uninterrupted
+one would; and on a monocular clip sample n is frame perm_e[n mod N] of epoch e = n // N,
+so B = 1 is the one-frame-per-step order of earlier versions.
 
 Frames stream from disk through the dataset's LRU cache (recon/dataset.py). While a step
 computes, a background thread can decode the next step's frames, so that decoding overlaps
@@ -42,19 +46,25 @@ class DataManager:
         if not train_ids:
             raise ValueError("no training frames to draw from")
         self.ds, self.train_ids, self.batch_size, self.seed = ds, list(train_ids), batch_size, seed
+        timesteps: dict[int, list[int]] = {}
+        for i in self.train_ids:
+            timesteps.setdefault(int(ds.frames[i]["frame_index"]), []).append(i)
+        self.timesteps = list(timesteps.values())
+        """The training frames by timestep, each timestep's views in dataset order."""
         if prefetch is None:
             prefetch = prefetch_helps(torch.device(ds.device))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._ahead: tuple[int, Future] | None = None  # (step, its frames being decoded)
-        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+        self._epoch: tuple[int, list[int]] | None = None  # (epoch, its frames in order)
 
     def index(self, n: int) -> int:
         """Dataset index of sample n of the stream."""
         epoch, k = divmod(n, len(self.train_ids))
-        if self._perm is None or self._perm[0] != epoch:
+        if self._epoch is None or self._epoch[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.train_ids), generator=g, device="cpu"))  # host: an order
-        return self.train_ids[int(self._perm[1][k])]
+            perm = torch.randperm(len(self.timesteps), generator=g, device="cpu")  # host: an order
+            self._epoch = (epoch, [i for t in perm.tolist() for i in self.timesteps[t]])
+        return self._epoch[1][k]
 
     def samples(self, step: int) -> list[Sample]:
         """The B samples of `step`."""

@@ -248,6 +248,27 @@ def test_data_manager_streams_shuffled_epochs_in_batches(sample_dataset):
     assert prefetch_helps(torch.device("cpu")) == ((os.cpu_count() or 1) > torch.get_num_threads())
 
 
+def test_data_manager_keeps_a_timestep_s_views_together_and_monocular_order_unchanged(sample_dataset):
+    from types import SimpleNamespace
+
+    # Monocular: sample n is frame perm_e[n mod N] of epoch e, the order of earlier versions.
+    ds = Dataset(sample_dataset, size=32, cache_frames=4)
+    ids = list(range(1, len(ds) - 2))
+    dm = DataManager(ds, ids, 1, seed=5)
+    for epoch in (0, 1):
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch))
+        assert [dm.index(epoch * len(ids) + k) for k in range(len(ids))] == [ids[int(j)] for j in perm]
+    dm.close()
+    # A rig of 3 cameras (frames 3t, 3t + 1, 3t + 2 are timestep t): a batch of 3 is one
+    # timestep from every camera, and each epoch visits every view once.
+    rig = SimpleNamespace(frames=[{"frame_index": i // 3} for i in range(24)], device="cpu")
+    dm = DataManager(rig, list(range(3, 24)), 3, seed=1, prefetch=False)
+    steps = [[x.index for x in dm.samples(s)] for s in range(14)]
+    assert all(len({i // 3 for i in step}) == 1 and sorted(step) == step for step in steps)
+    epochs = [sum(steps[:7], []), sum(steps[7:], [])]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(3, 24)) and epochs[0] != epochs[1]
+
+
 def _gradients(trainer, batch, step):
     trainer.optim.zero_grad(set_to_none=True)
     outputs = trainer.method.render(batch, step)
