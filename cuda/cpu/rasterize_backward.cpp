@@ -88,7 +88,7 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
         const T sigma_cut = max_sigma(o);
         const T* f = gi + 6;
         const PixelWindow win = pixel_window(mx, my, conic, o, tx0, ty0, tw, th);
-        T g_mx = 0, g_my = 0, g_ca = 0, g_cb = 0, g_cc = 0, g_o = 0;
+        SplatGrad<T> grad;
         std::fill(g_f.begin(), g_f.end(), T(0));
         bool touched = false;
         for (int y = win.y0; y <= win.y1; ++y) {
@@ -123,24 +123,16 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
             }
             v_a += (va[p] - bg_dot[p]) * t_final[p] * ra;
             trans[p] = t_before;
-            if (og <= alpha_max) {  // the 0.99 clamp has zero gradient
-              g_o += g * v_a;
-              const T v_sigma = -og * v_a;
-              g_ca += T(0.5) * dx * dx * v_sigma;
-              g_cb += dx * dy * v_sigma;
-              g_cc += T(0.5) * dy * dy * v_sigma;
-              g_mx -= (conic.x * dx + conic.y * dy) * v_sigma;
-              g_my -= (conic.y * dx + conic.z * dy) * v_sigma;
-            }
+            pixel_alpha_vjp(conic, o, g, dx, dy, v_a, grad);
           }
         }
         if (!touched) continue;
-        atomic_add(v_means2d + 2 * i, g_mx);
-        atomic_add(v_means2d + 2 * i + 1, g_my);
-        atomic_add(v_conics + 3 * i, g_ca);
-        atomic_add(v_conics + 3 * i + 1, g_cb);
-        atomic_add(v_conics + 3 * i + 2, g_cc);
-        atomic_add(v_opacities + i, g_o);
+        atomic_add(v_means2d + 2 * i, grad.mean_x);
+        atomic_add(v_means2d + 2 * i + 1, grad.mean_y);
+        atomic_add(v_conics + 3 * i, grad.conic_a);
+        atomic_add(v_conics + 3 * i + 1, grad.conic_b);
+        atomic_add(v_conics + 3 * i + 2, grad.conic_c);
+        atomic_add(v_opacities + i, grad.opacity);
         for (int64_t d = 0; d < D; ++d) atomic_add(v_features + i * D + d, g_f[d]);
       }
     }

@@ -303,6 +303,26 @@ template <typename T> SPLAT_HD T gaussian_sigma(const Vec3<T>& conic, T dx, T dy
   return T(0.5) * (conic.x * dx * dx + conic.z * dy * dy) + conic.y * dx * dy;
 }
 
+// Gradient of a Gaussian's 2D parameters (mean, conic, opacity), summed over pixels.
+template <typename T> struct SplatGrad {
+  T mean_x = 0, mean_y = 0, conic_a = 0, conic_b = 0, conic_c = 0, opacity = 0;
+};
+
+// VJP of alpha = min(0.99, opacity * gauss) at one pixel, gauss = exp(-sigma(conic, dx, dy))
+// and (dx, dy) = pixel centre - mean: adds v_alpha's pull into g (the clamp's is zero).
+template <typename T>
+SPLAT_HD void pixel_alpha_vjp(const Vec3<T>& conic, T opacity, T gauss, T dx, T dy, T v_alpha, SplatGrad<T>& g) {
+  const T og = opacity * gauss;
+  if (og > T(kAlphaMax)) return;
+  g.opacity += gauss * v_alpha;
+  const T v_sigma = -og * v_alpha;
+  g.conic_a += T(0.5) * dx * dx * v_sigma;
+  g.conic_b += dx * dy * v_sigma;
+  g.conic_c += T(0.5) * dy * dy * v_sigma;
+  g.mean_x -= (conic.x * dx + conic.y * dy) * v_sigma;
+  g.mean_y -= (conic.y * dx + conic.z * dy) * v_sigma;
+}
+
 // ---------------------------------------------------------------- spherical harmonics
 // Real SH bases up to degree 3 in the ordering and constants of Sloan (JCGT 2013),
 // as used by 3DGS and gsplat. `dir` must be unit length. Writes (degree+1)^2 values.

@@ -95,12 +95,12 @@ __global__ void __launch_bounds__(kBlock)
       const float dx = fx - s_mean[k].x, dy = fy - s_mean[k].y;
       const float sigma = splat::gaussian_sigma(conic, dx, dy);
       const float gauss = (sigma < 0.f || sigma > splat::max_sigma(co.w)) ? 0.f : __expf(-sigma);
-      const float og = co.w * gauss;
-      const float a = fminf(float(splat::kAlphaMax), og);
+      const float a = fminf(float(splat::kAlphaMax), co.w * gauss);
       const bool valid = list_rank < last && a >= float(splat::kAlphaMin);
       if (!warp.any(valid)) continue;
 
-      float g_mx = 0.f, g_my = 0.f, g_ca = 0.f, g_cb = 0.f, g_cc = 0.f, g_o = 0.f, g_f[D] = {};
+      splat::SplatGrad<float> grad;
+      float g_f[D] = {};
       if (valid) {
         const float ra = 1.f / (1.f - a);
         const float t_before = trans * ra;
@@ -115,49 +115,30 @@ __global__ void __launch_bounds__(kBlock)
         }
         v_a += (v_a_pixel - bg_dot) * t_final * ra;
         trans = t_before;
-        if (og <= float(splat::kAlphaMax)) {  // the 0.99 clamp has zero gradient
-          g_o = gauss * v_a;
-          const float v_sigma = -og * v_a;
-          g_ca = 0.5f * dx * dx * v_sigma;
-          g_cb = dx * dy * v_sigma;
-          g_cc = 0.5f * dy * dy * v_sigma;
-          g_mx = -(conic.x * dx + conic.y * dy) * v_sigma;
-          g_my = -(conic.y * dx + conic.z * dy) * v_sigma;
-        }
+        splat::pixel_alpha_vjp(conic, co.w, gauss, dx, dy, v_a, grad);
       }
-      g_mx = cg::reduce(warp, g_mx, cg::plus<float>());
-      g_my = cg::reduce(warp, g_my, cg::plus<float>());
-      g_ca = cg::reduce(warp, g_ca, cg::plus<float>());
-      g_cb = cg::reduce(warp, g_cb, cg::plus<float>());
-      g_cc = cg::reduce(warp, g_cc, cg::plus<float>());
-      g_o = cg::reduce(warp, g_o, cg::plus<float>());
+      const cg::plus<float> sum;
+      grad.mean_x = cg::reduce(warp, grad.mean_x, sum);
+      grad.mean_y = cg::reduce(warp, grad.mean_y, sum);
+      grad.conic_a = cg::reduce(warp, grad.conic_a, sum);
+      grad.conic_b = cg::reduce(warp, grad.conic_b, sum);
+      grad.conic_c = cg::reduce(warp, grad.conic_c, sum);
+      grad.opacity = cg::reduce(warp, grad.opacity, sum);
 #pragma unroll
-      for (int d = 0; d < D; ++d) g_f[d] = cg::reduce(warp, g_f[d], cg::plus<float>());
+      for (int d = 0; d < D; ++d) g_f[d] = cg::reduce(warp, g_f[d], sum);
       if (warp.thread_rank() == 0) {
         const int64_t g = s_id[k];
-        atomicAdd(v_means2d + 2 * g, g_mx);
-        atomicAdd(v_means2d + 2 * g + 1, g_my);
-        atomicAdd(v_conics + 3 * g, g_ca);
-        atomicAdd(v_conics + 3 * g + 1, g_cb);
-        atomicAdd(v_conics + 3 * g + 2, g_cc);
-        atomicAdd(v_opacities + g, g_o);
+        atomicAdd(v_means2d + 2 * g, grad.mean_x);
+        atomicAdd(v_means2d + 2 * g + 1, grad.mean_y);
+        atomicAdd(v_conics + 3 * g, grad.conic_a);
+        atomicAdd(v_conics + 3 * g + 1, grad.conic_b);
+        atomicAdd(v_conics + 3 * g + 2, grad.conic_c);
+        atomicAdd(v_opacities + g, grad.opacity);
 #pragma unroll
         for (int d = 0; d < D; ++d) atomicAdd(v_features + g * D + d, g_f[d]);
       }
     }
   }
-}
-
-template <int D>
-void launch_backward(int64_t C, const float* means2d, const float* conics, const float* features,
-                     const float* opacities, const float* backgrounds, int width, int height, int tiles_x,
-                     int tiles_y, const int64_t* tile_offsets, const int64_t* flat_ids, const float* final_T, const int32_t* last_ids, const float* v_render, const float* v_alpha,
-                     float* v_means2d, float* v_conics, float* v_features, float* v_opacities, float* v_backgrounds,
-                     cudaStream_t stream) {
-  const dim3 grid(tiles_x, tiles_y, unsigned(C)), block(kTileSize, kTileSize, 1);
-  SPLAT_LAUNCH(rasterize_backward_kernel<D>, grid, block, stream, means2d, conics, features, opacities, backgrounds,
-               width, height, tiles_x, tiles_y, tile_offsets, flat_ids, final_T, last_ids, v_render,
-               v_alpha, v_means2d, v_conics, v_features, v_opacities, v_backgrounds);
 }
 
 }  // namespace
@@ -171,21 +152,12 @@ cudaError_t rasterize_backward(int64_t C, int64_t N, int D, const float* means2d
                                cudaStream_t stream) {
   if (tile_size != kTileSize) return cudaErrorInvalidValue;
   if (C == 0 || N == 0 || tiles_x == 0 || tiles_y == 0) return cudaSuccess;
-  switch (D) {
-#define SPLAT_CASE(K)                                                                                             \
-  case K:                                                                                                         \
-    launch_backward<K>(C, means2d, conics, features, opacities, backgrounds, width, height, tiles_x, tiles_y,    \
-                       tile_offsets, flat_ids, final_T, last_ids, v_render, v_alpha, v_means2d,                  \
-                       v_conics, v_features, v_opacities, v_backgrounds, stream);                                \
-    return cudaGetLastError();
-    SPLAT_CASE(1)
-    SPLAT_CASE(2)
-    SPLAT_CASE(3)
-    SPLAT_CASE(4)
-#undef SPLAT_CASE
-    default:
-      return cudaErrorInvalidValue;
-  }
+  const dim3 grid(tiles_x, tiles_y, unsigned(C)), block(kTileSize, kTileSize, 1);
+  return with_channels(D, [&](auto channels) {
+    SPLAT_LAUNCH(rasterize_backward_kernel<decltype(channels)::value>, grid, block, stream, means2d, conics, features,
+                 opacities, backgrounds, width, height, tiles_x, tiles_y, tile_offsets, flat_ids, final_T, last_ids,
+                 v_render, v_alpha, v_means2d, v_conics, v_features, v_opacities, v_backgrounds);
+  });
 }
 
 }  // namespace splat_cuda

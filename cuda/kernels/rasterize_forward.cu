@@ -84,17 +84,6 @@ __global__ void __launch_bounds__(kBlock)
   last_ids[pix] = last;
 }
 
-template <int D>
-void launch_forward(int64_t C, int64_t N, const float* means2d, const float* conics, const float* features,
-                    const float* opacities, const float* backgrounds, int width, int height, int tiles_x,
-                    int tiles_y, const int64_t* tile_offsets, const int64_t* flat_ids, int64_t n_isects,
-                    float* render, float* alpha, float* final_T, int32_t* last_ids, cudaStream_t stream) {
-  const dim3 grid(tiles_x, tiles_y, unsigned(C)), block(kTileSize, kTileSize, 1);
-  SPLAT_LAUNCH(rasterize_forward_kernel<D>, grid, block, stream, means2d, conics, features, opacities,
-               backgrounds, width, height, tiles_x, tiles_y, tile_offsets, flat_ids, n_isects, render, alpha,
-               final_T, last_ids);
-}
-
 }  // namespace
 
 cudaError_t rasterize_forward(int64_t C, int64_t N, int D, const float* means2d, const float* conics,
@@ -104,20 +93,12 @@ cudaError_t rasterize_forward(int64_t C, int64_t N, int D, const float* means2d,
                               int32_t* last_ids, cudaStream_t stream) {
   if (tile_size != kTileSize) return cudaErrorInvalidValue;
   if (C == 0 || tiles_x == 0 || tiles_y == 0) return cudaSuccess;
-  switch (D) {
-#define SPLAT_CASE(K)                                                                                            \
-  case K:                                                                                                        \
-    launch_forward<K>(C, N, means2d, conics, features, opacities, backgrounds, width, height, tiles_x, tiles_y, \
-                      tile_offsets, flat_ids, n_isects, render, alpha, final_T, last_ids, stream);             \
-    return cudaGetLastError();
-    SPLAT_CASE(1)
-    SPLAT_CASE(2)
-    SPLAT_CASE(3)
-    SPLAT_CASE(4)
-#undef SPLAT_CASE
-    default:
-      return cudaErrorInvalidValue;
-  }
+  const dim3 grid(tiles_x, tiles_y, unsigned(C)), block(kTileSize, kTileSize, 1);
+  return with_channels(D, [&](auto channels) {
+    SPLAT_LAUNCH(rasterize_forward_kernel<decltype(channels)::value>, grid, block, stream, means2d, conics, features,
+                 opacities, backgrounds, width, height, tiles_x, tiles_y, tile_offsets, flat_ids, n_isects, render,
+                 alpha, final_T, last_ids);
+  });
 }
 
 }  // namespace splat_cuda
