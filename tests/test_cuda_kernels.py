@@ -3,14 +3,16 @@ emulation layer (tests/cuda_emu): every CUDA thread an OS thread, barriers and w
 collectives checked. They must agree with the CPU extension (cuda/cpu) on the same tile
 lists: forward values to 1e-5, gradients to 1e-4 of each tensor's largest, on random
 scenes, batched cameras, a head and a crop of the garden scene; and give the same result
-whatever order the blocks run in."""
+whatever order the blocks run in; and clean under ThreadSanitizer and AddressSanitizer +
+UBSan."""
 
-import os
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 
-from _cuda_emu import load_emulated_kernels
+from _cuda_emu import build_sanitized, load_emulated_kernels
 from _scenes import random_scene
 from bench.scenes import garden_scene, head_scene
 from recon.raster._build import load_cpu_extension
@@ -113,3 +115,58 @@ def test_unsupported_channels_and_tiles_are_refused():
     args = list(stage_inputs(random_scene(n=20, cameras=1, width=16, height=16, feat_dim=5)))
     with pytest.raises(RuntimeError, match="not built for these channels or tile size"):
         load_emulated_kernels().rasterize_forward(*args)
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_kernels_are_clean_under_sanitizers(sanitizer, tmp_path):
+    """A tiny scene (2 cameras, 2 x 2 tiles each) through both kernels in a standalone
+    program built with the sanitizer: no report, and the results of the extension."""
+    args = stage_inputs(random_scene(n=40, cameras=2, width=32, height=20, seed=9), with_background=True)
+    means2d, conics, features, opacities, backgrounds, width, height, _, tile_offsets, flat_ids = args
+    C, N, D = features.shape
+    g = torch.Generator().manual_seed(1)
+    v_render, v_alpha = torch.randn(C, height, width, D, generator=g), torch.randn(C, height, width, generator=g)
+    head = np.array([C, N, D, width, height, tile_offsets.shape[2], tile_offsets.shape[1], len(flat_ids), 1], np.int64)
+    floats = [means2d, conics, features, opacities, backgrounds, v_render, v_alpha]
+    (tmp_path / "in").write_bytes(head.tobytes() + b"".join(t.numpy().astype(np.float32).tobytes() for t in floats)
+                                  + tile_offsets.numpy().tobytes() + flat_ids.numpy().tobytes())
+    run = subprocess.run([str(build_sanitized(sanitizer)), str(tmp_path / "in"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr
+    ext = load_emulated_kernels()
+    render, alpha, final_t, last_ids = ext.rasterize_forward(*args)
+    grads = ext.rasterize_backward(*args, final_t, last_ids, v_render, v_alpha[..., None].contiguous())
+    out = np.frombuffer((tmp_path / "out").read_bytes(), np.uint8)
+    pieces, at = {}, 0
+    for name, t in [("render", render), ("alpha", alpha), ("final_T", final_t), ("last_ids", last_ids),
+                    *zip(("v_means2d", "v_conics", "v_features", "v_opacities", "v_backgrounds"), grads)]:
+        n = t.numel() * 4
+        pieces[name] = torch.from_numpy(out[at:at + n].copy().view(np.int32 if name == "last_ids" else np.float32))
+        at += n
+        torch.testing.assert_close(pieces[name].reshape(t.shape), t, rtol=0, atol=1e-6 * max(1.0, t.abs().max().item()),
+                                   msg=name)
+    assert at == len(out)
+
+
+EMULATION_CATCHES = {  # kernel body -> what cuda_emu says
+    "divergent barrier": ("if (threadIdx.x < 5) { __syncthreads(); } else { __syncthreads(); }", "divergent collective"),
+    "shuffle from an exited lane": ("if (threadIdx.x == 3) return; out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 1);",
+                                    "mask names lane 3, which has exited"),
+    "warp op at two sites": ("float v = threadIdx.x < 16 ? __shfl_down_sync(0xffffffffu, 1.f, 1) "
+                             ": __shfl_down_sync(0xffffffffu, 2.f, 1); out[threadIdx.x] = v;", "divergent collective"),
+}
+
+
+@pytest.mark.parametrize("name", EMULATION_CATCHES)
+def test_the_emulation_names_what_a_gpu_would_hang_on_or_garble(name, tmp_path):
+    from _cuda_emu import INCLUDES
+
+    body, said = EMULATION_CATCHES[name]
+    (tmp_path / "k.cpp").write_text(f"""#include <cuda_runtime.h>
+__global__ void k(float* out) {{ {body} }}
+int main() {{ float out[32] = {{}}; ::cuda_emu::launch(k, dim3(1), dim3(32), nullptr, out); return 0; }}
+""")
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", *(f"-I{p}" for p in INCLUDES), str(tmp_path / "k.cpp"),
+                    "-o", str(tmp_path / "k")], check=True)
+    run = subprocess.run([str(tmp_path / "k")], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and said in run.stderr, run.stderr

@@ -83,7 +83,9 @@ using where = std::source_location;
   std::abort();
 }
 
-inline std::string at(const where& w) { return std::string(w.file_name()) + ":" + std::to_string(w.line()); }
+inline std::string at(const where& w) {
+  return std::string(w.file_name()) + ":" + std::to_string(w.line()) + ":" + std::to_string(w.column());
+}
 
 // A barrier over a changing set of members: a member that leaves (its thread returned)
 // no longer holds the others back. Plain mutex + condition variable, which ThreadSanitizer
