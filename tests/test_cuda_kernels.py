@@ -1,16 +1,17 @@
-"""Our CUDA compositing kernels (cuda/kernels/rasterize_*.cu), run on the CPU through the
-emulation layer (tests/cuda_emu): every CUDA thread an OS thread, barriers and warp
-collectives checked. They must agree with the CPU extension (cuda/cpu) on the same tile
-lists: forward values to 1e-5, gradients to 1e-4 of each tensor's largest, on random
-scenes, batched cameras, a head and a crop of the garden scene; and give the same result
-whatever order the blocks run in; and clean under ThreadSanitizer and AddressSanitizer +
-UBSan."""
+"""Our CUDA kernels (cuda/kernels/: projection and compositing, forward and backward), run
+on the CPU through the emulation layer (tests/cuda_emu): every CUDA thread an OS thread,
+barriers and warp collectives checked. They must agree with the CPU extension (cuda/cpu)
+on the same inputs: forward values to 1e-5, gradients to 1e-4 of each tensor's largest,
+on random scenes, batched cameras, a head and a crop of the garden scene; give the same
+result whatever order the blocks run in; and run clean under ThreadSanitizer and
+AddressSanitizer + UBSan."""
 
 import subprocess
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from _cuda_emu import build_sanitized, load_emulated_kernels
 from _scenes import random_scene
@@ -75,6 +76,39 @@ CONFIGS = {  # name: (scene, background)
     "sh colours": (lambda: random_scene(n=120, cameras=2, width=31, height=17, sh_degree=1, seed=6), True),
     "head, 2 cameras": (lambda: head_scene(n=1500, size=32, cameras=2, sh_degree=0), False),
 }
+
+
+PROJECTION_CONFIGS = {  # name: (scene, antialiased)
+    "3 cameras": (lambda: random_scene(n=300, cameras=3, width=64, height=40, seed=11), False),
+    "antialiased": (lambda: random_scene(n=300, cameras=2, width=50, height=50, seed=12), True),
+    "head": (lambda: head_scene(n=700, size=64, cameras=2, sh_degree=0), True),
+}
+
+
+@pytest.mark.parametrize("name", PROJECTION_CONFIGS)
+def test_emulated_projection_agrees_with_the_cpu_kernels(name):
+    make, antialiased = PROJECTION_CONFIGS[name]
+    s = make().to("cpu")
+    inputs = (s.means.contiguous(), F.normalize(s.quats, dim=-1).contiguous(), s.scales.contiguous(),
+              s.opacities.contiguous(), s.viewmats.contiguous(), s.Ks.contiguous())
+    results = []
+    for ext in (load_cpu_extension(), load_emulated_kernels()):
+        radii, means2d, depths, conics, comps = ext.project_forward(*inputs, s.width, s.height, 0.3, 0.01, 1e10,
+                                                                    antialiased)
+        g = torch.Generator().manual_seed(3)
+        v = [torch.randn(t.shape, generator=g) for t in (means2d, depths, conics, comps)]
+        grads = ext.project_backward(*inputs[:3], inputs[4], inputs[5], s.width, s.height, 0.3, radii, conics, comps,
+                                     *v[:3], v[3] if antialiased else None, True)
+        results.append({"radii": radii, "means2d": means2d, "depths": depths, "conics": conics, "comps": comps,
+                        **dict(zip(("v_means", "v_quats", "v_scales", "v_viewmats"), grads))})
+    cpu, cuda = results
+    assert (cpu["radii"] > 0).any(-1).float().mean() > 0.3  # most Gaussians are seen
+    assert torch.equal(cuda["radii"], cpu["radii"])
+    for key, value in cpu.items():
+        if key != "radii":
+            scale = value.abs().max().item()
+            tolerance = (1e-4 if key.startswith("v_") else 1e-5) * scale + 1e-7
+            torch.testing.assert_close(cuda[key], value, rtol=0, atol=tolerance, msg=key)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -10,25 +10,6 @@ namespace splat_cpu {
 using namespace splat;
 
 namespace {
-template <typename T> struct Camera {
-  Mat3<T> R;
-  Vec3<T> t;
-  T fx, fy, cx, cy;
-};
-
-template <typename T> Camera<T> load_camera(const T* viewmat, const T* K) {
-  Camera<T> cam;
-  for (int i = 0; i < 3; ++i) {
-    for (int j = 0; j < 3; ++j) cam.R.m[i][j] = viewmat[i * 4 + j];
-  }
-  cam.t = {viewmat[3], viewmat[7], viewmat[11]};
-  cam.fx = K[0];
-  cam.fy = K[4];
-  cam.cx = K[2];
-  cam.cy = K[5];
-  return cam;
-}
-
 template <typename T> Vec4<T> load_quat(const T* q) { return {q[0], q[1], q[2], q[3]}; }
 template <typename T> Vec3<T> load_vec3(const T* v) { return {v[0], v[1], v[2]}; }
 }  // namespace
@@ -38,7 +19,7 @@ void project_forward(int64_t C, int64_t N, const T* means, const T* quats, const
                      const T* opacities, const T* viewmats, const T* Ks, int width, int height,
                      T eps2d, T near_plane, T far_plane, bool antialiased, int32_t* radii,
                      T* means2d, T* depths, T* conics, T* compensations, int num_threads) {
-  std::vector<Camera<T>> cams(C);
+  std::vector<PinholeCamera<T>> cams(C);
   for (int64_t c = 0; c < C; ++c) cams[c] = load_camera(viewmats + c * 16, Ks + c * 9);
 
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -47,41 +28,17 @@ void project_forward(int64_t C, int64_t N, const T* means, const T* quats, const
     const Mat3<T> cov = quat_scale_to_covar(load_quat(quats + n * 4), load_vec3(scales + n * 3));
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = c * N + n;
-      const Camera<T>& cam = cams[c];
-      Vec3<T> pc;
-      Mat3<T> covc;
-      world_to_cam(cam.R, cam.t, p, cov, pc, covc);
-      depths[i] = pc.z;
-      radii[2 * i] = radii[2 * i + 1] = 0;
-      means2d[2 * i] = means2d[2 * i + 1] = 0;
-      conics[3 * i] = conics[3 * i + 1] = conics[3 * i + 2] = 0;
-      compensations[i] = 0;
-      if (!(pc.z > near_plane && pc.z < far_plane)) continue;  // also rejects NaN
-
-      Vec2<T> m2;
-      Mat2<T> cov2d;
-      persp_proj(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, m2, cov2d);
-      T comp;
-      const T det = add_blur(cov2d, eps2d, comp);
-      if (!(det > 0)) continue;  // degenerate
-      const Vec3<T> conic = inverse_conic(cov2d, det);
-
-      const T opacity = antialiased ? opacities[n] * comp : opacities[n];
-      const T k = extent_sigmas(opacity);
-      if (!(k > 0)) continue;  // can never reach alpha >= 1/255
-      const T rx = std::ceil(k * std::sqrt(cov2d.m[0][0]));
-      const T ry = std::ceil(k * std::sqrt(cov2d.m[1][1]));
-      if (!(rx > 0 && ry > 0)) continue;
-      if (m2.x + rx <= 0 || m2.x - rx >= width || m2.y + ry <= 0 || m2.y - ry >= height) continue;
-
-      radii[2 * i] = static_cast<int32_t>(rx);
-      radii[2 * i + 1] = static_cast<int32_t>(ry);
-      means2d[2 * i] = m2.x;
-      means2d[2 * i + 1] = m2.y;
-      conics[3 * i] = conic.x;
-      conics[3 * i + 1] = conic.y;
-      conics[3 * i + 2] = conic.z;
-      compensations[i] = comp;
+      const Projection<T> pr = project_gaussian(cams[c], p, cov, opacities[n], width, height, eps2d, near_plane,
+                                                far_plane, antialiased);
+      depths[i] = pr.depth;
+      radii[2 * i] = pr.radius_x;
+      radii[2 * i + 1] = pr.radius_y;
+      means2d[2 * i] = pr.mean.x;
+      means2d[2 * i + 1] = pr.mean.y;
+      conics[3 * i] = pr.conic.x;
+      conics[3 * i + 1] = pr.conic.y;
+      conics[3 * i + 2] = pr.conic.z;
+      compensations[i] = pr.compensation;
     }
   }
 }
@@ -93,7 +50,7 @@ void project_backward(int64_t C, int64_t N, const T* means, const T* quats, cons
                       const T* v_means2d, const T* v_depths, const T* v_conics,
                       const T* v_compensations, T* v_means, T* v_quats, T* v_scales,
                       T* v_viewmats, int num_threads) {
-  std::vector<Camera<T>> cams(C);
+  std::vector<PinholeCamera<T>> cams(C);
   for (int64_t c = 0; c < C; ++c) cams[c] = load_camera(viewmats + c * 16, Ks + c * 9);
   if (v_viewmats) std::fill(v_viewmats, v_viewmats + C * 16, T(0));
 
@@ -114,38 +71,17 @@ void project_backward(int64_t C, int64_t N, const T* means, const T* quats, cons
         const int64_t i = c * N + n;
         if (radii[2 * i] <= 0 || radii[2 * i + 1] <= 0) continue;
         any = true;
-        const Camera<T>& cam = cams[c];
-        Vec3<T> pc;
-        Mat3<T> covc;
-        world_to_cam(cam.R, cam.t, p, cov, pc, covc);
-        Vec2<T> m2;
-        Mat2<T> cov2d;
-        persp_proj(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, m2, cov2d);
-        T comp;
-        add_blur(cov2d, eps2d, comp);
-
-        Mat2<T> v_cov2d;
-        inverse_conic_vjp(load_vec3(conics + 3 * i), load_vec3(v_conics + 3 * i), v_cov2d);
-        if (v_compensations) add_blur_vjp(cov2d, eps2d, compensations[i], v_compensations[i], v_cov2d);
-
-        Vec3<T> v_pc;
-        Mat3<T> v_covc;
-        const Vec2<T> v_m2 = {v_means2d[2 * i], v_means2d[2 * i + 1]};
-        persp_proj_vjp(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, v_m2, v_cov2d, v_pc, v_covc);
-        v_pc.z += v_depths[i];
-
-        Mat3<T> v_R = {};
-        Vec3<T> v_t = {0, 0, 0};
-        Vec3<T> v_p;
-        Mat3<T> v_cov;
-        world_to_cam_vjp(cam.R, p, cov, v_pc, v_covc, v_R, v_t, v_p, v_cov);
-        v_p_sum.x += v_p.x; v_p_sum.y += v_p.y; v_p_sum.z += v_p.z;
-        v_cov_sum = add(v_cov_sum, v_cov);
+        const ProjectionGrad<T> g = project_gaussian_vjp(
+            cams[c], p, cov, width, height, eps2d, load_vec3(conics + 3 * i), compensations[i],
+            Vec2<T>{v_means2d[2 * i], v_means2d[2 * i + 1]}, v_depths[i], load_vec3(v_conics + 3 * i),
+            v_compensations != nullptr, v_compensations ? v_compensations[i] : T(0));
+        v_p_sum.x += g.v_p.x; v_p_sum.y += g.v_p.y; v_p_sum.z += g.v_p.z;
+        v_cov_sum = add(v_cov_sum, g.v_cov);
         if (v_viewmats) {
           T* vm = local_vm.data() + c * 16;
           for (int a = 0; a < 3; ++a)
-            for (int b = 0; b < 3; ++b) vm[a * 4 + b] += v_R.m[a][b];
-          vm[3] += v_t.x; vm[7] += v_t.y; vm[11] += v_t.z;
+            for (int b = 0; b < 3; ++b) vm[a * 4 + b] += g.v_R.m[a][b];
+          vm[3] += g.v_t.x; vm[7] += g.v_t.y; vm[11] += g.v_t.z;
         }
       }
       Vec4<T> v_q = {0, 0, 0, 0};

@@ -298,6 +298,106 @@ template <typename T> SPLAT_HD T extent_sigmas(T opacity) {
 // skipped before paying for exp().
 template <typename T> SPLAT_HD T max_sigma(T opacity) { return log(opacity / T(kAlphaMin)); }
 
+// ---------------------------------------------------------------- one Gaussian, one camera
+template <typename T> struct PinholeCamera {
+  Mat3<T> R;
+  Vec3<T> t;
+  T fx, fy, cx, cy;
+};
+
+// viewmat: 4x4 world-to-camera, row-major; K: 3x3 intrinsics, row-major.
+template <typename T> SPLAT_HD PinholeCamera<T> load_camera(const T* viewmat, const T* K) {
+  PinholeCamera<T> cam;
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) cam.R.m[i][j] = viewmat[i * 4 + j];
+  cam.t = {viewmat[3], viewmat[7], viewmat[11]};
+  cam.fx = K[0];
+  cam.fy = K[4];
+  cam.cx = K[2];
+  cam.cy = K[5];
+  return cam;
+}
+
+// What the rasterizer needs of one Gaussian in one camera. Invisible Gaussians (behind
+// the near plane, degenerate, too faint to reach 1/255, or off screen) have radius 0 and
+// zero mean, conic and compensation; the depth is always the camera z.
+template <typename T> struct Projection {
+  int radius_x = 0, radius_y = 0;  // pixel extent of the opacity-aware footprint
+  Vec2<T> mean = {0, 0};
+  T depth = 0;
+  Vec3<T> conic = {0, 0, 0};
+  T compensation = 0;
+};
+
+// EWA projection (3DGS) of a Gaussian at p with world covariance cov and opacity, with the
+// eps2d (0.3 px) dilation; `antialiased` scales the opacity by the compensation
+// (Mip-Splatting) before the extent is taken.
+template <typename T>
+SPLAT_HD Projection<T> project_gaussian(const PinholeCamera<T>& cam, const Vec3<T>& p, const Mat3<T>& cov,
+                                        T opacity, int width, int height, T eps2d, T near_plane, T far_plane,
+                                        bool antialiased) {
+  Projection<T> out;
+  Vec3<T> pc;
+  Mat3<T> covc;
+  world_to_cam(cam.R, cam.t, p, cov, pc, covc);
+  out.depth = pc.z;
+  if (!(pc.z > near_plane && pc.z < far_plane)) return out;  // also rejects NaN
+  Vec2<T> m2;
+  Mat2<T> cov2d;
+  persp_proj(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, m2, cov2d);
+  T comp;
+  const T det = add_blur(cov2d, eps2d, comp);
+  if (!(det > 0)) return out;  // degenerate
+  const T k = extent_sigmas(antialiased ? opacity * comp : opacity);
+  if (!(k > 0)) return out;  // can never reach alpha >= 1/255
+  using std::ceil;  // in T's precision (unqualified, float would be computed as double)
+  using std::sqrt;
+  const T rx = ceil(k * sqrt(cov2d.m[0][0])), ry = ceil(k * sqrt(cov2d.m[1][1]));
+  if (!(rx > 0 && ry > 0)) return out;
+  if (m2.x + rx <= 0 || m2.x - rx >= width || m2.y + ry <= 0 || m2.y - ry >= height) return out;
+  out.radius_x = static_cast<int>(rx);
+  out.radius_y = static_cast<int>(ry);
+  out.mean = m2;
+  out.conic = inverse_conic(cov2d, det);
+  out.compensation = comp;
+  return out;
+}
+
+// Gradients of one visible Gaussian's projection into one camera.
+template <typename T> struct ProjectionGrad {
+  Vec3<T> v_p = {0, 0, 0};   // world mean
+  Mat3<T> v_cov = {};        // world covariance
+  Mat3<T> v_R = {};          // camera rotation
+  Vec3<T> v_t = {0, 0, 0};   // camera translation
+};
+
+// VJP of project_gaussian for a visible Gaussian, given its conic and compensation from
+// the forward pass; has_v_compensation: whether v_compensation carries a gradient.
+template <typename T>
+SPLAT_HD ProjectionGrad<T> project_gaussian_vjp(const PinholeCamera<T>& cam, const Vec3<T>& p, const Mat3<T>& cov,
+                                                int width, int height, T eps2d, const Vec3<T>& conic,
+                                                T compensation, const Vec2<T>& v_mean, T v_depth,
+                                                const Vec3<T>& v_conic, bool has_v_compensation, T v_compensation) {
+  ProjectionGrad<T> g;
+  Vec3<T> pc;
+  Mat3<T> covc;
+  world_to_cam(cam.R, cam.t, p, cov, pc, covc);
+  Vec2<T> m2;
+  Mat2<T> cov2d;
+  persp_proj(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, m2, cov2d);
+  T comp;
+  add_blur(cov2d, eps2d, comp);
+  Mat2<T> v_cov2d;
+  inverse_conic_vjp(conic, v_conic, v_cov2d);
+  if (has_v_compensation) add_blur_vjp(cov2d, eps2d, compensation, v_compensation, v_cov2d);
+  Vec3<T> v_pc;
+  Mat3<T> v_covc;
+  persp_proj_vjp(pc, covc, cam.fx, cam.fy, cam.cx, cam.cy, width, height, v_mean, v_cov2d, v_pc, v_covc);
+  v_pc.z += v_depth;
+  world_to_cam_vjp(cam.R, p, cov, v_pc, v_covc, g.v_R, g.v_t, g.v_p, g.v_cov);
+  return g;
+}
+
 // ---------------------------------------------------------------- pixel evaluation
 template <typename T> SPLAT_HD T gaussian_sigma(const Vec3<T>& conic, T dx, T dy) {
   return T(0.5) * (conic.x * dx * dx + conic.z * dy * dy) + conic.y * dx * dy;

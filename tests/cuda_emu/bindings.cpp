@@ -1,11 +1,11 @@
 // The CUDA kernels run on CPU tensors through cuda_emu (tests only), with the signatures
-// of the CPU extension's rasterize_forward / rasterize_backward (cuda/cpu/bindings.cpp),
-// float32 only.
+// of the CPU extension's project_* and rasterize_* (cuda/cpu/bindings.cpp), float32 only.
 #include <torch/extension.h>
 
 #include <stdexcept>
 #include <string>
 
+#include "projection.h"
 #include "rasterize.h"
 
 namespace {
@@ -20,6 +20,53 @@ void ok(cudaError_t status, const char* what) {
 }
 
 const float* opt(const c10::optional<torch::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> project_forward(
+    const torch::Tensor& means, const torch::Tensor& quats, const torch::Tensor& scales,
+    const torch::Tensor& opacities, const torch::Tensor& viewmats, const torch::Tensor& Ks, int64_t width,
+    int64_t height, double eps2d, double near_plane, double far_plane, bool antialiased) {
+  for (auto [t, n] : {std::pair{&means, "means"}, {&quats, "quats"}, {&scales, "scales"}, {&opacities, "opacities"},
+                      {&viewmats, "viewmats"}, {&Ks, "Ks"}})
+    check(*t, n, torch::kFloat32);
+  const int64_t N = means.size(0), C = viewmats.size(0);
+  auto opts = means.options();
+  auto radii = torch::empty({C, N, 2}, opts.dtype(torch::kInt32));
+  auto means2d = torch::empty({C, N, 2}, opts), depths = torch::empty({C, N}, opts);
+  auto conics = torch::empty({C, N, 3}, opts), comps = torch::empty({C, N}, opts);
+  ok(splat_cuda::project_forward(C, N, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(),
+                                 opacities.data_ptr<float>(), viewmats.data_ptr<float>(), Ks.data_ptr<float>(),
+                                 int(width), int(height), float(eps2d), float(near_plane), float(far_plane),
+                                 antialiased, radii.data_ptr<int32_t>(), means2d.data_ptr<float>(),
+                                 depths.data_ptr<float>(), conics.data_ptr<float>(), comps.data_ptr<float>(), nullptr),
+     "project_forward");
+  return {radii, means2d, depths, conics, comps};
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>> project_backward(
+    const torch::Tensor& means, const torch::Tensor& quats, const torch::Tensor& scales,
+    const torch::Tensor& viewmats, const torch::Tensor& Ks, int64_t width, int64_t height, double eps2d,
+    const torch::Tensor& radii, const torch::Tensor& conics, const torch::Tensor& comps,
+    const torch::Tensor& v_means2d, const torch::Tensor& v_depths, const torch::Tensor& v_conics,
+    const c10::optional<torch::Tensor>& v_comps, bool viewmats_grad) {
+  for (auto [t, n] : {std::pair{&means, "means"}, {&quats, "quats"}, {&scales, "scales"}, {&viewmats, "viewmats"},
+                      {&Ks, "Ks"}, {&conics, "conics"}, {&comps, "comps"}, {&v_means2d, "v_means2d"},
+                      {&v_depths, "v_depths"}, {&v_conics, "v_conics"}})
+    check(*t, n, torch::kFloat32);
+  check(radii, "radii", torch::kInt32);
+  if (v_comps.has_value()) check(*v_comps, "v_compensations", torch::kFloat32);
+  auto v_means = torch::zeros_like(means), v_quats = torch::zeros_like(quats), v_scales = torch::zeros_like(scales);
+  c10::optional<torch::Tensor> v_viewmats;
+  if (viewmats_grad) v_viewmats = torch::zeros_like(viewmats);
+  ok(splat_cuda::project_backward(
+         viewmats.size(0), means.size(0), means.data_ptr<float>(), quats.data_ptr<float>(),
+         scales.data_ptr<float>(), viewmats.data_ptr<float>(), Ks.data_ptr<float>(), int(width), int(height),
+         float(eps2d), radii.data_ptr<int32_t>(), conics.data_ptr<float>(), comps.data_ptr<float>(),
+         v_means2d.data_ptr<float>(), v_depths.data_ptr<float>(), v_conics.data_ptr<float>(), opt(v_comps),
+         v_means.data_ptr<float>(), v_quats.data_ptr<float>(), v_scales.data_ptr<float>(),
+         viewmats_grad ? v_viewmats->data_ptr<float>() : nullptr, nullptr),
+     "project_backward");
+  return {v_means, v_quats, v_scales, v_viewmats};
+}
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> rasterize_forward(
     const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& features,
@@ -80,6 +127,8 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "avatar-studio CUDA rasterization kernels run on the CPU by cuda_emu (tests only)";
+  m.def("project_forward", &project_forward);
+  m.def("project_backward", &project_backward);
   m.def("rasterize_forward", &rasterize_forward);
   m.def("rasterize_backward", &rasterize_backward);
 }

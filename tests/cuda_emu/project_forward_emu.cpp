@@ -1,0 +1,2 @@
+// cuda/kernels/project_forward.cu compiled by g++ against the emulation headers.
+#include "project_forward.cu"
