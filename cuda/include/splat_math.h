@@ -500,4 +500,41 @@ template <typename T> SPLAT_HD Vec3<T> sh_basis_grad(int degree, const Vec3<T>& 
   return g;
 }
 
+// Colour of one Gaussian's SH coefficients co [(degree+1)^2, 3] seen along d (any length;
+// normalised as torch.nn.functional.normalize does, eps 1e-12).
+template <typename T> SPLAT_HD Vec3<T> sh_colour(int degree, const T* d, const T* co) {
+  using std::fmax;  // in T's precision
+  using std::sqrt;
+  const T norm = fmax(sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), T(1e-12));
+  T basis[16];
+  sh_basis(degree, Vec3<T>{d[0] / norm, d[1] / norm, d[2] / norm}, basis);
+  T rgb[3] = {0, 0, 0};
+  for (int k = 0; k < (degree + 1) * (degree + 1); ++k)
+    for (int ch = 0; ch < 3; ++ch) rgb[ch] += basis[k] * co[k * 3 + ch];
+  return {rgb[0], rgb[1], rgb[2]};
+}
+
+// VJP of sh_colour for the colour gradient g [3]: adds into v_co [(degree+1)^2, 3] (through
+// `add(address, value)`: plain on the CPU, atomic on CUDA) and returns the direction's
+// gradient (through the normalisation: (I - u u^T) g_u / |d|).
+template <typename T, typename Add>
+SPLAT_HD Vec3<T> sh_colour_vjp(int degree, const T* d, const T* co, const T* g, T* v_co, Add add) {
+  using std::fmax;
+  using std::sqrt;
+  const T norm = fmax(sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), T(1e-12));
+  const Vec3<T> u = {d[0] / norm, d[1] / norm, d[2] / norm};
+  T basis[16], w[16];
+  sh_basis(degree, u, basis);
+  for (int k = 0; k < (degree + 1) * (degree + 1); ++k) {
+    w[k] = 0;
+    for (int ch = 0; ch < 3; ++ch) {
+      add(v_co + k * 3 + ch, basis[k] * g[ch]);
+      w[k] += co[k * 3 + ch] * g[ch];
+    }
+  }
+  const Vec3<T> gu = sh_basis_grad(degree, u, w);
+  const T dot = gu.x * u.x + gu.y * u.y + gu.z * u.z;
+  return {(gu.x - dot * u.x) / norm, (gu.y - dot * u.y) / norm, (gu.z - dot * u.z) / norm};
+}
+
 }  // namespace splat

@@ -1,5 +1,6 @@
 // The CUDA kernels run on CPU tensors through cuda_emu (tests only), with the signatures
-// of the CPU extension's project_* and rasterize_* (cuda/cpu/bindings.cpp), float32 only.
+// of the CPU extension's project_*, sh_* and rasterize_* (cuda/cpu/bindings.cpp), float32
+// only.
 #include <torch/extension.h>
 
 #include <stdexcept>
@@ -7,6 +8,7 @@
 
 #include "projection.h"
 #include "rasterize.h"
+#include "spherical_harmonics.h"
 
 namespace {
 
@@ -16,7 +18,8 @@ void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
 }
 
 void ok(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, what, ": the kernels are not built for these channels or tile size");
+  TORCH_CHECK(status == cudaSuccess, what, ": the kernels are not built for these arguments (channels, tile size, "
+              "SH degree)");
 }
 
 const float* opt(const c10::optional<torch::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
@@ -66,6 +69,32 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Ten
          viewmats_grad ? v_viewmats->data_ptr<float>() : nullptr, nullptr),
      "project_backward");
   return {v_means, v_quats, v_scales, v_viewmats};
+}
+
+torch::Tensor sh_forward(int64_t degree, const torch::Tensor& dirs, const torch::Tensor& coeffs) {
+  check(dirs, "dirs", torch::kFloat32);
+  check(coeffs, "coeffs", torch::kFloat32);
+  const int64_t C = dirs.size(0), N = dirs.size(1);
+  auto colors = torch::empty({C, N, 3}, dirs.options());
+  ok(splat_cuda::sh_forward(C, N, coeffs.size(1), int(degree), dirs.data_ptr<float>(), coeffs.data_ptr<float>(),
+                            colors.data_ptr<float>(), nullptr),
+     "sh_forward");
+  return colors;
+}
+
+std::tuple<c10::optional<torch::Tensor>, torch::Tensor> sh_backward(int64_t degree, const torch::Tensor& dirs,
+                                                                    const torch::Tensor& coeffs,
+                                                                    const torch::Tensor& v_colors, bool dirs_grad) {
+  for (auto [t, n] : {std::pair{&dirs, "dirs"}, {&coeffs, "coeffs"}, {&v_colors, "v_colors"}})
+    check(*t, n, torch::kFloat32);
+  c10::optional<torch::Tensor> v_dirs;
+  if (dirs_grad) v_dirs = torch::empty_like(dirs);
+  auto v_coeffs = torch::zeros_like(coeffs);
+  ok(splat_cuda::sh_backward(dirs.size(0), dirs.size(1), coeffs.size(1), int(degree), dirs.data_ptr<float>(),
+                             coeffs.data_ptr<float>(), v_colors.data_ptr<float>(),
+                             dirs_grad ? v_dirs->data_ptr<float>() : nullptr, v_coeffs.data_ptr<float>(), nullptr),
+     "sh_backward");
+  return {v_dirs, v_coeffs};
 }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> rasterize_forward(
@@ -129,6 +158,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "avatar-studio CUDA rasterization kernels run on the CPU by cuda_emu (tests only)";
   m.def("project_forward", &project_forward);
   m.def("project_backward", &project_backward);
+  m.def("sh_forward", &sh_forward);
+  m.def("sh_backward", &sh_backward);
   m.def("rasterize_forward", &rasterize_forward);
   m.def("rasterize_backward", &rasterize_backward);
 }

@@ -1,0 +1,2 @@
+// cuda/kernels/sh_backward.cu compiled by g++ against the emulation headers.
+#include "sh_backward.cu"
