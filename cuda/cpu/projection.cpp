@@ -28,17 +28,9 @@ void project_forward(int64_t C, int64_t N, const T* means, const T* quats, const
     const Mat3<T> cov = quat_scale_to_covar(load_quat(quats + n * 4), load_vec3(scales + n * 3));
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = c * N + n;
-      const Projection<T> pr = project_gaussian(cams[c], p, cov, opacities[n], width, height, eps2d, near_plane,
-                                                far_plane, antialiased);
-      depths[i] = pr.depth;
-      radii[2 * i] = pr.radius_x;
-      radii[2 * i + 1] = pr.radius_y;
-      means2d[2 * i] = pr.mean.x;
-      means2d[2 * i + 1] = pr.mean.y;
-      conics[3 * i] = pr.conic.x;
-      conics[3 * i + 1] = pr.conic.y;
-      conics[3 * i + 2] = pr.conic.z;
-      compensations[i] = pr.compensation;
+      store_projection(project_gaussian(cams[c], p, cov, opacities[n], width, height, eps2d, near_plane, far_plane,
+                                        antialiased),
+                       i, radii, means2d, depths, conics, compensations);
     }
   }
 }

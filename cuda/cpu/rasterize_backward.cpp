@@ -127,12 +127,7 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
           }
         }
         if (!touched) continue;
-        atomic_add(v_means2d + 2 * i, grad.mean_x);
-        atomic_add(v_means2d + 2 * i + 1, grad.mean_y);
-        atomic_add(v_conics + 3 * i, grad.conic_a);
-        atomic_add(v_conics + 3 * i + 1, grad.conic_b);
-        atomic_add(v_conics + 3 * i + 2, grad.conic_c);
-        atomic_add(v_opacities + i, grad.opacity);
+        add_splat_grad(grad, i, v_means2d, v_conics, v_opacities, atomic_add<T>);
         for (int64_t d = 0; d < D; ++d) atomic_add(v_features + i * D + d, g_f[d]);
       }
     }

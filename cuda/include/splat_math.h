@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define SPLAT_HD __host__ __device__ __forceinline__
@@ -363,6 +364,22 @@ SPLAT_HD Projection<T> project_gaussian(const PinholeCamera<T>& cam, const Vec3<
   return out;
 }
 
+// Writes projection `pr` as entry i of the outputs' layouts (radii [.,2], means2d [.,2],
+// depths [.], conics [.,3], compensations [.]).
+template <typename T>
+SPLAT_HD void store_projection(const Projection<T>& pr, int64_t i, int32_t* radii, T* means2d, T* depths, T* conics,
+                               T* compensations) {
+  depths[i] = pr.depth;
+  radii[2 * i] = pr.radius_x;
+  radii[2 * i + 1] = pr.radius_y;
+  means2d[2 * i] = pr.mean.x;
+  means2d[2 * i + 1] = pr.mean.y;
+  conics[3 * i] = pr.conic.x;
+  conics[3 * i + 1] = pr.conic.y;
+  conics[3 * i + 2] = pr.conic.z;
+  compensations[i] = pr.compensation;
+}
+
 // Gradients of one visible Gaussian's projection into one camera.
 template <typename T> struct ProjectionGrad {
   Vec3<T> v_p = {0, 0, 0};   // world mean
@@ -421,6 +438,18 @@ SPLAT_HD void pixel_alpha_vjp(const Vec3<T>& conic, T opacity, T gauss, T dx, T 
   g.conic_c += T(0.5) * dy * dy * v_sigma;
   g.mean_x -= (conic.x * dx + conic.y * dy) * v_sigma;
   g.mean_y -= (conic.y * dx + conic.z * dy) * v_sigma;
+}
+
+// Adds g as Gaussian i's entry of v_means2d [.,2], v_conics [.,3] and v_opacities [.],
+// through `add(address, value)` (an atomic add on both paths: tiles or warps share it).
+template <typename T, typename Add>
+SPLAT_HD void add_splat_grad(const SplatGrad<T>& g, int64_t i, T* v_means2d, T* v_conics, T* v_opacities, Add add) {
+  add(v_means2d + 2 * i, g.mean_x);
+  add(v_means2d + 2 * i + 1, g.mean_y);
+  add(v_conics + 3 * i, g.conic_a);
+  add(v_conics + 3 * i + 1, g.conic_b);
+  add(v_conics + 3 * i + 2, g.conic_c);
+  add(v_opacities + i, g.opacity);
 }
 
 // ---------------------------------------------------------------- spherical harmonics

@@ -29,17 +29,9 @@ __global__ void __launch_bounds__(kThreads)
   const splat::Mat3<float> cov = splat::quat_scale_to_covar(
       splat::Vec4<float>{quats[4 * n], quats[4 * n + 1], quats[4 * n + 2], quats[4 * n + 3]},
       splat::Vec3<float>{scales[3 * n], scales[3 * n + 1], scales[3 * n + 2]});
-  const splat::Projection<float> pr = splat::project_gaussian(cam, p, cov, opacities[n], width, height, eps2d,
-                                                              near_plane, far_plane, antialiased);
-  depths[i] = pr.depth;
-  radii[2 * i] = pr.radius_x;
-  radii[2 * i + 1] = pr.radius_y;
-  means2d[2 * i] = pr.mean.x;
-  means2d[2 * i + 1] = pr.mean.y;
-  conics[3 * i] = pr.conic.x;
-  conics[3 * i + 1] = pr.conic.y;
-  conics[3 * i + 2] = pr.conic.z;
-  compensations[i] = pr.compensation;
+  splat::store_projection(splat::project_gaussian(cam, p, cov, opacities[n], width, height, eps2d, near_plane,
+                                                  far_plane, antialiased),
+                          i, radii, means2d, depths, conics, compensations);
 }
 
 }  // namespace

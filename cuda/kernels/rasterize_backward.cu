@@ -22,6 +22,8 @@ namespace {
 
 constexpr int kBlock = kTileSize * kTileSize;
 
+__device__ void atomic_accumulate(float* at, float value) { atomicAdd(at, value); }
+
 template <int D>
 __global__ void __launch_bounds__(kBlock)
     rasterize_backward_kernel(const float* __restrict__ means2d, const float* __restrict__ conics,
@@ -128,12 +130,7 @@ __global__ void __launch_bounds__(kBlock)
       for (int d = 0; d < D; ++d) g_f[d] = cg::reduce(warp, g_f[d], sum);
       if (warp.thread_rank() == 0) {
         const int64_t g = s_id[k];
-        atomicAdd(v_means2d + 2 * g, grad.mean_x);
-        atomicAdd(v_means2d + 2 * g + 1, grad.mean_y);
-        atomicAdd(v_conics + 3 * g, grad.conic_a);
-        atomicAdd(v_conics + 3 * g + 1, grad.conic_b);
-        atomicAdd(v_conics + 3 * g + 2, grad.conic_c);
-        atomicAdd(v_opacities + g, grad.opacity);
+        splat::add_splat_grad(grad, g, v_means2d, v_conics, v_opacities, atomic_accumulate);
 #pragma unroll
         for (int d = 0; d < D; ++d) atomicAdd(v_features + g * D + d, g_f[d]);
       }
