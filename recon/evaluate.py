@@ -90,6 +90,14 @@ def _opening(found: np.ndarray | None) -> float:
     return float("nan") if v is None else v
 
 
+def render_frame(av: TrainedAvatar, ds: Dataset, i: int, under: torch.Tensor, code: torch.Tensor,
+                 eye: torch.Tensor) -> tuple[torch.Tensor, HeadView]:
+    """(dataset frame i's camera seeing the avatar with motion `code` [C] and `eye` [1] over
+    `under` [S, S, 3], the head view it composited)."""
+    view = av.render_head(av.deform(code[None], eye[None])[0], ds.viewmat(i), ds.K, ds.size)
+    return view.over(under)[0], view
+
+
 def eval_inputs(avatar: Path, dataset: Path) -> dict:
     """What an eval.json was scored from (a later run reuses it only if these match)."""
     return {"checkpoint": file_digest(Path(avatar) / CHECKPOINT), "dataset": dataset_fingerprint(dataset)}
@@ -126,11 +134,6 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     rows, fit_rows, strip = [], [], []
     t_render = 0.0
 
-    def render(i, under, code, eye) -> tuple[torch.Tensor, HeadView]:
-        """(frame i's image over `under` with motion `code` [C] and `eye` [1], its head view)."""
-        view = av.render_head(av.deform(code[None], eye[None])[0], ds.viewmat(i), ds.K, ds.size)
-        return view.over(under)[0], view
-
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         frames = [(i, True) for i in held_out] + [(i, False) for i in fit_ids]
         for n, (i, is_held_out) in enumerate(tqdm(frames, desc="avatar eval", unit="frame", disable=not progress,
@@ -139,7 +142,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             under = behind_head(f, av.background)
             eye = torch.tensor([f.eye_openness], device=ds.device)
             t0 = time.perf_counter()
-            pred, view = render(i, under, codes[f.frame_index], eye)
+            pred, view = render_frame(av, ds, i, under, codes[f.frame_index], eye)
             if is_held_out:
                 t_render += time.perf_counter() - t0
             face = face_mask(ds, i)
@@ -151,19 +154,19 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
                 row["torso"] = torso_scores(av, ds, i, pred, view)
             if not is_held_out:
                 if tracked is not None:  # the renderer's own fit: the motion it was trained on
-                    fit_pred = render(i, under, tracked[f.frame_index], eye)[0]
+                    fit_pred = render_frame(av, ds, i, under, tracked[f.frame_index], eye)[0]
                     row["tracked_motion"] = {**_score(fit_pred, f.image, face),
                                              "lmd": _lmd(_track(tracker, _to_uint8(fit_pred)), gt_lm)}
                 fit_rows.append(row)
                 continue
-            static = render(i, under, torch.zeros_like(codes[0]), eye)[0]
+            static = render_frame(av, ds, i, under, torch.zeros_like(codes[0]), eye)[0]
             static_u8 = _to_uint8(static)
             static_lm = _track(tracker, static_u8)
             row["lmd_static_mouth"] = _lmd(static_lm, gt_lm)
             row["opening_static_mouth"] = _opening(static_lm)
             if tracked is not None:
                 row["opening_tracked_motion"] = _opening(_track(tracker, _to_uint8(
-                    render(i, under, tracked[f.frame_index], eye)[0])))
+                    render_frame(av, ds, i, under, tracked[f.frame_index], eye)[0])))
             rows.append(row)
             if n % max(1, len(held_out) // strip_frames) == 0 and len(strip) < strip_frames:
                 strip.append(np.concatenate([gt_u8, pred_u8, static_u8], axis=0))
@@ -337,8 +340,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
             f = ds[i]
             under, eye = behind_head(f, av.background), torch.tensor([1.0], device=ds.device)
             for name, code in (("avatar", codes[k]), ("static_mouth", torch.zeros_like(codes[k]))):
-                view = av.render_head(av.deform(code[None], eye[None])[0], ds.viewmat(i), ds.K, ds.size)
-                img = view.over(under)[0]
+                img = render_frame(av, ds, i, under, code, eye)[0]
                 opened[name].append(_opening(_track(tracker, _to_uint8(img))))
             bar.update(1)
         bar.close()
