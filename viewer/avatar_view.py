@@ -314,6 +314,10 @@ class ClientSession:
         self.stats = {"fps": 0.0}
         self.frames_sent = 0
         self.alive = True
+        self.camera_placed = False
+        """Whether the browser has reported the camera this session placed on the face (or
+        a camera moved from it)."""
+        self._browser_default = np.asarray(client.camera.position).copy()  # its camera before ours
         self._build_gui()
         self._place_camera()
         client.camera.on_update(self._camera_moved)
@@ -437,6 +441,13 @@ class ClientSession:
         cam.look_at = centre.numpy().astype(np.float64)  # after position: it re-aims the camera
 
     def _camera_moved(self, _=None) -> None:
+        # A page still loading may drop the placement and report its own default camera
+        # again: place it again until the browser reports another camera.
+        if not self.camera_placed:
+            if np.allclose(np.asarray(self.client.camera.position), self._browser_default, atol=1e-6):
+                self._place_camera()
+            else:
+                self.camera_placed = True
         self.last_move = time.perf_counter()
         self.dirty = True
 
