@@ -179,11 +179,7 @@ class TrainedGaussianAvatar(TrainedAvatar):
 
     def gaussians(self, pose: list[Gaussians] | None = None, *, torso: bool = True,
                   frame: Frame | None = None) -> Gaussians:
-        with torch.no_grad():  # concatenated copies, cut from the parameters
-            parts = list(pose) if pose is not None else [self.model.deformed(b, None, None)[0] for b in (FACE, MOUTH)]
-            if torso and self.model.torso is not None:
-                parts.append(self.model.torso.deformed(self._body(frame))[0])
-            return concat(parts)
+        return self.model.gaussians(pose, torso=torso, body=None if self.model.torso is None else self._body(frame))
 
 
 def load_avatar(root: str | Path, device: torch.device | str = "cpu") -> TrainedAvatar:

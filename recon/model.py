@@ -142,20 +142,17 @@ class AvatarModel(nn.Module):
     def branch(self, branch: int) -> BranchParams:
         return self.face if branch == FACE else self.mouth
 
-    def gaussians(self) -> Gaussians:
-        """The canonical state of every branch as one detached :class:`Gaussians` (the torso
-        as novel views show it: in its reference relation to the head)."""
-        parts = [self.face, self.mouth]
-        cat = {k: torch.cat([getattr(p, k).detach() for p in parts]) for k in BranchParams.NAMES}
-        head = Gaussians(cat["means"], cat["quats"], cat["log_scales"], cat["opacity_logits"],
-                         torch.cat([cat["sh_dc"], cat["sh_rest"]], 1),
-                         torch.cat([torch.full((len(p),), b, dtype=torch.uint8, device=p.means.device)
-                                    for b, p in ((FACE, self.face), (MOUTH, self.mouth))]))
-        if self.torso is None:
-            return head
-        with torch.no_grad():
-            torso = self.torso.deformed(None)[0]
-        return concat([head, torso])
+    def gaussians(self, pose: list[Gaussians] | None = None, *, torso: bool = True,
+                  body: Tensor | None = None) -> Gaussians:
+        """Every branch's Gaussians as one detached :class:`Gaussians`: the head canonical
+        (pose None) or posed (its face and mouth Gaussians of one frame), then (when `torso`
+        and the avatar has one) the torso under body motion `body` [4, 4] (None: in its
+        reference relation to the head, as novel views show it)."""
+        with torch.no_grad():  # concatenated copies, cut from the parameters
+            parts = list(pose) if pose is not None else [self.deformed(b, None, None)[0] for b in (FACE, MOUTH)]
+            if torso and self.torso is not None:
+                parts.append(self.torso.deformed(body)[0])
+            return concat(parts)
 
     def torso_layer(self, viewmat: Tensor, K: Tensor, size: int | tuple[int, int], body: Tensor | None,
                     sh_degree: int | None = None, backend: str = "auto") -> Layer | None:
