@@ -189,8 +189,9 @@ def test_two_tabs_have_their_own_cameras(browser, studio):
     a, _ = open_tab(browser, studio)
     b = browser.new_page(viewport=VIEWPORT)
     b.goto(studio.url)
-    wait_for(lambda: len(studio.sessions) == 2 and all(s.stats["fps"] > 0 for s in studio.sessions.values()),
-             what="two served tabs")
+    wait_for(lambda: len(studio.sessions) == 2 and all(s.stats["fps"] > 0 and s.camera_placed
+                                                        for s in studio.sessions.values()),
+             what="two served tabs, their cameras placed")
     first, second = list(studio.sessions.values())
     second.client.camera.position = second.client.camera.position + np.array([0.2, 0.0, 0.0])
     time.sleep(1.0)
