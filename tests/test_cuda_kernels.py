@@ -6,6 +6,7 @@ on random scenes, batched cameras, a head and a crop of the garden scene; give t
 result whatever order the blocks run in; and run clean under ThreadSanitizer and
 AddressSanitizer + UBSan."""
 
+import shutil
 import subprocess
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _cuda_emu import build_sanitized, load_emulated_kernels
+from _cuda_emu import KERNEL_DIR, build_sanitized, load_emulated_kernels
 from _scenes import random_scene
 from bench.scenes import garden_scene, head_scene
 from recon.raster._build import load_cpu_extension
@@ -135,14 +136,107 @@ def test_emulated_cuda_kernels_agree_with_the_cpu_kernels(name):
     assert_kernels_agree(cpu, cuda)
 
 
-def test_garden_crop_agrees(garden_path):
-    s = garden_scene(garden_path)
-    crop_w, crop_h = 32, 32  # the middle of the image, by moving the principal point
+def project_scene(s, antialiased=False):
+    """(means2d, radii, depths) of scene `s`, projected by the CPU extension."""
+    radii, means2d, depths, _, _ = load_cpu_extension().project_forward(
+        s.means, F.normalize(s.quats, dim=-1).contiguous(), s.scales, s.opacities, s.viewmats, s.Ks, s.width,
+        s.height, 0.3, 0.01, 1e10, antialiased)
+    return means2d, radii, depths
+
+
+def garden_crop(path, size=32):
+    """The middle size x size pixels of gsplat's garden scene (principal point moved), with
+    only the Gaussians seen there (the emulation runs an OS thread per CUDA thread)."""
+    s = garden_scene(path)
     s.Ks = s.Ks.clone()
-    s.Ks[:, 0, 2] -= (s.width - crop_w) / 2
-    s.Ks[:, 1, 2] -= (s.height - crop_h) / 2
-    s.width, s.height = crop_w, crop_h
-    s.colors = s.colors.contiguous()
+    s.Ks[:, 0, 2] -= (s.width - size) / 2
+    s.Ks[:, 1, 2] -= (s.height - size) / 2
+    s.width = s.height = size
+    seen = (project_scene(s)[1] > 0).all(-1).any(0)
+    for field in ("means", "quats", "scales", "opacities", "colors"):
+        setattr(s, field, getattr(s, field)[seen].contiguous())
+    return s
+
+
+TILE_CONFIGS = {name: make for name, (make, _) in CONFIGS.items()} | {
+    "8 cameras, 3 x 2 tiles": lambda: random_scene(n=90, cameras=8, width=48, height=20, seed=14),
+    "one tile": lambda: random_scene(n=50, cameras=1, width=16, height=16, seed=15),
+    "nothing visible": lambda: random_scene(n=30, cameras=2, width=40, height=40, seed=13),
+    "equal depths": lambda: random_scene(n=60, cameras=2, width=40, height=30, seed=16),
+}
+
+
+@pytest.mark.parametrize("name", TILE_CONFIGS)
+def test_emulated_tile_intersection_agrees_with_the_cpu(name):
+    """CUB's prefix sum and radix sort (emulated) list exactly the CPU's entries, in its
+    order: camera, tile, depth, then id."""
+    s = TILE_CONFIGS[name]().to("cpu")
+    means2d, radii, depths = project_scene(s)
+    if name == "equal depths":  # ties must keep increasing id order on both
+        depths = torch.full_like(depths, 2.5)
+    if name == "nothing visible":
+        radii = torch.zeros_like(radii)
+    tiles_x, tiles_y = tile_grid(s.width, s.height, TILE)
+    cpu, cuda = (ext.isect_tiles(means2d, radii, depths, TILE, tiles_x, tiles_y)
+                 for ext in (load_cpu_extension(), load_emulated_kernels()))
+    assert (cpu[1].numel() == 0) == (name == "nothing visible")
+    assert cuda[0].shape == cpu[0].shape and torch.equal(cuda[0], cpu[0])
+    assert torch.equal(cuda[1], cpu[1])
+
+
+OP_CONFIGS = {  # name: (scene, antialiased)
+    "sh, 2 cameras, background": (lambda: random_scene(n=200, cameras=2, width=40, height=34, sh_degree=2, seed=17),
+                                  False),
+    "antialiased, 3 cameras": (lambda: random_scene(n=150, cameras=3, width=36, height=30, seed=18), True),
+    "head, 2 cameras": (lambda: head_scene(n=1200, size=32, cameras=2, sh_degree=1), False),
+}
+
+
+@pytest.mark.parametrize("name", OP_CONFIGS)
+def test_the_cuda_op_through_rasterize_agrees_with_the_cpu_and_torch_backends(name, monkeypatch):
+    """The whole op as `backend="cuda"` runs it (cuda/kernels/bindings.cpp under the
+    rasterizer's autograd wrappers), emulated on CPU tensors: image, alpha, depth and the
+    gradients of every differentiable input against the CPU kernels and the torch
+    reference."""
+    from recon.raster import kernels_backend, rasterize
+
+    make, antialiased = OP_CONFIGS[name]
+    s = make().to("cpu")
+    g = torch.Generator().manual_seed(5)
+    background = torch.rand(3, generator=g)
+    weights = None
+
+    def run(backend):
+        nonlocal weights
+        leaves = [t.clone().requires_grad_(True) for t in (s.means, s.quats, s.scales, s.opacities, s.colors,
+                                                            s.viewmats, background)]
+        out = rasterize(*leaves[:6], s.Ks, s.width, s.height, sh_degree=s.sh_degree, backgrounds=leaves[6],
+                        antialiased=antialiased, backend=backend)
+        if weights is None:
+            weights = [torch.randn(t.shape, generator=g) for t in (out.image, out.alpha, out.depth)]
+        sum(((t * w).sum() for t, w in zip((out.image, out.alpha, out.depth), weights))).backward()
+        return {"image": out.image, "alpha": out.alpha, "depth": out.depth,
+                **{f"v_{k}": t.grad for k, t in zip(("means", "quats", "scales", "opacities", "colors", "viewmats",
+                                                     "background"), leaves)}}
+
+    cpu, torch_ref = run("cpu"), run("torch")
+    monkeypatch.setattr(kernels_backend, "extension", lambda device: load_emulated_kernels())
+    cuda = run("cpu")  # the CPU's pick, with the CUDA op's functions in place of the CPU extension's
+    assert cpu["alpha"].max() > 0.2
+    for other in (cpu, torch_ref):
+        for key, value in other.items():
+            scale = value.abs().max().item()
+            tolerance = (1e-4 if key.startswith("v_") else 1e-5) * scale + 1e-7
+            torch.testing.assert_close(cuda[key], value, rtol=0, atol=tolerance, msg=key)
+
+
+def test_garden_crop_agrees(garden_path):
+    s = garden_crop(garden_path)
+    means2d, radii, depths = project_scene(s)
+    cpu, cuda = (ext.isect_tiles(means2d, radii, depths, TILE, 2, 2) for ext in (load_cpu_extension(),
+                                                                                 load_emulated_kernels()))
+    assert cpu[1].numel() > 1000
+    assert torch.equal(cuda[0], cpu[0]) and torch.equal(cuda[1], cpu[1])
     cpu, cuda = run_both(stage_inputs(s, with_background=True))
     assert cpu["alpha"].mean() > 0.5
     assert_kernels_agree(cpu, cuda)
@@ -167,67 +261,135 @@ def test_unsupported_channels_and_tiles_are_refused():
         load_emulated_kernels().rasterize_forward(*args)
 
 
-def run_standalone(sanitizer, mode, sizes, tensors, tmp_path):
-    """sanitize_main built with `sanitizer`, run in `mode` on int64 `sizes` then `tensors`
-    (float32; int64 ones as they are): (the raw output bytes), asserting a clean run."""
+def run_standalone(exe, mode, sizes, tensors, tmp_path):
+    """sanitize_main `exe` run in `mode` on int64 `sizes` then `tensors` (float32; int64
+    ones as they are): (the finished process, the raw output bytes)."""
     blob = np.array(sizes, np.int64).tobytes() + b"".join(
         t.numpy().tobytes() if t.dtype == torch.int64 else t.numpy().astype(np.float32).tobytes() for t in tensors)
     (tmp_path / "in").write_bytes(blob)
-    run = subprocess.run([str(build_sanitized(sanitizer)), mode, str(tmp_path / "in"), str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr
-    return np.frombuffer((tmp_path / "out").read_bytes(), np.uint8)
+    (tmp_path / "out").unlink(missing_ok=True)
+    run = subprocess.run([str(exe), mode, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=600)
+    out = tmp_path / "out"
+    return run, np.frombuffer(out.read_bytes(), np.uint8) if out.is_file() else np.zeros(0, np.uint8)
 
 
-def assert_outputs_match(raw, expected: dict):
-    """The standalone program's outputs, in order, equal the extension's `expected`."""
+def is_clean(run) -> bool:
+    return run.returncode == 0 and "Sanitizer" not in run.stderr and "runtime error" not in run.stderr
+
+
+def outputs_match(raw, expected: dict) -> str | None:
+    """None when the standalone program's outputs, in order, equal the extension's
+    `expected`; else what differs."""
     at = 0
     for name, t in expected.items():
-        n = t.numel() * 4
-        got = torch.from_numpy(raw[at:at + n].copy().view(np.int32 if t.dtype == torch.int32 else np.float32))
+        dtype = {torch.int32: np.int32, torch.int64: np.int64}.get(t.dtype, np.float32)
+        n = t.numel() * np.dtype(dtype).itemsize
+        if at + n > len(raw):
+            return f"the output ends before {name}"
+        got = torch.from_numpy(raw[at:at + n].copy().view(dtype)).reshape(t.shape)
         at += n
-        torch.testing.assert_close(got.reshape(t.shape), t, rtol=0, atol=1e-6 * max(1.0, t.abs().max().item()),
-                                   msg=name)
-    assert at == len(raw)
+        if not torch.allclose(got.double(), t.double(), rtol=0, atol=1e-6 * max(1.0, t.abs().max().item())):
+            return f"{name} differs"
+    return None if at == len(raw) else "the output is longer than expected"
 
 
-@pytest.mark.parametrize("sanitizer", ["thread", "address"])
-def test_kernels_are_clean_under_sanitizers(sanitizer, tmp_path):
-    """Tiny scenes (2 cameras, 2 x 2 tiles each) through every kernel in a standalone program
-    built with the sanitizer: no report, and the results of the extension."""
+def standalone_cases(s, seed=1):
+    """{mode: (sizes, inputs, the emulated extension's outputs)} for scene `s`: every kernel
+    of cuda/kernels, as sanitize_main's modes take them."""
     ext = load_emulated_kernels()
-    g = torch.Generator().manual_seed(1)
-    s = random_scene(n=40, cameras=2, width=32, height=20, seed=9)
-
+    g = torch.Generator().manual_seed(seed)
     args = stage_inputs(s, with_background=True)
     means2d, conics, features, opacities, backgrounds, width, height, _, tile_offsets, flat_ids = args
     C, N, D = features.shape
+    tiles_x, tiles_y = tile_offsets.shape[2], tile_offsets.shape[1]
     v_render, v_alpha = torch.randn(C, height, width, D, generator=g), torch.randn(C, height, width, 1, generator=g)
     render, alpha, final_t, last_ids = ext.rasterize_forward(*args)
     grads = ext.rasterize_backward(*args, final_t, last_ids, v_render, v_alpha)
-    raw = run_standalone(sanitizer, "raster", [C, N, D, width, height, tile_offsets.shape[2], tile_offsets.shape[1],
-                                                len(flat_ids), 1],
-                         [means2d, conics, features, opacities, backgrounds, v_render, v_alpha, tile_offsets, flat_ids],
-                         tmp_path)
-    assert_outputs_match(raw, {"render": render, "alpha": alpha, "final_T": final_t, "last_ids": last_ids,
-                               **dict(zip(("v_means2d", "v_conics", "v_features", "v_opacities", "v_backgrounds"),
-                                          grads))})
+    cases = {"raster": ([C, N, D, width, height, tiles_x, tiles_y, len(flat_ids), 1],
+                        [means2d, conics, features, opacities, backgrounds, v_render, v_alpha, tile_offsets, flat_ids],
+                        {"render": render, "alpha": alpha, "final_T": final_t, "last_ids": last_ids,
+                         **dict(zip(("v_means2d", "v_conics", "v_features", "v_opacities", "v_backgrounds"), grads))})}
 
     inputs = [s.means, F.normalize(s.quats, dim=-1).contiguous(), s.scales, s.opacities, s.viewmats, s.Ks]
     projected = ext.project_forward(*inputs, width, height, 0.3, 0.01, 1e10, True)
     v = [torch.randn(t.shape, generator=g) for t in projected[1:]]
     p_grads = ext.project_backward(*inputs[:3], *inputs[4:], width, height, 0.3, projected[0], projected[3],
                                    projected[4], *v, True)
-    raw = run_standalone(sanitizer, "project", [C, N, width, height, 1], [*inputs, *v], tmp_path)
-    assert_outputs_match(raw, dict(zip(("radii", "means2d", "depths", "conics", "comps", "v_means", "v_quats",
-                                        "v_scales", "v_viewmats"), (*projected, *p_grads))))
+    cases["project"] = ([C, N, width, height, 1], [*inputs, *v],
+                        dict(zip(("radii", "means2d", "depths", "conics", "comps", "v_means", "v_quats", "v_scales",
+                                  "v_viewmats"), (*projected, *p_grads))))
 
     dirs, coeffs, v_colors = torch.randn(C, N, 3, generator=g), torch.randn(N, 16, 3, generator=g), \
         torch.randn(C, N, 3, generator=g)
-    colors = ext.sh_forward(3, dirs, coeffs)
-    v_dirs, v_coeffs = ext.sh_backward(3, dirs, coeffs, v_colors, True)
-    raw = run_standalone(sanitizer, "sh", [C, N, 16, 3], [dirs, coeffs, v_colors], tmp_path)
-    assert_outputs_match(raw, {"colors": colors, "v_dirs": v_dirs, "v_coeffs": v_coeffs})
+    cases["sh"] = ([C, N, 16, 3], [dirs, coeffs, v_colors],
+                   {"colors": ext.sh_forward(3, dirs, coeffs),
+                    **dict(zip(("v_dirs", "v_coeffs"), ext.sh_backward(3, dirs, coeffs, v_colors, True)))})
+
+    means2d, radii, depths = project_scene(s)
+    cases["tiles"] = ([C, N, tiles_x, tiles_y], [means2d, radii.float(), depths],
+                      dict(zip(("tile_offsets", "flat_ids"),
+                               ext.isect_tiles(means2d, radii, depths, TILE, tiles_x, tiles_y))))
+    return cases
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_kernels_are_clean_under_sanitizers(sanitizer, tmp_path):
+    """Tiny scenes (2 cameras, 2 x 2 tiles each) through every kernel (tile lists,
+    projection, SH, compositing) in a standalone program built with the sanitizer: no
+    report, and the results of the extension."""
+    exe = build_sanitized(sanitizer)
+    for mode, (sizes, inputs, expected) in standalone_cases(tiny_scene()).items():
+        run, raw = run_standalone(exe, mode, sizes, inputs, tmp_path)
+        assert is_clean(run), f"{mode}: {run.stderr}"
+        assert outputs_match(raw, expected) is None, f"{mode}: {outputs_match(raw, expected)}"
+
+
+def tiny_scene():
+    return random_scene(n=40, cameras=2, width=32, height=20, seed=9)
+
+
+def full_batch_scene():
+    """One tile listing more Gaussians than a shared-memory batch holds, faint and large
+    enough that no pixel stops before the last batch."""
+    return random_scene(n=300, cameras=1, width=16, height=16, seed=9, scale_range=(0.3, 0.6),
+                        opacity_range=(0.005, 0.02))
+
+
+PLANTED_BUGS = {  # name: (file in cuda/kernels, text, replaced by, sanitizer, mode, scene, what catches it)
+    "nothing planted": ("rasterize_forward.cu", "", "", "address", "raster", full_batch_scene, None),
+    "a removed __syncthreads": ("rasterize_forward.cu", "    __syncthreads();\n    const int count",
+                                "    const int count", "thread", "raster", tiny_scene, "ThreadSanitizer: data race"),
+    "a non-atomic accumulation": ("rasterize_backward.cu", "{ atomicAdd(at, value); }", "{ *at += value; }", "thread",
+                                  "raster", tiny_scene, "ThreadSanitizer: data race"),
+    "a sort with one key bit too few": ("tile_intersect.cu", "return 32 + splat::index_bits(",
+                                        "return 31 + splat::index_bits(", "address", "tiles", tiny_scene, "differs"),
+    "a shared array one batch too small": ("rasterize_forward.cu", "__shared__ float2 s_mean[kBlock];",
+                                           "__shared__ float2 s_mean[kBlock - 1];", "address", "raster",
+                                           full_batch_scene, "insufficient space for an object of type 'struct float2'"),
+}
+
+
+@pytest.mark.parametrize("name", PLANTED_BUGS)
+def test_the_checks_catch_a_planted_bug(name, tmp_path):
+    """Mutation test of the harness: a copy of the kernels with one bug planted, built and
+    run as the sanitizer test does, must be reported, by the sanitizer (AddressSanitizer
+    + UBSan or ThreadSanitizer) or by outputs that differ from the correct kernels'."""
+    file, text, replacement, sanitizer, mode, make_scene, caught_by = PLANTED_BUGS[name]
+    kernels = tmp_path / "kernels"
+    shutil.copytree(KERNEL_DIR, kernels)
+    source = (kernels / file).read_text()
+    assert text == "" or source.count(text) == 1, f"{file} no longer holds {text!r} once: update the mutation"
+    (kernels / file).write_text(source.replace(text, replacement) if text else source)
+    sizes, inputs, expected = standalone_cases(make_scene())[mode]
+    if make_scene is full_batch_scene:
+        assert (expected["last_ids"] > 256).any()
+    run, raw = run_standalone(build_sanitized(sanitizer, kernels), mode, sizes, inputs, tmp_path)
+    found = run.stderr if not is_clean(run) else outputs_match(raw, expected) or ""
+    if caught_by is None:
+        assert is_clean(run) and outputs_match(raw, expected) is None, found
+    else:
+        assert caught_by in found, found
 
 
 EMULATION_CATCHES = {  # kernel body -> what cuda_emu says

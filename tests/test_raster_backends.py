@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from _scenes import look_at_viewmat, random_scene
 from bench.scenes import garden_scene, head_scene
 from recon.raster import BackendUnavailable, RasterizerArgumentError, rasterize
-from recon.raster import cpu_backend, reference
+from recon.raster import kernels_backend, reference
 
 INPUTS = ("means", "quats", "scales", "opacities", "colors", "viewmats")
 
@@ -107,7 +107,7 @@ def test_tile_lists_identical():
     radii, m2, depths, _, _ = reference.project(s.means, s.quats, s.scales, s.opacities, s.viewmats, s.Ks, 100, 77)
     tx, ty = reference.tile_grid(100, 77, 16)
     off_ref, ids_ref = reference.isect_tiles(m2, radii, depths, 16, tx, ty)
-    off_cpu, ids_cpu = cpu_backend.isect_tiles(m2, radii, depths, 16, tx, ty)
+    off_cpu, ids_cpu = kernels_backend.isect_tiles(m2, radii, depths, 16, tx, ty)
     assert ids_ref.numel() > 2000
     assert torch.equal(off_ref, off_cpu)
     assert torch.equal(ids_ref, ids_cpu)
@@ -228,7 +228,7 @@ def test_bad_sh_and_backend_arguments():
         rasterize(**a, backend="vulkan")
     with pytest.raises(RasterizerArgumentError, match="backgrounds must have shape"):
         rasterize(**a, backgrounds=torch.zeros(4))
-    with pytest.raises(BackendUnavailable, match="CUDA kernels are not built yet"):
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' runs our CUDA kernels, and this run is on cpu"):
         rasterize(**a, backend="cuda")
     with pytest.raises(BackendUnavailable, match="backend 'gsplat' runs gsplat's CUDA kernels, and this run is on cpu"):
         rasterize(**a, backend="gsplat")

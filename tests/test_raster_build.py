@@ -52,5 +52,5 @@ def test_cuda_backend_where_it_cannot_run_is_a_named_error(sample_dataset, tmp_p
 
     assert main(["train", str(sample_dataset), "--out", str(tmp_path / "av"), "--backend", "cuda"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: backend 'cuda': the custom CUDA kernels are not built yet") and "remedy" in err
+    assert err.startswith("error: backend 'cuda' runs our CUDA kernels, and this run is on cpu") and "remedy" in err
     assert not (tmp_path / "av").exists()

@@ -2,36 +2,18 @@
 // inside each tile. Equivalent to sorting 64-bit (tile, depth) keys, but parallel over
 // tiles and without materialising the keys.
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <utility>
 
 #include "ops.h"
+#include "splat_math.h"
 
 namespace splat_cpu {
 
 namespace {
-struct TileRect { int x0, y0, x1, y1; };
-
 template <typename T>
-TileRect tile_rect(const T* m, const int32_t* r, int tile_size, int tiles_x, int tiles_y) {
-  // Same float arithmetic as the torch reference, so both list the same tiles.
-  const float mx = static_cast<float>(m[0]), my = static_cast<float>(m[1]);
-  const float rx = static_cast<float>(r[0]), ry = static_cast<float>(r[1]);
-  const float ts = static_cast<float>(tile_size);
-  TileRect t;
-  t.x0 = std::min(std::max(static_cast<int>(std::floor((mx - rx) / ts)), 0), tiles_x);
-  t.y0 = std::min(std::max(static_cast<int>(std::floor((my - ry) / ts)), 0), tiles_y);
-  t.x1 = std::min(std::max(static_cast<int>(std::ceil((mx + rx) / ts)), 0), tiles_x);
-  t.y1 = std::min(std::max(static_cast<int>(std::ceil((my + ry) / ts)), 0), tiles_y);
-  return t;
-}
-
-// Depths are > near_plane > 0, so their float bit patterns sort like the values.
-inline uint32_t depth_key(float d) {
-  uint32_t k;
-  std::memcpy(&k, &d, sizeof(k));
-  return k;
+splat::TileRect tile_rect(const T* m, const int32_t* r, int tile_size, int tiles_x, int tiles_y) {
+  return splat::tile_rect(static_cast<float>(m[0]), static_cast<float>(m[1]), static_cast<float>(r[0]),
+                          static_cast<float>(r[1]), tile_size, tiles_x, tiles_y);
 }
 }  // namespace
 
@@ -50,7 +32,7 @@ void isect_tiles(int64_t C, int64_t N, const T* means2d, const int32_t* radii, c
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < CN; ++i) {
       if (radii[2 * i] <= 0 || radii[2 * i + 1] <= 0) continue;
-      const TileRect t = tile_rect(means2d + 2 * i, radii + 2 * i, tile_size, tiles_x, tiles_y);
+      const splat::TileRect t = tile_rect(means2d + 2 * i, radii + 2 * i, tile_size, tiles_x, tiles_y);
       int64_t* row = local.data() + (i / N) * n_tiles;
       for (int y = t.y0; y < t.y1; ++y)
         for (int x = t.x0; x < t.x1; ++x) ++row[static_cast<int64_t>(y) * tiles_x + x];
@@ -73,7 +55,7 @@ void isect_tiles(int64_t C, int64_t N, const T* means2d, const int32_t* radii, c
   std::vector<int64_t> cursor(tile_offsets);
   for (int64_t i = 0; i < CN; ++i) {
     if (radii[2 * i] <= 0 || radii[2 * i + 1] <= 0) continue;
-    const TileRect t = tile_rect(means2d + 2 * i, radii + 2 * i, tile_size, tiles_x, tiles_y);
+    const splat::TileRect t = tile_rect(means2d + 2 * i, radii + 2 * i, tile_size, tiles_x, tiles_y);
     const int64_t base = (i / N) * n_tiles;
     for (int y = t.y0; y < t.y1; ++y)
       for (int x = t.x0; x < t.x1; ++x) flat_ids[cursor[base + static_cast<int64_t>(y) * tiles_x + x]++] = i;
@@ -89,7 +71,7 @@ void isect_tiles(int64_t C, int64_t N, const T* means2d, const int32_t* radii, c
       if (end - start < 2) continue;
       buf.clear();
       for (int64_t k = start; k < end; ++k)
-        buf.emplace_back(depth_key(static_cast<float>(depths[flat_ids[k]])), flat_ids[k]);
+        buf.emplace_back(splat::depth_key(static_cast<float>(depths[flat_ids[k]])), flat_ids[k]);
       std::sort(buf.begin(), buf.end());
       for (int64_t k = start; k < end; ++k) flat_ids[k] = buf[k - start].second;
     }

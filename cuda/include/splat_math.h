@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define SPLAT_HD __host__ __device__ __forceinline__
@@ -413,6 +414,41 @@ SPLAT_HD ProjectionGrad<T> project_gaussian_vjp(const PinholeCamera<T>& cam, con
   v_pc.z += v_depth;
   world_to_cam_vjp(cam.R, p, cov, v_pc, v_covc, g.v_R, g.v_t, g.v_p, g.v_cov);
   return g;
+}
+
+// ---------------------------------------------------------------- tile binning
+// The tiles [x0, x1) x [y0, y1) that a Gaussian's screen extent (mean +- radius) touches,
+// clamped to the grid. Float arithmetic, as the torch reference does it, so that every
+// backend lists the same tiles.
+struct TileRect {
+  int x0, y0, x1, y1;
+  SPLAT_HD int64_t count() const { return int64_t(x1 - x0) * (y1 - y0); }
+};
+SPLAT_HD int clamp_tile(int v, int hi) { return v < 0 ? 0 : (v > hi ? hi : v); }
+SPLAT_HD TileRect tile_rect(float mx, float my, float rx, float ry, int tile_size, int tiles_x, int tiles_y) {
+  using std::ceil;
+  using std::floor;
+  const float ts = static_cast<float>(tile_size);
+  return {clamp_tile(static_cast<int>(floor((mx - rx) / ts)), tiles_x),
+          clamp_tile(static_cast<int>(floor((my - ry) / ts)), tiles_y),
+          clamp_tile(static_cast<int>(ceil((mx + rx) / ts)), tiles_x),
+          clamp_tile(static_cast<int>(ceil((my + ry) / ts)), tiles_y)};
+}
+
+// A depth's sort key: depths exceed the near plane (> 0), so their float bit patterns
+// order like the values.
+SPLAT_HD uint32_t depth_key(float depth) {
+  uint32_t key;
+  memcpy(&key, &depth, sizeof(key));
+  return key;
+}
+
+// The bits a (camera, tile) index below `n` needs: the sort key is (camera * tiles + tile)
+// above 32 bits of depth, and only 32 + this many bits need sorting.
+SPLAT_HD int index_bits(int64_t n) {
+  int bits = 0;
+  while (bits < 63 && (int64_t(1) << bits) < n) ++bits;
+  return bits;
 }
 
 // ---------------------------------------------------------------- pixel evaluation

@@ -5,8 +5,9 @@
 >>> out.image  # [C, H, W, D]
 
 Backends: ``torch`` (pure-PyTorch reference, :mod:`.reference`), ``cpu`` (OpenMP C++
-kernels built from ``cuda/cpu``, :mod:`.cpu_backend`), ``gsplat`` (gsplat's CUDA kernels,
-:mod:`.gsplat_backend`), ``cuda`` (custom CUDA kernels, not built yet).
+kernels built from ``cuda/cpu``) and ``cuda`` (our CUDA kernels built with nvcc from
+``cuda/kernels``), both through :mod:`.kernels_backend`, and ``gsplat`` (gsplat's CUDA
+kernels, :mod:`.gsplat_backend`).
 """
 
 from .api import BACKENDS, BackendUnavailable, RasterizerArgumentError, RasterOutput, rasterize

@@ -67,7 +67,7 @@ class KernelBuildError(AvatarError):
         super().__init__(None, message)
 
 
-_failure: KernelBuildError | None = None  # this process's failed build, raised again at once
+_failures: dict[str, KernelBuildError] = {}  # this process's failed builds, raised again at once
 FAILED_BUILD = "build_failed.json"
 """Written in the build folder when a build fails: the next runs report it at once instead
 of compiling again, until the sources, the compiler or torch change."""
@@ -96,6 +96,8 @@ def _remedy(message: str) -> str:
                 "macOS: xcode-select --install)")
     if "omp.h" in message or "fopenmp" in message:
         return "the compiler lacks OpenMP: install libgomp (Debian/Ubuntu: sudo apt install libgomp1 g++)"
+    if "nvcc" in message or "CUDA_HOME" in message:
+        return "install the CUDA toolkit of this torch's CUDA version and put its nvcc on PATH (or set CUDA_HOME)"
     if "Ninja is required" in message:
         return "install ninja (pip install ninja)"
     return "set AVATAR_VERBOSE_BUILD=1 to see the whole compiler output"
@@ -111,54 +113,75 @@ def _compiler_errors(text: str, n: int = 6) -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_cpu_extension(retry: bool = False):
-    """Compile (first use) and import the OpenMP CPU rasterizer. A failed build raises
-    KernelBuildError with the compiler's error lines and the fix; it is recorded, so later
-    calls and later runs raise it at once until the sources, compiler or torch change.
-    retry: build again despite a recorded failure (backend 'cpu' asked for by name: the
-    user may have installed what was missing, headers or OpenMP, which the record's key
-    cannot see)."""
+    """Compile (first use) and import the OpenMP CPU rasterizer (``cuda/cpu``). A failed
+    build raises KernelBuildError with the compiler's error lines and the fix; it is
+    recorded, so later calls and later runs raise it at once until the sources, compiler
+    or torch change. retry: build again despite a recorded failure (backend 'cpu' asked for
+    by name: the user may have installed what was missing, headers or OpenMP, which the
+    record's key cannot see)."""
+    src = kernel_source_dir()
+    return _load_extension(
+        "CPU rasterizer", f"avatar_raster_cpu_{_cpu_fingerprint()}", src / "cpu",
+        sorted(str(p) for p in (src / "cpu").glob("*.cpp")), [src / "include", src / "cpu"],
+        cflags=["-O3", "-std=c++17", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"],
+        ldflags=["-fopenmp"], retry=retry, minutes="~1 min")
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda_extension(retry: bool = False):
+    """Compile (first use, with nvcc) and import our CUDA rasterizer (``cuda/kernels``: the
+    kernels and their torch op). Needs a CUDA build of torch and the CUDA toolkit; failures
+    are named and recorded as for :func:`load_cpu_extension`."""
+    import torch
+
+    if torch.version.cuda is None:
+        raise KernelBuildError("could not build the CUDA rasterizer: this torch is a CPU-only build "
+                               f"(torch {torch.__version__})\n  fix: install a CUDA build of torch")
+    src = kernel_source_dir()
+    kernels = src / "kernels"
+    sources = [str(kernels / "bindings.cpp"), *sorted(str(p) for p in kernels.glob("*.cu"))]
+    return _load_extension(
+        "CUDA rasterizer", f"avatar_raster_cuda_{torch.version.cuda.replace('.', '')}", kernels, sources,
+        [src / "include", kernels], cflags=["-O3"], cuda_cflags=["-O3", "-Xptxas=-O3"], retry=retry,
+        minutes="~2 min")
+
+
+def _load_extension(label: str, name: str, folder: Path, sources: list[str], includes: list[Path], *,
+                    cflags: list[str], ldflags: list[str] = (), cuda_cflags: list[str] | None = None,
+                    retry: bool, minutes: str):
     import torch.utils.cpp_extension as cpp_ext
     from rich.console import Console
 
-    global _failure
-    if _failure is not None:
-        raise _failure
-    src = kernel_source_dir()
-    name = f"avatar_raster_cpu_{_cpu_fingerprint()}"
+    if name in _failures:
+        raise _failures[name]
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    sources = sorted(str(p) for p in (src / "cpu").glob("*.cpp"))
-    key = _build_key(sources)
+    key = _build_key(sources + sorted(str(p) for folder_ in includes for p in folder_.glob("*.h*")))
     record = build_dir / FAILED_BUILD
     try:
         failed = json.loads(record.read_text()) if record.is_file() else None
     except ValueError:
         failed = None
     if isinstance(failed, dict) and failed.get("key") == key and not retry:
-        _failure = KernelBuildError(f"{failed['message']}\n  (the build failed before; recorded in {record}: it is tried "
-                               "again once the compiler, the sources or torch change, with --backend cpu, or when that file is deleted)")
-        raise _failure
+        _failures[name] = KernelBuildError(
+            f"{failed['message']}\n  (the build failed before; recorded in {record}: it is tried again once the "
+            "compiler, the sources or torch change, when the backend is asked for by name, or when that file is "
+            "deleted)")
+        raise _failures[name]
     console = Console(stderr=True)
     try:
-        with console.status(
-            f"[bold]Loading CPU rasterizer[/] (compiles on first use, ~1 min) -> {build_dir}",
-            spinner="dots",
-        ):
+        with console.status(f"[bold]Loading {label}[/] (compiles on first use, {minutes}) -> {build_dir}",
+                            spinner="dots"):
             module = cpp_ext.load(
-                name=name,
-                sources=sources,
-                extra_include_paths=[str(src / "include"), str(src / "cpu")],
-                extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-march=native", "-fno-math-errno",
-                             "-fno-trapping-math"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
-                verbose=os.environ.get("AVATAR_VERBOSE_BUILD") == "1",
+                name=name, sources=sources, extra_include_paths=[str(p) for p in includes],
+                extra_cflags=list(cflags), extra_cuda_cflags=cuda_cflags, extra_ldflags=list(ldflags),
+                build_directory=str(build_dir), verbose=os.environ.get("AVATAR_VERBOSE_BUILD") == "1",
             )
     except Exception as exc:  # compiler missing, headers missing, ...
-        message = (f"could not build the CPU rasterizer from {src / 'cpu'}; the compiler said:\n"
+        message = (f"could not build the {label} from {folder}; the compiler said:\n"
                    f"{_compiler_errors(str(exc))}\n  fix: {_remedy(str(exc))}")
         record.write_text(json.dumps({"key": key, "message": message}))
-        _failure = KernelBuildError(message)
-        raise _failure from exc
+        _failures[name] = KernelBuildError(message)
+        raise _failures[name] from exc
     record.unlink(missing_ok=True)
     return module

@@ -18,7 +18,7 @@ BACKENDS = ("auto", "torch", "cpu", "cuda", "gsplat")
 TORCH_SLOWDOWN = 50
 """Forward + backward time of the torch backend over the CPU kernels (`avatar bench raster
 --scenes head`: 20k Gaussians at 256^2 on 2 cores, 3327 vs 66 ms)."""
-_fallback_announced = False
+_fallbacks_announced: set[str] = set()
 
 
 @dataclass
@@ -127,17 +127,30 @@ def _check(
     return C, D
 
 
-def _pick_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
+def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[str, ModuleType]:
     if name not in BACKENDS:
         raise RasterizerArgumentError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "cuda":
-        raise BackendUnavailable(None, "backend 'cuda': the custom CUDA kernels are not built yet"
-                                 + ("" if torch.cuda.is_available() else ", and this machine has no CUDA GPU"),
-                                 "use backend auto: the CPU kernels here, gsplat's (or the torch backend) on a GPU")
+    if name in ("cuda", "gsplat") and device.type != "cuda":
+        kernels = "our CUDA kernels" if name == "cuda" else "gsplat's CUDA kernels"
+        raise BackendUnavailable(None, f"backend {name!r} runs {kernels}, and this run is on {device}"
+                                 + ("" if torch.cuda.is_available() else " (this machine has no CUDA GPU)"),
+                                 "use backend auto (the CPU kernels here), or --device cuda on a GPU")
+    if name == "cpu" and device.type != "cpu":
+        raise RasterizerArgumentError(f"backend='cpu' needs CPU tensors, got {device}")
+    if name == "cuda" and dtype != torch.float32:
+        raise RasterizerArgumentError(f"backend 'cuda' takes float32 tensors, got {dtype}")
+    if name == "cuda" or (name == "auto" and device.type == "cuda" and dtype == torch.float32):
+        from . import kernels_backend
+        from ._build import load_cuda_extension
+
+        try:
+            load_cuda_extension(retry=name == "cuda")
+            return "cuda", kernels_backend
+        except KernelBuildError as exc:
+            if name == "cuda":
+                raise
+            _announce_fallback(exc, "gsplat's CUDA kernels")
     if name == "gsplat" or (name == "auto" and device.type == "cuda"):
-        if device.type != "cuda":
-            raise BackendUnavailable(None, f"backend 'gsplat' runs gsplat's CUDA kernels, and this run is on {device}",
-                                     "use backend auto (the CPU kernels here), or --device cuda on a GPU")
         from . import gsplat_backend
 
         try:
@@ -149,14 +162,12 @@ def _pick_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
                                          "install the CUDA toolkit matching torch, or use backend torch") from exc
             _announce_fallback(KernelBuildError(f"gsplat's CUDA kernels cannot be built here ({exc})"))
     if name == "cpu" or (name == "auto" and device.type == "cpu"):
-        if device.type != "cpu":
-            raise RasterizerArgumentError(f"backend='cpu' needs CPU tensors, got {device}")
         try:
-            from . import cpu_backend
+            from . import kernels_backend
             from ._build import load_cpu_extension
 
             load_cpu_extension(retry=name == "cpu")
-            return "cpu", cpu_backend
+            return "cpu", kernels_backend
         except KernelBuildError as exc:
             if name == "cpu":
                 raise
@@ -164,14 +175,14 @@ def _pick_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
     return "torch", reference
 
 
-def _announce_fallback(exc: KernelBuildError) -> None:
-    """Said once per process: which backend runs instead, and what it costs."""
-    global _fallback_announced
-    if _fallback_announced:
+def _announce_fallback(exc: KernelBuildError, instead: str | None = None) -> None:
+    """Said once per process and fallback: which backend runs instead, and what it costs."""
+    instead = instead or f"the pure-torch rasterizer, about {TORCH_SLOWDOWN}x slower for training " \
+                         "(avatar bench raster measures it here)"
+    if instead in _fallbacks_announced:
         return
-    _fallback_announced = True
-    warnings.warn(f"{exc}\nFalling back to the pure-torch rasterizer, about {TORCH_SLOWDOWN}x slower for training "
-                  "(avatar bench raster measures it here).", RuntimeWarning, stacklevel=4)
+    _fallbacks_announced.add(instead)
+    warnings.warn(f"{exc}\nFalling back to {instead}.", RuntimeWarning, stacklevel=4)
 
 
 def rasterize(
@@ -215,17 +226,17 @@ def rasterize(
         antialiased: scale opacity by sqrt(det / det_dilated) (Mip-Splatting's 2D
             filter), so small Gaussians do not bloat when rendered far away.
         tile_size: tile edge in pixels (16 as in 3DGS).
-        backend: "auto" (the device's: the CPU kernels on a CPU, gsplat's on a CUDA
-            device; torch where they cannot be built), "torch" (pure-PyTorch reference),
-            "cpu" (OpenMP C++ kernels), "cuda" (custom CUDA kernels, not built yet),
-            "gsplat" (gsplat 1.5.3's CUDA kernels).
+        backend: "auto" (the device's: the CPU kernels on a CPU, ours on a CUDA device,
+            then gsplat's; torch where none can be built), "torch" (pure-PyTorch reference),
+            "cpu" (OpenMP C++ kernels), "cuda" (our CUDA kernels, float32; built with
+            nvcc on first use), "gsplat" (gsplat 1.5.3's CUDA kernels).
 
     Returns:
         A :class:`RasterOutput`. Differentiable with respect to means, quats, scales,
         opacities, colors, viewmats and backgrounds (not Ks).
     """
     C, D = _check(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds, tile_size)
-    name, ops = _pick_backend(backend, means.device)
+    name, ops = _pick_backend(backend, means.device, means.dtype)
     if name == "gsplat":
         return ops.rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                                     sh_degree=sh_degree, backgrounds=backgrounds, near_plane=near_plane,

@@ -1,8 +1,9 @@
 // A standalone run of the CUDA kernels under cuda_emu, for ThreadSanitizer and
 // AddressSanitizer + UBSan builds (tests/test_cuda_kernels.py builds and runs it).
-// Usage: sanitize_main MODE IN OUT, MODE one of raster, project, sh. IN holds,
+// Usage: sanitize_main MODE IN OUT, MODE one of raster, project, sh, tiles. IN holds,
 // little-endian, int64 sizes then float32 inputs (and, for raster, int64 tile lists); OUT
-// gets the outputs in order, each float32 but the int32 radii and last_ids:
+// gets the outputs in order, each float32 but the int32 radii and last_ids and the int64
+// tile lists:
 //   raster:  C N D width height tiles_x tiles_y n_isects has_background | means2d [C,N,2],
 //            conics [C,N,3], features [C,N,D], opacities [C,N], backgrounds [C,D] (if any),
 //            v_render [C,H,W,D], v_alpha [C,H,W] | tile_offsets [C*tiles_y*tiles_x],
@@ -14,6 +15,8 @@
 //            compensations, v_means, v_quats, v_scales, v_viewmats
 //   sh:      C N K degree | dirs [C,N,3], coeffs [N,K,3], v_colors [C,N,3]  ->  colors,
 //            v_dirs, v_coeffs
+//   tiles:   C N tiles_x tiles_y | means2d [C,N,2], radii [C,N,2] (whole numbers), depths [C,N]
+//            ->  tile_offsets [C*tiles_y*tiles_x], flat_ids [n_isects] (16 x 16 tiles)
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -23,6 +26,7 @@
 #include "projection.h"
 #include "rasterize.h"
 #include "spherical_harmonics.h"
+#include "tile_intersect.h"
 
 namespace {
 
@@ -104,11 +108,30 @@ void sh(std::FILE* in, std::FILE* out) {
   write(out, colors), write(out, v_dirs), write(out, v_coeffs);
 }
 
+void tiles(std::FILE* in, std::FILE* out) {
+  const auto head = read<int64_t>(in, 4);
+  const int64_t C = head[0], N = head[1], tx = head[2], ty = head[3];
+  auto means2d = read<float>(in, C * N * 2), radii_f = read<float>(in, C * N * 2), depths = read<float>(in, C * N);
+  const std::vector<int32_t> radii(radii_f.begin(), radii_f.end());
+  std::vector<int64_t> counts(C * N), cumsum(C * N);
+  std::vector<char> temp(splat_cuda::isect_count_temp_bytes(C, N));
+  ok(splat_cuda::isect_count(C, N, means2d.data(), radii.data(), splat_cuda::kTileSize, int(tx), int(ty),
+                             counts.data(), cumsum.data(), temp.data(), temp.size(), nullptr));
+  const int64_t M = C * N ? cumsum.back() : 0;
+  std::vector<uint64_t> keys(2 * M);
+  std::vector<int64_t> ids(M), flat_ids(M), offsets(C * ty * tx);
+  temp.assign(splat_cuda::isect_sort_temp_bytes(C, int(tx), int(ty), M), 0);
+  ok(splat_cuda::isect_sort(C, N, means2d.data(), radii.data(), depths.data(), splat_cuda::kTileSize, int(tx), int(ty),
+                            cumsum.data(), M, keys.data(), ids.data(), temp.data(), temp.size(), offsets.data(),
+                            flat_ids.data(), nullptr));
+  write(out, offsets), write(out, flat_ids);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: %s raster|project|sh IN OUT\n", argv[0]);
+    std::fprintf(stderr, "usage: %s raster|project|sh|tiles IN OUT\n", argv[0]);
     return 2;
   }
   std::FILE* in = std::fopen(argv[2], "rb");
@@ -117,6 +140,7 @@ int main(int argc, char** argv) {
   if (!std::strcmp(argv[1], "raster")) raster(in, out);
   else if (!std::strcmp(argv[1], "project")) project(in, out);
   else if (!std::strcmp(argv[1], "sh")) sh(in, out);
+  else if (!std::strcmp(argv[1], "tiles")) tiles(in, out);
   else return 2;
   std::fclose(in);
   std::fclose(out);

@@ -20,6 +20,8 @@
 // here), occupancy and timing, partial-mask warp operations.
 #pragma once
 
+#define CUDA_EMU 1  // sources that differ (cuda/kernels/bindings.cpp) test this
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -71,7 +73,12 @@ using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "no error (cuda_emu)"; }
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "invalid argument"; }
+// Device memory is host memory here, and every call is synchronous.
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
 
 namespace cuda_emu {
 

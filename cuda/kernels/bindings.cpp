@@ -1,25 +1,54 @@
-// The CUDA kernels run on CPU tensors through cuda_emu (tests only), with the signatures
-// of the CPU extension's project_*, sh_* and rasterize_* (cuda/cpu/bindings.cpp), float32
-// only.
+// The torch op of the CUDA kernels (cuda/kernels/*.cu): the functions of the CPU
+// extension (cuda/cpu/bindings.cpp), same names, arguments and outputs, float32 only, so
+// recon/raster/kernels_backend.py runs either. recon/raster/_build.py builds it with nvcc on
+// CUDA machines. The tests build the same file for the CPU against the emulation headers
+// of tests/cuda_emu (CUDA_EMU defined), where tensors are CPU tensors and launches run
+// synchronously.
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include <cuda_runtime.h>
 
 #include "projection.h"
 #include "rasterize.h"
 #include "spherical_harmonics.h"
+#include "tile_intersect.h"
+
+#ifndef CUDA_EMU
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace {
 
+#ifdef CUDA_EMU
+constexpr auto kDevice = torch::kCPU;
+cudaStream_t stream() { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(const torch::Tensor&) {}
+};
+#else
+constexpr auto kDevice = torch::kCUDA;
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+struct DeviceGuard {  // launches on the inputs' GPU
+  explicit DeviceGuard(const torch::Tensor& t) : guard(t.device()) {}
+  c10::cuda::CUDAGuard guard;
+};
+#endif
+
 void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype, name,
-              " must be a contiguous CPU tensor of ", dtype);
+  TORCH_CHECK(t.device().type() == kDevice && t.is_contiguous() && t.scalar_type() == dtype, name,
+              " must be a contiguous ", kDevice, " tensor of ", dtype);
 }
 
 void ok(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, what, ": the kernels are not built for these arguments (channels, tile size, "
-              "SH degree)");
+  TORCH_CHECK(status == cudaSuccess, what, ": ",
+              status == cudaErrorInvalidValue
+                  ? "the kernels are not built for these arguments (channels, tile size, SH degree)"
+                  : cudaGetErrorString(status));
 }
 
 const float* opt(const c10::optional<torch::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
@@ -31,6 +60,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
   for (auto [t, n] : {std::pair{&means, "means"}, {&quats, "quats"}, {&scales, "scales"}, {&opacities, "opacities"},
                       {&viewmats, "viewmats"}, {&Ks, "Ks"}})
     check(*t, n, torch::kFloat32);
+  const DeviceGuard guard(means);
   const int64_t N = means.size(0), C = viewmats.size(0);
   auto opts = means.options();
   auto radii = torch::empty({C, N, 2}, opts.dtype(torch::kInt32));
@@ -40,7 +70,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
                                  opacities.data_ptr<float>(), viewmats.data_ptr<float>(), Ks.data_ptr<float>(),
                                  int(width), int(height), float(eps2d), float(near_plane), float(far_plane),
                                  antialiased, radii.data_ptr<int32_t>(), means2d.data_ptr<float>(),
-                                 depths.data_ptr<float>(), conics.data_ptr<float>(), comps.data_ptr<float>(), nullptr),
+                                 depths.data_ptr<float>(), conics.data_ptr<float>(), comps.data_ptr<float>(), stream()),
      "project_forward");
   return {radii, means2d, depths, conics, comps};
 }
@@ -57,6 +87,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Ten
     check(*t, n, torch::kFloat32);
   check(radii, "radii", torch::kInt32);
   if (v_comps.has_value()) check(*v_comps, "v_compensations", torch::kFloat32);
+  const DeviceGuard guard(means);
   auto v_means = torch::zeros_like(means), v_quats = torch::zeros_like(quats), v_scales = torch::zeros_like(scales);
   c10::optional<torch::Tensor> v_viewmats;
   if (viewmats_grad) v_viewmats = torch::zeros_like(viewmats);
@@ -66,7 +97,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Ten
          float(eps2d), radii.data_ptr<int32_t>(), conics.data_ptr<float>(), comps.data_ptr<float>(),
          v_means2d.data_ptr<float>(), v_depths.data_ptr<float>(), v_conics.data_ptr<float>(), opt(v_comps),
          v_means.data_ptr<float>(), v_quats.data_ptr<float>(), v_scales.data_ptr<float>(),
-         viewmats_grad ? v_viewmats->data_ptr<float>() : nullptr, nullptr),
+         viewmats_grad ? v_viewmats->data_ptr<float>() : nullptr, stream()),
      "project_backward");
   return {v_means, v_quats, v_scales, v_viewmats};
 }
@@ -74,10 +105,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Ten
 torch::Tensor sh_forward(int64_t degree, const torch::Tensor& dirs, const torch::Tensor& coeffs) {
   check(dirs, "dirs", torch::kFloat32);
   check(coeffs, "coeffs", torch::kFloat32);
+  const DeviceGuard guard(dirs);
   const int64_t C = dirs.size(0), N = dirs.size(1);
   auto colors = torch::empty({C, N, 3}, dirs.options());
   ok(splat_cuda::sh_forward(C, N, coeffs.size(1), int(degree), dirs.data_ptr<float>(), coeffs.data_ptr<float>(),
-                            colors.data_ptr<float>(), nullptr),
+                            colors.data_ptr<float>(), stream()),
      "sh_forward");
   return colors;
 }
@@ -87,14 +119,46 @@ std::tuple<c10::optional<torch::Tensor>, torch::Tensor> sh_backward(int64_t degr
                                                                     const torch::Tensor& v_colors, bool dirs_grad) {
   for (auto [t, n] : {std::pair{&dirs, "dirs"}, {&coeffs, "coeffs"}, {&v_colors, "v_colors"}})
     check(*t, n, torch::kFloat32);
+  const DeviceGuard guard(dirs);
   c10::optional<torch::Tensor> v_dirs;
   if (dirs_grad) v_dirs = torch::empty_like(dirs);
   auto v_coeffs = torch::zeros_like(coeffs);
   ok(splat_cuda::sh_backward(dirs.size(0), dirs.size(1), coeffs.size(1), int(degree), dirs.data_ptr<float>(),
                              coeffs.data_ptr<float>(), v_colors.data_ptr<float>(),
-                             dirs_grad ? v_dirs->data_ptr<float>() : nullptr, v_coeffs.data_ptr<float>(), nullptr),
+                             dirs_grad ? v_dirs->data_ptr<float>() : nullptr, v_coeffs.data_ptr<float>(), stream()),
      "sh_backward");
   return {v_dirs, v_coeffs};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> isect_tiles(const torch::Tensor& means2d, const torch::Tensor& radii,
+                                                     const torch::Tensor& depths, int64_t tile_size, int64_t tiles_x,
+                                                     int64_t tiles_y) {
+  check(means2d, "means2d", torch::kFloat32);
+  check(depths, "depths", torch::kFloat32);
+  check(radii, "radii", torch::kInt32);
+  const DeviceGuard guard(means2d);
+  const int64_t C = means2d.size(0), N = means2d.size(1);
+  const auto ints = means2d.options().dtype(torch::kInt64);
+  const auto scratch = [&](size_t bytes) { return torch::empty({int64_t(bytes)}, ints.dtype(torch::kUInt8)); };
+  auto tiles = torch::empty({C * N}, ints), tiles_cumsum = torch::empty({C * N}, ints);
+  auto temp = scratch(splat_cuda::isect_count_temp_bytes(C, N));
+  ok(splat_cuda::isect_count(C, N, means2d.data_ptr<float>(), radii.data_ptr<int32_t>(), int(tile_size),
+                             int(tiles_x), int(tiles_y), tiles.data_ptr<int64_t>(), tiles_cumsum.data_ptr<int64_t>(),
+                             temp.data_ptr(), size_t(temp.numel()), stream()),
+     "isect_tiles");
+  // The one value the host needs: how many entries to allocate (a sync on a GPU).
+  const int64_t n_isects = C * N > 0 ? tiles_cumsum[C * N - 1].item<int64_t>() : 0;
+  auto keys = torch::empty({2 * n_isects}, ints);  // uint64 keys: unsorted, then sorted
+  auto ids = torch::empty({n_isects}, ints), flat_ids = torch::empty({n_isects}, ints);
+  auto tile_offsets = torch::empty({C, tiles_y, tiles_x}, ints);
+  temp = scratch(splat_cuda::isect_sort_temp_bytes(C, int(tiles_x), int(tiles_y), n_isects));
+  ok(splat_cuda::isect_sort(C, N, means2d.data_ptr<float>(), radii.data_ptr<int32_t>(), depths.data_ptr<float>(),
+                            int(tile_size), int(tiles_x), int(tiles_y), tiles_cumsum.data_ptr<int64_t>(), n_isects,
+                            reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()), ids.data_ptr<int64_t>(),
+                            temp.data_ptr(), size_t(temp.numel()), tile_offsets.data_ptr<int64_t>(),
+                            flat_ids.data_ptr<int64_t>(), stream()),
+     "isect_tiles");
+  return {tile_offsets, flat_ids};
 }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> rasterize_forward(
@@ -107,6 +171,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> rasterize
   if (backgrounds.has_value()) check(*backgrounds, "backgrounds", torch::kFloat32);
   check(tile_offsets, "tile_offsets", torch::kInt64);
   check(flat_ids, "flat_ids", torch::kInt64);
+  const DeviceGuard guard(means2d);
   const int64_t C = means2d.size(0), N = means2d.size(1), D = features.size(2);
   auto opts = means2d.options();
   auto render = torch::empty({C, height, width, D}, opts);
@@ -119,7 +184,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> rasterize
                                    int(tile_offsets.size(1)), tile_offsets.data_ptr<int64_t>(),
                                    flat_ids.data_ptr<int64_t>(), flat_ids.numel(), render.data_ptr<float>(),
                                    alpha.data_ptr<float>(), final_T.data_ptr<float>(), last_ids.data_ptr<int32_t>(),
-                                   nullptr),
+                                   stream()),
      "rasterize_forward");
   return {render, alpha, final_T, last_ids};
 }
@@ -135,6 +200,7 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
                       {&v_alpha, "v_alpha"}})
     check(*t, n, torch::kFloat32);
   check(last_ids, "last_ids", torch::kInt32);
+  const DeviceGuard guard(means2d);
   const int64_t C = means2d.size(0), N = means2d.size(1), D = features.size(2);
   auto v_means2d = torch::zeros_like(means2d), v_conics = torch::zeros_like(conics);
   auto v_features = torch::zeros_like(features), v_opacities = torch::zeros_like(opacities);
@@ -147,7 +213,7 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
          flat_ids.data_ptr<int64_t>(), flat_ids.numel(), final_T.data_ptr<float>(), last_ids.data_ptr<int32_t>(),
          v_render.data_ptr<float>(), v_alpha.data_ptr<float>(), v_means2d.data_ptr<float>(),
          v_conics.data_ptr<float>(), v_features.data_ptr<float>(), v_opacities.data_ptr<float>(),
-         v_backgrounds.has_value() ? v_backgrounds->data_ptr<float>() : nullptr, nullptr),
+         v_backgrounds.has_value() ? v_backgrounds->data_ptr<float>() : nullptr, stream()),
      "rasterize_backward");
   return {v_means2d, v_conics, v_features, v_opacities, v_backgrounds};
 }
@@ -155,11 +221,12 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "avatar-studio CUDA rasterization kernels run on the CPU by cuda_emu (tests only)";
+  m.doc() = "avatar-studio CUDA rasterization kernels (cuda/kernels)";
   m.def("project_forward", &project_forward);
   m.def("project_backward", &project_backward);
   m.def("sh_forward", &sh_forward);
   m.def("sh_backward", &sh_backward);
+  m.def("isect_tiles", &isect_tiles);
   m.def("rasterize_forward", &rasterize_forward);
   m.def("rasterize_backward", &rasterize_backward);
 }
