@@ -1,6 +1,8 @@
 """The C++ CPU backend against the torch reference: forward values, gradients of every
 input, finite differences of the hand-written backward, edge cases and bad arguments."""
 
+import warnings
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -288,3 +290,40 @@ def test_gsplat_backend_agrees_with_the_reference_on_gpu(sh_degree, antialiased)
         assert_agree(getattr(gs, name), getattr(ref, name), name, rtol=1e-3)
     for name, b in ref_g.items():
         assert_agree(gs_g[name], b, f"grad {name}", rtol=1e-2)
+
+
+def test_auto_on_a_gpu_picks_our_cuda_kernels_then_gsplat_then_torch(monkeypatch):
+    """Which backend runs on CUDA tensors (the pick only: no GPU is touched). Ours first
+    for float32; where ours cannot be built, gsplat's, announced once with the reason."""
+    from recon.raster import _build, api, gsplat_backend, kernels_backend
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(api, "_fallbacks_announced", set())
+    monkeypatch.setattr(_build, "load_cuda_extension", lambda retry=False: object())
+    monkeypatch.setattr(gsplat_backend, "load_gsplat", lambda: object())
+    assert api._pick_backend("auto", cuda) == ("cuda", kernels_backend)
+    assert api._pick_backend("cuda", cuda)[0] == "cuda"
+    assert api._pick_backend("auto", cuda, torch.float64)[0] == "gsplat"  # ours are float32 only
+    with pytest.raises(RasterizerArgumentError, match="backend 'cuda' takes float32 tensors, got torch.float64"):
+        api._pick_backend("cuda", cuda, torch.float64)
+
+    def cannot_build(retry=False):
+        raise _build.KernelBuildError("could not build the CUDA rasterizer: nvcc not found")
+
+    monkeypatch.setattr(_build, "load_cuda_extension", cannot_build)
+    with pytest.warns(RuntimeWarning, match="nvcc not found\nFalling back to gsplat's CUDA kernels"):
+        assert api._pick_backend("auto", cuda)[0] == "gsplat"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert api._pick_backend("auto", cuda)[0] == "gsplat"
+    with pytest.raises(_build.KernelBuildError, match="nvcc not found"):
+        api._pick_backend("cuda", cuda)  # asked for by name: the error, no fallback
+
+
+def test_the_cuda_build_on_a_cpu_only_torch_is_a_named_error(monkeypatch):
+    from recon.raster import _build
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    _build.load_cuda_extension.cache_clear()
+    with pytest.raises(_build.KernelBuildError, match="this torch is a CPU-only build"):
+        _build.load_cuda_extension()

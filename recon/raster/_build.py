@@ -142,7 +142,7 @@ def load_cuda_extension(retry: bool = False):
     sources = [str(kernels / "bindings.cpp"), *sorted(str(p) for p in kernels.glob("*.cu"))]
     return _load_extension(
         "CUDA rasterizer", f"avatar_raster_cuda_{torch.version.cuda.replace('.', '')}", kernels, sources,
-        [src / "include", kernels], cflags=["-O3"], cuda_cflags=["-O3", "-Xptxas=-O3"], retry=retry,
+        [src / "include", kernels], cflags=["-O3"], cuda_cflags=["-O3"], retry=retry,
         minutes="~2 min")
 
 
