@@ -6,7 +6,8 @@ Peers:
   * on CPU, ``gsplat-torch``: gsplat's own pure-torch projection and SH
     (``gsplat.cuda._torch_impl``) feeding a tiled torch compositor. gsplat's torch
     compositing needs its CUDA kernels, so ours stands in; it is the reference.
-  * on a GPU, ``gsplat-cuda``: ``gsplat.rasterization`` with its CUDA kernels.
+  * on a GPU, ``gsplat-cuda``: ``gsplat.rasterization`` with its CUDA kernels; our
+    ``cuda`` backend's speed-up over it is ours/gsplat.
 
 Prints a table of medians and speed-ups over the reference; with ``--json`` the last
 line is one JSON object with the medians, the speed-ups and the max abs image
@@ -114,6 +115,7 @@ def run(scenes: list[str], repeats: int, budget_s: float, backends: list[str] | 
     if device.type == "cuda":
         peers["gsplat-cuda"] = gsplat_cuda_render
         peers["gsplat"] = ours("gsplat")  # the same kernels through our backend's glue
+        peers["cuda"] = ours("cuda")  # our CUDA kernels (cuda/kernels)
         peers["torch"] = ours("torch")
     else:
         peers["gsplat-torch"] = gsplat_torch_render
