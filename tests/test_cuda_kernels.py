@@ -18,6 +18,7 @@ from _cuda_emu import KERNEL_DIR, build_sanitized, load_emulated_kernels
 from _scenes import random_scene
 from bench.scenes import garden_scene, head_scene
 from recon.raster._build import load_cpu_extension
+from recon.raster import reference
 from recon.raster.reference import tile_grid
 
 TILE = 16
@@ -54,6 +55,29 @@ def run_both(args, seed=0):
                     **{f"v_{name}": v for name, v in zip(("means2d", "conics", "features", "opacities",
                                                           "backgrounds"), grads) if v is not None}})
     return out
+
+
+def run_reference(args, seed=0):
+    """The torch reference's compositing (recon/raster/reference.py) of the same stage
+    inputs, with the gradients of run_both's random loss through autograd."""
+    means2d, conics, features, opacities, backgrounds, *rest = args
+    leaves = [t.clone().requires_grad_(True) if t is not None else None
+              for t in (means2d, conics, features, opacities, backgrounds)]
+    render, alpha = reference.composite(*leaves, *rest)
+    g = torch.Generator().manual_seed(seed)
+    v_render, v_alpha = torch.randn(render.shape, generator=g), torch.randn(alpha.shape, generator=g)
+    ((render * v_render).sum() + (alpha * v_alpha).sum()).backward()
+    return {"render": render.detach(), "alpha": alpha.detach(),
+            **{f"v_{name}": t.grad for name, t in zip(("means2d", "conics", "features", "opacities", "backgrounds"),
+                                                       leaves) if t is not None}}
+
+
+def assert_agree_with_reference(ref, cuda):
+    """Values to 1e-5, gradients to 1e-4 of each tensor's largest, as against the CPU."""
+    for key, value in ref.items():
+        scale = value.abs().max().item() if key.startswith("v_") else 1.0
+        torch.testing.assert_close(cuda[key], value, rtol=0, atol=(1e-4 if key.startswith("v_") else 1e-5) * scale
+                                   + 1e-7, msg=f"{key} against the torch reference")
 
 
 def assert_kernels_agree(cpu, cuda):
@@ -129,11 +153,13 @@ def test_emulated_spherical_harmonics_agree_with_the_cpu_kernels(degree):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_emulated_cuda_kernels_agree_with_the_cpu_kernels(name):
+def test_emulated_cuda_kernels_agree_with_the_cpu_kernels_and_the_torch_reference(name):
     make, with_background = CONFIGS[name]
-    cpu, cuda = run_both(stage_inputs(make(), with_background))
+    args = stage_inputs(make(), with_background)
+    cpu, cuda = run_both(args)
     assert cpu["alpha"].max() > 0.2  # something was drawn
     assert_kernels_agree(cpu, cuda)
+    assert_agree_with_reference(run_reference(args), cuda)
 
 
 def project_scene(s, antialiased=False):
@@ -237,9 +263,11 @@ def test_garden_crop_agrees(garden_path):
                                                                                  load_emulated_kernels()))
     assert cpu[1].numel() > 1000
     assert torch.equal(cuda[0], cpu[0]) and torch.equal(cuda[1], cpu[1])
-    cpu, cuda = run_both(stage_inputs(s, with_background=True))
+    args = stage_inputs(s, with_background=True)
+    cpu, cuda = run_both(args)
     assert cpu["alpha"].mean() > 0.5
     assert_kernels_agree(cpu, cuda)
+    assert_agree_with_reference(run_reference(args), cuda)
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffle7"])
