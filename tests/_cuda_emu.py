@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,20 +39,40 @@ def load_emulated_kernels():
 
 def build_sanitized(sanitizer: str, kernels: Path = KERNEL_DIR) -> Path:
     """sanitize_main built with `sanitizer` ("thread" or "address") from the kernel sources
-    in `kernels` (a planted bug's copy, say), cached by the digest of every source it is
-    made of (a change to any kernel or header builds it again)."""
-    includes = [EMU / "include", ROOT / "cuda" / "include", kernels]
-    sources = [EMU / "sanitize_main.cpp", *map(Path, KERNELS)]
-    digest = hashlib.sha1(sanitizer.encode())
-    for path in sorted({*sources, *(p for folder in includes for p in folder.rglob("*") if p.is_file())}):
-        digest.update(path.read_bytes())
+    in `kernels` (a planted bug's copy, say). Each translation unit is compiled once per
+    content (its own text, the .cu file it includes, every header), two at a time, and
+    linked once per set of objects, so a copy with one file changed compiles only that
+    file."""
     from recon.raster._build import build_root
 
-    exe = build_root() / "cuda_emu_sanitize" / f"sanitize_{sanitizer}_{digest.hexdigest()[:12]}"
+    includes = [EMU / "include", ROOT / "cuda" / "include", kernels]
+    flags = ["-std=c++20", "-O1", "-g", "-pthread", *SANITIZERS[sanitizer]]
+    headers = hashlib.sha1(" ".join(flags).encode())
+    for folder in includes:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".cu"):
+            headers.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    out = build_root() / "cuda_emu_sanitize"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def object_for(source: Path) -> Path:
+        digest = headers.copy()
+        text = source.read_bytes()
+        digest.update(text)
+        for name in re.findall(rb'#include "([^"]+\.cu)"', text):
+            digest.update((kernels / name.decode()).read_bytes())
+        return out / f"{source.stem}_{sanitizer}_{digest.hexdigest()[:12]}.o"
+
+    def compile_unit(source: Path, obj: Path) -> None:
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(["g++", *flags, *(f"-I{p}" for p in includes), "-c", str(source), "-o", str(tmp)], check=True)
+        tmp.replace(obj)
+
+    objects = {source: object_for(source) for source in [EMU / "sanitize_main.cpp", *map(Path, KERNELS)]}
+    with ThreadPoolExecutor(2) as pool:  # this machine's two cores
+        list(pool.map(lambda item: compile_unit(*item), [(s, o) for s, o in objects.items() if not o.is_file()]))
+    exe = out / f"sanitize_{sanitizer}_{hashlib.sha1(''.join(o.name for o in objects.values()).encode()).hexdigest()[:12]}"
     if not exe.is_file():
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        tmp = exe.with_suffix(".tmp")
-        subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-pthread", *SANITIZERS[sanitizer],
-                        *(f"-I{p}" for p in includes), *map(str, sources), "-o", str(tmp)], check=True)
+        tmp = exe.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(["g++", *flags, *map(str, objects.values()), "-o", str(tmp)], check=True)
         tmp.replace(exe)
     return exe

@@ -99,7 +99,7 @@ CONFIGS = {  # name: (scene, background)
     "faint and small": (lambda: random_scene(n=200, cameras=1, width=50, height=40, seed=5, scale_range=(0.005, 0.03),
                                              opacity_range=(0.004, 0.2)), False),
     "sh colours": (lambda: random_scene(n=120, cameras=2, width=31, height=17, sh_degree=1, seed=6), True),
-    "head, 2 cameras": (lambda: head_scene(n=1500, size=32, cameras=2, sh_degree=0), False),
+    "head, 2 cameras": (lambda: head_scene(n=600, size=32, cameras=2, sh_degree=0), False),
 }
 
 
@@ -170,7 +170,7 @@ def project_scene(s, antialiased=False):
     return means2d, radii, depths
 
 
-def garden_crop(path, size=32):
+def garden_crop(path, size=16):
     """The middle size x size pixels of gsplat's garden scene (principal point moved), with
     only the Gaussians seen there (the emulation runs an OS thread per CUDA thread)."""
     s = garden_scene(path)
@@ -214,7 +214,7 @@ OP_CONFIGS = {  # name: (scene, antialiased)
     "sh, 2 cameras, background": (lambda: random_scene(n=200, cameras=2, width=40, height=34, sh_degree=2, seed=17),
                                   False),
     "antialiased, 3 cameras": (lambda: random_scene(n=150, cameras=3, width=36, height=30, seed=18), True),
-    "head, 2 cameras": (lambda: head_scene(n=1200, size=32, cameras=2, sh_degree=1), False),
+    "head, 2 cameras": (lambda: head_scene(n=500, size=32, cameras=2, sh_degree=1), False),
 }
 
 
@@ -241,7 +241,9 @@ def test_the_cuda_op_through_rasterize_agrees_with_the_cpu_and_torch_backends(na
         if weights is None:
             weights = [torch.randn(t.shape, generator=g) for t in (out.image, out.alpha, out.depth)]
         sum(((t * w).sum() for t, w in zip((out.image, out.alpha, out.depth), weights))).backward()
-        return {"image": out.image, "alpha": out.alpha, "depth": out.depth,
+        # depth is the composited depth over alpha: compare the composited channel, which
+        # faint pixels do not amplify
+        return {"image": out.image, "alpha": out.alpha, "depth x alpha": out.depth * out.alpha,
                 **{f"v_{k}": t.grad for k, t in zip(("means", "quats", "scales", "opacities", "colors", "viewmats",
                                                      "background"), leaves)}}
 
@@ -259,7 +261,7 @@ def test_the_cuda_op_through_rasterize_agrees_with_the_cpu_and_torch_backends(na
 def test_garden_crop_agrees(garden_path):
     s = garden_crop(garden_path)
     means2d, radii, depths = project_scene(s)
-    cpu, cuda = (ext.isect_tiles(means2d, radii, depths, TILE, 2, 2) for ext in (load_cpu_extension(),
+    cpu, cuda = (ext.isect_tiles(means2d, radii, depths, TILE, 1, 1) for ext in (load_cpu_extension(),
                                                                                  load_emulated_kernels()))
     assert cpu[1].numel() > 1000
     assert torch.equal(cuda[0], cpu[0]) and torch.equal(cuda[1], cpu[1])
@@ -284,7 +286,18 @@ def test_results_do_not_depend_on_block_order(order, monkeypatch):
 
 
 def test_unsupported_channels_and_tiles_are_refused():
-    args = list(stage_inputs(random_scene(n=20, cameras=1, width=16, height=16, feat_dim=5)))
+    """The kernels refuse what they are not built for, exactly where the rasterizer's
+    backend pick (CUDA_KERNEL_LIMITS) stops sending work to them."""
+    from recon.raster.api import CUDA_KERNEL_LIMITS
+
+    most = CUDA_KERNEL_LIMITS["max_channels"]
+    args = list(stage_inputs(random_scene(n=20, cameras=1, width=16, height=16, feat_dim=most)))
+    load_emulated_kernels().rasterize_forward(*args)  # colour + depth: accepted
+    args = list(stage_inputs(random_scene(n=20, cameras=1, width=16, height=16, feat_dim=most + 1)))
+    with pytest.raises(RuntimeError, match="not built for these arguments"):
+        load_emulated_kernels().rasterize_forward(*args)
+    args = list(stage_inputs(random_scene(n=20, cameras=1, width=16, height=16)))
+    args[7] = CUDA_KERNEL_LIMITS["tile_size"] // 2
     with pytest.raises(RuntimeError, match="not built for these arguments"):
         load_emulated_kernels().rasterize_forward(*args)
 

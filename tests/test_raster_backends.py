@@ -323,9 +323,15 @@ def test_auto_on_a_gpu_picks_our_cuda_kernels_then_gsplat_then_torch(monkeypatch
     monkeypatch.setattr(gsplat_backend, "load_gsplat", lambda: object())
     assert api._pick_backend("auto", cuda) == ("cuda", kernels_backend)
     assert api._pick_backend("cuda", cuda)[0] == "cuda"
-    assert api._pick_backend("auto", cuda, torch.float64)[0] == "gsplat"  # ours are float32 only
-    with pytest.raises(RasterizerArgumentError, match="backend 'cuda' takes float32 tensors, got torch.float64"):
-        api._pick_backend("cuda", cuda, torch.float64)
+    # ours are built for float32, colour and 16-pixel tiles: anything else goes to gsplat
+    assert api._pick_backend("auto", cuda, torch.float64)[0] == "gsplat"
+    assert api._pick_backend("auto", cuda, torch.float32, 8)[0] == "gsplat"
+    assert api._pick_backend("auto", cuda, torch.float32, 3, 8)[0] == "gsplat"
+    for args, said in [((torch.float64,), "takes float32 tensors, got torch.float64"),
+                       ((torch.float32, 8), "composites up to 3 channels, got 8"),
+                       ((torch.float32, 3, 8), "uses 16x16 tiles, got tile_size=8")]:
+        with pytest.raises(RasterizerArgumentError, match=f"backend 'cuda' {said}"):
+            api._pick_backend("cuda", cuda, *args)
 
     def cannot_build(retry=False):
         raise _build.KernelBuildError("could not build the CUDA rasterizer: nvcc not found")

@@ -96,7 +96,7 @@ def _remedy(message: str) -> str:
                 "macOS: xcode-select --install)")
     if "omp.h" in message or "fopenmp" in message:
         return "the compiler lacks OpenMP: install libgomp (Debian/Ubuntu: sudo apt install libgomp1 g++)"
-    if "nvcc" in message or "CUDA_HOME" in message:
+    if "CUDA_HOME" in message or "nvcc: not found" in message or "nvcc: No such file" in message:
         return "install the CUDA toolkit of this torch's CUDA version and put its nvcc on PATH (or set CUDA_HOME)"
     if "Ninja is required" in message:
         return "install ninja (pip install ninja)"
@@ -147,7 +147,7 @@ def load_cuda_extension(retry: bool = False):
 
 
 def _load_extension(label: str, name: str, folder: Path, sources: list[str], includes: list[Path], *,
-                    cflags: list[str], ldflags: list[str] = (), cuda_cflags: list[str] | None = None,
+                    cflags: list[str], ldflags: list[str] | None = None, cuda_cflags: list[str] | None = None,
                     retry: bool, minutes: str):
     import torch.utils.cpp_extension as cpp_ext
     from rich.console import Console
@@ -156,7 +156,7 @@ def _load_extension(label: str, name: str, folder: Path, sources: list[str], inc
         raise _failures[name]
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    key = _build_key(sources + sorted(str(p) for folder_ in includes for p in folder_.glob("*.h*")))
+    key = _build_key(sources + sorted(str(p) for include in includes for p in include.glob("*.h*")))
     record = build_dir / FAILED_BUILD
     try:
         failed = json.loads(record.read_text()) if record.is_file() else None
@@ -174,7 +174,7 @@ def _load_extension(label: str, name: str, folder: Path, sources: list[str], inc
                             spinner="dots"):
             module = cpp_ext.load(
                 name=name, sources=sources, extra_include_paths=[str(p) for p in includes],
-                extra_cflags=list(cflags), extra_cuda_cflags=cuda_cflags, extra_ldflags=list(ldflags),
+                extra_cflags=cflags, extra_cuda_cflags=cuda_cflags, extra_ldflags=ldflags,
                 build_directory=str(build_dir), verbose=os.environ.get("AVATAR_VERBOSE_BUILD") == "1",
             )
     except Exception as exc:  # compiler missing, headers missing, ...

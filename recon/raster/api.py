@@ -127,7 +127,24 @@ def _check(
     return C, D
 
 
-def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[str, ModuleType]:
+CUDA_KERNEL_LIMITS = {"max_channels": 3, "tile_size": 16}
+"""What cuda/kernels are built for (rasterize.h: kMaxChannels = colour + depth, kTileSize)."""
+
+
+def _cuda_kernels_refuse(dtype: torch.dtype, channels: int, tile_size: int) -> str | None:
+    """Why our CUDA kernels cannot run these arguments (None: they can)."""
+    if dtype != torch.float32:
+        return f"backend 'cuda' takes float32 tensors, got {dtype}"
+    if channels > CUDA_KERNEL_LIMITS["max_channels"]:
+        return f"backend 'cuda' composites up to {CUDA_KERNEL_LIMITS['max_channels']} channels, got {channels}"
+    if tile_size != CUDA_KERNEL_LIMITS["tile_size"]:
+        return f"backend 'cuda' uses {CUDA_KERNEL_LIMITS['tile_size']}x{CUDA_KERNEL_LIMITS['tile_size']} tiles, " \
+               f"got tile_size={tile_size}"
+    return None
+
+
+def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32, channels: int = 3,
+                  tile_size: int = 16) -> tuple[str, ModuleType]:
     if name not in BACKENDS:
         raise RasterizerArgumentError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name in ("cuda", "gsplat") and device.type != "cuda":
@@ -137,9 +154,10 @@ def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.fl
                                  "use backend auto (the CPU kernels here), or --device cuda on a GPU")
     if name == "cpu" and device.type != "cpu":
         raise RasterizerArgumentError(f"backend='cpu' needs CPU tensors, got {device}")
-    if name == "cuda" and dtype != torch.float32:
-        raise RasterizerArgumentError(f"backend 'cuda' takes float32 tensors, got {dtype}")
-    if name == "cuda" or (name == "auto" and device.type == "cuda" and dtype == torch.float32):
+    refused = _cuda_kernels_refuse(dtype, channels, tile_size)
+    if name == "cuda" and refused:
+        raise RasterizerArgumentError(f"{refused} (backend gsplat or torch takes them)")
+    if name == "cuda" or (name == "auto" and device.type == "cuda" and not refused):
         from . import kernels_backend
         from ._build import load_cuda_extension
 
@@ -228,15 +246,16 @@ def rasterize(
         tile_size: tile edge in pixels (16 as in 3DGS).
         backend: "auto" (the device's: the CPU kernels on a CPU, ours on a CUDA device,
             then gsplat's; torch where none can be built), "torch" (pure-PyTorch reference),
-            "cpu" (OpenMP C++ kernels), "cuda" (our CUDA kernels, float32; built with
-            nvcc on first use), "gsplat" (gsplat 1.5.3's CUDA kernels).
+            "cpu" (OpenMP C++ kernels), "cuda" (our CUDA kernels: float32, up to 3
+            channels, 16-pixel tiles; built with nvcc on first use; ``auto`` passes
+            other arguments to gsplat), "gsplat" (gsplat 1.5.3's CUDA kernels).
 
     Returns:
         A :class:`RasterOutput`. Differentiable with respect to means, quats, scales,
         opacities, colors, viewmats and backgrounds (not Ks).
     """
     C, D = _check(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds, tile_size)
-    name, ops = _pick_backend(backend, means.device, means.dtype)
+    name, ops = _pick_backend(backend, means.device, means.dtype, D, tile_size)
     if name == "gsplat":
         return ops.rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                                     sh_degree=sh_degree, backgrounds=backgrounds, near_plane=near_plane,
