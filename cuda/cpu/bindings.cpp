@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "ops.h"
+#include "raster_ops.h"
 
 namespace {
 
@@ -199,11 +200,5 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "avatar-studio CPU Gaussian rasterizer (OpenMP)";
-  m.def("project_forward", &project_forward);
-  m.def("project_backward", &project_backward);
-  m.def("sh_forward", &sh_forward);
-  m.def("sh_backward", &sh_backward);
-  m.def("isect_tiles", &isect_tiles);
-  m.def("rasterize_forward", &rasterize_forward);
-  m.def("rasterize_backward", &rasterize_backward);
+  SPLAT_REGISTER_RASTER_OPS(m);
 }

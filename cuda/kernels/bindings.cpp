@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "projection.h"
+#include "raster_ops.h"
 #include "rasterize.h"
 #include "spherical_harmonics.h"
 #include "tile_intersect.h"
@@ -222,11 +223,5 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "avatar-studio CUDA rasterization kernels (cuda/kernels)";
-  m.def("project_forward", &project_forward);
-  m.def("project_backward", &project_backward);
-  m.def("sh_forward", &sh_forward);
-  m.def("sh_backward", &sh_backward);
-  m.def("isect_tiles", &isect_tiles);
-  m.def("rasterize_forward", &rasterize_forward);
-  m.def("rasterize_backward", &rasterize_backward);
+  SPLAT_REGISTER_RASTER_OPS(m);
 }

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from avatar.errors import AvatarError
 
-from . import reference
+from . import kernels_backend, reference
 from ._build import KernelBuildError
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "gsplat")
@@ -158,16 +158,10 @@ def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.fl
     if name == "cuda" and refused:
         raise RasterizerArgumentError(f"{refused} (backend gsplat or torch takes them)")
     if name == "cuda" or (name == "auto" and device.type == "cuda" and not refused):
-        from . import kernels_backend
         from ._build import load_cuda_extension
 
-        try:
-            load_cuda_extension(retry=name == "cuda")
+        if _built_or_fallen_back(name, "cuda", load_cuda_extension, "gsplat's CUDA kernels"):
             return "cuda", kernels_backend
-        except KernelBuildError as exc:
-            if name == "cuda":
-                raise
-            _announce_fallback(exc, "gsplat's CUDA kernels")
     if name == "gsplat" or (name == "auto" and device.type == "cuda"):
         from . import gsplat_backend
 
@@ -180,17 +174,26 @@ def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.fl
                                          "install the CUDA toolkit matching torch, or use backend torch") from exc
             _announce_fallback(KernelBuildError(f"gsplat's CUDA kernels cannot be built here ({exc})"))
     if name == "cpu" or (name == "auto" and device.type == "cpu"):
-        try:
-            from . import kernels_backend
-            from ._build import load_cpu_extension
+        from ._build import load_cpu_extension
 
-            load_cpu_extension(retry=name == "cpu")
+        if _built_or_fallen_back(name, "cpu", load_cpu_extension):
             return "cpu", kernels_backend
-        except KernelBuildError as exc:
-            if name == "cpu":
-                raise
-            _announce_fallback(exc)
     return "torch", reference
+
+
+def _built_or_fallen_back(asked: str, backend: str, load, instead: str | None = None) -> bool:
+    """Builds (or loads) `backend`'s kernels: True once they are there. Where they cannot
+    be built, the build error when `backend` was asked for by name (retried despite a
+    recorded failure: the user may have fixed the toolchain), else False with the
+    fallback to `instead` announced."""
+    try:
+        load(retry=asked == backend)
+        return True
+    except KernelBuildError as exc:
+        if asked == backend:
+            raise
+        _announce_fallback(exc, instead)
+        return False
 
 
 def _announce_fallback(exc: KernelBuildError, instead: str | None = None) -> None:
