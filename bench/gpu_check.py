@@ -84,17 +84,36 @@ def _parity(out: Path) -> dict:
 
 
 SANITIZED_RENDER = """
+import sys
 import torch
 from bench.scenes import head_scene
 from recon.raster import rasterize
-s = head_scene(n=3000, size=48, cameras=2, sh_degree=1).to("cuda")
+device, backend = sys.argv[1:3]  # cuda cuda under compute-sanitizer
+s = head_scene(n=3000, size=48, cameras=2, sh_degree=1).to(device)
 leaves = [t.clone().requires_grad_(True) for t in (s.means, s.quats, s.scales, s.opacities, s.colors, s.viewmats)]
-out = rasterize(*leaves, s.Ks, s.width, s.height, sh_degree=s.sh_degree, backgrounds=torch.rand(3, device="cuda"),
-                antialiased=True, backend="cuda")
+out = rasterize(*leaves, s.Ks, s.width, s.height, sh_degree=s.sh_degree, backgrounds=torch.rand(3, device=device),
+                antialiased=True, backend=backend)
 (out.image.sum() + out.alpha.sum() + out.depth.sum()).backward()
-torch.cuda.synchronize()
+if device != "cpu":
+    torch.cuda.synchronize()
 print("rendered", out.image.shape[0], "views; gradients", all(t.grad is not None for t in leaves))
 """
+"""A forward and backward pass of the rasterizer on a small head seen by two cameras:
+`python -c SANITIZED_RENDER DEVICE BACKEND`."""
+
+
+def _compute_sanitizer() -> str:
+    """compute-sanitizer from PATH, else from the CUDA toolkit torch builds with."""
+    import shutil
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("compute-sanitizer")
+    if found is None and CUDA_HOME and (Path(CUDA_HOME) / "bin" / "compute-sanitizer").is_file():
+        found = str(Path(CUDA_HOME) / "bin" / "compute-sanitizer")
+    if found is None:
+        raise RuntimeError("compute-sanitizer not found (PATH, CUDA_HOME/bin): install the CUDA toolkit")
+    return found
 
 
 def _sanitizer(out: Path, device: torch.device) -> dict:
@@ -102,8 +121,9 @@ def _sanitizer(out: Path, device: torch.device) -> dict:
         return {"skipped": "compute-sanitizer checks CUDA kernels: no GPU here"}
     found = {}
     for tool in ("memcheck", "racecheck"):
-        r = subprocess.run(["compute-sanitizer", "--tool", tool, "--error-exitcode", "9", sys.executable, "-c",
-                            SANITIZED_RENDER], capture_output=True, text=True, cwd=ROOT, timeout=480)
+        r = subprocess.run([_compute_sanitizer(), "--tool", tool, "--error-exitcode", "9", sys.executable, "-c",
+                            SANITIZED_RENDER, str(device), "cuda"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=480)
         (out / f"sanitizer_{tool}.log").write_text(r.stdout + r.stderr)
         summary = [line for line in (r.stdout + r.stderr).splitlines() if "ERROR SUMMARY" in line or "RACECHECK SUMMARY"
                    in line]

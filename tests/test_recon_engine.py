@@ -334,6 +334,19 @@ def test_training_benchmark_runs_every_set_up(sample_dataset, capsys):
     assert rows["B=1 in-step"]["speedup_per_view"] == 1.0 and rows["B=2 prefetch"]["views"] == 2
 
 
+def test_the_gpu_checks_sanitized_render_runs():
+    """The script compute-sanitizer runs on a GPU, run here on the CPU kernels: it renders
+    two views and reaches every gradient."""
+    import subprocess
+    import sys
+
+    from bench.gpu_check import ROOT, SANITIZED_RENDER
+
+    run = subprocess.run([sys.executable, "-c", SANITIZED_RENDER, "cpu", "cpu"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0 and "rendered 2 views; gradients True" in run.stdout, run.stderr[-2000:]
+
+
 def test_the_gpu_check_runs_its_steps_on_a_cpu(sample_dataset, tmp_path):
     """bench/gpu_check.py is what a session lent a GPU runs first, unseen before then: on a
     CPU its steps (the rasterizer benchmark aside, minutes on the torch backend) must run
