@@ -48,6 +48,7 @@ def build_sanitized(sanitizer: str, kernels: Path = KERNEL_DIR) -> Path:
     includes = [EMU / "include", ROOT / "cuda" / "include", kernels]
     flags = ["-std=c++20", "-O1", "-g", "-pthread", *SANITIZERS[sanitizer]]
     headers = hashlib.sha1(" ".join(flags).encode())
+    headers.update(subprocess.run(["g++", "--version"], capture_output=True, check=True).stdout)
     for folder in includes:
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".cu"):
             headers.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
@@ -70,7 +71,8 @@ def build_sanitized(sanitizer: str, kernels: Path = KERNEL_DIR) -> Path:
     objects = {source: object_for(source) for source in [EMU / "sanitize_main.cpp", *map(Path, KERNELS)]}
     with ThreadPoolExecutor(2) as pool:  # this machine's two cores
         list(pool.map(lambda item: compile_unit(*item), [(s, o) for s, o in objects.items() if not o.is_file()]))
-    exe = out / f"sanitize_{sanitizer}_{hashlib.sha1(''.join(o.name for o in objects.values()).encode()).hexdigest()[:12]}"
+    linked = hashlib.sha1("".join(o.name for o in objects.values()).encode()).hexdigest()[:12]
+    exe = out / f"sanitize_{sanitizer}_{linked}"
     if not exe.is_file():
         tmp = exe.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(["g++", *flags, *map(str, objects.values()), "-o", str(tmp)], check=True)

@@ -25,6 +25,9 @@ int sort_end_bit(int64_t C, int tiles_x, int tiles_y) {
   return 32 + splat::index_bits(C * int64_t(tiles_x) * tiles_y);
 }
 
+// The keys hold (camera, tile) in their upper 32 bits.
+bool fits_in_keys(int64_t C, int tiles_x, int tiles_y) { return C * int64_t(tiles_x) * tiles_y <= (int64_t(1) << 32); }
+
 __device__ bool visible(const int32_t* radii, int64_t i) { return radii[2 * i] > 0 && radii[2 * i + 1] > 0; }
 
 __device__ splat::TileRect rect_of(const float* means2d, const int32_t* radii, int64_t i, int tile_size, int tiles_x,
@@ -92,7 +95,7 @@ size_t isect_sort_temp_bytes(int64_t C, int tiles_x, int tiles_y, int64_t n_isec
 cudaError_t isect_count(int64_t C, int64_t N, const float* means2d, const int32_t* radii, int tile_size, int tiles_x,
                         int tiles_y, int64_t* tiles, int64_t* tiles_cumsum, void* temp, size_t temp_bytes,
                         cudaStream_t stream) {
-  if (tile_size < 1) return cudaErrorInvalidValue;
+  if (tile_size < 1 || !fits_in_keys(C, tiles_x, tiles_y)) return cudaErrorInvalidValue;
   const int64_t CN = C * N;
   if (CN == 0) return cudaSuccess;
   SPLAT_LAUNCH(count_tiles_kernel, dim3(blocks_for(CN)), dim3(kThreads), stream, CN, means2d, radii, tile_size,
@@ -105,7 +108,7 @@ cudaError_t isect_sort(int64_t C, int64_t N, const float* means2d, const int32_t
                        int tile_size, int tiles_x, int tiles_y, const int64_t* tiles_cumsum, int64_t n_isects,
                        uint64_t* keys, int64_t* ids, void* temp, size_t temp_bytes, int64_t* tile_offsets,
                        int64_t* flat_ids, cudaStream_t stream) {
-  if (tile_size < 1) return cudaErrorInvalidValue;
+  if (tile_size < 1 || !fits_in_keys(C, tiles_x, tiles_y)) return cudaErrorInvalidValue;
   const int64_t n_tiles = C * int64_t(tiles_x) * tiles_y;
   if (n_tiles == 0) return cudaSuccess;
   if (n_isects == 0) return cudaMemsetAsync(tile_offsets, 0, size_t(n_tiles) * sizeof(int64_t), stream);

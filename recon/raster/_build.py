@@ -77,16 +77,18 @@ def _compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
-def _build_key(sources: list[str]) -> str:
-    """What a build's success depends on: the sources, the compiler found and torch."""
+def _build_key(sources: list[str], compilers: list[str]) -> str:
+    """What a build's success depends on: the sources, the compilers found and torch."""
     import torch
 
     h = hashlib.sha1(torch.__version__.encode())
     for path in sources:
         h.update(Path(path).read_bytes())
-    found = shutil.which(_compiler())
-    stamp = Path(found).stat().st_mtime_ns if found else ""
-    h.update(f"{_compiler()}|{found}|{stamp}|{shutil.which('ninja')}".encode())
+    for compiler in compilers:
+        found = shutil.which(compiler)
+        stamp = Path(found).stat().st_mtime_ns if found else ""
+        h.update(f"{compiler}|{found}|{stamp}|".encode())
+    h.update(f"{shutil.which('ninja')}|{os.environ.get('CUDA_HOME')}|{os.environ.get('TORCH_CUDA_ARCH_LIST')}".encode())
     return h.hexdigest()[:16]
 
 
@@ -156,7 +158,8 @@ def _load_extension(label: str, name: str, folder: Path, sources: list[str], inc
         raise _failures[name]
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    key = _build_key(sources + sorted(str(p) for include in includes for p in include.glob("*.h*")))
+    compilers = [_compiler()] + (["nvcc"] if cuda_cflags is not None else [])
+    key = _build_key(sources + sorted(str(p) for include in includes for p in include.glob("*.h*")), compilers)
     record = build_dir / FAILED_BUILD
     try:
         failed = json.loads(record.read_text()) if record.is_file() else None

@@ -132,14 +132,16 @@ CUDA_KERNEL_LIMITS = {"max_channels": 3, "tile_size": 16}
 
 
 def _cuda_kernels_refuse(dtype: torch.dtype, channels: int, tile_size: int) -> str | None:
-    """Why our CUDA kernels cannot run these arguments (None: they can)."""
+    """Why our CUDA kernels cannot run these arguments, and which backend can (None: they
+    can run them)."""
     if dtype != torch.float32:
-        return f"backend 'cuda' takes float32 tensors, got {dtype}"
+        return f"backend 'cuda' takes float32 tensors, got {dtype} (the torch backend takes them)"
     if channels > CUDA_KERNEL_LIMITS["max_channels"]:
-        return f"backend 'cuda' composites up to {CUDA_KERNEL_LIMITS['max_channels']} channels, got {channels}"
+        return f"backend 'cuda' composites up to {CUDA_KERNEL_LIMITS['max_channels']} channels, got {channels} " \
+               "(backend gsplat or torch takes them)"
     if tile_size != CUDA_KERNEL_LIMITS["tile_size"]:
         return f"backend 'cuda' uses {CUDA_KERNEL_LIMITS['tile_size']}x{CUDA_KERNEL_LIMITS['tile_size']} tiles, " \
-               f"got tile_size={tile_size}"
+               f"got tile_size={tile_size} (backend gsplat or torch takes them)"
     return None
 
 
@@ -156,13 +158,16 @@ def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.fl
         raise RasterizerArgumentError(f"backend='cpu' needs CPU tensors, got {device}")
     refused = _cuda_kernels_refuse(dtype, channels, tile_size)
     if name == "cuda" and refused:
-        raise RasterizerArgumentError(f"{refused} (backend gsplat or torch takes them)")
+        raise RasterizerArgumentError(refused)
+    if name == "gsplat" and dtype != torch.float32:
+        raise RasterizerArgumentError(f"backend 'gsplat' takes float32 tensors, got {dtype} (the torch backend "
+                                      "takes them)")
     if name == "cuda" or (name == "auto" and device.type == "cuda" and not refused):
         from ._build import load_cuda_extension
 
         if _built_or_fallen_back(name, "cuda", load_cuda_extension, "gsplat's CUDA kernels"):
             return "cuda", kernels_backend
-    if name == "gsplat" or (name == "auto" and device.type == "cuda"):
+    if name == "gsplat" or (name == "auto" and device.type == "cuda" and dtype == torch.float32):
         from . import gsplat_backend
 
         try:
@@ -172,7 +177,7 @@ def _pick_backend(name: str, device: torch.device, dtype: torch.dtype = torch.fl
             if name == "gsplat":
                 raise BackendUnavailable(None, f"backend 'gsplat': its CUDA kernels cannot be built here ({exc})",
                                          "install the CUDA toolkit matching torch, or use backend torch") from exc
-            _announce_fallback(KernelBuildError(f"gsplat's CUDA kernels cannot be built here ({exc})"))
+            _announce_fallback(KernelBuildError(f"gsplat's CUDA kernels cannot be built here ({exc})"), stacklevel=4)
     if name == "cpu" or (name == "auto" and device.type == "cpu"):
         from ._build import load_cpu_extension
 
@@ -192,18 +197,19 @@ def _built_or_fallen_back(asked: str, backend: str, load, instead: str | None = 
     except KernelBuildError as exc:
         if asked == backend:
             raise
-        _announce_fallback(exc, instead)
+        _announce_fallback(exc, instead, stacklevel=5)
         return False
 
 
-def _announce_fallback(exc: KernelBuildError, instead: str | None = None) -> None:
-    """Said once per process and fallback: which backend runs instead, and what it costs."""
+def _announce_fallback(exc: KernelBuildError, instead: str | None = None, *, stacklevel: int) -> None:
+    """Said once per process and fallback: which backend runs instead, and what it costs.
+    stacklevel: the frames from here up to the caller of rasterize() or check_backend()."""
     instead = instead or f"the pure-torch rasterizer, about {TORCH_SLOWDOWN}x slower for training " \
                          "(avatar bench raster measures it here)"
     if instead in _fallbacks_announced:
         return
     _fallbacks_announced.add(instead)
-    warnings.warn(f"{exc}\nFalling back to {instead}.", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"{exc}\nFalling back to {instead}.", RuntimeWarning, stacklevel=stacklevel)
 
 
 def rasterize(
