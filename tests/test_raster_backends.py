@@ -135,7 +135,10 @@ def test_cpu_backward_matches_finite_differences(sh_degree, antialiased, seed):
                         sh_degree=sh_degree, backgrounds=bg, antialiased=antialiased, backend="cpu")
         return out.image, out.alpha, out.depth
 
-    assert torch.autograd.gradcheck(f, (*inputs, bg), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    # nondet_tol: the backward adds a Gaussian's gradient from several tiles atomically, in
+    # the order the threads finish them, so two backward passes differ by float rounding
+    assert torch.autograd.gradcheck(f, (*inputs, bg), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True,
+                                    nondet_tol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
