@@ -37,6 +37,26 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from capture.calibration import calibrate_rig, save_calibration
+
+    calib = calibrate_rig(args.rig, args.method, board=args.board, given=getattr(args, "from"),
+                          intrinsics=args.intrinsics, progress=sys.stderr.isatty())
+    save_calibration(args.out, calib)
+    print(f"{len(calib.cameras)} cameras ({calib.method}: {calib.source})")
+    print(f"  {'camera':<16} {'size':>10} {'fx':>8} {'fy':>8} {'median px':>9} {'p90 px':>7} {'views':>5}")
+    for c in calib.cameras:
+        r = c.reprojection or {}
+        print(f"  {c.name:<16} {f'{c.width}x{c.height}':>10} {c.K[0, 0]:8.1f} {c.K[1, 1]:8.1f} "
+              f"{_fmt(r.get('median_px'), '9.2f'):>9} {_fmt(r.get('p90_px'), '7.2f'):>7} {_fmt(r.get('views'), '5d'):>5}")
+        lens = r.get("intrinsics") or {}
+        if lens.get("focal_uncertain"):
+            print(f"    {c.name}: focal length uncertain (standard error {100 * lens['focal_relative_sd']:.1f} %): film the "
+                  "board closer and farther, tilted, across the whole frame, or pass --intrinsics")
+    print(f"calibration: {args.out}")
+    return 0
+
+
 def _device(args: argparse.Namespace):
     """The torch device of --device (recon/device.py); a named error when it cannot run here."""
     from avatar.errors import AvatarError
@@ -217,6 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-ernerf", metavar="DIR", help="import an ER-NeRF / TalkingGaussian preprocessed folder")
     p.add_argument("--force", action="store_true", help="redo every stage and replace an existing dataset")
     p.set_defaults(func=_capture)
+    p = sub.add_parser("calibrate", help="calibrate a multi-camera rig: intrinsics, distortion and poses -> CALIB.json",
+                       description="RIG folder (one video or image folder per camera) -> CALIB.json "
+                                   "(format avatar-calibration/1, capture/calibration.py).")
+    p.add_argument("rig", help="folder with one video (or one folder of images) per camera, named after the camera")
+    p.add_argument("--out", required=True, help="calibration file to write (CALIB.json)")
+    p.add_argument("--method", default="auto", choices=["auto", "given", "charuco"],
+                   help="given: import a calibration file; charuco: a ChArUco board filmed by every camera; auto "
+                        "(default): given when a file is passed or found in RIG, else charuco when a board is")
+    p.add_argument("--board", help="the board (caliscope's charuco.toml; default RIG/charuco.toml)")
+    p.add_argument("--from", metavar="FILE",
+                   help="calibration to import: NeRSemble camera_params.json, caliscope camera_array.toml, nerfstudio "
+                        "transforms.json or a COLMAP sparse model folder (default: the first found in RIG)")
+    p.add_argument("--intrinsics", metavar="FILE",
+                   help="charuco: keep these lenses (K, distortion; any --from format) and solve only the poses")
+    p.set_defaults(func=_calibrate)
     p = sub.add_parser("train", help="fit a talking Gaussian avatar to a dataset",
                        description="Dataset folder -> avatar folder (checkpoint, config, metrics, canonical.ply).")
     p.add_argument("dataset", help="dataset folder written by `avatar capture`")

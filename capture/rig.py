@@ -1,0 +1,128 @@
+"""A multi-camera rig on disk: one video, or one folder of images, per camera.
+
+    RIG/
+      cam_0.mp4              a camera named "cam_0"
+      side/                  a camera named "side": frame images (png, jpg), in name order
+      timestamps.csv         optional (caliscope's): sync_index, cam_id, frame_index, frame_time
+
+Frames are paired across cameras by their sync index: caliscope's timestamps.csv when
+the folder has one (a camera's k-th frame is its k-th row by frame_index; cam_id N is
+the camera whose name ends in N), else the frame's position in its stream (cameras
+triggered together). Frames stream; nothing holds a whole video.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from avatar.errors import AvatarError
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class RigCamera:
+    """One camera of a rig: its name (the file or folder name) and where its frames are."""
+
+    name: str
+    path: Path
+    width: int
+    height: int
+    frames: int
+
+    def iter_frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(position, grey uint8 [H, W]) for every frame, in order."""
+        if self.path.is_dir():
+            for k, image in enumerate(_images(self.path)):
+                grey = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
+                if grey is None:
+                    raise AvatarError(image, "cannot be read as an image", "re-export the frame as png or jpg")
+                yield k, grey
+            return
+        import av
+
+        try:
+            with av.open(str(self.path)) as container:
+                for k, frame in enumerate(container.decode(video=0)):
+                    yield k, frame.to_ndarray(format="gray")
+        except av.error.FFmpegError as exc:
+            raise AvatarError(self.path, f"decoding failed ({exc}): the file is truncated or corrupt",
+                              "re-export the camera's video") from exc
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _probe(path: Path) -> tuple[int, int, int]:
+    """(width, height, frames) of a camera's video or image folder."""
+    if path.is_dir():
+        images = _images(path)
+        first = cv2.imread(str(images[0]), cv2.IMREAD_GRAYSCALE) if images else None
+        if first is None:
+            raise AvatarError(path, "holds no readable frame image (png or jpg)", "put the camera's frames in it")
+        return first.shape[1], first.shape[0], len(images)
+    from avatar.media import open_media
+
+    with open_media(path, "a video", "re-export the camera's video (mp4, mov, mkv)") as container:
+        if not container.streams.video:
+            raise AvatarError(path, "has no video stream", "give one video per camera")
+        vs = container.streams.video[0]
+        count = vs.frames or sum(1 for _ in container.decode(video=0))
+        return vs.codec_context.width, vs.codec_context.height, count
+
+
+def open_rig(root: str | Path, min_cameras: int = 2) -> list[RigCamera]:
+    """The cameras of a rig folder, sorted by name. Refuses a folder that is missing or
+    holds fewer than `min_cameras` cameras."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AvatarError(root, "is not a folder", "give a folder with one video (or image folder) per camera")
+    entries = sorted(p for p in root.iterdir()
+                     if (p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES) or (p.is_dir() and _images(p)))
+    cameras = [RigCamera(p.stem if p.is_file() else p.name, p, *_probe(p)) for p in entries]
+    names = [c.name for c in cameras]
+    if len(set(names)) != len(names):
+        raise AvatarError(root, f"two cameras share a name ({', '.join(sorted(n for n in set(names) if names.count(n) > 1))})",
+                          "keep one video or image folder per camera name")
+    if len(cameras) < min_cameras:
+        raise AvatarError(root, f"holds {len(cameras)} camera{'s' if len(cameras) != 1 else ''}; a rig needs at least "
+                          f"{min_cameras}", "put one video (or one folder of images) per camera in the folder")
+    return cameras
+
+
+def sync_indices(root: Path, cameras: list[RigCamera]) -> list[np.ndarray]:
+    """Per camera, the sync index of each of its frames [frames] (see the module doc)."""
+    table = Path(root) / "timestamps.csv"
+    if not table.is_file():
+        return [np.arange(c.frames) for c in cameras]
+    rows: dict[int, list[tuple[int, int]]] = {}
+    try:
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(int(row["cam_id"]), []).append((int(row["frame_index"]), int(row["sync_index"])))
+    except (KeyError, ValueError) as exc:
+        raise AvatarError(table, f"is not caliscope's frame table ({exc})",
+                          "columns: sync_index, cam_id, frame_index, frame_time; or remove it to pair frames by position"
+                          ) from exc
+    out = []
+    for cam in cameras:
+        number = re.search(r"(\d+)$", cam.name)
+        found = rows.get(int(number.group(1))) if number else None
+        if not found:
+            raise AvatarError(table, f"has no rows for camera {cam.name}",
+                              "name cameras cam_<id> as in the table, or remove it to pair frames by position")
+        sync = np.array([s for _, s in sorted(found)])
+        if len(sync) < cam.frames:
+            raise AvatarError(table, f"lists {len(sync)} frames of camera {cam.name}, which has {cam.frames}",
+                              "the table and the videos come from different recordings")
+        out.append(sync[:cam.frames])
+    return out

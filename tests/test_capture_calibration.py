@@ -1,0 +1,245 @@
+"""`avatar calibrate`: CALIB.json, the given-format importers, and ChArUco rig calibration
+on a synthetic rig with known cameras and on the real 4-webcam set."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from _rigs import board_poses, ring_rig, write_board_rig
+from avatar.cli import main
+from avatar.errors import AvatarError
+from capture.calibration import (Calibration, calibrate_rig, import_given, load_calibration,
+                                 relative_rotation_deg, save_calibration)
+from capture.charuco import Board, load_board
+from capture.rig import open_rig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiview" / "caliscope_charuco_4cam"
+RADIUS = 1.0
+
+
+def rig_errors(solved: list, truth: list) -> tuple[float, float, float]:
+    """(largest rotation error in degrees, largest position error as a share of the rig
+    radius, largest relative focal error) of a solved rig against the truth, both taken in
+    their first camera's frame (each calibration has its own world frame)."""
+    rot, pos = [], []
+    for a, b in zip(solved[1:], truth[1:]):
+        rot.append(relative_rotation_deg(solved[0], a, truth[0], b))
+        in_first = [np.linalg.inv(c.world_to_camera @ np.linalg.inv(ref.world_to_camera))[:3, 3]
+                    for c, ref in ((a, solved[0]), (b, truth[0]))]
+        pos.append(np.linalg.norm(in_first[0] - in_first[1]) / RADIUS)
+    focal = [abs(a.K[0, 0] / b.K[0, 0] - 1) for a, b in zip(solved, truth)]
+    return max(rot), max(pos), max(focal)
+
+
+@pytest.fixture(scope="module")
+def board_rig(tmp_path_factory):
+    """Six cameras on an 80 degree arc (focal lengths 0.8-1.1 x width, offset principal
+    points, camera 1 with strong barrel distortion) filming a 7 x 5 board at 60 poses
+    from 0.35 to 1.6 m: (rig folder, true cameras)."""
+    root = tmp_path_factory.mktemp("board_rig")
+    cams = ring_rig(6, RADIUS, arc_deg=80)
+    write_board_rig(root, cams, Board(7, 5, "DICT_4X4_50", 0.04, 0.75), board_poses(60, depth=(-0.65, 0.6), arc_deg=80))
+    return root, cams
+
+
+def test_charuco_recovers_a_synthetic_rig(board_rig, tmp_path, capsys):
+    root, truth = board_rig
+    out = tmp_path / "CALIB.json"
+    assert main(["calibrate", str(root), "--out", str(out)]) == 0
+    assert "6 cameras (charuco" in capsys.readouterr().out
+    calib = load_calibration(out)
+    assert calib.method == "charuco" and [c.name for c in calib.cameras] == [c.name for c in truth]
+    assert calib.report["intrinsics_refined"]  # every camera saw the board over a 2x range of distances
+    rot, pos, focal = rig_errors(calib.cameras, truth)
+    assert rot < 0.5 and pos < 0.01 and focal < 0.02, (rot, pos, focal)
+    assert np.allclose(calib.cameras[1].dist[:2], truth[1].dist[:2], atol=0.02)  # the barrel lens
+    for cam in calib.cameras:
+        assert cam.reprojection["median_px"] < 0.5 and cam.reprojection["views"] >= 10
+        assert cam.world_to_camera.shape == (4, 4) and (cam.width, cam.height) == (640, 480)
+
+
+def test_given_lenses_are_kept_and_only_poses_solved(board_rig, tmp_path):
+    root, truth = board_rig
+    lenses = tmp_path / "lenses.json"
+    save_calibration(lenses, Calibration("given", truth, "truth"))
+    calib = calibrate_rig(root, "charuco", intrinsics=lenses, progress=False)
+    assert not calib.report["intrinsics_refined"]
+    for a, b in zip(calib.cameras, truth):
+        assert np.array_equal(a.K, b.K) and np.array_equal(a.dist, b.dist)
+    rot, pos, _ = rig_errors(calib.cameras, truth)
+    assert rot < 0.1 and pos < 0.002, (rot, pos)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="the real ChArUco rig is not in ../shared/data")
+def test_real_charuco_rig_against_caliscope(tmp_path):
+    """The 4 webcams of caliscope's test session, against caliscope's own solution. With
+    caliscope's lenses (solved from its separate close-up videos) only the poses are ours.
+    Solving the lenses from these board videos too cannot pin them: the board stays within
+    a 1.2-1.6x range of distances, so the rig's adjustment holds each camera's own
+    calibration, whose focal length is uncertain by up to 2.6 % (reported)."""
+    rig = tmp_path / "rig"
+    rig.mkdir()
+    for f in DATA.glob("cam_*.mp4"):
+        (rig / f.name).symlink_to(f)
+    shutil.copy(DATA / "charuco.toml", rig)
+    reference = import_given(DATA / "camera_array.toml", open_rig(rig))
+
+    with_lenses = calibrate_rig(rig, "charuco", intrinsics=DATA / "camera_array.toml", progress=False)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    cams = with_lenses.cameras
+    rotations = [relative_rotation_deg(cams[i], cams[j], reference.cameras[i], reference.cameras[j]) for i, j in pairs]
+    assert max(rotations) < 0.75 and float(np.median(rotations)) < 0.5, rotations
+    assert with_lenses.report["median_px"] < 1.0
+
+    solved = calibrate_rig(rig, "charuco", progress=False)
+    assert not solved.report["intrinsics_refined"] and solved.report["min_board_depth_ratio"] < 2
+    for cam, ref in zip(solved.cameras, reference.cameras):
+        lens = cam.reprojection["intrinsics"]
+        assert abs(cam.K[0, 0] / ref.K[0, 0] - 1) < 3 * lens["focal_relative_sd"] + 0.01
+    assert solved.report["median_px"] < 1.0
+
+
+# -- given formats ---------------------------------------------------------------------------------
+
+
+def _caliscope_toml(cams) -> str:
+    lines = []
+    for i, c in enumerate(cams):
+        R, t = c.world_to_camera[:3, :3], c.world_to_camera[:3, 3]
+        lines += [f"[cameras.{i}]", f"cam_id = {i}", f"size = [{c.width}, {c.height}]", "error = 0.4",
+                  f"matrix = {c.K.tolist()}", f"distortions = {c.dist.tolist()}", f"translation = {t.tolist()}",
+                  f"rotation = {R.tolist()}", ""]
+    return "\n".join(lines)
+
+
+def _quaternion(R: np.ndarray) -> list[float]:
+    w = math.sqrt(max(1 + np.trace(R), 1e-12)) / 2
+    return [w, (R[2, 1] - R[1, 2]) / (4 * w), (R[0, 2] - R[2, 0]) / (4 * w), (R[1, 0] - R[0, 1]) / (4 * w)]
+
+
+def _write_colmap(folder: Path, cams) -> None:
+    folder.mkdir()
+    cam_lines, image_lines = [], []
+    for i, c in enumerate(cams, 1):
+        fx, fy, cx, cy = c.K[0, 0], c.K[1, 1], c.K[0, 2], c.K[1, 2]
+        cam_lines.append(f"{i} OPENCV {c.width} {c.height} {fx} {fy} {cx} {cy} {' '.join(map(str, c.dist[:4]))}")
+        q, t = _quaternion(c.world_to_camera[:3, :3]), c.world_to_camera[:3, 3]
+        image_lines += [f"{i} {' '.join(map(str, q))} {' '.join(map(str, t))} {i} {c.name}/0000.png", ""]
+    (folder / "cameras.txt").write_text("\n".join(cam_lines) + "\n")
+    (folder / "images.txt").write_text("\n".join(image_lines) + "\n")
+    (folder / "points3D.txt").write_text("")
+
+
+def _write_nerfstudio(path: Path, cams) -> None:
+    flip = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV <-> OpenGL camera axes
+    frames = [{"file_path": f"images/{c.name}.png", "fl_x": c.K[0, 0], "fl_y": c.K[1, 1], "cx": c.K[0, 2],
+               "cy": c.K[1, 2], "w": c.width, "h": c.height, **dict(zip(("k1", "k2", "p1", "p2", "k3"), c.dist.tolist())),
+               "transform_matrix": (np.linalg.inv(c.world_to_camera) @ flip).tolist()} for c in cams]
+    path.write_text(json.dumps({"frames": frames}))
+
+
+def _assert_same(imported, truth, distortion=True):
+    assert [c.name for c in imported.cameras] == [c.name for c in truth]
+    for a, b in zip(imported.cameras, truth):
+        assert np.allclose(a.K, b.K) and np.allclose(a.world_to_camera, b.world_to_camera, atol=1e-6)
+        assert (a.width, a.height) == (b.width, b.height)
+        if distortion:
+            assert np.allclose(a.dist, b.dist)
+
+
+def test_given_formats_import_the_same_rig(tmp_path):
+    truth = ring_rig(3)
+    for c in truth:
+        c.dist[4] = 0.0  # COLMAP's OPENCV model has no k3
+    caliscope = tmp_path / "camera_array.toml"
+    caliscope.write_text(_caliscope_toml(truth))
+    _assert_same(import_given(caliscope), truth)
+
+    nerfstudio = tmp_path / "transforms.json"
+    _write_nerfstudio(nerfstudio, truth)
+    _assert_same(import_given(nerfstudio), truth)
+
+    colmap = tmp_path / "sparse"
+    _write_colmap(colmap, truth)
+    _assert_same(import_given(colmap), truth)
+
+    # NeRSemble: serials, one shared K, no distortion, sizes from the rig's videos.
+    rig = tmp_path / "rig"
+    rig.mkdir()
+    shared = [type(c)(c.name, c.width, c.height, truth[0].K, np.zeros(5), c.world_to_camera) for c in truth]
+    for i, c in enumerate(shared):
+        (rig / f"cam_22070{i}").mkdir()
+        cv2.imwrite(str(rig / f"cam_22070{i}" / "0000.png"), np.zeros((c.height, c.width), np.uint8))
+        c.name = f"cam_22070{i}"
+    nersemble = rig / "camera_params.json"
+    nersemble.write_text(json.dumps({"world_2_cam": {f"22070{i}": c.world_to_camera.tolist() for i, c in enumerate(shared)},
+                                     "intrinsics": truth[0].K.tolist()}))
+    out = tmp_path / "CALIB.json"
+    assert main(["calibrate", str(rig), "--out", str(out)]) == 0  # auto: the file in the rig folder
+    calib = load_calibration(out)
+    assert calib.method == "given"
+    _assert_same(calib, shared)
+
+
+def test_bad_calibration_inputs_are_named(tmp_path, capsys):
+    truth = ring_rig(2, arc_deg=30)
+    one = tmp_path / "one"
+    (one / "cam_0").mkdir(parents=True)
+    cv2.imwrite(str(one / "cam_0" / "0000.png"), np.zeros((48, 64), np.uint8))
+    board = tmp_path / "board.toml"
+    board.write_text('columns = 7\nrows = 5\ndictionary = "DICT_4X4_50"\nsquare_size_override_cm = 4\n')
+    cases = [
+        (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--board", str(board)], "a rig needs at least 2"),
+        (["calibrate", str(tmp_path / "none"), "--out", str(tmp_path / "c.json")], "is not a folder"),
+        (["calibrate", str(one), "--out", str(tmp_path / "c.json")], "no calibration file and no board"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "c.json").exists()
+
+    # A camera that never sees the board is named.
+    blind = tmp_path / "blind"
+    write_board_rig(blind, truth, Board(7, 5, "DICT_4X4_50", 0.04, 0.75), board_poses(5, tilt_deg=10, arc_deg=30))
+    for png in (blind / "cam_1").glob("*.png"):
+        cv2.imwrite(str(png), np.full((480, 640), 110, np.uint8))
+    with pytest.raises(AvatarError, match="camera cam_1 sees the board in 0 frames"):
+        calibrate_rig(blind, progress=False)
+
+    with pytest.raises(AvatarError, match="does not describe a ChArUco board"):
+        (tmp_path / "bad.toml").write_text("columns = 7\n")
+        load_board(tmp_path / "bad.toml")
+    with pytest.raises(AvatarError, match="unknown ArUco dictionary"):
+        (tmp_path / "bad.toml").write_text('columns = 7\nrows = 5\ndictionary = "DICT_9X9"\nsquare_size_override_cm = 4\n')
+        load_board(tmp_path / "bad.toml")
+
+    good = tmp_path / "good.json"
+    save_calibration(good, Calibration("given", truth, "truth"))
+    doc = json.loads(good.read_text())
+    for change, message in [(lambda d: d.update(format="avatar-dataset/1"), "not a calibration file"),
+                            (lambda d: d["cameras"][0]["world_to_camera"][0].__setitem__(0, 2.0), "not a rigid transform"),
+                            (lambda d: d["cameras"][1].update(name="cam_0"), "names a camera twice"),
+                            (lambda d: d["cameras"][0].update(K=[[1, 0], [0, 1]]), "K must be 3 x 3")]:
+        broken = json.loads(json.dumps(doc))
+        change(broken)
+        (tmp_path / "broken.json").write_text(json.dumps(broken))
+        with pytest.raises(AvatarError, match=message):
+            load_calibration(tmp_path / "broken.json")
+    loaded = load_calibration(good)
+    _assert_same(loaded, truth)
+
+    # A given file that misses one of the rig's cameras.
+    (tmp_path / "rig3").mkdir()
+    for name in ("cam_0", "cam_1", "cam_2"):
+        (tmp_path / "rig3" / name).mkdir()
+        cv2.imwrite(str(tmp_path / "rig3" / name / "0000.png"), np.zeros((480, 640), np.uint8))
+    with pytest.raises(AvatarError, match="does not calibrate the rig's camera cam_2"):
+        calibrate_rig(tmp_path / "rig3", "given", given=good, progress=False)
