@@ -104,17 +104,27 @@ def _rigid(path: Path, where: str, value) -> np.ndarray:
     return m
 
 
+def read_document(path: Path, remedy: str) -> dict:
+    """A JSON (.json) or TOML (other suffixes) file as a dict; a missing, unreadable or
+    malformed file is a named error with `remedy`."""
+    try:
+        text = path.read_text()
+        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise AvatarError(path, "does not exist", remedy) from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise AvatarError(path, f"is not readable {'JSON' if path.suffix == '.json' else 'TOML'} ({exc})", remedy) from exc
+    if not isinstance(doc, dict):
+        raise AvatarError(path, "does not hold an object of settings", remedy)
+    return doc
+
+
 def load_calibration(path: str | Path) -> Calibration:
     """Read and check a CALIB.json; every problem is a named error."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AvatarError(path, "does not exist", "write it with `avatar calibrate RIG --out CALIB.json`") from None
-    except (OSError, ValueError) as exc:
-        raise AvatarError(path, f"is not readable JSON ({exc})", "write it again with `avatar calibrate`") from exc
-    if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else None
+    doc = read_document(path, "write it with `avatar calibrate RIG --out CALIB.json`")
+    if doc.get("format") != CALIBRATION_FORMAT:
+        found = doc.get("format")
         raise AvatarError(path, f"is not a calibration file of format {CALIBRATION_FORMAT} (format: {found!r})",
                           "write it with `avatar calibrate`")
     cams = doc.get("cameras")
@@ -179,10 +189,7 @@ def _pose(R, t) -> np.ndarray:
 def import_caliscope(path: Path, rig: list | None = None) -> Calibration:
     """caliscope's camera_array.toml: [cameras.N] (or [cam_N]) with matrix, distortions,
     rotation (world->camera R) and translation (x_cam = R x_world + t), size."""
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise AvatarError(path, f"is not readable TOML ({exc})", "give caliscope's camera_array.toml") from exc
+    doc = read_document(path, "give caliscope's camera_array.toml")
     table = doc.get("cameras") if isinstance(doc.get("cameras"), dict) else \
         {k[4:]: v for k, v in doc.items() if k.startswith("cam_") and isinstance(v, dict)}
     sizes = _rig_sizes(rig)
@@ -228,13 +235,7 @@ def import_nersemble(path: Path, rig: list | None = None) -> Calibration:
 
 
 def _json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AvatarError(path, f"is not readable JSON ({exc})", "give the calibration file as its tool wrote it") from exc
-    if not isinstance(doc, dict):
-        raise AvatarError(path, "is not a JSON object", "give the calibration file as its tool wrote it")
-    return doc
+    return read_document(path, "give the calibration file as its tool wrote it")
 
 
 NERFSTUDIO_DIST = ("k1", "k2", "p1", "p2", "k3")

@@ -23,7 +23,6 @@ The board file is caliscope's charuco.toml, as is:
 
 from __future__ import annotations
 
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from avatar.errors import AvatarError
 
 from .bundle import (INTRINSICS, Observations, average_rigid, bundle_adjust, pack_camera, reproject,
                      residual_report, unpack_camera)
-from .calibration import Calibration, CameraCalibration
+from .calibration import Calibration, CameraCalibration, read_document
 from .rig import RigCamera, sync_indices
 
 MIN_CORNERS = 6
@@ -75,12 +74,7 @@ class Board:
 def load_board(path: str | Path) -> Board:
     """caliscope's charuco.toml -> Board; a named error for anything missing or unknown."""
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise AvatarError(path, "does not exist", "give the board's charuco.toml (caliscope's format)") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise AvatarError(path, f"is not readable TOML ({exc})", "give the board's charuco.toml (caliscope's format)") from exc
+    doc = read_document(path, "give the board's charuco.toml (caliscope's format)")
     doc = doc.get("charuco", doc)
     try:
         columns, rows = int(doc["columns"]), int(doc["rows"])
