@@ -71,6 +71,10 @@ class TrainConfig:
     motion_velocity_weight: float = 1.0
     """Weight of the frame-to-frame velocity error in the speech-to-motion loss (GeneFace):
     without it the predicted mouth lags and smooths over fast closures."""
+    motion_gap_weight: float = 1.0
+    """Weight of the inner-lip gap's error (and its velocity's) in the speech-to-motion loss,
+    beside the codes' (recon/motion.py: fit_motion_net): the opening is what lip sync is
+    judged by, and one direction among 16 codes when weighed equally."""
     motion_falloff: float = 0.015
     """Distance (metres) over which a Gaussian's share of the face mesh's motion falls off
     (exp(-(d / falloff)^2)): points on the lips move with them, the skull does not."""

@@ -282,7 +282,8 @@ class GaussianAvatar(Method):
         t0 = time.perf_counter()
         result = fit_motion_stage(self.model.motion_net, mel, visemes, motion[self.train_ids], rows,
                                   cfg.motion_steps, lr=cfg.lr_motion, noise=cfg.audio_noise,
-                                  velocity_weight=cfg.motion_velocity_weight, seed=cfg.seed,
+                                  velocity_weight=cfg.motion_velocity_weight, gap_weight=cfg.motion_gap_weight,
+                                  seed=cfg.seed,
                                   progress=lambda step, loss: (bar.update(1),
                                                                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)))
         bar.close()
