@@ -164,33 +164,34 @@ class MotionNet(nn.Module):
         smile or rounding stays. Lips already closed stay as they are. A no-op before
         set_closed_mouth."""
         at = self.closure_frames(codes, visemes)
-        if not at.any():
+        if not len(at):
             return codes
-        excess = F.relu(codes @ self.lip_axis - self.lip_closed)[:, None]
-        return codes - at.to(codes)[:, None] * excess * self.lip_axis / self.lip_axis.square().sum().clamp_min(1e-12)
+        excess = F.relu(codes[at] @ self.lip_axis - self.lip_closed)[:, None]
+        shift = torch.zeros_like(codes)
+        shift[at] = excess * self.lip_axis / self.lip_axis.square().sum().clamp_min(1e-12)
+        return codes - shift
 
     def closure_frames(self, codes: Tensor, visemes: Tensor) -> Tensor:
-        """[T] bool: where the lips close. One frame per bilabial event (a run of frames whose
-        main viseme is P/B/M), the frame from one before the run to one after it where the
-        predicted lips are nearest closed: the lips meet once per bilabial, the net decides
-        when. Closing every frame the recogniser tags instead cost held-out correlation
-        (0.84 -> 0.65 on the 20 s clip): a phone recogniser's bilabials are often not the
-        subject's, and they last longer than the closure. None before set_closed_mouth."""
-        out = torch.zeros(len(codes), dtype=torch.bool)
+        """[E] frame indices (on the host) where the lips close. One frame per bilabial event
+        (a run of frames whose main viseme is P/B/M), the frame from one before the run to one
+        after it where the predicted lips are nearest closed: the lips meet once per
+        bilabial, the net decides when. Closing every frame the recogniser tags instead cost
+        held-out correlation (0.84 -> 0.65 on the 20 s clip): a phone recogniser's bilabials
+        are often not the subject's, and they last longer than the closure. None before
+        set_closed_mouth."""
         if visemes.shape[1] <= BILABIAL or not self.lip_axis.any():
-            return out
-        tagged = (visemes.argmax(1) == BILABIAL).cpu()
-        if not tagged.any():
-            return out
-        gaps = (codes.detach() @ self.lip_axis).cpu()
+            return torch.zeros(0, dtype=torch.long, device="cpu")  # host: an index of none
+        tagged = (visemes.argmax(1) == BILABIAL).cpu()  # host: the events are found in Python, over [T]
+        gaps = (codes.detach() @ self.lip_axis).cpu()  # host: each event's argmin
+        at = []
         starts = torch.nonzero(tagged & ~torch.cat([tagged.new_zeros(1), tagged[:-1]])).ravel().tolist()
         for start in starts:
             end = start
             while end + 1 < len(tagged) and tagged[end + 1]:
                 end += 1
             lo, hi = max(start - 1, 0), min(end + 2, len(tagged))
-            out[lo + int(torch.argmin(gaps[lo:hi]))] = True
-        return out
+            at.append(lo + int(torch.argmin(gaps[lo:hi])))
+        return torch.tensor(at, dtype=torch.long, device="cpu")  # host: indices into the codes
 
     def forward(self, mel: Tensor, visemes: Tensor) -> Tensor:
         """Codes [T, K] (what training fits)."""
@@ -229,7 +230,7 @@ def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-3)
     consecutive = (rows[1:] - rows[:-1]) == 1
-    axis = net.lip_axis.to(codes)
+    axis = net.lip_axis
     gap_weight = gap_weight if axis.any() else 0.0
     gap_scale = (codes @ axis).var().clamp_min(1e-12) if gap_weight > 0 else None
 
