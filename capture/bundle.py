@@ -16,22 +16,19 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 from scipy.optimize import least_squares
 from scipy.sparse import lil_matrix
+
+from .pose import so3_exp
 
 INTRINSICS = 9  # fx, fy, cx, cy, k1, k2, p1, p2, k3
 CAMERA_PARAMS = INTRINSICS + 6
 
 
 def rodrigues(rvecs: np.ndarray) -> np.ndarray:
-    """[N, 3] rotation vectors -> [N, 3, 3] rotation matrices."""
-    theta = np.linalg.norm(rvecs, axis=1, keepdims=True)
-    k = rvecs / np.maximum(theta, 1e-12)
-    K = np.zeros((len(rvecs), 3, 3))
-    K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
-    K = K - K.transpose(0, 2, 1)
-    s, c = np.sin(theta)[:, :, None], np.cos(theta)[:, :, None]
-    return np.eye(3) + s * K + (1 - c) * K @ K
+    """[N, 3] rotation vectors -> [N, 3, 3] rotation matrices (capture.pose.so3_exp, in numpy)."""
+    return so3_exp(torch.from_numpy(np.ascontiguousarray(rvecs, np.float64))).numpy()
 
 
 def rotation_vector(R: np.ndarray) -> np.ndarray:
