@@ -37,11 +37,20 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile(text: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,W,H (four integers, pixels)") from None
+    return x, y, w, h
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from capture.calibration import calibrate_rig, save_calibration
 
     calib = calibrate_rig(args.rig, args.method, board=args.board, given=getattr(args, "from"),
-                          intrinsics=args.intrinsics, progress=sys.stderr.isatty())
+                          intrinsics=args.intrinsics, tiles=args.tile,
+                          same_lens=args.same_lens, progress=sys.stderr.isatty())
     save_calibration(args.out, calib)
     print(f"{len(calib.cameras)} cameras ({calib.method}: {calib.source})")
     print(f"  {'camera':<16} {'size':>10} {'fx':>8} {'fy':>8} {'median px':>9} {'p90 px':>7} {'views':>5}")
@@ -240,17 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="calibrate a multi-camera rig: intrinsics, distortion and poses -> CALIB.json",
                        description="RIG folder (one video or image folder per camera) -> CALIB.json "
                                    "(format avatar-calibration/1, capture/calibration.py).")
-    p.add_argument("rig", help="folder with one video (or one folder of images) per camera, named after the camera")
+    p.add_argument("rig", help="folder with one video (or one folder of images) per camera, named after the camera; "
+                               "or one composite video with --tile")
     p.add_argument("--out", required=True, help="calibration file to write (CALIB.json)")
-    p.add_argument("--method", default="auto", choices=["auto", "given", "charuco"],
-                   help="given: import a calibration file; charuco: a ChArUco board filmed by every camera; auto "
-                        "(default): given when a file is passed or found in RIG, else charuco when a board is")
+    p.add_argument("--method", default="auto", choices=["auto", "given", "charuco", "face"],
+                   help="given: import a calibration file; charuco: a ChArUco board filmed by every camera; face: no "
+                        "target, the talking head every camera films; auto (default): given when a file is passed or "
+                        "found in RIG, else charuco when a board is, else face")
+    p.add_argument("--same-lens", action="store_true",
+                   help="face: the cameras are of one model and zoom, so solve one focal length for all of them")
+    p.add_argument("--tile", action="append", type=_tile, metavar="X,Y,W,H",
+                   help="one camera's image inside a composite video RIG (repeat per camera; named tile_0, tile_1, ...)")
     p.add_argument("--board", help="the board (caliscope's charuco.toml; default RIG/charuco.toml)")
     p.add_argument("--from", metavar="FILE",
                    help="calibration to import: NeRSemble camera_params.json, caliscope camera_array.toml, nerfstudio "
                         "transforms.json or a COLMAP sparse model folder (default: the first found in RIG)")
     p.add_argument("--intrinsics", metavar="FILE",
-                   help="charuco: keep these lenses (K, distortion; any --from format) and solve only the poses")
+                   help="charuco, face: keep these lenses (K, distortion; any --from format) and solve only the poses")
     p.set_defaults(func=_calibrate)
     p = sub.add_parser("train", help="fit a talking Gaussian avatar to a dataset",
                        description="Dataset folder -> avatar folder (checkpoint, config, metrics, canonical.ply).")

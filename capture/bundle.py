@@ -4,10 +4,11 @@ object's pose at every timestep, fitted to where the object's points are seen.
     x_cam = R_c (R_t X_p + t_t) + t_c         camera c, timestep t, object point p
     uv    = project(x_cam; fx, fy, cx, cy, k1, k2, p1, p2, k3)   (OpenCV's model)
 
-The first camera is the world frame (its pose is held at identity); the object's points
-are known (a calibration board), so the scale is the object's. Intrinsics are fitted
-only where asked (see capture/charuco.py: DEPTH_RATIO for when they can be). Solved with scipy's
-trust-region least squares, a robust loss in pixels and the Jacobian's sparsity.
+The first camera is the world frame (its pose is held at identity). The object's points
+are known (a calibration board, whose scale is then the rig's), or refined about where
+they start under a prior (a face: capture/face_calibration.py). Intrinsics are fitted
+only where asked (see capture/charuco.py: DEPTH_RATIO for when they can be). Solved by
+Levenberg-Marquardt with a robust (soft-L1) loss in pixels and the exact, sparse Jacobian.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from scipy.optimize import least_squares
-from scipy.sparse import lil_matrix
+from scipy.sparse import coo_matrix
 
 from .pose import so3_exp
 
@@ -35,17 +35,26 @@ def rotation_vector(R: np.ndarray) -> np.ndarray:
     return cv2.Rodrigues(np.asarray(R, np.float64))[0].ravel()
 
 
-def distort_project(x: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
-    """Camera-frame points x [N, 3] -> pixels [N, 2] with per-point intrinsics [N, 9]
-    (fx, fy, cx, cy, k1, k2, p1, p2, k3): OpenCV's pinhole + Brown-Conrady model."""
-    z = np.where(np.abs(x[:, 2]) < 1e-9, 1e-9, x[:, 2])
+def _project(cam: torch.Tensor, pose: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """Pixels [M, 2] of object points [M, 3] under object poses [M, 6] (rotation vector,
+    translation) seen by cameras [M, 15] (packed: fx fy cx cy k1 k2 p1 p2 k3, rotation
+    vector, translation): the module doc's model, OpenCV's pinhole + Brown-Conrady lens."""
+    world = (so3_exp(pose[:, :3]) @ point[:, :, None])[..., 0] + pose[:, 3:]
+    x = (so3_exp(cam[:, 9:12]) @ world[:, :, None])[..., 0] + cam[:, 12:15]
+    z = torch.where(x[:, 2].abs() < 1e-9, torch.full_like(x[:, 2], 1e-9), x[:, 2])
     a, b = x[:, 0] / z, x[:, 1] / z
-    fx, fy, cx, cy, k1, k2, p1, p2, k3 = intrinsics.T
+    fx, fy, cx, cy, k1, k2, p1, p2, k3 = cam[:, :INTRINSICS].unbind(1)
     r2 = a * a + b * b
     radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
     xd = a * radial + 2 * p1 * a * b + p2 * (r2 + 2 * a * a)
     yd = b * radial + p1 * (r2 + 2 * b * b) + 2 * p2 * a * b
-    return np.stack([fx * xd + cx, fy * yd + cy], axis=1)
+    return torch.stack([fx * xd + cx, fy * yd + cy], dim=1)
+
+
+def _gathered(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, obs: "Observations"):
+    return (torch.from_numpy(np.ascontiguousarray(cameras[obs.camera], np.float64)),
+            torch.from_numpy(np.ascontiguousarray(poses[obs.timestep], np.float64)),
+            torch.from_numpy(np.ascontiguousarray(points[obs.point], np.float64)))
 
 
 @dataclass
@@ -78,54 +87,153 @@ def unpack_camera(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def reproject(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, obs: Observations) -> np.ndarray:
     """Pixels [M, 2] predicted for each observation. cameras: [C, 15] packed; poses: [T, 6]
     (object -> world rotation vector and translation); points: [P, 3] in the object frame."""
-    Rt = rodrigues(poses[:, :3])
-    world = np.einsum("mij,mj->mi", Rt[obs.timestep], points[obs.point]) + poses[obs.timestep, 3:]
-    cam = cameras[obs.camera]
-    x = np.einsum("mij,mj->mi", rodrigues(cam[:, 9:12]), world) + cam[:, 12:15]
-    return distort_project(x, cam[:, :INTRINSICS])
+    with torch.no_grad():
+        return _project(*_gathered(cameras, poses, points, obs)).numpy()
+
+
+def reproject_jacobian(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray,
+                       obs: Observations) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact derivatives of each observation's pixels (autograd, per observation):
+    d uv / d camera [M, 2, 15], d uv / d pose [M, 2, 6], d uv / d point [M, 2, 3]."""
+    from torch.func import jacrev, vmap
+
+    def one(c, p, x):
+        return _project(c[None], p[None], x[None])[0]
+
+    return vmap(jacrev(one, argnums=(0, 1, 2)))(*_gathered(cameras, poses, points, obs))
 
 
 def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, obs: Observations,
                   free_intrinsics: np.ndarray | None = None, loss_scale_px: float = 1.0,
-                  max_evaluations: int = 200) -> tuple[np.ndarray, np.ndarray]:
+                  max_iterations: int = 200, square_pixels: bool = False, shared_focal: bool = False,
+                  point_prior_m: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Refine the poses of cameras [C, 15] (all but the first), object poses [T, 6] and
     the intrinsics flagged in `free_intrinsics` ([9] bools over fx fy cx cy k1 k2 p1 p2 k3;
-    default none). Robust loss: soft-L1 with scale `loss_scale_px`. Returns the refined
-    (cameras, poses)."""
-    C, T = len(cameras), len(poses)
+    default none). square_pixels: fy stays equal to fx (one focal per camera);
+    shared_focal as well: every camera's fx is the first camera's (a rig of one lens model).
+    point_prior_m: None holds the object's points [P, 3] fixed; a length lets them move,
+    each pulled back to where it started as hard as one `loss_scale_px` residual per that
+    many metres (the prior also fixes the object frame, which free points leave open).
+    Robust loss: soft-L1 with scale `loss_scale_px`. Returns the refined (cameras, poses,
+    points)."""
+    C, T, P = len(cameras), len(poses), len(points)
     cam_free = np.zeros((C, CAMERA_PARAMS), bool)
     if free_intrinsics is not None:
         cam_free[:, :INTRINSICS] = np.asarray(free_intrinsics, bool)
+    square_pixels = square_pixels or shared_focal
+    if square_pixels:
+        cam_free[:, 1] = False  # fy follows fx
+    if shared_focal:
+        cam_free[1:, 0] = False  # and fx the first camera's
     cam_free[1:, INTRINSICS:] = True  # the first camera is the world frame
     cam_index = np.flatnonzero(cam_free.ravel())
-    n_cam = len(cam_index)
+    n_cam, n_pts = len(cam_index), 3 * P if point_prior_m is not None else 0
 
     def unpack(x):
         cams = cameras.copy().ravel()
         cams[cam_index] = x[:n_cam]
-        return cams.reshape(C, CAMERA_PARAMS), x[n_cam:].reshape(T, 6)
+        cams = cams.reshape(C, CAMERA_PARAMS)
+        if shared_focal:
+            cams[:, 0] = cams[0, 0]
+        if square_pixels:
+            cams[:, 1] = cams[:, 0]
+        pts = x[n_cam + 6 * T:].reshape(P, 3) if n_pts else points
+        return cams, x[n_cam:n_cam + 6 * T].reshape(T, 6), pts
 
     def residuals(x):
-        cams, ps = unpack(x)
-        return (reproject(cams, ps, points, obs) - obs.uv).ravel()
+        cams, ps, pts = unpack(x)
+        r = (reproject(cams, ps, pts, obs) - obs.uv).ravel()
+        if n_pts:
+            r = np.concatenate([r, (loss_scale_px / point_prior_m) * (pts - points).ravel()])
+        return r
 
-    # Jacobian sparsity: an observation depends on its camera's free parameters and its pose.
+    # The Jacobian, exact and sparse: an observation depends on its camera's free parameters,
+    # its pose and (when free) its point; a point's prior on that point.
     col_of = -np.ones(C * CAMERA_PARAMS, int)
     col_of[cam_index] = np.arange(n_cam)
-    J = lil_matrix((2 * len(obs.uv), n_cam + 6 * T), dtype=np.int8)
-    rows = np.arange(len(obs.uv))
-    for j in range(CAMERA_PARAMS):
-        cols = col_of[obs.camera * CAMERA_PARAMS + j]
-        ok = cols >= 0
-        for axis in (0, 1):
-            J[2 * rows[ok] + axis, cols[ok]] = 1
-    for j in range(6):
-        for axis in (0, 1):
-            J[2 * rows + axis, n_cam + 6 * obs.timestep + j] = 1
-    x0 = np.concatenate([cameras.ravel()[cam_index], poses.ravel()])
-    fit = least_squares(residuals, x0, jac_sparsity=J, loss="soft_l1", f_scale=loss_scale_px, x_scale="jac",
-                        method="trf", max_nfev=max_evaluations)
-    return unpack(fit.x)
+    if square_pixels:
+        if shared_focal:
+            col_of[0::CAMERA_PARAMS] = col_of[0]
+        col_of[1::CAMERA_PARAMS] = col_of[0::CAMERA_PARAMS]  # d/d fx gathers fy's share too
+    M = len(obs.uv)
+    cam_cols = col_of[obs.camera[:, None] * CAMERA_PARAMS + np.arange(CAMERA_PARAMS)]  # [M, 15]
+    pose_cols = n_cam + 6 * obs.timestep[:, None] + np.arange(6)  # [M, 6]
+    point_cols = n_cam + 6 * T + 3 * obs.point[:, None] + np.arange(3)  # [M, 3]
+    rows = 2 * np.arange(M)[:, None, None] + np.arange(2)[None, :, None]  # [M, 2, 1]
+    n_cols = n_cam + 6 * T + n_pts
+
+    def jacobian(x):
+        cams, ps, pts = unpack(x)
+        d_cam, d_pose, d_point = (d.numpy() for d in reproject_jacobian(cams, ps, pts, obs))
+        parts = [(d_cam, cam_cols), (d_pose, pose_cols)] + ([(d_point, point_cols)] if n_pts else [])
+        r, c, v = [], [], []
+        for d, cols in parts:
+            keep = np.broadcast_to(cols[:, None, :] >= 0, d.shape)
+            r.append(np.broadcast_to(rows, d.shape)[keep])
+            c.append(np.broadcast_to(cols[:, None, :], d.shape)[keep])
+            v.append(d[keep])
+        if n_pts:
+            r.append(2 * M + np.arange(n_pts)), c.append(n_cam + 6 * T + np.arange(n_pts))
+            v.append(np.full(n_pts, loss_scale_px / point_prior_m))
+        return coo_matrix((np.concatenate(v), (np.concatenate(r), np.concatenate(c))),
+                          shape=(2 * M + n_pts, n_cols)).tocsr()  # duplicates (fx, fy) add up
+
+    x0 = np.concatenate([cameras.ravel()[cam_index], poses.ravel(), points.ravel() if n_pts else []])
+    return unpack(levenberg_marquardt(residuals, jacobian, x0, loss_scale_px, max_iterations))
+
+
+def levenberg_marquardt(residuals, jacobian, x0: np.ndarray, loss_scale: float, max_iterations: int = 200,
+                        tolerance: float = 1e-10) -> np.ndarray:
+    """Minimise sum(soft_l1(r_i / loss_scale)) over x by Levenberg-Marquardt on the
+    reweighted normal equations (Marquardt's diagonal damping): residuals(x) -> r [m],
+    jacobian(x) -> sparse [m, n]. A bundle has few parameters (cameras, poses, a face's
+    points: hundreds) and many residuals, so the normal matrix is small and solved
+    directly; each iteration costs one Jacobian."""
+    s2 = loss_scale**2
+
+    def cost(r):
+        return float(2 * s2 * (np.sqrt(1 + r * r / s2) - 1).sum())
+
+    x, r = x0.astype(np.float64), residuals(x0)
+    c, damping = cost(r), 1e-4
+    for _ in range(max_iterations):
+        J = jacobian(x)
+        w = 1 / np.sqrt(1 + r * r / s2)  # soft-L1's weights (iteratively reweighted)
+        JtW = J.T.multiply(w).tocsr()
+        A, g = (JtW @ J).toarray(), JtW @ r
+        diag = np.maximum(np.diag(A), 1e-12)
+        while True:
+            try:
+                step = np.linalg.solve(A + damping * np.diag(diag), -g)
+            except np.linalg.LinAlgError:
+                step = None
+            if step is not None:
+                r_new = residuals(x + step)
+                c_new = cost(r_new)
+                if np.isfinite(c_new) and c_new < c:
+                    break
+            damping *= 10
+            if damping > 1e12:
+                return x
+        x, r, done = x + step, r_new, c - c_new <= tolerance * c
+        c, damping = c_new, max(damping / 10, 1e-10)
+        if done or np.linalg.norm(step) <= tolerance * (np.linalg.norm(x) + tolerance):
+            break
+    return x
+
+
+def place_cameras(relative: dict[tuple[int, int], list[np.ndarray]], n: int) -> dict[int, np.ndarray]:
+    """World-to-camera 4x4s of the cameras reachable from camera 0 (the world frame) through
+    `relative` ({(i, j): [camera i -> camera j 4x4s, one per shared view]}): each next camera
+    from a placed one along the pair with the most shared views, by their robust mean."""
+    world_to_cam: dict[int, np.ndarray] = {0: np.eye(4)}
+    while len(world_to_cam) < n:
+        links = [(len(v), i, j) for (i, j), v in relative.items() if v and i in world_to_cam and j not in world_to_cam]
+        if not links:
+            break
+        _, i, j = max(links)
+        world_to_cam[j] = average_rigid(relative[i, j]) @ world_to_cam[i]
+    return world_to_cam
 
 
 def average_rigid(transforms: list[np.ndarray]) -> np.ndarray:

@@ -1,19 +1,20 @@
 """`avatar calibrate`: a rig's cameras -> CALIB.json (format `avatar-calibration/1`).
 
-    {"format": "avatar-calibration/1", "method": "charuco" | "given", "units": "metres",
+    {"format": "avatar-calibration/1", "method": "charuco" | "face" | "given", "units": "metres",
      "cameras": [{"name", "width", "height",
                   "K": 3x3 pixels, "dist": [k1, k2, p1, p2, k3] (OpenCV),
                   "world_to_camera": 4x4 (OpenCV axes: x right, y down, z forward),
                   "reprojection": {"median_px", "p90_px", "views", "points"} or null}],
      "source": what was calibrated or imported, "report": method-specific figures}
 
-The world frame is the method's: the first camera's frame for `charuco`, the file's for
-`given`. Capture places the head per timestep, so nothing downstream depends on it.
+The world frame is the method's: the first camera's frame for `charuco` and `face`, the
+file's for `given`. Capture places the head per timestep, so nothing downstream depends on it.
 
 Ways to calibrate (capture/README.md):
     given    import NeRSemble's camera_params.json, a COLMAP sparse model (pycolmap),
              a nerfstudio transforms.json, or caliscope's camera_array.toml
     charuco  a ChArUco board filmed by every camera (capture/charuco.py)
+    face     no target: the talking head itself (capture/face_calibration.py)
 """
 
 from __future__ import annotations
@@ -390,49 +391,54 @@ def relative_rotation_deg(a: CameraCalibration, b: CameraCalibration, c: CameraC
 
 # -- avatar calibrate ---------------------------------------------------------------------------
 
-METHODS = ("auto", "given", "charuco")
+METHODS = ("auto", "given", "charuco", "face")
 
 
 def calibrate_rig(rig_root: str | Path, method: str = "auto", board: str | Path | None = None,
                   given: str | Path | None = None, intrinsics: str | Path | None = None,
+                  tiles: list[tuple[int, int, int, int]] | None = None, same_lens: bool = False,
                   progress: bool = True) -> Calibration:
-    """Calibrate the rig folder `rig_root` (capture/rig.py) by `method`:
+    """Calibrate the rig `rig_root` (a folder, or with `tiles` a composite video;
+    capture/rig.py) by `method`:
     given     import `given`, else the first of GIVEN_FILES in the rig folder;
-    charuco   the board `board` (else the rig's charuco.toml) filmed by every camera,
-              with the lenses of `intrinsics` (a given-format file) when passed;
-    auto      given when a calibration file is passed or found, else charuco when a board is.
+    charuco   the board `board` (else the rig's charuco.toml) filmed by every camera;
+    face      no target: the talking head every camera films (capture/face_calibration.py),
+              with one focal length for all cameras when `same_lens`;
+    charuco and face keep the lenses of `intrinsics` (a given-format file) when passed;
+    auto      given when a calibration file is passed or found, else charuco when a board
+              is, else face.
     """
     from .rig import open_rig
 
     root = Path(rig_root)
     if method not in METHODS:
         raise AvatarError(None, f"--method {method!r} is not one of {', '.join(METHODS)}")
-    if not root.is_dir():
-        raise AvatarError(root, "is not a folder", "give the rig's folder: one video (or image folder) per camera")
-    board_file = Path(board) if board is not None else (root / "charuco.toml" if (root / "charuco.toml").is_file() else None)
-    given_file = Path(given) if given is not None else find_given(root)
+    if not tiles and not root.is_dir():
+        raise AvatarError(root, "is not a folder", "give the rig's folder (one video or image folder per camera), or a "
+                          "composite video with one --tile X,Y,W,H per camera")
+    folder = root if root.is_dir() else root.parent
+    board_file = Path(board) if board is not None else (folder / "charuco.toml" if root.is_dir() and
+                                                        (folder / "charuco.toml").is_file() else None)
+    given_file = Path(given) if given is not None else (find_given(root) if root.is_dir() else None)
     if method == "auto":
-        if given_file is not None:
-            method = "given"
-        elif board_file is not None:
-            method = "charuco"
-        else:
-            raise AvatarError(root, "holds no calibration file and no board description",
-                              f"pass --board BOARD.toml for a ChArUco board the cameras filmed, or --from FILE with a "
-                              f"calibration ({', '.join(GIVEN_FILES[:3])} or a COLMAP model)")
+        method = "given" if given_file is not None else "charuco" if board_file is not None else "face"
     if method == "given":
         if given_file is None:
             raise AvatarError(root, f"holds none of {', '.join(GIVEN_FILES)}", "pass the calibration file with --from FILE")
-        return import_given(given_file, open_rig(root, min_cameras=0))
-    if board_file is None:
+        return import_given(given_file, open_rig(root, min_cameras=0, tiles=tiles))
+    if method == "charuco" and board_file is None:
         raise AvatarError(root, "has no charuco.toml", "pass the board with --board BOARD.toml (caliscope's format)")
-    from .charuco import calibrate_charuco, load_board
-
     lenses = import_given(Path(intrinsics)) if intrinsics is not None else None
-    rig = open_rig(root)
+    rig = open_rig(root, tiles=tiles)
     if lenses is not None:
         missing = [c.name for c in rig if c.name not in {m.name for m in lenses.cameras}]
         if missing:
             raise AvatarError(intrinsics, f"has no intrinsics for camera{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
                               "calibrate the lens of every camera of the rig, or leave out --intrinsics")
+    if method == "face":
+        from .face_calibration import calibrate_face
+
+        return calibrate_face(root, rig, lenses, same_lens, progress)
+    from .charuco import calibrate_charuco, load_board
+
     return calibrate_charuco(root, rig, load_board(board_file), lenses, progress)

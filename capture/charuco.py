@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from avatar.errors import AvatarError
 
-from .bundle import (INTRINSICS, Observations, average_rigid, bundle_adjust, pack_camera, reproject,
-                     residual_report, unpack_camera)
+from .bundle import (INTRINSICS, Observations, bundle_adjust, pack_camera, place_cameras, reproject, residual_report,
+                     unpack_camera)
 from .calibration import Calibration, CameraCalibration, read_document
 from .rig import RigCamera, sync_indices
 
@@ -190,17 +190,13 @@ def calibrate_charuco(root: Path, cameras: list[RigCamera], board: Board, intrin
             if i != j:
                 for k in board_in_cam[i].keys() & board_in_cam[j].keys():
                     relative[i, j].append(board_in_cam[j][k] @ np.linalg.inv(board_in_cam[i][k]))  # cam i -> cam j
-    world_to_cam: dict[int, np.ndarray] = {0: np.eye(4)}
-    while len(world_to_cam) < len(cameras):
-        links = [(len(v), i, j) for (i, j), v in relative.items() if i in world_to_cam and j not in world_to_cam]
-        if not links:
-            lost = [cameras[j].name for j in range(len(cameras)) if j not in world_to_cam]
-            raise AvatarError(root, f"camera{'s' if len(lost) > 1 else ''} {', '.join(lost)} never see"
-                              f"{'' if len(lost) > 1 else 's'} the board at the same time as the others, so "
-                              f"{'they' if len(lost) > 1 else 'it'} cannot be placed",
-                              "film the board where neighbouring cameras see it together")
-        _, i, j = max(links)
-        world_to_cam[j] = average_rigid(relative[i, j]) @ world_to_cam[i]
+    world_to_cam = place_cameras(relative, len(cameras))
+    lost = [cameras[j].name for j in range(len(cameras)) if j not in world_to_cam]
+    if lost:
+        raise AvatarError(root, f"camera{'s' if len(lost) > 1 else ''} {', '.join(lost)} never see"
+                          f"{'' if len(lost) > 1 else 's'} the board at the same time as the others, so "
+                          f"{'they' if len(lost) > 1 else 'it'} cannot be placed",
+                          "film the board where neighbouring cameras see it together")
 
     # Board pose per sync index, from the camera that sees the most corners then.
     keys = sorted(set().union(*[b.keys() for b in board_in_cam]))
@@ -223,14 +219,14 @@ def calibrate_charuco(root: Path, cameras: list[RigCamera], board: Board, intrin
                    for b in board_in_cam]
     refine = bool(intrinsics is None and min(depth_ratio) >= DEPTH_RATIO)
     free = np.ones(INTRINSICS, bool) if refine else None
-    params, poses = bundle_adjust(params, poses, grid, obs)  # poses first, from the per-camera lenses
+    params, poses, _ = bundle_adjust(params, poses, grid, obs)  # poses first, from the per-camera lenses
     if refine:
-        params, poses = bundle_adjust(params, poses, grid, obs, free)
+        params, poses, _ = bundle_adjust(params, poses, grid, obs, free)
     err = np.linalg.norm(reproject(params, poses, grid, obs) - obs.uv, axis=1)
     keep = err <= max(OUTLIER_PX, 3 * float(np.median(err)))
     if not keep.all():
         obs = obs.subset(keep)
-        params, poses = bundle_adjust(params, poses, grid, obs, free)
+        params, poses, _ = bundle_adjust(params, poses, grid, obs, free)
         err = np.linalg.norm(reproject(params, poses, grid, obs) - obs.uv, axis=1)
 
     out = []

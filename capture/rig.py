@@ -5,6 +5,10 @@
       side/                  a camera named "side": frame images (png, jpg), in name order
       timestamps.csv         optional (caliscope's): sync_index, cam_id, frame_index, frame_time
 
+A composite video (several cameras tiled into one frame, as released multi-view captures
+often are) is a rig too: `open_rig(VIDEO, tiles=[(x, y, w, h), ...])` makes one camera
+per tile, named tile_0, tile_1, ..., all on the composite's frame clock.
+
 Frames are paired across cameras by their sync index: caliscope's timestamps.csv when
 the folder has one (a camera's k-th frame is its k-th row by frame_index; cam_id N is
 the camera whose name ends in N), else the frame's position in its stream (cameras
@@ -37,22 +41,26 @@ class RigCamera:
     width: int
     height: int
     frames: int
+    tile: tuple[int, int, int, int] | None = None
+    """(x, y, w, h) of this camera's image inside a composite video's frames, else None."""
 
-    def iter_frames(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(position, grey uint8 [H, W]) for every frame, in order."""
+    def iter_frames(self, rgb: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """(position, frame) for every frame, in order: grey uint8 [H, W], or with `rgb`
+        uint8 [H, W, 3]."""
         if self.path.is_dir():
             for k, image in enumerate(_images(self.path)):
-                grey = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
-                if grey is None:
+                frame = cv2.imread(str(image), cv2.IMREAD_COLOR if rgb else cv2.IMREAD_GRAYSCALE)
+                if frame is None:
                     raise AvatarError(image, "cannot be read as an image", "re-export the frame as png or jpg")
-                yield k, grey
+                yield k, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if rgb else frame
             return
         import av
 
+        x, y, w, h = self.tile or (0, 0, self.width, self.height)
         try:
             with av.open(str(self.path)) as container:
                 for k, frame in enumerate(container.decode(video=0)):
-                    yield k, frame.to_ndarray(format="gray")
+                    yield k, np.ascontiguousarray(frame.to_ndarray(format="rgb24" if rgb else "gray")[y:y + h, x:x + w])
         except av.error.FFmpegError as exc:
             raise AvatarError(self.path, f"decoding failed ({exc}): the file is truncated or corrupt",
                               "re-export the camera's video") from exc
@@ -80,10 +88,32 @@ def _probe(path: Path) -> tuple[int, int, int]:
         return vs.codec_context.width, vs.codec_context.height, count
 
 
-def open_rig(root: str | Path, min_cameras: int = 2) -> list[RigCamera]:
-    """The cameras of a rig folder, sorted by name. Refuses a folder that is missing or
-    holds fewer than `min_cameras` cameras."""
+def open_tiles(video: Path, tiles: list[tuple[int, int, int, int]]) -> list[RigCamera]:
+    """One camera per tile (x, y, w, h) of a composite video, named tile_0, tile_1, ..."""
+    width, height, frames = _probe(video)
+    for n, (x, y, w, h) in enumerate(tiles):
+        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width or y + h > height:
+            raise AvatarError(video, f"tile {n} ({x},{y},{w},{h}) is not inside its {width}x{height} frames",
+                              "give each --tile as X,Y,W,H in pixels of the composite frame")
+    return [RigCamera(f"tile_{n}", video, w, h, frames, (x, y, w, h)) for n, (x, y, w, h) in enumerate(tiles)]
+
+
+def open_rig(root: str | Path, min_cameras: int = 2,
+             tiles: list[tuple[int, int, int, int]] | None = None) -> list[RigCamera]:
+    """The cameras of a rig folder, sorted by name, or of a composite video's `tiles`.
+    Refuses a folder that is missing or holds fewer than `min_cameras` cameras."""
     root = Path(root)
+    if tiles:
+        if not root.is_file():
+            raise AvatarError(root, "is not a video file", "--tile cuts cameras out of one composite video: give its path")
+        cameras = open_tiles(root, tiles)
+        if len(cameras) < min_cameras:
+            raise AvatarError(root, f"has {len(cameras)} tile{'s' if len(cameras) != 1 else ''}; a rig needs at least "
+                              f"{min_cameras}", "give one --tile X,Y,W,H per camera in the composite")
+        return cameras
+    if root.is_file() and root.suffix.lower() in VIDEO_SUFFIXES:
+        raise AvatarError(root, "is one video, not a rig folder",
+                          "put one video per camera in a folder, or give the tiles of a composite with --tile X,Y,W,H")
     if not root.is_dir():
         raise AvatarError(root, "is not a folder", "give a folder with one video (or image folder) per camera")
     entries = sorted(p for p in root.iterdir()

@@ -8,8 +8,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from capture.calibration import CameraCalibration
+from capture.calibration import CameraCalibration, relative_rotation_deg
 from capture.charuco import Board
+
+
+def rig_errors(solved: list, truth: list, radius: float = 1.0) -> tuple[float, float, float]:
+    """(largest rotation error in degrees, largest position error as a share of the rig
+    `radius`, largest relative focal error) of a solved rig against the truth, both taken in
+    their first camera's frame (each calibration has its own world frame)."""
+    rot, pos = [], []
+    for a, b in zip(solved[1:], truth[1:]):
+        rot.append(relative_rotation_deg(solved[0], a, truth[0], b))
+        in_first = [np.linalg.inv(c.world_to_camera @ np.linalg.inv(ref.world_to_camera))[:3, 3]
+                    for c, ref in ((a, solved[0]), (b, truth[0]))]
+        pos.append(np.linalg.norm(in_first[0] - in_first[1]) / radius)
+    focal = [abs(a.K[0, 0] / b.K[0, 0] - 1) for a, b in zip(solved, truth)]
+    return max(rot), max(pos), max(focal)
 
 
 def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, -1.0, 0.0)) -> np.ndarray:
@@ -113,3 +127,69 @@ def write_board_rig(root: Path, cams: list[CameraCalibration], board: Board, pos
         f"columns = {board.columns}\nrows = {board.rows}\ndictionary = \"{board.dictionary}\"\n"
         f"units = \"cm\"\nboard_width = 30\nboard_height = 30\naruco_scale = {board.marker_ratio}\n"
         f"square_size_override_cm = {board.square_m * 100}\ninverted = false\n")
+
+
+def head_rig(n: int = 6, radius: float = 0.8, size: int = 320, arc_deg: float = 70.0,
+             seed: int = 0) -> list[CameraCalibration]:
+    """n square cameras on an arc of `arc_deg` around a head at the origin (the head frame
+    of scenes/sample.py: y up, z out of the face), looking at it, each with its own focal
+    length (the head 40-55 % of the frame), principal point at the centre, no distortion."""
+    rng = np.random.default_rng(seed)
+    cams = []
+    for i in range(n):
+        a = math.radians(-arc_deg / 2 + arc_deg * i / max(n - 1, 1))
+        eye = (radius * math.sin(a), rng.uniform(-0.12, 0.12), radius * math.cos(a))
+        f = rng.uniform(1.6, 2.2) * size  # 0.22 m of head at 0.8 m
+        K = np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1]])
+        cams.append(CameraCalibration(f"cam_{i}", size, size, K, np.zeros(5), look_at(eye, up=(0.0, 1.0, 0.0))))
+    return cams
+
+
+def write_head_rig(root: Path, cams: list[CameraCalibration], frames: int = 30, seed: int = 0) -> None:
+    """One folder of png frames per camera: the built-in sample subject's head (scenes/
+    sample.py) moving at the origin (head_motion), filmed by every camera at once."""
+    from scenes.sample import SampleConfig, _relief, render_frames
+    from skimage import data
+
+    head = _relief(data.astronaut())
+    motion = head_motion(frames, seed)
+    for cam in cams:
+        cfg = SampleConfig(size=cam.width, fov_deg=math.degrees(2 * math.atan(cam.width / 2 / cam.K[0, 0])), seed=seed)
+        M = np.stack([cam.world_to_camera @ T for T in motion])
+        folder = root / cam.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, rgb in enumerate(render_frames(cfg, head, M[:, :3, :3], M[:, :3, 3], np.zeros(frames), np.zeros(frames))):
+            cv2.imwrite(str(folder / f"{k:04d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def head_motion(frames: int, seed: int = 0) -> list[np.ndarray]:
+    """Head -> world 4x4s of a head at the origin turning (yaw +-18 deg), nodding and
+    swaying a few centimetres, at 25 fps."""
+    t = np.arange(frames) / 25.0
+    rng = np.random.default_rng(seed)
+    yaw = np.radians(18 * np.sin(2 * np.pi * 0.4 * t + rng.uniform(0, 6)))
+    pitch = np.radians(8 * np.sin(2 * np.pi * 0.55 * t + rng.uniform(0, 6)))
+    roll = np.radians(4 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6)))
+    out = []
+    for k in range(frames):
+        T = np.eye(4)
+        T[:3, :3] = cv2.Rodrigues(np.array([pitch[k], yaw[k], roll[k]]))[0]
+        T[:3, 3] = [0.02 * np.sin(2 * np.pi * 0.25 * t[k]), 0.01 * np.sin(2 * np.pi * 0.35 * t[k]), 0.0]
+        out.append(T)
+    return out
+
+
+def face_landmarks(cam: CameraCalibration, face: np.ndarray, head_to_world: list[np.ndarray], noise_px: float,
+                   seed: int = 0) -> dict[int, np.ndarray]:
+    """{frame: [478, 3]} landmarks as the face tracker gives them (pixels, and depth
+    relative to the face at the pixel scale) of a head-frame `face` [478, 3] seen by `cam`
+    (pinhole) at each pose, with Gaussian pixel noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, T in enumerate(head_to_world):
+        M = cam.world_to_camera @ T
+        x = face @ M[:3, :3].T + M[:3, 3]
+        uv = x[:, :2] / x[:, 2:] * np.diag(cam.K)[:2] + cam.K[:2, 2]
+        z = (x[:, 2] - x[:, 2].mean()) * cam.K[0, 0] / x[:, 2].mean()
+        out[k] = np.concatenate([uv + rng.normal(0, noise_px, uv.shape), z[:, None]], 1).astype(np.float32)
+    return out

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from _rigs import board_poses, ring_rig, write_board_rig
+from _rigs import board_poses, rig_errors, ring_rig, write_board_rig
 from avatar.cli import main
 from avatar.errors import AvatarError
 from capture.calibration import (Calibration, calibrate_rig, import_given, load_calibration,
@@ -22,20 +22,6 @@ from capture.rig import open_rig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiview" / "caliscope_charuco_4cam"
 RADIUS = 1.0
-
-
-def rig_errors(solved: list, truth: list) -> tuple[float, float, float]:
-    """(largest rotation error in degrees, largest position error as a share of the rig
-    radius, largest relative focal error) of a solved rig against the truth, both taken in
-    their first camera's frame (each calibration has its own world frame)."""
-    rot, pos = [], []
-    for a, b in zip(solved[1:], truth[1:]):
-        rot.append(relative_rotation_deg(solved[0], a, truth[0], b))
-        in_first = [np.linalg.inv(c.world_to_camera @ np.linalg.inv(ref.world_to_camera))[:3, 3]
-                    for c, ref in ((a, solved[0]), (b, truth[0]))]
-        pos.append(np.linalg.norm(in_first[0] - in_first[1]) / RADIUS)
-    focal = [abs(a.K[0, 0] / b.K[0, 0] - 1) for a, b in zip(solved, truth)]
-    return max(rot), max(pos), max(focal)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +184,7 @@ def test_bad_calibration_inputs_are_named(tmp_path, capsys):
     cases = [
         (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--board", str(board)], "a rig needs at least 2"),
         (["calibrate", str(tmp_path / "none"), "--out", str(tmp_path / "c.json")], "is not a folder"),
-        (["calibrate", str(one), "--out", str(tmp_path / "c.json")], "no calibration file and no board"),
+        (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--method", "charuco"], "has no charuco.toml"),
     ]
     for argv, message in cases:
         assert main(argv) == 1

@@ -1,0 +1,207 @@
+"""Rig calibration with no target: the moving head is the calibration object.
+
+1. Every frame of every camera: mediapipe's 478 face landmarks (one tracker per camera,
+   in video mode); frames where the face is lost drop out.
+2. Per camera, monocular capture's own fit (capture/pose.py: fit_head_pose): a focal
+   length and the head's pose in every frame the camera sees it, all against one
+   canonical face (the one solved from the camera that sees the face most), so that
+   every camera's head poses share one head frame.
+3. Rig extrinsics from the timesteps two cameras share: camera i -> camera j is the head's
+   pose in j times its inverse in i, a robust mean over those timesteps; cameras are
+   placed outward from the first (capture/bundle.py: place_cameras).
+4. Bundle adjustment (capture/bundle.py) over up to MAX_TIMESTEPS timesteps: every
+   camera's pose, the head's pose at each timestep and the rigid landmarks' 3D shape
+   (pulled towards the canonical face by POINT_PRIOR_M), then every camera's focal length
+   as well (square pixels, principal point at the image centre, no distortion); then once
+   more without the observations off by more than max(OUTLIER_PX, 3 x the median).
+5. Metric scale from the face: the solved shape's outer eye corners are put 9 cm apart
+   (capture/pose.py: EYE_CORNER_DISTANCE_M), and the rig's translations scale with it.
+
+Only the rigid landmarks (forehead, nose bridge, eye corners, cheekbones) enter, so
+speech and expressions do not bend the rig. The world frame is the first camera's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from avatar.dataset_format import EYE_OUTER, RIGID
+from avatar.errors import AvatarError
+
+from .bundle import Observations, bundle_adjust, pack_camera, place_cameras, reproject, residual_report, unpack_camera
+from .calibration import Calibration, CameraCalibration
+from .pose import EYE_CORNER_DISTANCE_M, fit_head_pose
+from .rig import RigCamera, sync_indices
+from .tracking import FaceTracker, face_height
+
+OUTLINE = (127, 356, 162, 389, 21, 251, 54, 284, 103, 332, 67, 297, 109, 338)
+"""Rigid landmarks on the face's outline (temples, hairline edge): mediapipe puts them on
+the silhouette a view happens to see, so they are not one surface point across views."""
+LANDMARKS = tuple(i for i in RIGID if i not in OUTLINE)
+"""The landmarks the rig is solved on: the rigid ones inside the face."""
+MIN_FACE_VIEWS = 10
+"""Frames a camera must see the face in to be placed."""
+MAX_TIMESTEPS = 120
+"""Timesteps in the bundle adjustment (spread over the clip; more add time, not accuracy)."""
+POINT_PRIOR_M = 0.005
+"""How far (metres) a rigid landmark may move from the canonical face for the cost of
+one robust-scale pixel: the shape adapts to the subject, the frame stays the face's."""
+LOSS_SCALE_PX = 1.5
+"""Soft-L1 scale: mediapipe's landmarks wander about a pixel on a face this size."""
+OUTLIER_PX = 5.0
+
+
+def track_rig(cameras: list[RigCamera], sync: list[np.ndarray], progress: bool = True) -> list[dict[int, np.ndarray]]:
+    """Per camera: {sync index: [478, 3] landmarks (pixels, mediapipe's relative depth)} of
+    the frames where it finds a face (the largest). Frames stream one at a time."""
+    out = []
+    with tqdm(total=sum(c.frames for c in cameras), desc="face landmarks", unit="frame", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for cam, indices in zip(cameras, sync):
+            seen = {}
+            with FaceTracker(max_faces=1) as tracker:
+                for k, rgb in cam.iter_frames(rgb=True):
+                    bar.update(1)
+                    if k >= len(indices):
+                        break
+                    faces = tracker(rgb)
+                    if faces:
+                        seen[int(indices[k])] = faces[0]
+            out.append(seen)
+    return out
+
+
+def _spread(keys: list[int], n: int) -> list[int]:
+    if len(keys) <= n:
+        return keys
+    return [keys[int(round(i))] for i in np.linspace(0, len(keys) - 1, n)]
+
+
+def _head_in_camera(fit, k: int) -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = fit.R[k], fit.t[k]
+    return T
+
+
+def calibrate_face(root: Path, cameras: list[RigCamera], lenses: Calibration | None = None,
+                   same_lens: bool = False, progress: bool = True) -> Calibration:
+    """Calibrate a rig from a talking head filmed by every camera (see the module doc);
+    `lenses`: a calibration whose K and dist are kept for every camera (only the rig's
+    poses are solved); `same_lens`: one focal length for every camera (a rig of identical
+    cameras)."""
+    return solve_face_rig(root, cameras, track_rig(cameras, sync_indices(root, cameras), progress), lenses, same_lens)
+
+
+def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np.ndarray]],
+                   lenses: Calibration | None = None, same_lens: bool = False) -> Calibration:
+    """Steps 2-5 of the module doc on tracked landmarks `seen` (track_rig's)."""
+    for cam, views in zip(cameras, seen):
+        if len(views) < MIN_FACE_VIEWS:
+            raise AvatarError(cam.path, f"camera {cam.name} finds a face in {len(views)} frame"
+                              f"{'s' if len(views) != 1 else ''} (at least {MIN_FACE_VIEWS} needed)",
+                              "film the head so that every camera sees the face, less than side-on, for a few seconds")
+    shared = defaultdict(int)
+    for views in seen:
+        for k in views:
+            shared[k] += 1
+    if max(shared.values()) < 2:
+        raise AvatarError(root, "no two cameras see the face at the same time, so their poses cannot be related",
+                          "film the head with the cameras running together, each seeing the face")
+
+    # 2. Monocular fits, all against the canonical face of the camera that sees it most.
+    rigid = list(LANDMARKS)
+    order = sorted(range(len(cameras)), key=lambda c: -len(seen[c]))
+    fits: dict[int, object] = {}
+    keys = [sorted(views) for views in seen]
+    canonical = None
+    for c in order:
+        lm = np.stack([seen[c][k] for k in keys[c]])
+        prior = (30.2, 0.35)  # capture's prior on the field of view; a given lens pins it
+        if lenses is not None:
+            prior = (math.degrees(2 * math.atan(cameras[c].width / 2 / lenses.camera(cameras[c].name).K[0, 0])), 1e-3)
+        fits[c] = fit_head_pose(lm, cameras[c].width, cameras[c].height, canonical=canonical,
+                                frame_ids=np.asarray(keys[c]), focal_prior=prior)
+        canonical = fits[c].canonical if canonical is None else canonical
+    row = [{k: n for n, k in enumerate(keys[c])} for c in range(len(cameras))]
+
+    # 3. Rig extrinsics from shared timesteps.
+    relative: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)
+    for i in range(len(cameras)):
+        for j in range(len(cameras)):
+            if i != j:
+                for k in seen[i].keys() & seen[j].keys():
+                    relative[i, j].append(_head_in_camera(fits[j], row[j][k]) @ np.linalg.inv(
+                        _head_in_camera(fits[i], row[i][k])))
+    world_to_cam = place_cameras(relative, len(cameras))
+    lost = [cameras[j].name for j in range(len(cameras)) if j not in world_to_cam]
+    if lost:
+        raise AvatarError(root, f"camera{'s' if len(lost) > 1 else ''} {', '.join(lost)} never see"
+                          f"{'' if len(lost) > 1 else 's'} the face at the same time as the others, so "
+                          f"{'they' if len(lost) > 1 else 'it'} cannot be placed",
+                          "film the head where neighbouring cameras see the face together")
+
+    # 4. Bundle adjustment on timesteps seen by two or more cameras, spread over the clip;
+    #    each head pose starts from the camera that sees the face largest then.
+    steps = _spread(sorted(k for k, n in shared.items() if n >= 2), MAX_TIMESTEPS)
+    index_of = {k: n for n, k in enumerate(steps)}
+    poses = np.zeros((len(steps), 6))
+    for k in steps:
+        c = max((c for c in range(len(cameras)) if k in seen[c]), key=lambda c: float(face_height(seen[c][k])))
+        T = np.linalg.inv(world_to_cam[c]) @ _head_in_camera(fits[c], row[c][k])
+        poses[index_of[k]] = np.concatenate([cv2.Rodrigues(T[:3, :3])[0].ravel(), T[:3, 3]])
+    cam_idx, t_idx, p_idx, uv = [], [], [], []
+    for c, views in enumerate(seen):
+        for k in steps:
+            if k in views:
+                cam_idx.append(np.full(len(rigid), c)), t_idx.append(np.full(len(rigid), index_of[k]))
+                p_idx.append(np.arange(len(rigid))), uv.append(views[k][rigid, :2].astype(np.float64))
+    obs = Observations(np.concatenate(cam_idx), np.concatenate(t_idx), np.concatenate(p_idx), np.concatenate(uv))
+    if lenses is not None:
+        params = np.stack([pack_camera(lenses.camera(cam.name).K, lenses.camera(cam.name).dist, world_to_cam[c])
+                           for c, cam in enumerate(cameras)])
+    else:
+        focal = [fits[c].focal for c in range(len(cameras))]
+        if same_lens:
+            focal = [float(np.exp(np.mean(np.log(focal))))] * len(cameras)
+        params = np.stack([pack_camera(np.array([[focal[c], 0, cam.width / 2], [0, focal[c], cam.height / 2],
+                                                 [0, 0, 1.0]]), np.zeros(5), world_to_cam[c])
+                           for c, cam in enumerate(cameras)])
+    points = canonical[rigid].copy()
+    focal_only = np.zeros(9, bool)
+    focal_only[0] = lenses is None
+
+    def solve(params, poses, points, obs, free):
+        return bundle_adjust(params, poses, points, obs, free, loss_scale_px=LOSS_SCALE_PX, square_pixels=True,
+                             shared_focal=same_lens, point_prior_m=POINT_PRIOR_M, max_iterations=300)
+
+    params, poses, points = solve(params, poses, points, obs, None)
+    params, poses, points = solve(params, poses, points, obs, focal_only)
+    err = np.linalg.norm(reproject(params, poses, points, obs) - obs.uv, axis=1)
+    keep = err <= max(OUTLIER_PX, 3 * float(np.median(err)))
+    if not keep.all():
+        obs = obs.subset(keep)
+        params, poses, points = solve(params, poses, points, obs, focal_only)
+        err = np.linalg.norm(reproject(params, poses, points, obs) - obs.uv, axis=1)
+
+    # 5. Metric scale from the eye corners.
+    eyes = [rigid.index(i) for i in EYE_OUTER]
+    scale = EYE_CORNER_DISTANCE_M / float(np.linalg.norm(points[eyes[0]] - points[eyes[1]]))
+    out = []
+    for c, cam in enumerate(cameras):
+        K, dist, T = unpack_camera(params[c])
+        T[:3, 3] *= scale
+        mine = obs.camera == c
+        out.append(CameraCalibration(cam.name, cam.width, cam.height, K, dist, T,
+                                     {**residual_report(err[mine], len(np.unique(obs.timestep[mine]))),
+                                      "face_frames": len(seen[c]), "focal_monocular_px": float(fits[c].focal),
+                                      "intrinsics": {"given": lenses.source} if lenses is not None else {"solved_from": "face"}}))
+    report = {"landmarks": len(rigid), "timesteps_used": len(steps), "timesteps_shared": int(sum(n >= 2 for n in shared.values())),
+              "outliers_dropped": int((~keep).sum()), "metric_scale": "outer eye corners 9 cm apart",
+              "scale_applied": scale, "median_px": float(np.median(err)), "p90_px": float(np.percentile(err, 90))}
+    return Calibration("face", out, str(root), report)

@@ -1,0 +1,177 @@
+"""`avatar calibrate --method face`: a rig solved from the talking head alone, on exact
+landmarks (the solver), on a rendered rig and a composite through the face tracker (the
+whole path), and on the real 3-camera NeRSemble composite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from _rigs import face_landmarks, head_motion, head_rig, rig_errors, write_head_rig
+from avatar.cli import main
+from avatar.errors import AvatarError
+from capture.calibration import Calibration, calibrate_rig, load_calibration, save_calibration
+from capture.face_calibration import solve_face_rig
+from capture.pose import canonical_face
+from capture.rig import RigCamera, open_rig
+from capture.tracking import FaceTracker
+
+COMPOSITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiview" / "vhap_nersemble_074_composite.mp4"
+TILES = ["0,0,247,360", "0,360,247,360", "0,720,247,360"]
+RADIUS = 0.8
+
+
+@pytest.fixture(scope="module")
+def face() -> np.ndarray:
+    """[478, 3] a real face's landmarks in the head frame (the sample portrait's, metres)."""
+    from skimage import data
+
+    with FaceTracker(max_faces=1, video_mode=False) as tracker:
+        return canonical_face(tracker(data.astronaut())[0][None].astype(np.float64))
+
+
+def _placeholders(cams) -> list[RigCamera]:
+    return [RigCamera(c.name, Path(c.name), c.width, c.height, 0) for c in cams]
+
+
+def test_the_solver_recovers_a_rig_from_landmarks(face):
+    """Six cameras on a 70 degree arc, each with its own focal length; 60 timesteps of a
+    moving head; the landmarks' true projections: only the solver is tested. Exact
+    landmarks give the exact rig; with noise the errors grow in proportion (0.1 px: 0.04
+    degrees, 0.4 % of the radius; 0.5 px: 0.21 degrees, 2.1 %, focal 1.7 %)."""
+    cams = head_rig(6, RADIUS)
+    motion = head_motion(60)
+    exact = [face_landmarks(cam, face, motion, 0.0) for cam in cams]
+    rot, pos, focal = rig_errors(solve_face_rig(Path("rig"), _placeholders(cams), exact).cameras, cams, RADIUS)
+    assert rot < 0.01 and pos < 0.001 and focal < 0.001, (rot, pos, focal)
+    seen = [face_landmarks(cam, face, motion, 0.5, seed=c) for c, cam in enumerate(cams)]
+    calib = solve_face_rig(Path("rig"), _placeholders(cams), seen)
+    rot, pos, focal = rig_errors(calib.cameras, cams, RADIUS)
+    assert rot < 0.3 and pos < 0.03 and focal < 0.025, (rot, pos, focal)
+    assert calib.report["median_px"] < 0.7  # the noise's own median is 0.59 px
+
+    # A rig of one lens model: one focal for all, and given lenses are kept as they are.
+    same = [cam.__class__(cam.name, cam.width, cam.height, cams[0].K, cam.dist, cam.world_to_camera) for cam in cams]
+    seen = [face_landmarks(cam, face, motion, 0.5, seed=c) for c, cam in enumerate(same)]
+    rot, pos, focal = rig_errors(solve_face_rig(Path("rig"), _placeholders(same), seen, same_lens=True).cameras,
+                                 same, RADIUS)
+    assert rot < 0.3 and pos < 0.02 and focal < 0.01, (rot, pos, focal)
+    given = solve_face_rig(Path("rig"), _placeholders(same), seen, lenses=Calibration("given", same, "truth"))
+    assert all(np.array_equal(a.K, b.K) for a, b in zip(given.cameras, same))
+    rot, pos, _ = rig_errors(given.cameras, same, RADIUS)
+    assert rot < 0.2 and pos < 0.01, (rot, pos)
+
+
+def test_cameras_that_cannot_be_placed_are_named(face):
+    cams = head_rig(3, RADIUS)
+    motion = head_motion(30)
+    seen = [face_landmarks(cam, face, motion, 0.5) for cam in cams]
+    few = [seen[0], dict(list(seen[1].items())[:4]), seen[2]]
+    with pytest.raises(AvatarError, match="camera cam_1 finds a face in 4 frames"):
+        solve_face_rig(Path("rig"), _placeholders(cams), few)
+    apart = [{k: v for k, v in s.items() if k % 3 == c} for c, s in enumerate(seen)]
+    with pytest.raises(AvatarError, match="no two cameras see the face at the same time"):
+        solve_face_rig(Path("rig"), _placeholders(cams), apart)
+    half = [{k: v for k, v in seen[0].items() if k < 15}, {k: v for k, v in seen[1].items() if k < 15},
+            {k: v for k, v in seen[2].items() if k >= 15}]
+    with pytest.raises(AvatarError, match="camera cam_2 never sees the face at the same time as the others"):
+        solve_face_rig(Path("rig"), _placeholders(cams), half)
+
+
+@pytest.fixture(scope="module")
+def filmed_rig(tmp_path_factory):
+    """The sample subject's head filmed by 4 cameras (30 frames at 256 px): (folder, truth)."""
+    root = tmp_path_factory.mktemp("head_rig")
+    cams = head_rig(4, RADIUS, size=256, arc_deg=50)
+    write_head_rig(root, cams, 30)
+    return root, cams
+
+
+def test_a_filmed_rig_through_the_face_tracker(filmed_rig, tmp_path, capsys):
+    """The whole path: frames -> face tracker -> rig. On the sample subject (a photo on a
+    relief) the tracker's landmarks drift as the head turns from a camera, and that, not
+    the solver, bounds the accuracy: with the true lenses given the rotations come out
+    within a few degrees; solving the lenses from the face alone does not pin them."""
+    root, truth = filmed_rig
+    lenses = tmp_path / "lenses.json"
+    save_calibration(lenses, Calibration("given", truth, "truth"))
+    out = tmp_path / "CALIB.json"
+    assert main(["calibrate", str(root), "--method", "face", "--intrinsics", str(lenses), "--out", str(out)]) == 0
+    assert "4 cameras (face" in capsys.readouterr().out
+    calib = load_calibration(out)
+    rot, pos, _ = rig_errors(calib.cameras, truth, RADIUS)
+    assert rot < 4.0 and pos < 0.08, (rot, pos)
+    for cam in calib.cameras:
+        assert cam.reprojection["median_px"] < 1.5 and cam.reprojection["views"] == 30
+        assert cam.reprojection["intrinsics"] == {"given": "truth"}
+
+    # The same cameras tiled into one composite video: --tile cuts them out again.
+    composite = tmp_path / "composite.mp4"
+    frames = [sorted((root / cam.name).glob("*.png")) for cam in truth]
+    with av.open(str(composite), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+        for k in range(len(frames[0])):
+            tiles = [cv2.cvtColor(cv2.imread(str(f[k])), cv2.COLOR_BGR2RGB) for f in frames]
+            grid = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(grid, format="rgb24")))
+        container.mux(stream.encode())
+    tiles = ["0,0,256,256", "256,0,256,256", "0,256,256,256", "256,256,256,256"]
+    rig = open_rig(composite, tiles=[tuple(map(int, t.split(","))) for t in tiles])
+    assert [c.name for c in rig] == ["tile_0", "tile_1", "tile_2", "tile_3"] and rig[3].frames == 30
+    first = next(rig[3].iter_frames(rgb=True))[1]
+    assert first.shape == (256, 256, 3)
+    assert np.abs(first.astype(int) - cv2.cvtColor(cv2.imread(str(frames[3][0])), cv2.COLOR_BGR2RGB)).mean() < 4
+    tiled = tmp_path / "tiled.json"
+    argv = ["calibrate", str(composite), "--out", str(tiled)] + [a for t in tiles for a in ("--tile", t)]
+    assert main(argv) == 0  # auto: no calibration file, no board -> the face
+    tiled = load_calibration(tiled)
+    assert tiled.method == "face" and [c.name for c in tiled.cameras] == [c.name for c in rig]
+
+
+def test_bad_face_rigs_are_named(filmed_rig, tmp_path, capsys):
+    root, truth = filmed_rig
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    for cam in truth[:2]:
+        (blind / cam.name).symlink_to(root / cam.name)
+    (blind / "cam_9").mkdir()
+    for k in range(12):
+        cv2.imwrite(str(blind / "cam_9" / f"{k:04d}.png"), np.full((256, 256, 3), 90, np.uint8))
+    with pytest.raises(AvatarError, match="camera cam_9 finds a face in 0 frames"):
+        calibrate_rig(blind, "face", progress=False)
+    calib = tmp_path / "c.json"
+    for argv, message in [
+        ([str(root / "cam_0" / "0000.png"), "--tile", "0,0,128,128", "--tile", "200,0,100,100"],
+         "tile 1 (200,0,100,100) is not inside its 256x256 frames"),
+        ([str(root / "cam_0")] + ["--tile", "0,0,8,8"] * 2, "is not a video file"),
+        ([str(tmp_path / "missing.mp4")], "is not a folder"),
+    ]:
+        assert main(["calibrate", *argv, "--out", str(calib)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit):  # argparse's own usage error
+        main(["calibrate", str(root), "--out", str(calib), "--tile", "0,0,8"])
+    assert "is not X,Y,W,H" in capsys.readouterr().err
+    assert not calib.exists()
+
+
+@pytest.mark.skipif(not COMPOSITE.is_file(), reason="the NeRSemble composite is not in ../shared/data")
+def test_real_three_camera_face_rig(tmp_path, capsys):
+    """NeRSemble subject 074, three of its 16 identical cameras (tiles of VHAP's composite;
+    no calibration is published with it): one lens model, so --same-lens."""
+    out = tmp_path / "CALIB.json"
+    argv = ["calibrate", str(COMPOSITE), "--method", "face", "--same-lens", "--out", str(out)]
+    assert main(argv + [a for t in TILES for a in ("--tile", t)]) == 0
+    calib = load_calibration(out)
+    assert calib.method == "face" and len(calib.cameras) == 3
+    for cam in calib.cameras:
+        assert cam.reprojection["median_px"] < 2.0, cam.reprojection  # the issue's bound, every view
+        assert cam.K[0, 0] == calib.cameras[0].K[0, 0]
+    assert 300 < calib.cameras[0].K[0, 0] < 800  # 17-45 degrees across a 247 px tile
+    centres = np.stack([c.centre for c in calib.cameras])
+    assert 0.2 < np.linalg.norm(centres[1] - centres[0]) < 3.0  # metres, from the 9 cm eye corners
