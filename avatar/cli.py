@@ -52,7 +52,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                           intrinsics=args.intrinsics, tiles=args.tile,
                           same_lens=args.same_lens, progress=sys.stderr.isatty())
     save_calibration(args.out, calib)
-    print(f"{len(calib.cameras)} cameras ({calib.method}: {calib.source})")
+    print(f"{len(calib.cameras)} cameras ({calib.method}: {calib.source}); translations in {calib.units}")
     print(f"  {'camera':<16} {'size':>10} {'fx':>8} {'fy':>8} {'median px':>9} {'p90 px':>7} {'views':>5}")
     for c in calib.cameras:
         r = c.reprojection or {}
@@ -252,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rig", help="folder with one video (or one folder of images) per camera, named after the camera; "
                                "or one composite video with --tile")
     p.add_argument("--out", required=True, help="calibration file to write (CALIB.json)")
-    p.add_argument("--method", default="auto", choices=["auto", "given", "charuco", "face"],
+    p.add_argument("--method", default="auto", choices=["auto", "given", "charuco", "face", "sfm"],
                    help="given: import a calibration file; charuco: a ChArUco board filmed by every camera; face: no "
-                        "target, the talking head every camera films; auto (default): given when a file is passed or "
+                        "target, the talking head every camera films; sfm: structure from motion on a static, textured "
+                        "scene (pycolmap); auto (default): given when a file is passed or "
                         "found in RIG, else charuco when a board is, else face")
     p.add_argument("--same-lens", action="store_true",
                    help="face: the cameras are of one model and zoom, so solve one focal length for all of them")

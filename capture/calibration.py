@@ -1,6 +1,7 @@
 """`avatar calibrate`: a rig's cameras -> CALIB.json (format `avatar-calibration/1`).
 
-    {"format": "avatar-calibration/1", "method": "charuco" | "face" | "given", "units": "metres",
+    {"format": "avatar-calibration/1", "method": "charuco" | "face" | "sfm" | "given",
+     "units": "metres", or in words the method's own scale (sfm, COLMAP, nerfstudio),
      "cameras": [{"name", "width", "height",
                   "K": 3x3 pixels, "dist": [k1, k2, p1, p2, k3] (OpenCV),
                   "world_to_camera": 4x4 (OpenCV axes: x right, y down, z forward),
@@ -15,6 +16,7 @@ Ways to calibrate (capture/README.md):
              a nerfstudio transforms.json, or caliscope's camera_array.toml
     charuco  a ChArUco board filmed by every camera (capture/charuco.py)
     face     no target: the talking head itself (capture/face_calibration.py)
+    sfm      no target: structure from motion on a static scene (capture/sfm.py)
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class Calibration:
     cameras: list[CameraCalibration]
     source: str = ""
     report: dict = field(default_factory=dict)
+    units: str = "metres"
+    """What the translations are in: metres, or (structure from motion, COLMAP and
+    nerfstudio imports) the method's own scale, said in words."""
 
     def camera(self, name: str) -> CameraCalibration:
         for cam in self.cameras:
@@ -76,7 +81,7 @@ class Calibration:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        return {"format": CALIBRATION_FORMAT, "method": self.method, "units": "metres", "source": self.source,
+        return {"format": CALIBRATION_FORMAT, "method": self.method, "units": self.units, "source": self.source,
                 "cameras": [c.to_dict() for c in self.cameras], "report": self.report}
 
 
@@ -150,7 +155,8 @@ def load_calibration(path: str | Path) -> Calibration:
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise AvatarError(path, "names a camera twice", "write it again with `avatar calibrate`")
-    return Calibration(str(doc.get("method", "")), out, str(doc.get("source", "")), doc.get("report") or {})
+    return Calibration(str(doc.get("method", "")), out, str(doc.get("source", "")), doc.get("report") or {},
+                       str(doc.get("units", "metres")))
 
 
 # -- given: other tools' calibration files ---------------------------------------------------
@@ -274,15 +280,17 @@ def import_nerfstudio(path: Path, rig: list | None = None) -> Calibration:
                                     and np.allclose(seen.K, cam.K)):
             raise AvatarError(path, f"camera {name}'s frames disagree on its pose or intrinsics: a moving camera is not a rig",
                               "give one frame per camera, or name frames <camera>/<frame>")
-    return Calibration("given", [cams[k] for k in sorted(cams)], f"nerfstudio {path.name}")
+    return Calibration("given", [cams[k] for k in sorted(cams)], f"nerfstudio {path.name}",
+                       units="the nerfstudio file's own")
 
 
-COLMAP_MODELS = {  # model -> (fx, fy, cx, cy, dist) from its params
-    "SIMPLE_PINHOLE": lambda p: (p[0], p[0], p[1], p[2], []),
-    "PINHOLE": lambda p: (p[0], p[1], p[2], p[3], []),
-    "SIMPLE_RADIAL": lambda p: (p[0], p[0], p[1], p[2], [p[3]]),
-    "RADIAL": lambda p: (p[0], p[0], p[1], p[2], [p[3], p[4]]),
-    "OPENCV": lambda p: (p[0], p[1], p[2], p[3], [p[4], p[5], p[6], p[7]]),
+# COLMAP puts the first pixel's centre at (0.5, 0.5), OpenCV at (0, 0): cx, cy move by half a pixel.
+COLMAP_MODELS = {  # model -> (fx, fy, cx, cy, dist) from its params, OpenCV's pixel convention
+    "SIMPLE_PINHOLE": lambda p: (p[0], p[0], p[1] - 0.5, p[2] - 0.5, []),
+    "PINHOLE": lambda p: (p[0], p[1], p[2] - 0.5, p[3] - 0.5, []),
+    "SIMPLE_RADIAL": lambda p: (p[0], p[0], p[1] - 0.5, p[2] - 0.5, [p[3]]),
+    "RADIAL": lambda p: (p[0], p[0], p[1] - 0.5, p[2] - 0.5, [p[3], p[4]]),
+    "OPENCV": lambda p: (p[0], p[1], p[2] - 0.5, p[3] - 0.5, [p[4], p[5], p[6], p[7]]),
     "FULL_OPENCV": None,  # rational model: OpenCV's 8 coefficients, not the 5 we keep
 }
 
@@ -329,7 +337,7 @@ def import_colmap(path: Path, rig: list | None = None) -> Calibration:
                                       np.vstack([poses[0], [0, 0, 0, 1]])))
     if not cams:
         raise AvatarError(path, "has no registered image", "run COLMAP's mapper on the rig's frames first")
-    return Calibration("given", cams, f"COLMAP {path.name}")
+    return Calibration("given", cams, f"COLMAP {path.name}", units="COLMAP's own (no metric scale)")
 
 
 def import_given(path: Path, rig: list | None = None) -> Calibration:
@@ -391,7 +399,7 @@ def relative_rotation_deg(a: CameraCalibration, b: CameraCalibration, c: CameraC
 
 # -- avatar calibrate ---------------------------------------------------------------------------
 
-METHODS = ("auto", "given", "charuco", "face")
+METHODS = ("auto", "given", "charuco", "face", "sfm")
 
 
 def calibrate_rig(rig_root: str | Path, method: str = "auto", board: str | Path | None = None,
@@ -404,6 +412,7 @@ def calibrate_rig(rig_root: str | Path, method: str = "auto", board: str | Path 
     charuco   the board `board` (else the rig's charuco.toml) filmed by every camera;
     face      no target: the talking head every camera films (capture/face_calibration.py),
               with one focal length for all cameras when `same_lens`;
+    sfm       no target: structure from motion on a static scene (capture/sfm.py, pycolmap);
     charuco and face keep the lenses of `intrinsics` (a given-format file) when passed;
     auto      given when a calibration file is passed or found, else charuco when a board
               is, else face.
@@ -435,6 +444,10 @@ def calibrate_rig(rig_root: str | Path, method: str = "auto", board: str | Path 
         if missing:
             raise AvatarError(intrinsics, f"has no intrinsics for camera{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
                               "calibrate the lens of every camera of the rig, or leave out --intrinsics")
+    if method == "sfm":
+        from .sfm import calibrate_sfm
+
+        return calibrate_sfm(root, rig, progress=progress)
     if method == "face":
         from .face_calibration import calibrate_face
 

@@ -193,3 +193,59 @@ def face_landmarks(cam: CameraCalibration, face: np.ndarray, head_to_world: list
         z = (x[:, 2] - x[:, 2].mean()) * cam.K[0, 0] / x[:, 2].mean()
         out[k] = np.concatenate([uv + rng.normal(0, noise_px, uv.shape), z[:, None]], 1).astype(np.float32)
     return out
+
+
+def room_planes() -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """A static textured scene around the origin for structure from motion: (plane ->
+    world 4x4, grey texture, side in metres) for a back wall, a floor and two side walls,
+    each a different natural image (scikit-image's public-domain photos)."""
+    from skimage import color, data
+
+    def pose(R, t):
+        T = np.eye(4)
+        T[:3, :3], T[:3, 3] = R, t
+        return T
+
+    grey = [(color.rgb2gray(img) * 255).astype(np.uint8) for img in (data.astronaut(), data.coffee(), data.chelsea(),
+                                                                       data.rocket(), data.immunohistochemistry())]
+    rot_x, rot_y = cv2.Rodrigues(np.array([math.pi / 2, 0, 0]))[0], cv2.Rodrigues(np.array([0, math.pi / 2, 0]))[0]
+    turned = cv2.Rodrigues(np.array([0.3, -0.6, 0.1]))[0]
+    return [(pose(np.eye(3), [-1.0, -1.0, 0.8]), grey[0], 2.0),  # back wall, facing the rig
+            (pose(rot_x, [-1.0, 0.5, -1.2]), grey[1], 2.0),  # floor, below the rig's eye line
+            (pose(rot_y, [-0.9, -1.0, 0.8]), grey[2], 2.0),  # side walls
+            (pose(rot_y, [0.9, -1.0, 0.8]), grey[3], 2.0),
+            (pose(turned, [-0.15, -0.3, 0.1]), grey[4], 0.35),  # a panel in the middle of the room
+            (pose(turned.T, [0.3, -0.1, 0.3]), grey[1], 0.3)]
+
+
+def film_planes(cam: CameraCalibration, rays: np.ndarray, planes: list, seed: int = 0) -> np.ndarray:
+    """Grey uint8 [H, W] of textured planes (room_planes) seen by `cam` through its lens:
+    each pixel shows the nearest plane its ray hits inside the plane's square."""
+    cam_to_world = np.linalg.inv(cam.world_to_camera)
+    o, d = cam_to_world[:3, 3], rays @ cam_to_world[:3, :3].T
+    best = np.full(len(rays), np.inf)
+    img = np.full(len(rays), 110.0)
+    for plane_to_world, texture, side in planes:
+        world_to_plane = np.linalg.inv(plane_to_world)
+        op, dp = world_to_plane[:3, :3] @ o + world_to_plane[:3, 3], d @ world_to_plane[:3, :3].T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = -op[2] / dp[:, 2]
+        hit = op + s[:, None] * dp
+        inside = (s > 0) & (s < best) & (hit[:, 0] >= 0) & (hit[:, 0] < side) & (hit[:, 1] >= 0) & (hit[:, 1] < side)
+        px = (hit[:, :2] * (np.array(texture.shape[1::-1]) / side)).astype(np.float32).reshape(cam.height, cam.width, 2)
+        seen = cv2.remap(texture, px[..., 0], px[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).ravel()
+        img[inside] = seen[inside]
+        best[inside] = s[inside]
+    img = img.reshape(cam.height, cam.width) + np.random.default_rng(seed).normal(0, 1.5, (cam.height, cam.width))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_room_rig(root: Path, cams: list[CameraCalibration], frames: int = 3) -> None:
+    """One folder of png frames per camera filming the static room_planes scene."""
+    planes = room_planes()
+    for c, cam in enumerate(cams):
+        folder = root / cam.name
+        folder.mkdir(parents=True, exist_ok=True)
+        rays = pixel_rays(cam)
+        for k in range(frames):
+            cv2.imwrite(str(folder / f"{k:04d}.png"), film_planes(cam, rays, planes, seed=100 * c + k))
