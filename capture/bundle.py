@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 
+from avatar.errors import AvatarError
+
 from .pose import so3_exp
 
 INTRINSICS = 9  # fx, fy, cx, cy, k1, k2, p1, p2, k3
@@ -182,6 +184,25 @@ def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, ob
     return unpack(levenberg_marquardt(residuals, jacobian, x0, loss_scale_px, max_iterations))
 
 
+def adjust_rig(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, obs: Observations,
+               free_intrinsics: np.ndarray | None, outlier_px: float, **options):
+    """bundle_adjust in three passes: the poses with the lenses held, then with the
+    `free_intrinsics` too (when any), then once more without the observations off by more
+    than max(outlier_px, 3 x the median). `options` go to every pass. Returns (cameras,
+    poses, points, the observations kept, their pixel errors [M], how many were dropped)."""
+    free = free_intrinsics if free_intrinsics is not None and np.any(free_intrinsics) else None
+    cameras, poses, points = bundle_adjust(cameras, poses, points, obs, None, **options)
+    if free is not None:
+        cameras, poses, points = bundle_adjust(cameras, poses, points, obs, free, **options)
+    err = np.linalg.norm(reproject(cameras, poses, points, obs) - obs.uv, axis=1)
+    keep = err <= max(outlier_px, 3 * float(np.median(err)))
+    if not keep.all():
+        obs = obs.subset(keep)
+        cameras, poses, points = bundle_adjust(cameras, poses, points, obs, free, **options)
+        err = np.linalg.norm(reproject(cameras, poses, points, obs) - obs.uv, axis=1)
+    return cameras, poses, points, obs, err, int((~keep).sum())
+
+
 def levenberg_marquardt(residuals, jacobian, x0: np.ndarray, loss_scale: float, max_iterations: int = 200,
                         tolerance: float = 1e-10) -> np.ndarray:
     """Minimise sum(soft_l1(r_i / loss_scale)) over x by Levenberg-Marquardt on the
@@ -222,18 +243,37 @@ def levenberg_marquardt(residuals, jacobian, x0: np.ndarray, loss_scale: float, 
     return x
 
 
-def place_cameras(relative: dict[tuple[int, int], list[np.ndarray]], n: int) -> dict[int, np.ndarray]:
-    """World-to-camera 4x4s of the cameras reachable from camera 0 (the world frame) through
-    `relative` ({(i, j): [camera i -> camera j 4x4s, one per shared view]}): each next camera
-    from a placed one along the pair with the most shared views, by their robust mean."""
+def place_cameras(root, names: list[str], object_in_camera: list[dict[int, np.ndarray]], what: str,
+                  remedy: str) -> dict[int, np.ndarray]:
+    """World-to-camera 4x4s of a rig from each camera's view of one object ({sync index:
+    object -> camera 4x4}): camera i -> camera j is the object's pose in j times its
+    inverse in i, a robust mean over the indices both see it at; cameras are placed
+    outward from camera 0 (the world frame) along the pairs with the most shared views.
+    A camera that cannot be reached is refused: "... never sees `what` at the same time
+    as the others", with `remedy`."""
+    relative: dict[tuple[int, int], list[np.ndarray]] = {}
+    for i, seen_i in enumerate(object_in_camera):
+        for j, seen_j in enumerate(object_in_camera):
+            if i != j:
+                relative[i, j] = [seen_j[k] @ np.linalg.inv(seen_i[k]) for k in seen_i.keys() & seen_j.keys()]
     world_to_cam: dict[int, np.ndarray] = {0: np.eye(4)}
-    while len(world_to_cam) < n:
+    while len(world_to_cam) < len(names):
         links = [(len(v), i, j) for (i, j), v in relative.items() if v and i in world_to_cam and j not in world_to_cam]
         if not links:
-            break
+            lost = [names[j] for j in range(len(names)) if j not in world_to_cam]
+            raise AvatarError(root, f"camera{'s' if len(lost) > 1 else ''} {', '.join(lost)} never see"
+                              f"{'' if len(lost) > 1 else 's'} {what} at the same time as the others, so "
+                              f"{'they' if len(lost) > 1 else 'it'} cannot be placed", remedy)
         _, i, j = max(links)
         world_to_cam[j] = average_rigid(relative[i, j]) @ world_to_cam[i]
     return world_to_cam
+
+
+def spread_evenly(keys: list[int], n: int) -> list[int]:
+    """At most n of the sorted `keys`, evenly spread from the first to the last."""
+    if len(keys) <= n:
+        return keys
+    return [keys[int(round(i))] for i in np.linspace(0, len(keys) - 1, n)]
 
 
 def average_rigid(transforms: list[np.ndarray]) -> np.ndarray:

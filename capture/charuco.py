@@ -23,7 +23,6 @@ The board file is caliscope's charuco.toml, as is:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from avatar.errors import AvatarError
 
-from .bundle import (INTRINSICS, Observations, bundle_adjust, pack_camera, place_cameras, reproject, residual_report,
+from .bundle import (INTRINSICS, Observations, adjust_rig, pack_camera, place_cameras, residual_report, spread_evenly,
                      unpack_camera)
 from .calibration import Calibration, CameraCalibration, read_document
 from .rig import RigCamera, sync_indices
@@ -131,15 +130,9 @@ def detect_rig(cameras: list[RigCamera], sync: list[np.ndarray], board: Board, p
     return out
 
 
-def _spread(keys: list[int], n: int) -> list[int]:
-    if len(keys) <= n:
-        return keys
-    return [keys[int(round(i))] for i in np.linspace(0, len(keys) - 1, n)]
-
-
 def _intrinsics(cam: RigCamera, views: dict, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     """(K, dist [5], figures) of one camera solved from its board views."""
-    keys = _spread(sorted(views), MAX_VIEWS)
+    keys = spread_evenly(sorted(views), MAX_VIEWS)
     obj = [grid[views[k][0]].astype(np.float32) for k in keys]
     img = [views[k][1].astype(np.float32) for k in keys]
     rms, K, dist, _, _, sd, _, _ = cv2.calibrateCameraExtended(obj, img, (cam.width, cam.height), None, None)
@@ -183,20 +176,8 @@ def calibrate_charuco(root: Path, cameras: list[RigCamera], board: Board, intrin
     board_in_cam = [{k: T for k in views if (T := _board_pose(views, k, grid, K, d)) is not None}
                     for views, (K, d, _) in zip(seen, lenses)]
 
-    # Rig extrinsics from shared views: place cameras outward from the first.
-    relative: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)
-    for i in range(len(cameras)):
-        for j in range(len(cameras)):
-            if i != j:
-                for k in board_in_cam[i].keys() & board_in_cam[j].keys():
-                    relative[i, j].append(board_in_cam[j][k] @ np.linalg.inv(board_in_cam[i][k]))  # cam i -> cam j
-    world_to_cam = place_cameras(relative, len(cameras))
-    lost = [cameras[j].name for j in range(len(cameras)) if j not in world_to_cam]
-    if lost:
-        raise AvatarError(root, f"camera{'s' if len(lost) > 1 else ''} {', '.join(lost)} never see"
-                          f"{'' if len(lost) > 1 else 's'} the board at the same time as the others, so "
-                          f"{'they' if len(lost) > 1 else 'it'} cannot be placed",
-                          "film the board where neighbouring cameras see it together")
+    world_to_cam = place_cameras(root, [c.name for c in cameras], board_in_cam, "the board",
+                                 "film the board where neighbouring cameras see it together")
 
     # Board pose per sync index, from the camera that sees the most corners then.
     keys = sorted(set().union(*[b.keys() for b in board_in_cam]))
@@ -219,15 +200,7 @@ def calibrate_charuco(root: Path, cameras: list[RigCamera], board: Board, intrin
                    for b in board_in_cam]
     refine = bool(intrinsics is None and min(depth_ratio) >= DEPTH_RATIO)
     free = np.ones(INTRINSICS, bool) if refine else None
-    params, poses, _ = bundle_adjust(params, poses, grid, obs)  # poses first, from the per-camera lenses
-    if refine:
-        params, poses, _ = bundle_adjust(params, poses, grid, obs, free)
-    err = np.linalg.norm(reproject(params, poses, grid, obs) - obs.uv, axis=1)
-    keep = err <= max(OUTLIER_PX, 3 * float(np.median(err)))
-    if not keep.all():
-        obs = obs.subset(keep)
-        params, poses, _ = bundle_adjust(params, poses, grid, obs, free)
-        err = np.linalg.norm(reproject(params, poses, grid, obs) - obs.uv, axis=1)
+    params, poses, _, obs, err, dropped = adjust_rig(params, poses, grid, obs, free, OUTLIER_PX)
 
     out = []
     for c, cam in enumerate(cameras):
@@ -239,7 +212,7 @@ def calibrate_charuco(root: Path, cameras: list[RigCamera], board: Board, intrin
                                       "board_depth_ratio": float(depth_ratio[c])}))
     report = {"board": {"columns": board.columns, "rows": board.rows, "dictionary": board.dictionary,
                         "square_m": board.square_m},
-              "sync_indices_used": len(keys), "outliers_dropped": int((~keep).sum()),
+              "sync_indices_used": len(keys), "outliers_dropped": dropped,
               "intrinsics_refined": refine, "min_board_depth_ratio": float(min(depth_ratio)),
               "median_px": float(np.median(err)), "p90_px": float(np.percentile(err, 90))}
     return Calibration("charuco", out, str(root), report)

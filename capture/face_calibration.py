@@ -34,7 +34,7 @@ from tqdm import tqdm
 from avatar.dataset_format import EYE_OUTER, RIGID
 from avatar.errors import AvatarError
 
-from .bundle import Observations, bundle_adjust, pack_camera, place_cameras, reproject, residual_report, unpack_camera
+from .bundle import Observations, adjust_rig, pack_camera, place_cameras, residual_report, spread_evenly, unpack_camera
 from .calibration import Calibration, CameraCalibration
 from .pose import EYE_CORNER_DISTANCE_M, fit_head_pose
 from .rig import RigCamera, sync_indices
@@ -75,12 +75,6 @@ def track_rig(cameras: list[RigCamera], sync: list[np.ndarray], progress: bool =
                         seen[int(indices[k])] = faces[0]
             out.append(seen)
     return out
-
-
-def _spread(keys: list[int], n: int) -> list[int]:
-    if len(keys) <= n:
-        return keys
-    return [keys[int(round(i))] for i in np.linspace(0, len(keys) - 1, n)]
 
 
 def _head_in_camera(fit, k: int) -> np.ndarray:
@@ -131,29 +125,18 @@ def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np
     row = [{k: n for n, k in enumerate(keys[c])} for c in range(len(cameras))]
 
     # 3. Rig extrinsics from shared timesteps.
-    relative: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)
-    for i in range(len(cameras)):
-        for j in range(len(cameras)):
-            if i != j:
-                for k in seen[i].keys() & seen[j].keys():
-                    relative[i, j].append(_head_in_camera(fits[j], row[j][k]) @ np.linalg.inv(
-                        _head_in_camera(fits[i], row[i][k])))
-    world_to_cam = place_cameras(relative, len(cameras))
-    lost = [cameras[j].name for j in range(len(cameras)) if j not in world_to_cam]
-    if lost:
-        raise AvatarError(root, f"camera{'s' if len(lost) > 1 else ''} {', '.join(lost)} never see"
-                          f"{'' if len(lost) > 1 else 's'} the face at the same time as the others, so "
-                          f"{'they' if len(lost) > 1 else 'it'} cannot be placed",
-                          "film the head where neighbouring cameras see the face together")
+    head_in_camera = [{k: _head_in_camera(fits[c], row[c][k]) for k in seen[c]} for c in range(len(cameras))]
+    world_to_cam = place_cameras(root, [c.name for c in cameras], head_in_camera, "the face",
+                                 "film the head where neighbouring cameras see the face together")
 
     # 4. Bundle adjustment on timesteps seen by two or more cameras, spread over the clip;
     #    each head pose starts from the camera that sees the face largest then.
-    steps = _spread(sorted(k for k, n in shared.items() if n >= 2), MAX_TIMESTEPS)
+    steps = spread_evenly(sorted(k for k, n in shared.items() if n >= 2), MAX_TIMESTEPS)
     index_of = {k: n for n, k in enumerate(steps)}
     poses = np.zeros((len(steps), 6))
     for k in steps:
         c = max((c for c in range(len(cameras)) if k in seen[c]), key=lambda c: float(face_height(seen[c][k])))
-        T = np.linalg.inv(world_to_cam[c]) @ _head_in_camera(fits[c], row[c][k])
+        T = np.linalg.inv(world_to_cam[c]) @ head_in_camera[c][k]
         poses[index_of[k]] = np.concatenate([cv2.Rodrigues(T[:3, :3])[0].ravel(), T[:3, 3]])
     cam_idx, t_idx, p_idx, uv = [], [], [], []
     for c, views in enumerate(seen):
@@ -172,22 +155,11 @@ def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np
         params = np.stack([pack_camera(np.array([[focal[c], 0, cam.width / 2], [0, focal[c], cam.height / 2],
                                                  [0, 0, 1.0]]), np.zeros(5), world_to_cam[c])
                            for c, cam in enumerate(cameras)])
-    points = canonical[rigid].copy()
     focal_only = np.zeros(9, bool)
     focal_only[0] = lenses is None
-
-    def solve(params, poses, points, obs, free):
-        return bundle_adjust(params, poses, points, obs, free, loss_scale_px=LOSS_SCALE_PX, square_pixels=True,
-                             shared_focal=same_lens, point_prior_m=POINT_PRIOR_M, max_iterations=300)
-
-    params, poses, points = solve(params, poses, points, obs, None)
-    params, poses, points = solve(params, poses, points, obs, focal_only)
-    err = np.linalg.norm(reproject(params, poses, points, obs) - obs.uv, axis=1)
-    keep = err <= max(OUTLIER_PX, 3 * float(np.median(err)))
-    if not keep.all():
-        obs = obs.subset(keep)
-        params, poses, points = solve(params, poses, points, obs, focal_only)
-        err = np.linalg.norm(reproject(params, poses, points, obs) - obs.uv, axis=1)
+    params, poses, points, obs, err, dropped = adjust_rig(
+        params, poses, canonical[rigid].copy(), obs, focal_only, OUTLIER_PX, loss_scale_px=LOSS_SCALE_PX,
+        square_pixels=True, shared_focal=same_lens, point_prior_m=POINT_PRIOR_M, max_iterations=300)
 
     # 5. Metric scale from the eye corners.
     eyes = [rigid.index(i) for i in EYE_OUTER]
@@ -202,6 +174,6 @@ def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np
                                       "face_frames": len(seen[c]), "focal_monocular_px": float(fits[c].focal),
                                       "intrinsics": {"given": lenses.source} if lenses is not None else {"solved_from": "face"}}))
     report = {"landmarks": len(rigid), "timesteps_used": len(steps), "timesteps_shared": int(sum(n >= 2 for n in shared.values())),
-              "outliers_dropped": int((~keep).sum()), "metric_scale": "outer eye corners 9 cm apart",
+              "outliers_dropped": dropped, "metric_scale": "outer eye corners 9 cm apart",
               "scale_applied": scale, "median_px": float(np.median(err)), "p90_px": float(np.percentile(err, 90))}
     return Calibration("face", out, str(root), report)

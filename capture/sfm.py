@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from avatar.errors import AvatarError
 
-from .bundle import average_rigid, residual_report
+from .bundle import average_rigid, residual_report, spread_evenly
 from .calibration import COLMAP_MODELS, Calibration, CameraCalibration
 from .rig import RigCamera, sync_indices
 
@@ -52,7 +52,7 @@ def calibrate_sfm(root: Path, cameras: list[RigCamera], instants: int = SFM_INST
     if not common:
         raise AvatarError(root, "its cameras share no sync index, so no instant is seen by all of them",
                           "give videos recorded together (or caliscope's timestamps.csv)")
-    chosen = set(common[int(round(i))] for i in np.linspace(0, len(common) - 1, min(instants, len(common))))
+    chosen = set(spread_evenly(common, instants))
     with tempfile.TemporaryDirectory(prefix="avatar-sfm-") as work:
         images = Path(work) / "images"
         for cam, indices in tqdm(list(zip(cameras, sync)), desc="sfm frames", unit="camera", disable=not progress):
