@@ -111,8 +111,9 @@ def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, ob
                   point_prior_m: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Refine the poses of cameras [C, 15] (all but the first), object poses [T, 6] and
     the intrinsics flagged in `free_intrinsics` ([9] bools over fx fy cx cy k1 k2 p1 p2 k3;
-    default none). square_pixels: fy stays equal to fx (one focal per camera);
+    default none). square_pixels: fy is set to fx (one focal per camera);
     shared_focal as well: every camera's fx is the first camera's (a rig of one lens model).
+    Both overwrite the given values, so use them only when the focal is being solved.
     point_prior_m: None holds the object's points [P, 3] fixed; a length lets them move,
     each pulled back to where it started as hard as one `loss_scale_px` residual per that
     many metres (the prior also fixes the object frame, which free points leave open).

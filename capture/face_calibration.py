@@ -159,7 +159,8 @@ def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np
     focal_only[0] = lenses is None
     params, poses, points, obs, err, dropped = adjust_rig(
         params, poses, canonical[rigid].copy(), obs, focal_only, OUTLIER_PX, loss_scale_px=LOSS_SCALE_PX,
-        square_pixels=True, shared_focal=same_lens, point_prior_m=POINT_PRIOR_M, max_iterations=300)
+        square_pixels=lenses is None, shared_focal=same_lens and lenses is None, point_prior_m=POINT_PRIOR_M,
+        max_iterations=300)
 
     # 5. Metric scale from the eye corners.
     eyes = [rigid.index(i) for i in EYE_OUTER]
