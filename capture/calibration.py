@@ -387,14 +387,19 @@ def find_given(rig_root: Path) -> Path | None:
     return None
 
 
+def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (degrees) between two rotations (the upper-left 3x3 of each)."""
+    cos = (np.trace(a[:3, :3].T @ b[:3, :3]) - 1) / 2
+    return math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
+
+
 def relative_rotation_deg(a: CameraCalibration, b: CameraCalibration, c: CameraCalibration,
                           d: CameraCalibration) -> float:
     """Angle (degrees) between the rotation from camera a to b in one calibration and from
     c to d in another: the world frame drops out."""
     Rab = b.world_to_camera[:3, :3] @ a.world_to_camera[:3, :3].T
     Rcd = d.world_to_camera[:3, :3] @ c.world_to_camera[:3, :3].T
-    cos = (np.trace(Rab.T @ Rcd) - 1) / 2
-    return math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
+    return rotation_angle_deg(Rab, Rcd)
 
 
 # -- avatar calibrate ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ metres from the face it triangulates.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -27,16 +26,12 @@ from tqdm import tqdm
 from avatar.errors import AvatarError
 
 from .bundle import average_rigid, residual_report, spread_evenly
-from .calibration import COLMAP_MODELS, Calibration, CameraCalibration
+from .calibration import COLMAP_MODELS, Calibration, CameraCalibration, rotation_angle_deg
 from .rig import RigCamera, sync_indices
 
 SFM_INSTANTS = 6
 """Sync indices whose frames enter the reconstruction (more add matching time, n^2)."""
 SFM_UNITS = "rig units: the first two cameras 1 apart"
-
-
-def _rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
-    return math.degrees(math.acos(float(np.clip((np.trace(a[:3, :3].T @ b[:3, :3]) - 1) / 2, -1.0, 1.0))))
 
 
 def calibrate_sfm(root: Path, cameras: list[RigCamera], instants: int = SFM_INSTANTS,
@@ -90,7 +85,7 @@ def calibrate_sfm(root: Path, cameras: list[RigCamera], instants: int = SFM_INST
         ims = by_camera[cam.name]
         poses = [np.vstack([im.cam_from_world().matrix(), [0, 0, 0, 1]]) for im in ims]
         world_to_cam[cam.name] = average_rigid(poses)
-        spread[cam.name] = max(_rotation_deg(p, world_to_cam[cam.name]) for p in poses)
+        spread[cam.name] = max(rotation_angle_deg(p, world_to_cam[cam.name]) for p in poses)
         err = []
         for im in ims:
             camera = rec.cameras[im.camera_id]
