@@ -8,8 +8,8 @@
                   "reprojection": {"median_px", "p90_px", "views", "points"} or null}],
      "source": what was calibrated or imported, "report": method-specific figures}
 
-The world frame is the method's: the first camera's frame for `charuco` and `face`, the
-file's for `given`. Capture places the head per timestep, so nothing downstream depends on it.
+The world frame is the method's: the first camera's frame for `charuco`, `face` and
+`sfm`, the file's for `given`. Capture places the head per timestep, so nothing downstream depends on it.
 
 Ways to calibrate (capture/README.md):
     given    import NeRSemble's camera_params.json, a COLMAP sparse model (pycolmap),
@@ -430,9 +430,8 @@ def calibrate_rig(rig_root: str | Path, method: str = "auto", board: str | Path 
     if not tiles and not root.is_dir():
         raise AvatarError(root, "is not a folder", "give the rig's folder (one video or image folder per camera), or a "
                           "composite video with one --tile X,Y,W,H per camera")
-    folder = root if root.is_dir() else root.parent
-    board_file = Path(board) if board is not None else (folder / "charuco.toml" if root.is_dir() and
-                                                        (folder / "charuco.toml").is_file() else None)
+    board_file = Path(board) if board is not None else (root / "charuco.toml" if (root / "charuco.toml").is_file()
+                                                        else None)
     given_file = Path(given) if given is not None else (find_given(root) if root.is_dir() else None)
     if method == "auto":
         method = "given" if given_file is not None else "charuco" if board_file is not None else "face"

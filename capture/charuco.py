@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from avatar.errors import AvatarError
 
-from .bundle import (INTRINSICS, Observations, adjust_rig, pack_camera, place_cameras, residual_report, spread_evenly,
-                     unpack_camera)
+from .bundle import (INTRINSICS, Observations, adjust_rig, pack_camera, place_cameras, residual_report,
+                     rotation_vector, spread_evenly, unpack_camera)
 from .calibration import Calibration, CameraCalibration, read_document
 from .rig import RigCamera, sync_indices
 
@@ -186,7 +186,7 @@ def calibrate_charuco(root: Path, cameras: list[RigCamera], board: Board, intrin
     for k in keys:
         c = max((c for c in range(len(cameras)) if k in board_in_cam[c]), key=lambda c: len(seen[c][k][0]))
         T = np.linalg.inv(world_to_cam[c]) @ board_in_cam[c][k]
-        poses[index_of[k]] = np.concatenate([cv2.Rodrigues(T[:3, :3])[0].ravel(), T[:3, 3]])
+        poses[index_of[k]] = np.concatenate([rotation_vector(T[:3, :3]), T[:3, 3]])
 
     cam_idx, t_idx, p_idx, uv = [], [], [], []
     for c, views in enumerate(seen):

@@ -23,18 +23,17 @@ speech and expressions do not bend the rig. The world frame is the first camera'
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from avatar.dataset_format import EYE_OUTER, RIGID
 from avatar.errors import AvatarError
 
-from .bundle import Observations, adjust_rig, pack_camera, place_cameras, residual_report, spread_evenly, unpack_camera
+from .bundle import (Observations, adjust_rig, pack_camera, place_cameras, residual_report, rotation_vector,
+                     spread_evenly, unpack_camera)
 from .calibration import Calibration, CameraCalibration
 from .pose import EYE_CORNER_DISTANCE_M, fit_head_pose
 from .rig import RigCamera, sync_indices
@@ -116,11 +115,9 @@ def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np
     canonical = None
     for c in order:
         lm = np.stack([seen[c][k] for k in keys[c]])
-        prior = (30.2, 0.35)  # capture's prior on the field of view; a given lens pins it
-        if lenses is not None:
-            prior = (math.degrees(2 * math.atan(cameras[c].width / 2 / lenses.camera(cameras[c].name).K[0, 0])), 1e-3)
         fits[c] = fit_head_pose(lm, cameras[c].width, cameras[c].height, canonical=canonical,
-                                frame_ids=np.asarray(keys[c]), focal_prior=prior)
+                                frame_ids=np.asarray(keys[c]),
+                                focal=lenses.camera(cameras[c].name).K[0, 0] if lenses is not None else None)
         canonical = fits[c].canonical if canonical is None else canonical
     row = [{k: n for n, k in enumerate(keys[c])} for c in range(len(cameras))]
 
@@ -137,7 +134,7 @@ def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np
     for k in steps:
         c = max((c for c in range(len(cameras)) if k in seen[c]), key=lambda c: float(face_height(seen[c][k])))
         T = np.linalg.inv(world_to_cam[c]) @ head_in_camera[c][k]
-        poses[index_of[k]] = np.concatenate([cv2.Rodrigues(T[:3, :3])[0].ravel(), T[:3, 3]])
+        poses[index_of[k]] = np.concatenate([rotation_vector(T[:3, :3]), T[:3, 3]])
     cam_idx, t_idx, p_idx, uv = [], [], [], []
     for c, views in enumerate(seen):
         for k in steps:

@@ -164,6 +164,7 @@ def fit_head_pose(
     canonical: np.ndarray | None = None,
     frame_ids: np.ndarray | None = None,
     focal_prior: tuple[float, float] | None = (30.2, 0.35),
+    focal: float | None = None,
 ) -> PoseFit:
     """Fit poses and focal to landmarks.
 
@@ -175,6 +176,7 @@ def fit_head_pose(
             that are adjacent in time (default: 0..T-1).
         focal_prior: (horizontal FOV in degrees, standard deviation of log focal) of the
             log-normal prior the sweep is combined with; None keeps the sweep's minimum.
+        focal: a known focal length (pixels): no sweep, only poses and shape are fitted.
     """
     T = len(lm)
     rigid = list(RIGID)
@@ -249,26 +251,30 @@ def fit_head_pose(
         return (width / 2) / math.tan(math.radians(fov_deg) / 2)
 
     sweep: list[tuple[float, float]] = []
-    grid = [focal_of(v) for v in np.geomspace(*fov_range_deg, sweep_steps)][::-1]  # increasing focal
-    for _ in range(3):
-        errors = [sweep_error(f) for f in grid]
-        sweep += list(zip(grid, errors))
-        i = int(np.argmin(errors))
-        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-        grid = list(np.geomspace(lo, hi, 9))
-    sweep.sort()
-    f_sweep = min(sweep, key=lambda fe: fe[1])[0]
-    # Bootstrap over frames: how far the sweep's minimum moves when the frames change.
-    focals = np.array(sorted(frame_errors))
-    E = np.stack([frame_errors[f] for f in focals])  # [F, S]
-    rng = np.random.default_rng(0)
-    picks = [focals[np.argmin(np.median(E[:, rng.integers(0, E.shape[1], E.shape[1])], axis=1))] for _ in range(200)]
-    log_sd = max(float(np.std(np.log(picks))), 1e-3)
-    f0 = f_sweep
-    if focal_prior is not None:
-        prior_mean, prior_sd = math.log(focal_of(focal_prior[0])), focal_prior[1]
-        w_data, w_prior = 1 / log_sd**2, 1 / prior_sd**2
-        f0 = math.exp((w_data * math.log(f_sweep) + w_prior * prior_mean) / (w_data + w_prior))
+    if focal is not None:
+        f_sweep = f0 = float(focal)
+        log_sd = 0.0
+    else:
+        grid = [focal_of(v) for v in np.geomspace(*fov_range_deg, sweep_steps)][::-1]  # increasing focal
+        for _ in range(3):
+            errors = [sweep_error(f) for f in grid]
+            sweep += list(zip(grid, errors))
+            i = int(np.argmin(errors))
+            lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+            grid = list(np.geomspace(lo, hi, 9))
+        sweep.sort()
+        f_sweep = min(sweep, key=lambda fe: fe[1])[0]
+        # Bootstrap over frames: how far the sweep's minimum moves when the frames change.
+        focals = np.array(sorted(frame_errors))
+        E = np.stack([frame_errors[f] for f in focals])  # [F, S]
+        rng = np.random.default_rng(0)
+        picks = [focals[np.argmin(np.median(E[:, rng.integers(0, E.shape[1], E.shape[1])], axis=1))] for _ in range(200)]
+        log_sd = max(float(np.std(np.log(picks))), 1e-3)
+        f0 = f_sweep
+        if focal_prior is not None:
+            prior_mean, prior_sd = math.log(focal_of(focal_prior[0])), focal_prior[1]
+            w_data, w_prior = 1 / log_sd**2, 1 / prior_sd**2
+            f0 = math.exp((w_data * math.log(f_sweep) + w_prior * prior_mean) / (w_data + w_prior))
     X0 = canonical_face(backproject(lm, f0, cx, cy)) if X0 is None else X0
     Xr = X0[rigid]
     K0 = _intrinsics(f0, cx, cy)
