@@ -20,6 +20,13 @@ def _capture(args: argparse.Namespace) -> int:
         from capture.ernerf import import_ernerf
 
         out = import_ernerf(Path(args.from_ernerf), Path(args.out), force=args.force)
+    elif args.tile or args.calib or (args.video is not None and Path(args.video).is_dir()):
+        from capture.multiview import RigCaptureConfig, run_rig_capture
+
+        cfg = RigCaptureConfig(rig=Path(args.video), out=Path(args.out), calib=args.calib and Path(args.calib),
+                               tiles=args.tile or [], audio=args.audio and Path(args.audio), fps=args.fps,
+                               size=args.size, force=args.force)
+        out = run_rig_capture(cfg, progress=sys.stderr.isatty())
     else:
         if args.video is None:
             raise SystemExit("avatar capture: give a VIDEO, or --from-ernerf DIR")
@@ -233,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("capture", help="turn a talking-head video into a calibrated dataset folder",
                        description="Video -> dataset folder (transforms.json, images, masks, audio features).")
-    p.add_argument("video", nargs="?", help="talking-head video (phone or camera; any length >= 3 s)")
+    p.add_argument("video", nargs="?", help="talking-head video (phone or camera; any length >= 3 s), or a RIG: a folder "
+                                            "with one video (or image folder) per camera, or a composite video with --tile")
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--audio", help="speech file to use instead of the video's own audio")
     p.add_argument("--audio-features", nargs="*", default=[], metavar="NPY",
@@ -243,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photometric", action="store_true",
                    help="refine head poses by aligning the skin texture (more accurate head turns for a neutral "
                         "face; about 100 s more per 200 frames)")
+    p.add_argument("--calib", metavar="CALIB.json",
+                   help="a rig's calibration (`avatar calibrate`); default: a calibration file in RIG, else the face")
+    p.add_argument("--tile", action="append", type=_tile, metavar="X,Y,W,H",
+                   help="one camera's image inside a composite video (repeat per camera; named tile_0, tile_1, ...)")
     p.add_argument("--from-ernerf", metavar="DIR", help="import an ER-NeRF / TalkingGaussian preprocessed folder")
     p.add_argument("--force", action="store_true", help="redo every stage and replace an existing dataset")
     p.set_defaults(func=_capture)

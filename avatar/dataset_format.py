@@ -1,23 +1,40 @@
-"""The dataset folder (format ``avatar-dataset/1``), the hand-off from capture to recon:
+"""The dataset folder (format ``avatar-dataset/2``), the hand-off from capture to recon:
 capture writes it, recon and the viewer read it, and this module alone defines it. It
 checks a folder up front, before any stage creates anything from it, and it holds the
 layouts the files are written in: the landmark index sets (lips, eyes, rigid points), the
 masks, and the audio feature file.
 
+A dataset is a set of views: each frame is one camera's image of one moment (timestep).
+A monocular capture is the one-camera case; a rig capture has one frame per camera per
+timestep, every camera with its own intrinsics and background plate.
+
 Layout (every path in transforms.json is relative to the folder and stays inside it):
-    transforms.json        nerfstudio-style: format, fl_x, fl_y, cx, cy, w == h, fps, frames[]
-                           each frame: file_path, <mask>_mask_path for MASK_NAMES,
-                           transform_matrix [4, 4] (camera-to-world, OpenGL axes, rigid),
-                           frame_index (row of the audio features), optional time,
+    transforms.json        nerfstudio-style: format, fl_x, fl_y, cx, cy (the first camera's,
+                           for nerfstudio), w == h (every camera's), fps, cameras[], frames[]
+                           each camera: name, fl_x, fl_y, cx, cy, background (its plate)
+                           each frame: camera (a name of cameras[]), timestep (the moment,
+                           also frame_index: the row of the audio features), fl_x, fl_y, cx,
+                           cy (its camera's, for nerfstudio), file_path, <mask>_mask_path for
+                           MASK_NAMES, transform_matrix [4, 4] (camera-to-world, OpenGL
+                           axes, rigid; the world is the head's frame), optional time,
                            eye_openness, mouth_opening (see `mouth_opening`)
     images/, masks/<mask>/ one JPEG / PNG per frame, w x h
-    background.png         the plate behind the subject, w x h
+    background.png         a camera's plate behind the subject, w x h (rigs: backgrounds/)
     audio_features.npz     format avatar-audio-features/1 (`save_features`): mel [N, 16, 80],
-                           energy [N], visemes [N, 15] (VISEMES), at SAMPLE_RATE
+                           energy [N], visemes [N, 15] (VISEMES), at SAMPLE_RATE. Optional:
+                           a rig filmed without sound has none (recon then fits the avatar to
+                           tracked motion only, and it cannot be driven by speech)
     landmarks.npy          optional [frames, 478, 3] mediapipe landmarks in pixels (the
                            478-point layout below)
+    landmarks_3d.npy       optional [frames, 478, 3] the same landmarks in the head frame,
+                           metres (rigs: triangulated); recon reads expression from these
+                           when present
     landmarks68.npy        optional [frames, 68, 2] (ER-NeRF imports; the 68-point layout)
     face_geometry.npz      optional canonical [478 or 68, 3] face in the head frame, metres
+
+Format ``avatar-dataset/1`` (still read) is the monocular case written before rigs: no
+cameras[], the one camera's intrinsics and background at the top level, frames without
+camera and timestep (frame_index is the timestep), audio features required.
 """
 
 from __future__ import annotations
@@ -35,8 +52,10 @@ import numpy as np
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, replaced_path
 
-DATASET_FORMAT = "avatar-dataset/1"
-SUPPORTED_FORMATS = (DATASET_FORMAT,)
+DATASET_FORMAT = "avatar-dataset/2"
+SUPPORTED_FORMATS = ("avatar-dataset/1", DATASET_FORMAT)
+MONOCULAR_CAMERA = "camera"
+"""The camera name of a monocular capture (and of every /1 dataset's one camera)."""
 MASK_NAMES = ("person", "head", "mouth", "eyes", "torso")
 RECAPTURE = "re-run `avatar capture --force` on the video (or fix the file by hand)"
 
@@ -103,14 +122,45 @@ class _Checker:
                 self.fail(f"{key} must be a positive integer, got {meta.get(key)!r}")
         if meta["w"] != meta["h"]:
             self.fail(f"frames must be square, got w={meta['w']} h={meta['h']}")
+        if meta["format"] != "avatar-dataset/1":
+            self.cameras(meta.get("cameras"))
         frames = meta.get("frames")
         if not isinstance(frames, list):
             self.fail(f"needs a list of frames under 'frames', got {type(frames).__name__}")
         if not frames:
             self.fail("lists no frames")
+        names = {c["name"] for c in camera_table(meta)}
+        views: set[tuple[str, int]] = set()
         for i, f in enumerate(frames):
             self.frame(i, f)
+            if meta["format"] != "avatar-dataset/1":
+                if f.get("camera") not in names:
+                    self.fail(f"frames[{i}].camera must name one of cameras[] ({', '.join(sorted(names))}), "
+                              f"got {f.get('camera')!r}")
+                if f.get("timestep") != f["frame_index"]:
+                    self.fail(f"frames[{i}].timestep must equal its frame_index {f['frame_index']}, "
+                              f"got {f.get('timestep')!r}")
+            view = (frame_camera(f), f["frame_index"])
+            if view in views:
+                self.fail(f"frames[{i}] repeats camera {view[0]!r} at timestep {view[1]}")
+            views.add(view)
         return meta
+
+    def cameras(self, cameras: Any) -> None:
+        if not isinstance(cameras, list) or not cameras:
+            self.fail(f"needs a non-empty list of cameras under 'cameras', got {cameras!r:.60}")
+        seen = set()
+        for n, c in enumerate(cameras):
+            where = f"cameras[{n}]"
+            if not isinstance(c, dict):
+                self.fail(f"{where} must be an object, got {type(c).__name__}")
+            if not isinstance(c.get("name"), str) or not c["name"] or c["name"] in seen:
+                self.fail(f"{where}.name must be a non-empty string no other camera has, got {c.get('name')!r}")
+            seen.add(c["name"])
+            for key in ("fl_x", "fl_y", "cx", "cy"):
+                if not _is_number(c.get(key)) or (key.startswith("fl") and c[key] <= 0):
+                    self.fail(f"{where}.{key} must be a finite{' positive' if key.startswith('fl') else ''} number, "
+                              f"got {c.get(key)!r}")
 
     def frame(self, i: int, f: Any) -> None:
         where = f"frames[{i}]"
@@ -136,14 +186,17 @@ class _Checker:
 
     def files(self, meta: dict) -> list[tuple[Path, int]]:
         """Every image the frames name, with its cv2 read flag; missing ones fail here."""
-        out = [(self.file(meta.get("background"), "background"), cv2.IMREAD_COLOR)]
+        out = [(self.file(c.get("background"), f"the background of camera {c['name']}"), cv2.IMREAD_COLOR)
+               for c in camera_table(meta)]
         for i, f in enumerate(meta["frames"]):
             out.append((self.file(f.get("file_path"), f"frames[{i}].file_path"), cv2.IMREAD_COLOR))
             out += [(self.file(f.get(f"{m}_mask_path"), f"frames[{i}].{m}_mask_path"), cv2.IMREAD_GRAYSCALE)
                     for m in MASK_NAMES]
         return out
 
-    def features(self, meta: dict) -> dict[str, np.ndarray]:
+    def features(self, meta: dict) -> dict[str, np.ndarray] | None:
+        if "audio_features" not in meta and meta["format"] != "avatar-dataset/1":
+            return None  # filmed without sound
         path = self.file(meta.get("audio_features"), "audio_features")
         try:
             feats = load_features(path)
@@ -173,7 +226,7 @@ class _Checker:
 
     def arrays(self, meta: dict) -> None:
         n = len(meta["frames"])
-        for key, points in (("landmarks", 478), ("landmarks68", 68)):
+        for key, points in (("landmarks", 478), ("landmarks_3d", 478), ("landmarks68", 68)):
             if key not in meta:
                 continue
             path = self.file(meta[key], key)
@@ -217,8 +270,9 @@ def validate_dataset(root: str | Path, decode: bool = False) -> dict:
     return open_checked(root, decode)[0]
 
 
-def open_checked(root: str | Path, decode: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
-    """Check a dataset folder; (its parsed transforms.json, its audio features as checked).
+def open_checked(root: str | Path, decode: bool = False) -> tuple[dict, dict[str, np.ndarray] | None]:
+    """Check a dataset folder; (its parsed transforms.json, its audio features as checked, or
+    None for a dataset filmed without sound).
 
     Always: the schema and types of transforms.json, finite numbers, rigid poses, every
     referenced file present and inside the folder, the feature arrays' shapes and length
@@ -234,6 +288,34 @@ def open_checked(root: str | Path, decode: bool = False) -> tuple[dict, dict[str
     if decode:
         check.decode(files, meta["w"])
     return meta, feats
+
+
+def camera_table(meta: dict) -> list[dict]:
+    """The cameras of a dataset (each: name, fl_x, fl_y, cx, cy, background): its cameras[],
+    or the one camera a /1 dataset describes at its top level."""
+    if "cameras" in meta:
+        return meta["cameras"]
+    return [{"name": MONOCULAR_CAMERA, **{k: meta.get(k) for k in ("fl_x", "fl_y", "cx", "cy", "background")}}]
+
+
+def frame_camera(frame: dict) -> str:
+    """The camera name of a frame (/1 frames: the one camera's)."""
+    return frame.get("camera", MONOCULAR_CAMERA)
+
+
+def monocular_camera(fl_x: float, fl_y: float, cx: float, cy: float, background: str) -> dict:
+    """What a one-camera dataset writes for its camera: the top-level intrinsics (nerfstudio's,
+    and /1 readers'), the cameras[] entry, and the background."""
+    intrinsics = {"fl_x": fl_x, "fl_y": fl_y, "cx": cx, "cy": cy}
+    return {**intrinsics, "background": background,
+            "cameras": [{"name": MONOCULAR_CAMERA, **intrinsics, "background": background}]}
+
+
+def view_fields(camera: dict, timestep: int) -> dict:
+    """A frame's camera, timestep (= frame_index) and its camera's intrinsics (nerfstudio reads
+    per-frame intrinsics)."""
+    return {"camera": camera["name"], "timestep": timestep, "frame_index": timestep,
+            **{k: camera[k] for k in ("fl_x", "fl_y", "cx", "cy")}}
 
 
 # -- landmark layouts: mediapipe's 478-point face mesh (landmarks.npy) ------------------

@@ -37,6 +37,23 @@ def rotation_vector(R: np.ndarray) -> np.ndarray:
     return cv2.Rodrigues(np.asarray(R, np.float64))[0].ravel()
 
 
+def triangulate(P: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Linear (DLT) triangulation of points seen by several views.
+
+    P: [F, 3, 4] projection matrices (K [R | t]); uv: [F, L, 2] pixels (undistorted).
+    Returns points [L, 3] and their reprojection error [F, L] in pixels.
+    """
+    u, v = uv[..., 0], uv[..., 1]  # [F, L]
+    rows = np.concatenate([u[..., None] * P[:, None, 2] - P[:, None, 0],
+                           v[..., None] * P[:, None, 2] - P[:, None, 1]], axis=0)  # [2F, L, 4]
+    A = rows.transpose(1, 0, 2)  # [L, 2F, 4]
+    A = A / np.linalg.norm(A, axis=-1, keepdims=True).clip(1e-12)
+    X = np.linalg.svd(A)[2][:, -1]  # [L, 4]
+    X = X[:, :3] / X[:, 3:]
+    proj = np.einsum("fij,lj->fli", P, np.concatenate([X, np.ones((len(X), 1))], 1))
+    return X, np.linalg.norm(proj[..., :2] / proj[..., 2:] - uv, axis=-1)
+
+
 def _project(cam: torch.Tensor, pose: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
     """Pixels [M, 2] of object points [M, 3] under object poses [M, 6] (rotation vector,
     translation) seen by cameras [M, 15] (packed: fx fy cx cy k1 k2 p1 p2 k3, rotation

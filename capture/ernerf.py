@@ -25,11 +25,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avatar.dataset_format import DATASET_FORMAT, EYES68, INNER_MOUTH68, MASK_NAMES, polygon_mask, save_features
+from avatar.dataset_format import (DATASET_FORMAT, EYES68, INNER_MOUTH68, MASK_NAMES, monocular_camera, polygon_mask,
+                                   save_features, view_fields)
 from avatar.errors import AvatarError
 from avatar.io import write_json
 
 from . import audio as audio_mod
+from .bundle import triangulate
 from .pipeline import _write_jpg, _write_png
 from .publish import publish_dataset, recover_dataset, work_folder
 
@@ -62,25 +64,16 @@ _EYE_OUTER68, _CHIN68, _NOSE_BRIDGE68 = (36, 45), 8, 27
 EYE_DISTANCE_M = 0.09
 
 
-def triangulate(lms: np.ndarray, c2w_gl: np.ndarray, focal: float, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
-    """Linear (DLT) triangulation of landmarks tracked over posed frames.
+def triangulate_posed(lms: np.ndarray, c2w_gl: np.ndarray, focal: float, cx: float,
+                      cy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks tracked over posed frames, triangulated (capture/bundle.py: triangulate).
 
     lms: [F, L, 2] pixels; c2w_gl: [F, 4, 4] camera-to-world, OpenGL axes.
     Returns points [L, 3] and the reprojection error [F, L] in pixels.
     """
     K = np.array([[focal, 0, cx], [0, focal, cy], [0, 0, 1]])
     w2c = np.linalg.inv(c2w_gl @ np.diag([1.0, -1.0, -1.0, 1.0]))  # OpenCV camera axes
-    P = K @ w2c[:, :3]  # [F, 3, 4]
-    u, v = lms[..., 0], lms[..., 1]  # [F, L]
-    rows = np.concatenate([u[..., None] * P[:, None, 2] - P[:, None, 0],
-                           v[..., None] * P[:, None, 2] - P[:, None, 1]], axis=0)  # [2F, L, 4]
-    A = rows.transpose(1, 0, 2)  # [L, 2F, 4]
-    A = A / np.linalg.norm(A, axis=-1, keepdims=True).clip(1e-12)
-    X = np.linalg.svd(A)[2][:, -1]  # [L, 4]
-    X = X[:, :3] / X[:, 3:]
-    proj = np.einsum("fij,lj->fli", P, np.concatenate([X, np.ones((len(X), 1))], 1))
-    err = np.linalg.norm(proj[..., :2] / proj[..., 2:] - lms, axis=-1)
-    return X, err
+    return triangulate(K @ w2c[:, :3], lms)
 
 
 def metric_head_frame(points68: np.ndarray) -> np.ndarray:
@@ -160,6 +153,8 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
             (work / "masks" / name).mkdir(parents=True, exist_ok=True)
         (work / "images").mkdir()
         out_frames, lms68 = [], []
+        camera = monocular_camera(float(meta["focal_len"]), float(meta["focal_len"]), float(meta["cx"]),
+                                  float(meta["cy"]), "background.png")
         for f in tqdm(frames, desc="import", unit="frame", leave=False):
             i = int(f["img_id"])
             name = f"{i:06d}"
@@ -187,7 +182,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
                 **{f"{m}_mask_path": f"masks/{m}/{name}.png" for m in MASK_NAMES},
                 "transform_matrix": f["transform_matrix"],
                 "time": round(k / fps, 6),
-                "frame_index": k,
+                **view_fields(camera["cameras"][0], k),
             }
             if "AU45_r" in au and i < len(au["AU45_r"]):
                 entry["eye_openness"] = float(1 - np.clip(au["AU45_r"][i] / 3.0, 0, 1))
@@ -206,10 +201,8 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
         save_features(work / "audio_features.npz", feats, fps)
         transforms = {
             "format": DATASET_FORMAT, "camera_model": "OPENCV", "source": "ernerf", "source_inputs": inputs,
-            "fl_x": float(meta["focal_len"]), "fl_y": float(meta["focal_len"]),
-            "cx": float(meta["cx"]), "cy": float(meta["cy"]), "w": W, "h": H,
-            "fps": fps, "num_source_frames": n_audio,
-            "audio": "audio.wav", "audio_features": "audio_features.npz", "background": "background.png",
+            **camera, "w": W, "h": H, "fps": fps, "num_source_frames": n_audio,
+            "audio": "audio.wav", "audio_features": "audio_features.npz",
             "frames": out_frames,
         }
         report = {"format": DATASET_FORMAT, "source": {"ernerf": str(src)}, "frames": {"total": len(out_frames)},
@@ -219,7 +212,7 @@ def import_ernerf(src: Path, out: Path, force: bool = False, fps: float = 25.0) 
             np.save(work / "landmarks68.npy", lms)
             transforms["landmarks68"] = "landmarks68.npy"
             c2w = np.array([f["transform_matrix"] for f in out_frames], np.float64)
-            points, err = triangulate(lms, c2w, float(meta["focal_len"]), float(meta["cx"]), float(meta["cy"]))
+            points, err = triangulate_posed(lms, c2w, float(meta["focal_len"]), float(meta["cx"]), float(meta["cy"]))
             T = metric_head_frame(points)
             scale = float(np.cbrt(np.linalg.det(T[:3, :3])))
             for f, m in zip(out_frames, c2w):

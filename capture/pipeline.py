@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avatar.dataset_format import DATASET_FORMAT, MASK_NAMES, RIGID, load_features, mouth_opening, save_features
+from avatar.dataset_format import (DATASET_FORMAT, MASK_NAMES, RIGID, load_features, monocular_camera, mouth_opening,
+                                   save_features, view_fields)
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, write_json
 
@@ -392,6 +393,7 @@ def _run(cfg: CaptureConfig) -> Path:
     # 7. The dataset files.
     t0 = time.perf_counter()
     c2w = c2w_opengl(R_pose, t_pose)
+    camera = monocular_camera(fit.focal, fit.focal, cfg.size / 2, cfg.size / 2, "background.png")
     frames = []
     for j, k in enumerate(kept):
         name = f"{k:06d}"
@@ -400,17 +402,15 @@ def _run(cfg: CaptureConfig) -> Path:
             **{f"{m}_mask_path": f"masks/{m}/{name}.png" for m in MASK_NAMES},
             "transform_matrix": c2w[j].round(8).tolist(),
             "time": round(k / cfg.fps, 6),
-            "frame_index": int(k),
+            **view_fields(camera["cameras"][0], int(k)),
             "eye_openness": round(float(eyes[j]), 5),
             "mouth_opening": round(float(mouth[j]), 5),
         })
     transforms = {
         "format": DATASET_FORMAT,
         "camera_model": "OPENCV",
-        "fl_x": fit.focal, "fl_y": fit.focal, "cx": cfg.size / 2, "cy": cfg.size / 2,
-        "w": cfg.size, "h": cfg.size, "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
-        "fps": cfg.fps, "num_source_frames": n,
-        "audio": "audio.wav", "audio_features": "audio_features.npz", "background": "background.png",
+        **camera, "w": cfg.size, "h": cfg.size, "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
+        "fps": cfg.fps, "num_source_frames": n, "audio": "audio.wav", "audio_features": "audio_features.npz",
         "face_geometry": "face_geometry.npz", "landmarks": "landmarks.npy",
         "capture": {"fingerprint": _fingerprint(inputs), "inputs": inputs},
         "frames": frames,

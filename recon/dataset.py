@@ -1,4 +1,4 @@
-"""Reader of capture's dataset folders (format avatar-dataset/1), streamed from disk.
+"""Reader of capture's dataset folders (avatar/dataset_format.py), streamed from disk.
 
 Frames, masks and features are read on demand through a small LRU cache, so memory
 stays bounded however long the clip is (today's tools preload 60 GB+).
@@ -17,7 +17,7 @@ import torch
 
 from avatar.errors import AvatarError
 from avatar.io import file_digest
-from avatar.dataset_format import MASK_NAMES, open_checked
+from avatar.dataset_format import MASK_NAMES, camera_table, frame_camera, open_checked
 
 
 @dataclass
@@ -25,12 +25,25 @@ class Frame:
     """One training frame at `size` x `size` (float32 tensors, values in [0, 1])."""
 
     index: int  # position in the dataset
-    frame_index: int  # row of the audio features
+    frame_index: int  # the timestep: row of the audio features
+    camera: int  # index into Dataset.cameras
     image: torch.Tensor  # [H, W, 3]
     masks: dict[str, torch.Tensor]  # name -> [H, W] bool
     c2w: torch.Tensor  # [4, 4] camera-to-world, OpenGL axes
     eye_openness: float
     mouth_opening: float
+
+
+@dataclass
+class Camera:
+    """One camera of a dataset, at the reader's `size`."""
+
+    name: str
+    K: torch.Tensor  # [3, 3] intrinsics
+    background: torch.Tensor  # [H, W, 3] its plate behind the subject
+
+    def to(self, device: torch.device | str) -> "Camera":
+        return Camera(self.name, self.K.to(device), self.background.to(device))
 
 
 def dataset_fingerprint(root: Path) -> str:
@@ -63,9 +76,9 @@ def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
 
 def behind_head(frame: Frame, plate: torch.Tensor) -> torch.Tensor:
     """What lies behind the head in a dataset frame [H, W, 3]: the frame itself outside its
-    head mask (torso, hair below the chin, background), the background plate inside it.
-    The head is rendered over this, in training and when replaying the dataset's cameras,
-    as ER-NeRF composites its head over the real torso."""
+    head mask (torso, hair below the chin, background), the background plate [H, W, 3] of
+    its camera inside it. The head is rendered over this, in training and when replaying the
+    dataset's cameras, as ER-NeRF composites its head over the real torso."""
     return torch.where(frame.masks["head"][..., None], plate, frame.image)
 
 
@@ -91,10 +104,16 @@ class Dataset:
         self.capture_size = int(self.meta["w"])
         self.size = size or self.capture_size
         s = self.size / self.capture_size
-        self.K = torch.tensor([[self.meta["fl_x"] * s, 0, self.meta["cx"] * s],
-                               [0, self.meta["fl_y"] * s, self.meta["cy"] * s], [0, 0, 1]], dtype=torch.float32,
-                              device=self.device)
-        self.background = self._read_rgb(self.root / self.meta["background"])
+        self.cameras = [Camera(c["name"], torch.tensor([[c["fl_x"] * s, 0, c["cx"] * s], [0, c["fl_y"] * s, c["cy"] * s],
+                                                        [0, 0, 1]], dtype=torch.float32, device=self.device),
+                               self._read_rgb(self.root / c["background"])) for c in camera_table(self.meta)]
+        """Every camera of the dataset (a monocular capture has one)."""
+        number = {c.name: n for n, c in enumerate(self.cameras)}
+        self.camera_of = [number[frame_camera(f)] for f in self.frames]
+        """Per frame, its index into `cameras`."""
+        self.K, self.background = self.cameras[0].K, self.cameras[0].background
+        """The first camera's intrinsics [3, 3] and plate [H, W, 3]: what a trained avatar keeps
+        for its default view (a frame's own are `intrinsics(i)` and `plate(i)`)."""
         self._cache: OrderedDict[int, Frame] = OrderedDict()
         self._cache_frames = cache_frames
 
@@ -107,7 +126,8 @@ class Dataset:
         reads its frames on the CPU."""
         other = copy.copy(self)
         other.device = device
-        other.K, other.background = self.K.to(device), self.background.to(device)
+        other.cameras = [c.to(device) for c in self.cameras]
+        other.K, other.background = other.cameras[0].K, other.cameras[0].background
         other._cache = OrderedDict()
         other._cache_frames = self._cache_frames if cache_frames is None else cache_frames
         return other
@@ -149,6 +169,7 @@ class Dataset:
         return Frame(
             index=i,
             frame_index=int(f["frame_index"]),
+            camera=self.camera_of[i],
             image=self._read_rgb(self.root / f["file_path"]),
             masks={m: torch.from_numpy(self._read(self.root / f[f"{m}_mask_path"], cv2.IMREAD_GRAYSCALE) > 127)
                    .to(self.device) for m in MASK_NAMES},
@@ -156,6 +177,19 @@ class Dataset:
             eye_openness=float(f.get("eye_openness", 1.0)),
             mouth_opening=float(f.get("mouth_opening", 0.0)),
         )
+
+    def intrinsics(self, i: int) -> torch.Tensor:
+        """[3, 3] the intrinsics of frame i's camera, at `size`."""
+        return self.cameras[self.camera_of[i]].K
+
+    def plate(self, i: int) -> torch.Tensor:
+        """[H, W, 3] the background plate of frame i's camera."""
+        return self.cameras[self.camera_of[i]].background
+
+    @property
+    def has_speech(self) -> bool:
+        """Whether the dataset was filmed with sound (it has audio features)."""
+        return self.features is not None
 
     def landmarks(self, i: int) -> np.ndarray | None:
         """[478, 2] mediapipe landmarks of frame i in pixels at `size`, or None when the dataset
