@@ -105,8 +105,9 @@ def _train(args: argparse.Namespace) -> int:
             raise AvatarError(None, f"training setting {exc}") from exc
         if args.preset:
             cfg, overrides = checked, {}
+    holdout = [n for n in args.holdout_cameras.split(",") if n] if args.holdout_cameras is not None else None
     out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides,
-                device=_device(args), method=args.method)
+                device=_device(args), method=args.method, holdout_cameras=holdout)
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
     return 0
 
@@ -157,12 +158,20 @@ def _eval(args: argparse.Namespace) -> int:
              f"{fmt(b['psnr_torso_region'], '.2f')} dB), silhouette IoU {fmt(b['silhouette_iou'], '.3f')}, "
              f"neck seam {fmt(b['seam'], '.1f')} levels (frame pixels {fmt(b['seam_frame_pixels'], '.1f')})"
              if b else "")
+    nv = r.get("novel_views")
+    novel = "".join(f"\n  camera {name}: {c['frames']} views, PSNR full {fmt(c['psnr'], '.2f')} dB, face "
+                    f"{fmt(c['psnr_face'], '.2f')} dB, SSIM {fmt(c['ssim'], '.4f')}"
+                    for name, c in (nv or {}).get("cameras", {}).items())
+    novel = f"\nnovel views (cameras held out of training, at training moments, driven by {nv['driven_by']}):" \
+            f"{novel}" if nv else ""
+    lipsync = _lipsync_table(r["lipsync"]) if r.get("lipsync") else \
+        f"  lip sync: not measured (the dataset has no sound; frames driven by {r['driven_by'].replace('_', ' ')})"
     print(f"""held-out frames: {len(r['held_out_frames'])} at {r['size']}x{r['size']}
   PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB (the frame's own pixels around the head){torso}
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
   LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
   FPS   {r['fps']:.1f}{pose}
-{_lipsync_table(r['lipsync'])}{fit}
+{lipsync}{fit}{novel}
 results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
     return 0
 
@@ -298,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method",
                    help="the reconstruction method, recon/method.py (default gaussians, the talking Gaussian avatar; when resuming, "
                         "the checkpoint's)")
+    p.add_argument("--holdout-cameras", metavar="NAME[,NAME]",
+                   help="a rig's dataset: keep these cameras out of training; `avatar eval` scores them as novel views")
     p.add_argument("--resume", action="store_true",
                    help="continue from the folder's last checkpoint, with its settings (settings given here must "
                         "match them)")

@@ -135,13 +135,17 @@ class TrainedGaussianAvatar(TrainedAvatar):
         self.model = model
 
     def speech_motion(self, feats: dict) -> torch.Tensor:
+        if not self.meta.get("speech", True):
+            raise AvatarError(self.root, "was trained on a dataset filmed without sound, so speech cannot drive it",
+                              "capture the subject speaking, with sound, and train again")
         return speech_motion(self.model, feats)
 
     def tracked_motion(self, ds: Dataset) -> torch.Tensor | None:
         if self.model.rig is None or ds.landmarks(0) is None:
             return None
         per_frame = tracked_motion(ds, self.model.rig).to(ds.device)
-        out = torch.zeros(len(ds.features["mel"]), per_frame.shape[1], device=ds.device)
+        rows = len(ds.features["mel"]) if ds.has_speech else 1 + max(int(f["frame_index"]) for f in ds.frames)
+        out = torch.zeros(rows, per_frame.shape[1], device=ds.device)
         out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
         return out
 

@@ -210,10 +210,38 @@ class Dataset:
         with np.load(path) as z:
             return torch.from_numpy(z["canonical"].astype(np.float32))
 
-    def split(self, holdout_fraction: float = 1 / 11) -> tuple[list[int], list[int]]:
-        """Train / held-out indices: the last `holdout_fraction` of the clip is held out."""
-        n_test = max(1, int(round(len(self) * holdout_fraction)))
-        return list(range(len(self) - n_test)), list(range(len(self) - n_test, len(self)))
+    def split(self, holdout_fraction: float = 1 / 11,
+              holdout_cameras: tuple[str, ...] | list[str] = ()) -> tuple[list[int], list[int]]:
+        """Train / held-out-time frame indices: every view of the last `holdout_fraction` of
+        the timesteps is held out. Views of `holdout_cameras` are in neither list: they are
+        the novel views (`novel_views`). A camera the dataset lacks, or holding out every
+        camera, is an AvatarError."""
+        held = self._cameras_named(holdout_cameras)
+        steps = sorted({int(f["frame_index"]) for f in self.frames})
+        n_test = max(1, int(round(len(steps) * holdout_fraction)))
+        later = set(steps[len(steps) - n_test:])
+        kept = [i for i in range(len(self)) if self.camera_of[i] not in held]
+        return ([i for i in kept if int(self.frames[i]["frame_index"]) not in later],
+                [i for i in kept if int(self.frames[i]["frame_index"]) in later])
+
+    def novel_views(self, holdout_cameras: tuple[str, ...] | list[str], holdout_fraction: float = 1 / 11) -> list[int]:
+        """Frame indices of `holdout_cameras` at the training timesteps (`split`'s): views of
+        moments the avatar was trained on, from cameras it never saw."""
+        held = self._cameras_named(holdout_cameras)
+        train, _ = self.split(holdout_fraction)
+        steps = {int(self.frames[i]["frame_index"]) for i in train}
+        return [i for i in range(len(self)) if self.camera_of[i] in held and int(self.frames[i]["frame_index"]) in steps]
+
+    def _cameras_named(self, names: tuple[str, ...] | list[str]) -> set[int]:
+        index = {c.name: n for n, c in enumerate(self.cameras)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise AvatarError(self.root, f"has no camera named {', '.join(map(repr, unknown))}",
+                              f"hold out some of its cameras: {', '.join(index)}")
+        if names and len(set(names)) == len(self.cameras):
+            raise AvatarError(self.root, "would have every camera held out, and nothing to train on",
+                              "hold out fewer cameras")
+        return {index[n] for n in names}
 
     def c2w(self, i: int) -> torch.Tensor:
         """[4, 4] frame i's camera-to-world, OpenGL axes (the dataset's)."""

@@ -111,12 +111,13 @@ class Trainer:
 
     cfg: the method's config (None: the checkpoint's when resuming, else the method's
     default preset; `overrides` apply over either). method: its name (None: the
-    checkpoint's when resuming, else gaussians).
+    checkpoint's when resuming, else gaussians). holdout_cameras: cameras of the dataset kept
+    out of training (Dataset.split; None: the checkpoint's when resuming, else none).
     """
 
     def __init__(self, dataset: Path, out: Path, cfg: Any | None, resume: bool, progress: bool = True,
                  force: bool = False, overrides: dict | None = None, device: torch.device | str = "cpu",
-                 method: str | None = None):
+                 method: str | None = None, holdout_cameras: list[str] | None = None):
         self.out = Path(out)
         self.device = device = torch.device(device)
         ckpt = self.out / CHECKPOINT
@@ -130,13 +131,19 @@ class Trainer:
                 raise AvatarError(ckpt, f"was trained by the method {saved!r}, not {method!r}",
                                   "resume without --method, or train into a new --out")
             method = saved
+            saved_holdout = list(resumed[1].get("holdout_cameras", []))
+            if holdout_cameras is not None and sorted(holdout_cameras) != sorted(saved_holdout):
+                raise AvatarError(ckpt, f"was trained holding out cameras {saved_holdout or 'none'}, not "
+                                  f"{holdout_cameras or 'none'}", "resume without --holdout-cameras, or train into a new --out")
+            holdout_cameras = saved_holdout
             cfg = resume_config(ckpt, resumed[1], cfg, Path(dataset), force, overrides or {})
         cls = method_class(method or DEFAULT_METHOD)
         self.cfg = cfg = cfg or cls.config(**(overrides or {}))
         self.dataset_fingerprint = dataset_fingerprint(Path(dataset))
         check_backend(cfg.backend, device)
         self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True, device=device)
-        self.train_ids, self.held_out = self.ds.split()
+        self.holdout_cameras = list(holdout_cameras or [])
+        self.train_ids, self.held_out = self.ds.split(holdout_cameras=self.holdout_cameras)
         self.method: Method = cls(self.ds, self.train_ids, cfg, device)
         self.step = 0
         self.out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +176,8 @@ class Trainer:
     def meta(self) -> dict:
         return {"step": self.step, "method": self.method.name, "config": self.cfg.to_dict(),
                 "dataset": str(self.ds.root.resolve()), "dataset_fingerprint": self.dataset_fingerprint,
-                "fps": float(self.ds.meta.get("fps", 25.0)), "size": self.cfg.size, **self.method.state_meta()}
+                "fps": float(self.ds.meta.get("fps", 25.0)), "size": self.cfg.size,
+                "holdout_cameras": self.holdout_cameras, **self.method.state_meta()}
 
     def save(self) -> Path:
         """Write the checkpoint (atomically) and config.json."""
@@ -238,10 +246,11 @@ class Trainer:
 
 def train(dataset: str | Path, out: str | Path, cfg: Any | None, resume: bool = False, progress: bool = True,
           force: bool = False, overrides: dict | None = None, device: torch.device | str = "cpu",
-          method: str | None = None) -> Path:
+          method: str | None = None, holdout_cameras: list[str] | None = None) -> Path:
     """Train (or resume) an avatar with `method` on `device` (recon/device.py); returns the
     avatar folder. See the module docstring and Trainer."""
-    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force, overrides, device, method)
+    trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force, overrides, device, method,
+                      holdout_cameras)
     if trainer.step >= trainer.cfg.total_steps:
         print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
         trainer.data.close()

@@ -94,7 +94,7 @@ def render_frame(av: TrainedAvatar, ds: Dataset, i: int, under: torch.Tensor, co
                  eye: torch.Tensor) -> tuple[torch.Tensor, HeadView]:
     """(dataset frame i's camera seeing the avatar with motion `code` [C] and `eye` [1] over
     `under` [S, S, 3], the head view it composited)."""
-    view = av.render_head(av.deform(code[None], eye[None])[0], ds.viewmat(i), ds.K, ds.size)
+    view = av.render_head(av.deform(code[None], eye[None])[0], ds.viewmat(i), ds.intrinsics(i), ds.size)
     return view.over(under)[0], view
 
 
@@ -116,20 +116,24 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, train_fit_frames: int = 18,
-             pose_fit_frames: int = 12, device: torch.device | str = "cpu") -> dict:
+             pose_fit_frames: int = 12, novel_view_frames: int = 24, device: torch.device | str = "cpu") -> dict:
     """Score `avatar` (see the module docstring) and write eval.json and eval_strip.png.
 
     train_fit_frames: training frames, evenly spaced, also scored (`train_fit` in eval.json):
     how well the avatar fits what it was trained on, so the held-out figures read as fit
     minus a generalisation gap. 0 skips them.
     pose_fit_frames: held-out frames, evenly spaced, also scored after a pose-only fit to the
-    frame (`pose_fit`); 0 skips it. device: where the avatar renders (recon/device.py).
+    frame (`pose_fit`); 0 skips it. novel_view_frames: per camera held out of training
+    (`--holdout-cameras`), its views scored, evenly spaced over the training timesteps
+    (`novel_views`). device: where the avatar renders (recon/device.py).
     """
     av = load_avatar(avatar, device)
     ds = open_dataset(av, av.size, required=True)
-    train_ids, held_out = ds.split()
-    codes = av.speech_motion(ds.features)
+    holdout_cameras = list(av.meta.get("holdout_cameras", []))
+    train_ids, held_out = ds.split(holdout_cameras=holdout_cameras)
     tracked = av.tracked_motion(ds)
+    speaks = ds.has_speech and av.meta.get("speech", True)
+    codes = av.speech_motion(ds.features) if speaks else tracked  # filmed without sound: tracked motion drives
     fit_ids = train_ids[:: max(1, len(train_ids) // train_fit_frames)][:train_fit_frames] if train_fit_frames else []
     rows, fit_rows, strip = [], [], []
     t_render = 0.0
@@ -139,7 +143,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         for n, (i, is_held_out) in enumerate(tqdm(frames, desc="avatar eval", unit="frame", disable=not progress,
                                                   file=sys.stderr)):
             f = ds[i]
-            under = behind_head(f, av.background)
+            under = behind_head(f, ds.plate(i))
             eye = torch.tensor([f.eye_openness], device=ds.device)
             t0 = time.perf_counter()
             pred, view = render_frame(av, ds, i, under, codes[f.frame_index], eye)
@@ -184,7 +188,11 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         "lmd": float(np.mean([r["lmd"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_static_mouth": float(np.mean([r["lmd_static_mouth"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_frames": len(lmd_frames),
-        "lipsync": held_out_lipsync(ds, rows, av.fps),
+        "driven_by": "speech" if speaks else "tracked_motion",
+        "lipsync": held_out_lipsync(ds, [r for r in rows if ds.camera_of[r["frame"]] == ds.camera_of[rows[0]["frame"]]],
+                                    av.fps) if speaks else None,
+        "novel_views": novel_view_scores(av, ds, holdout_cameras, tracked if tracked is not None else codes,
+                                         novel_view_frames, progress) if holdout_cameras else None,
         "pose_fit": held_out_pose_fit(av, ds, held_out[:: max(1, len(held_out) // pose_fit_frames)][:pose_fit_frames],
                                       codes) if pose_fit_frames else None,
         "fps": len(rows) / t_render,
@@ -195,12 +203,37 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     root = Path(avatar)
     write_json(root / "eval.json", result)
     images = np.concatenate(strip, axis=1)
-    chart = opening_chart(rows, result["lipsync"], images.shape[1])
+    chart = opening_chart(rows, result["lipsync"] or {}, images.shape[1])
     with atomic_path(root / "eval_strip.png") as tmp:
         cv2.imwrite(str(tmp), cv2.cvtColor(np.concatenate([images, chart], axis=0), cv2.COLOR_RGB2BGR))
     return result
 
 
+def novel_view_scores(av: TrainedAvatar, ds: Dataset, cameras: list[str], codes: torch.Tensor, per_camera: int,
+                      progress: bool) -> dict:
+    """The cameras held out of training, seen at moments the avatar was trained on, each
+    driven by its timestep's motion `codes` [rows, C] (tracked, where the avatar has them:
+    the renderer's own input, so the figures measure the views, not the speech):
+    PSNR/SSIM full and in the face, per camera and over all."""
+    ids = ds.novel_views(cameras)
+    out: dict = {"driven_by": "tracked_motion" if av.tracked_motion(ds) is not None else "speech", "cameras": {}}
+    rows_all = []
+    with torch.no_grad():
+        for name in cameras:
+            mine = [i for i in ids if ds.cameras[ds.camera_of[i]].name == name]
+            picks = [mine[k] for k in np.linspace(0, len(mine) - 1, min(per_camera, len(mine))).round().astype(int)]
+            rows = []
+            for i in tqdm(picks, desc=f"novel view {name}", unit="frame", disable=not progress, file=sys.stderr):
+                f = ds[i]
+                pred = render_frame(av, ds, i, behind_head(f, ds.plate(i)), codes[f.frame_index],
+                                    torch.tensor([f.eye_openness], device=ds.device))[0]
+                rows.append({"frame": i, **_score(pred, f.image, face_mask(ds, i))})
+            out["cameras"][name] = {"frames": len(rows), **{k: _mean(rows, k) for k in SCORE_KEYS}}
+            rows_all += rows
+    return {**out, **{k: _mean(rows_all, k) for k in SCORE_KEYS}}
+
+
+SCORE_KEYS = ("psnr", "ssim", "psnr_face", "ssim_face")
 TORSO_KEYS = ("psnr", "ssim", "psnr_torso_region", "silhouette_iou", "seam", "seam_frame_pixels", "neck_coverage",
               "neck_coverage_head")
 
@@ -209,8 +242,8 @@ def torso_scores(av: TrainedAvatar, ds: Dataset, i: int, over_frame: torch.Tenso
     """Frame i with the 3D torso over the plate (see the module docstring); `over_frame` is
     its render over its own pixels, and `view` its head, laid over the torso here."""
     f = ds[i]
-    torso = av.torso_layer(ds.viewmat(i), ds.K, ds.size, f)
-    image, head_alpha = view.over(torso_under(torso, av.background))
+    torso = av.torso_layer(ds.viewmat(i), ds.intrinsics(i), ds.size, f)
+    image, head_alpha = view.over(torso_under(torso, ds.plate(i)))
     covered = coverage(head_alpha, torso.alpha)[..., 0]
     alpha = covered > 0.5
     person, region, head = f.masks["person"], f.masks["torso"], f.masks["head"]
@@ -261,7 +294,7 @@ def held_out_pose_fit(av: TrainedAvatar, ds: Dataset, frames: list[int], codes: 
     rows = []
     for i in frames:
         f = ds[i]
-        under, eye = behind_head(f, av.background), torch.tensor([f.eye_openness], device=ds.device)
+        under, eye = behind_head(f, ds.plate(i)), torch.tensor([f.eye_openness], device=ds.device)
         face = face_mask(ds, i)
         head = f.masks["head"]
         with torch.no_grad():
@@ -269,7 +302,7 @@ def held_out_pose_fit(av: TrainedAvatar, ds: Dataset, frames: list[int], codes: 
 
         def render(delta: torch.Tensor) -> torch.Tensor:
             viewmat = ds.viewmat(i) @ correction_matrix(delta)
-            return av.render_head(pose, viewmat, ds.K, ds.size).over(under)[0]
+            return av.render_head(pose, viewmat, ds.intrinsics(i), ds.size).over(under)[0]
 
         delta = torch.zeros(6, requires_grad=True, device=ds.device)
         opt = torch.optim.Adam([delta], lr=lr)
@@ -338,7 +371,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
         for k in range(len(codes)):
             i = ping_pong(k, len(ds))
             f = ds[i]
-            under, eye = behind_head(f, av.background), torch.tensor([1.0], device=ds.device)
+            under, eye = behind_head(f, ds.plate(i)), torch.tensor([1.0], device=ds.device)
             for name, code in (("avatar", codes[k]), ("static_mouth", torch.zeros_like(codes[k]))):
                 img = render_frame(av, ds, i, under, code, eye)[0]
                 opened[name].append(_opening(_track(tracker, _to_uint8(img))))

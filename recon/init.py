@@ -36,7 +36,7 @@ def _carve_and_colour(ds: Dataset, points: Tensor, views: list[int], min_inside:
     S = ds.size
     for i in views:
         f = ds[i]
-        uv, z = _project(points, ds.viewmat(i), ds.K)
+        uv, z = _project(points, ds.viewmat(i), ds.intrinsics(i))
         px = uv.round().long()
         ok = (z > 0) & (px[:, 0] >= 0) & (px[:, 0] < S) & (px[:, 1] >= 0) & (px[:, 1] < S)
         idx = px[ok]
@@ -49,15 +49,16 @@ def _carve_and_colour(ds: Dataset, points: Tensor, views: list[int], min_inside:
 
 
 def init_gaussians(ds: Dataset, n_volume: int = 20_000, n_mouth: int = 2_000, sh_degree: int = 3,
-                   views: int = 8, seed: int = 0) -> Gaussians:
-    """Initial Gaussians (face and mouth branches) for a dataset. See the module docstring."""
+                   views: int = 8, seed: int = 0, train_ids: list[int] | None = None) -> Gaussians:
+    """Initial Gaussians (face and mouth branches) for a dataset, from its training frames
+    `train_ids` (default: `Dataset.split`'s). See the module docstring."""
     face = ds.face_geometry()
     if face is None:
         raise AvatarError(ds.root / ds.meta.get("face_geometry", "face_geometry.npz"),
                           "missing: the dataset has no fitted face geometry",
                           "capture it with `avatar capture`, or import an ER-NeRF folder whose frames all have .lms landmarks")
     g = torch.Generator().manual_seed(seed)
-    train, _ = ds.split()
+    train = ds.split()[0] if train_ids is None else train_ids
     view_ids = spread(train, views)
 
     # Face branch: landmarks plus a carved head volume around them.

@@ -435,12 +435,19 @@ def has_tracked_faces(ds: Dataset) -> bool:
     return face is not None and len(face) == N_LANDMARKS and ds.landmarks(0) is not None
 
 
+def tracked_landmarks(ds: Dataset) -> np.ndarray:
+    """[len(ds), 478, 3] what the dataset's expressions are read from (memory-mapped): the
+    landmarks in the head frame where capture has them (rigs: triangulated, one shape per
+    timestep whichever camera a frame is from), else the per-frame tracked ones."""
+    return np.load(ds.root / ds.meta.get("landmarks_3d", ds.meta["landmarks"]), mmap_mode="r")
+
+
 def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) -> tuple[MotionRig, Tensor]:
     """The face mesh rig of a dataset (its canonical face, triangles, and the motion basis
     of `components` codes fitted on the training frames' tracked lower-face motion), and
     every frame's tracked codes [len(ds), K] (as tracked_motion gives them)."""
     canonical = ds.face_geometry().numpy()
-    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), canonical, list(RIGID))
+    offsets = tracked_offsets(tracked_landmarks(ds), canonical, list(RIGID))
     basis = MotionBasis.fit(offsets[train_ids], canonical, components)
     rig = MotionRig(basis, torch.from_numpy(canonical), torch.tensor(face_triangles()), falloff)
     return rig, basis.encode(torch.from_numpy(offsets)).float()
@@ -449,6 +456,5 @@ def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) 
 def tracked_motion(ds: Dataset, rig: MotionRig) -> torch.Tensor:
     """[len(ds), K] each frame's tracked motion codes."""
     vertices = rig.vertices.cpu().numpy()  # host: the landmark fit runs in numpy
-    offsets = tracked_offsets(np.load(ds.root / ds.meta["landmarks"], mmap_mode="r"), vertices,
-                              list(RIGID))
+    offsets = tracked_offsets(tracked_landmarks(ds), vertices, list(RIGID))
     return rig.basis.encode(torch.from_numpy(offsets)).float()

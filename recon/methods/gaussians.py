@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avatar.dataset_format import LIPS, OUTER_LIPS, RIGID, mouth_opening
+from avatar.dataset_format import LIPS, OUTER_LIPS, RIGID, VISEMES, mouth_opening
+from avatar.errors import AvatarError
 from avatar.geometry import pseudo_huber
 from avatar.io import write_json
 
@@ -129,9 +130,9 @@ def lip_weights(ds: Dataset, i: int, margin: float = 0.25) -> torch.Tensor | Non
 
 def project(xyz: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """[..., P, 3] head-frame points -> [..., P, 2] pixels. viewmat: [..., 4, 4] world-to-camera
-    (OpenCV), one per leading index or one for all; K: [3, 3]."""
+    (OpenCV) and K: [..., 3, 3] intrinsics, each one per leading index or one for all."""
     cam = xyz @ viewmat[..., :3, :3].transpose(-1, -2) + viewmat[..., None, :3, 3]
-    uv = cam @ K.T
+    uv = cam @ K.transpose(-1, -2)
     return uv[..., :2] / uv[..., 2:].clamp_min(1e-6)
 
 
@@ -144,7 +145,7 @@ def lip_landmark_target(ds: Dataset, i: int, face: torch.Tensor) -> torch.Tensor
         return None
     lm = torch.from_numpy(lm)
     rigid = list(RIGID)
-    offset = (project(face[rigid], ds.viewmat(i), ds.K) - lm[rigid]).mean(0)
+    offset = (project(face[rigid], ds.viewmat(i), ds.intrinsics(i)) - lm[rigid]).mean(0)
     return lm[LIPS] + offset
 
 
@@ -155,7 +156,7 @@ def lip_landmark_loss(model: AvatarModel, lips: torch.Tensor, motion: torch.Tens
     pixels, mean distance in pixels), over B frames.
 
     lips: [L, 3] canonical landmarks (mesh vertices LIPS); motion: [B, K]; eye: [B, 1];
-    viewmat: [B, 4, 4]; K: [3, 3]; target: [B, L, 2] pixels.
+    viewmat: [B, 4, 4]; K: [B, 3, 3]; target: [B, L, 2] pixels.
     """
     d = model.face_deform(DeformInputs(xyz=lips, motion=motion, eye=eye)).d_xyz  # [B, L, 3]
     if model.rig is not None:
@@ -171,6 +172,7 @@ class LipTargets:
     lips: torch.Tensor  # [40, 3] the fitted face's lip landmarks (head frame, metres)
     target: torch.Tensor  # [T, 40, 2] tracked lips, pose offset removed (lip_landmark_target)
     viewmat: torch.Tensor  # [T, 4, 4]
+    K: torch.Tensor  # [T, 3, 3]
     eye: torch.Tensor  # [T, 1]
     motion: torch.Tensor  # [T, K] tracked motion codes
 
@@ -181,12 +183,12 @@ class LipTargets:
             return None
         face = ds.face_geometry()
         return cls(lips=face[LIPS], target=torch.stack([lip_landmark_target(ds, i, face) for i in ids]),
-                   viewmat=torch.stack([ds.viewmat(i) for i in ids]),
+                   viewmat=torch.stack([ds.viewmat(i) for i in ids]), K=torch.stack([ds.intrinsics(i) for i in ids]),
                    eye=torch.tensor([[float(ds.frames[i].get("eye_openness", 1.0))] for i in ids]),
                    motion=motion[ids])
 
     def to(self, device: torch.device | str) -> "LipTargets":
-        return LipTargets(**{k: getattr(self, k).to(device) for k in ("lips", "target", "viewmat", "eye", "motion")})
+        return LipTargets(**{k: getattr(self, k).to(device) for k in ("lips", "target", "viewmat", "K", "eye", "motion")})
 
 
 class GaussianAvatar(Method):
@@ -200,8 +202,11 @@ class GaussianAvatar(Method):
         super().__init__(ds, train_ids, cfg, device)
         # The model is built on the host, from the dataset read there, and then moved.
         self.host_ds = ds.on("cpu", cache_frames=16)
-        mel, visemes = normalize_mel(ds.features["mel"]), viseme_features(ds.features)
-        self.mel, self.visemes = mel.to(device), visemes.to(device)
+        if ds.has_speech:
+            mel, visemes = normalize_mel(ds.features["mel"]), viseme_features(ds.features)
+            self.mel, self.visemes = mel.to(device), visemes.to(device)
+        else:  # filmed without sound: the avatar follows tracked motion only
+            self.mel = self.visemes = None
         self.model: AvatarModel
         self.stats: dict[str, GradStats] = {}
         self.extent = 0.0
@@ -212,12 +217,15 @@ class GaussianAvatar(Method):
     def create(self, out: Path, progress: bool) -> None:
         cfg = self.cfg
         g = init_gaussians(self.host_ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
-                           sh_degree=cfg.sh_degree, seed=cfg.seed)
+                           sh_degree=cfg.sh_degree, seed=cfg.seed, train_ids=self.train_ids)
         rig, motion = (fit_rig(self.host_ds, self.train_ids, cfg.motion_components, cfg.motion_falloff)
                        if has_tracked_faces(self.host_ds) else (None, None))
-        self.model = AvatarModel(g, rig, motion_dim=cfg.motion_components, visemes=self.visemes.shape[1],
+        if rig is None and not self.ds.has_speech:
+            raise AvatarError(self.ds.root, "has neither speech nor tracked faces: nothing drives the avatar",
+                              "capture the video with its sound, or with mediapipe's face tracking")
+        self.model = AvatarModel(g, rig, motion_dim=cfg.motion_components, visemes=len(VISEMES),
                                  window=cfg.audio_window)
-        if rig is not None:
+        if rig is not None and self.ds.has_speech:
             self.fit_motion_net(self.mel.cpu(), self.visemes.cpu(), motion, out, progress)  # host: setup
         self.model.to(self.device)
         self.stats = {name: GradStats(len(self.model.branch(b)), self.device) for name, b in BRANCHES}
@@ -247,7 +255,8 @@ class GaussianAvatar(Method):
         return out
 
     def state_meta(self) -> dict:
-        return {"extent": self.extent, "n_face": len(self.model.face), "n_mouth": len(self.model.mouth),
+        return {"extent": self.extent, "speech": self.ds.has_speech, "n_face": len(self.model.face),
+                "n_mouth": len(self.model.mouth),
                 "n_torso": 0 if self.model.torso is None else len(self.model.torso)}
 
     def saved(self) -> None:
@@ -347,34 +356,37 @@ class GaussianAvatar(Method):
         eye = torch.tensor([[f.eye_openness] for f in batch.frames], device=self.device)
         return motion, eye
 
-    def _layers(self, branch: int, motion: torch.Tensor | None, eye: torch.Tensor, viewmats: list[torch.Tensor],
+    def _layers(self, branch: int, motion: torch.Tensor | None, eye: torch.Tensor,
+                viewmats: list[tuple[torch.Tensor, torch.Tensor]],
                 sh: int, frozen: bool = False) -> tuple[list[Layer], torch.Tensor]:
         """The branch deformed for every view of the batch (one pass of its head) and
-        rendered into each view's camera (viewmats: B [4, 4]); and the mean deformation penalty."""
+        rendered into each view's camera (viewmats: B ([4, 4] world-to-camera, [3, 3] K)); and
+        the mean deformation penalty."""
         model, ds = self.model, self.ds
         gs, penalty = model.deformed_batch(branch, motion, eye, frozen=frozen)
         gs = gs * len(viewmats) if len(gs) == 1 else gs  # undeformed: one set for every view
-        return [model.render_layer(g, v, ds.K, ds.size, sh, self.cfg.backend) for g, v in zip(gs, viewmats)], penalty
+        return [model.render_layer(g, v, K, ds.size, sh, self.cfg.backend) for g, (v, K) in zip(gs, viewmats)], penalty
 
     def render(self, batch: Batch, step: int) -> dict:
         """{"rgb", "alpha": [B, H, W, *] the rendered layers over what lies behind them,
         "face", "mouth" (and in the torso stage "torso"): B layers each (None for a branch
         the stage leaves out), "deformation": [] mean penalty}."""
         stage = stage_at(self.cfg, step)
-        viewmats = [self.ds.viewmat(s.index) for s in batch.samples]  # once per view, shared by the branches
+        viewmats = [(self.ds.viewmat(s.index), self.ds.intrinsics(s.index))  # once per view, shared by the branches
+                    for s in batch.samples]
         if stage == "torso":
             with torch.no_grad():  # the finished head
                 motion, eye = self._drive(batch)
                 face, _ = self._layers(FACE, motion, eye, viewmats, self.cfg.sh_degree)
                 mouth, _ = self._layers(MOUTH, motion, eye, viewmats, self.cfg.sh_degree)
             torso, penalty = [], torch.zeros((), device=self.device)
-            for s, f, v in zip(batch.samples, batch.frames, viewmats):
+            for s, f, (v, K) in zip(batch.samples, batch.frames, viewmats):
                 g, pen = self.model.torso.deformed(self.model.torso.motion_in(f.c2w, s.index))
-                torso.append(self.model.render_layer(g, v, self.ds.K, self.ds.size, self.active_sh_degree(step),
+                torso.append(self.model.render_layer(g, v, K, self.ds.size, self.active_sh_degree(step),
                                                      self.cfg.backend))
                 torso[-1].means2d.retain_grad()
                 penalty = penalty + pen / len(batch)
-            unders = [torso_under(t, self.ds.background) for t in torso]
+            unders = [torso_under(t, self.ds.plate(s.index)) for t, s in zip(torso, batch.samples)]
             out = {"face": face, "mouth": mouth, "torso": torso, "deformation": penalty}
         else:
             motion, eye = self._drive(batch)
@@ -390,7 +402,7 @@ class GaussianAvatar(Method):
                     layer.means2d.retain_grad()
                 penalty = penalty + pen
             out["deformation"] = penalty
-            unders = [behind_head(f, self.ds.background) for f in batch.frames]
+            unders = [behind_head(f, self.ds.plate(f.index)) for f in batch.frames]
         images, alphas = zip(*(self._over(fl, ml, under) for fl, ml, under in zip(out["face"], out["mouth"], unders)))
         if "torso" in out:
             alphas = [coverage(a, t.alpha) for a, t in zip(alphas, out["torso"])]
@@ -436,7 +448,7 @@ class GaussianAvatar(Method):
         elif stage == "face":
             # The face layer over the frame's own inner mouth: its alpha must open there.
             shown = face.rgb + (1 - face.alpha) * torch.where(inner_mouth[..., None], gt,
-                                                              behind_head(f, ds.background))
+                                                              behind_head(f, ds.plate(f.index)))
             target_alpha = (masks["head"] & ~inner_mouth).float()
             loss = photometric_loss(shown, gt, cfg.ssim_weight, weight)
             loss = loss + cfg.alpha_weight * (face.alpha[..., 0] - target_alpha).abs().mean()
@@ -473,7 +485,7 @@ class GaussianAvatar(Method):
                                                  generator=g, device="cpu")]))
             eyes.append(torch.cat([torch.tensor([[f.eye_openness]], device=self.device), lt.eye[rows[-1][1:]]]))
         rows = torch.cat(rows)
-        return lip_landmark_loss(self.model, lt.lips, lt.motion[rows], torch.cat(eyes), lt.viewmat[rows], self.ds.K,
+        return lip_landmark_loss(self.model, lt.lips, lt.motion[rows], torch.cat(eyes), lt.viewmat[rows], lt.K[rows],
                                  lt.target[rows])
 
     def after_backward(self, batch: Batch, outputs: dict) -> None:
@@ -547,7 +559,7 @@ class GaussianAvatar(Method):
         means = p.means.detach()
         outside, seen = torch.zeros(len(means), device=self.device), torch.zeros(len(means), device=self.device)
         for i in picks:
-            px = project(means, ds.viewmat(i), ds.K).round().long()
+            px = project(means, ds.viewmat(i), ds.intrinsics(i)).round().long()
             ok = ((px >= 0) & (px < ds.size)).all(1)
             person = dilate(ds[i].masks["person"], max(1, ds.size // 100))
             outside[ok] += (~person[px[ok, 1], px[ok, 0]]).float()
@@ -567,6 +579,10 @@ class GaussianAvatar(Method):
         removed = self.prune_floaters(optim)
         if removed:
             print(f"avatar train: removed {removed} floaters outside the person", file=sys.stderr)
+        if len(self.host_ds.cameras) > 1:  # the body is tracked in one camera's image (recon/torso.py)
+            print("avatar train: the torso branch follows one camera's view of the body; a rig's dataset has no "
+                  "torso (its frames keep their own pixels below the head)", file=sys.stderr)
+            return removed
         torso = init_torso(self.host_ds, self.train_ids, self.cfg.init_torso_points, seed=self.cfg.seed,
                            progress=progress)
         if torso is None:
