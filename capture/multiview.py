@@ -45,8 +45,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avatar.dataset_format import (DATASET_FORMAT, MASK_NAMES, RIGID, mouth_opening, save_features,
-                                   view_fields)
+from avatar.dataset_format import DATASET_FORMAT, MASK_NAMES, mouth_opening, save_features, view_fields
 from avatar.errors import AvatarError
 from avatar.geometry import umeyama
 from avatar.io import write_json
@@ -245,9 +244,10 @@ def _turn_deg(face: tuple[np.ndarray, np.ndarray], camera_centre: np.ndarray) ->
 
 def head_poses(points: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """Step 4: (canonical [478, 3] metres, scale (world units per metre), R [T, 3, 3],
-    t [T, 3]) with points[t] ~ scale R[t] canonical + t[t]. points: [T, 478, 3] world."""
+    t [T, 3]) with points[t] ~ scale R[t] canonical + t[t] on the rigid landmarks inside the
+    face (LANDMARKS). points: [T, 478, 3] world."""
     canonical = canonical_face(points)
-    rigid = list(RIGID)
+    rigid = list(LANDMARKS)  # the outline's points are each view's silhouette, not one surface point
     fits = [umeyama(canonical[rigid], p[rigid]) for p in points]
     scale = float(np.median([s for s, _, _ in fits]))
     R = np.stack([r for _, r, _ in fits])

@@ -2,6 +2,7 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -106,3 +107,57 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(AvatarError, match="not an avatar checkpoint"):
         load_checkpoint(tmp_path / "foreign.safetensors")
+
+
+def _rig_dataset(root, cameras=("a", "b"), steps=5):
+    """make_dataset's frames as a rig's (format avatar-dataset/2): one view per camera per
+    timestep, each camera with its own intrinsics and plate; no audio features."""
+    make_dataset(root, n=len(cameras) * steps)
+    meta = json.loads((root / "transforms.json").read_text())
+    meta["format"] = "avatar-dataset/2"
+    meta["cameras"] = []
+    for n, name in enumerate(cameras):
+        cv2.imwrite(str(root / f"bg_{name}.png"), np.full((32, 32, 3), 40 * (n + 1), np.uint8))
+        meta["cameras"].append({"name": name, "fl_x": 40.0 + 10 * n, "fl_y": 41.0 + 10 * n, "cx": 16.0 - n,
+                                "cy": 16.0, "background": f"bg_{name}.png"})
+    for k, f in enumerate(meta["frames"]):
+        f.update(camera=cameras[k % len(cameras)], timestep=k // len(cameras), frame_index=k // len(cameras))
+    del meta["audio_features"], meta["background"]
+    (root / "transforms.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_rig_dataset_cameras_and_held_out_cameras(tmp_path):
+    _rig_dataset(tmp_path / "ds", ("a", "b", "c"), steps=11)
+    ds = Dataset(tmp_path / "ds", size=16)
+    assert [c.name for c in ds.cameras] == ["a", "b", "c"] and not ds.has_speech
+    assert ds.camera_of[:4] == [0, 1, 2, 0]
+    assert torch.equal(ds.intrinsics(4), torch.tensor([[25.0, 0, 7.5], [0, 25.5, 8], [0, 0, 1]]))  # camera b, halved
+    assert float(ds.plate(5).mean()) == pytest.approx(120 / 255, abs=1e-6) and ds[5].camera == 2
+    train, later = ds.split()  # the last of 11 timesteps, every camera's view of it
+    assert later == [30, 31, 32] and train == list(range(30))
+    train, later = ds.split(holdout_cameras=["b"])
+    assert later == [30, 32] and all(ds.camera_of[i] != 1 for i in train) and len(train) == 20
+    assert ds.novel_views(["b"]) == list(range(1, 30, 3))  # camera b at the 10 training timesteps
+    with pytest.raises(AvatarError, match="has no camera named 'z'"):
+        ds.split(holdout_cameras=["z"])
+    with pytest.raises(AvatarError, match="every camera held out"):
+        ds.split(holdout_cameras=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["frames"][3].update(camera="z"), r"frames\[3\].camera must name one of cameras\[\] \(a, b\)"),
+    (lambda m: m["frames"][3].update(timestep=7), r"frames\[3\].timestep must equal its frame_index 1"),
+    (lambda m: m["frames"][3].update(camera="a"), r"frames\[3\] repeats camera 'a' at timestep 1"),
+    (lambda m: m["cameras"][1].update(name="a"), r"cameras\[1\].name must be a non-empty string no other camera has"),
+    (lambda m: m["cameras"][0].update(fl_y=0), r"cameras\[0\].fl_y must be a finite positive number"),
+    (lambda m: m.pop("cameras"), r"needs a non-empty list of cameras"),
+    (lambda m: m["cameras"][1].update(background="gone.png"), r"gone.png: missing from the dataset"),
+    (lambda m: m.update(format="avatar-dataset/1"), r"audio_features must be a relative file path"),
+])
+def test_rig_dataset_errors(tmp_path, change, message):
+    meta = _rig_dataset(tmp_path / "ds")
+    change(meta)
+    (tmp_path / "ds" / "transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(AvatarError, match=message):
+        Dataset(tmp_path / "ds")

@@ -1,0 +1,216 @@
+"""`avatar capture RIG`: a calibrated rig's videos -> a dataset (format avatar-dataset/2).
+The steps on exact data (triangulation, head poses, the undistort-crop maps), the whole
+path on the sample subject filmed by a rig through the face tracker and into training and
+novel-view eval, the named errors, and the real 3-camera NeRSemble composite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from _rigs import face_landmarks, head_motion, head_rig, look_at, write_head_rig
+from avatar.cli import main
+from capture.calibration import Calibration, CameraCalibration, save_calibration
+from capture.face_calibration import LANDMARKS
+from capture.multiview import crop_view, head_poses, triangulate_face
+from capture.pose import canonical_face
+from capture.tracking import FaceTracker
+from recon.dataset import Dataset
+
+COMPOSITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiview" / "vhap_nersemble_074_composite.mp4"
+TILES = ["0,0,247,360", "0,360,247,360", "0,720,247,360"]
+RADIUS = 0.8
+
+
+@pytest.fixture(scope="module")
+def face() -> np.ndarray:
+    """[478, 3] a real face's landmarks in the head frame (the sample portrait's, metres)."""
+    from skimage import data
+
+    with FaceTracker(max_faces=1, video_mode=False) as tracker:
+        return canonical_face(tracker(data.astronaut())[0][None].astype(np.float64))
+
+
+def _projections(cams) -> tuple[np.ndarray, np.ndarray]:
+    return np.stack([c.K @ c.world_to_camera[:3] for c in cams]), np.stack([c.centre for c in cams])
+
+
+def _angle_deg(R: np.ndarray) -> float:
+    return math.degrees(math.acos(np.clip((np.trace(R) - 1) / 2, -1, 1)))
+
+
+def test_triangulation_and_head_poses_are_exact_on_exact_landmarks(face):
+    cams = head_rig(4, RADIUS)
+    motion = head_motion(12)
+    seen = [face_landmarks(c, face, motion, 0.0) for c in cams]
+    tri = triangulate_face(seen, *_projections(cams))
+    assert tri.timesteps == list(range(12)) and all(v == [0, 1, 2, 3] for v in tri.views)
+    truth = np.stack([face @ T[:3, :3].T + T[:3, 3] for T in motion])
+    assert np.abs(tri.points - truth).max() < 1e-6  # metres
+    assert max(max(e) for e in tri.errors.values()) < 1e-4  # pixels
+
+    canonical, scale, R, t = head_poses(tri.points)
+    eyes = np.linalg.norm(face[33] - face[263])
+    assert scale == pytest.approx(eyes / 0.09, rel=1e-6)  # the world's metre is 9 cm / the eye corners
+    for k, T in enumerate(motion):  # the head's motion relative to its first pose, exactly
+        assert _angle_deg((R[k] @ R[0].T).T @ (T[:3, :3] @ motion[0][:3, :3].T)) < 1e-4
+    rigid = list(LANDMARKS)
+    fitted = scale * np.einsum("tij,pj->tpi", R, canonical[rigid]) + t[:, None]
+    assert np.abs(fitted - tri.points[:, rigid]).max() < 1e-6
+
+
+def test_disagreeing_and_profile_views_drop_out(face):
+    cams = head_rig(4, RADIUS)
+    motion = head_motion(6)
+    seen = [face_landmarks(c, face, motion, 0.3, seed=n) for n, c in enumerate(cams)]
+    seen[2][3] = seen[2][3] + np.array([25.0, -10.0, 0.0], np.float32)  # a mistracked view
+    behind = CameraCalibration("behind", 320, 320, cams[0].K, np.zeros(5),
+                               look_at(-cams[0].centre, up=(0.0, 1.0, 0.0)))
+    behind_seen = face_landmarks(behind, face, motion, 0.0)  # the back of the head, "tracked" as a face
+    tri = triangulate_face(seen + [behind_seen], *_projections(cams + [behind]))
+    assert tri.views[3] == [0, 1, 3] and all(v == [0, 1, 2, 3] for n, v in enumerate(tri.views) if n != 3)
+    assert tri.dropped_views == {"disagreeing": 1, "profile": 6, "lone view": 0}
+    truth = np.stack([face @ T[:3, :3].T + T[:3, 3] for T in motion])
+    assert np.abs(tri.points - truth).max() < 0.004  # 0.3 px of noise: millimetres
+
+    # Fewer than two views left: the timestep drops out.
+    lone = [seen[0], {k: v for k, v in seen[1].items() if k != 4}]
+    tri = triangulate_face(lone, *_projections(cams[:2]))
+    assert 4 not in tri.timesteps and tri.dropped_views["lone view"] == 1
+
+
+@pytest.mark.parametrize("dist", [np.zeros(5), np.array([-0.25, 0.08, 0.001, -0.002, 0.0])])
+def test_the_crop_maps_undistort_and_keep_the_intrinsics_true(dist):
+    """A dot filmed through the lens lands in the undistorted crop where the crop's own
+    pinhole intrinsics put it (to a tenth of a pixel)."""
+    K = np.array([[600.0, 0, 331.0], [0, 602.0, 236.0], [0, 0, 1]])
+    rng = np.random.default_rng(0)
+    points = np.column_stack([rng.uniform(-0.08, 0.08, (6, 2)), np.full(6, 1.0)])
+    uv = cv2.projectPoints(points, np.zeros(3), np.zeros(3), K, dist)[0].reshape(-1, 2)
+    view = crop_view(K, dist, 640, 480, uv, np.full(6, 60.0), 256, 2.6)
+    x0, y0, side = view.window
+    spread = (np.percentile(uv, 95, axis=0) - np.percentile(uv, 5, axis=0)).max()
+    assert side == round(2.6 * 60 + spread) and 0 <= x0 <= 640 - side and 0 <= y0 <= 480 - side
+    yy, xx = np.mgrid[0:480, 0:640]
+    for (x, y), X in zip(uv, points):
+        img = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.5).astype(np.float32)  # a blob centred at (x, y)
+        crop = cv2.remap(img, *view.maps, cv2.INTER_LINEAR)
+        m = cv2.moments(crop)
+        found = np.array([m["m10"] / m["m00"], m["m01"] / m["m00"]])
+        expected = (view.K @ X)[:2] / X[2]
+        assert np.linalg.norm(found - expected) < 0.1, (found, expected)
+
+
+@pytest.fixture(scope="module")
+def filmed_rig(tmp_path_factory):
+    """The sample subject's head filmed by 4 cameras (30 frames at 256 px) and its true
+    calibration: (folder, CALIB.json, cameras)."""
+    root = tmp_path_factory.mktemp("head_rig")
+    cams = head_rig(4, RADIUS, size=256, arc_deg=50)
+    write_head_rig(root / "rig", cams, 30)
+    save_calibration(root / "CALIB.json", Calibration("given", cams, "truth"))
+    return root / "rig", root / "CALIB.json", cams
+
+
+def test_a_filmed_rig_becomes_a_dataset_an_avatar_trains_on(filmed_rig, speech_wav, tmp_path, capsys):
+    rig, calib, cams = filmed_rig
+    out = tmp_path / "ds"
+    assert main(["capture", str(rig), "--calib", str(calib), "--out", str(out), "--size", "128"]) == 0
+    report = json.loads((out / "capture_report.json").read_text())
+    assert report["timesteps"]["triangulated"] == 30 and report["audio"]["source"] is None
+    for name, cam in report["cameras"].items():  # through mediapipe, on a photo on a relief
+        assert cam["face_frames"] == 30 and cam["triangulation_rigid_px"]["median"] < 2.0, (name, cam)
+    ds = Dataset(out, check_images=True)
+    assert ds.meta["format"] == "avatar-dataset/2" and not ds.has_speech and len(ds) == 120
+    assert [c.name for c in ds.cameras] == [c.name for c in cams]
+
+    # Every frame's camera, in the head frame, is where the rig puts it: the poses of two
+    # cameras at one timestep differ by the calibration's relative pose ...
+    gl = np.diag([1.0, -1.0, -1.0, 1.0])
+    by_view = {(f["camera"], f["timestep"]): np.array(f["transform_matrix"]) @ gl for f in ds.frames}
+    for k in (0, 17):
+        rel = np.linalg.inv(by_view["cam_3", k]) @ by_view["cam_0", k]  # cam_0 -> cam_3
+        truth = cams[3].world_to_camera @ np.linalg.inv(cams[0].world_to_camera)
+        assert _angle_deg(rel[:3, :3].T @ truth[:3, :3]) < 1e-4
+    # ... and the head turns as it did (23 degrees at most), within the face tracker's error
+    # (its landmarks slide on the sample subject, a photo on a relief, as the head turns).
+    motion, W = head_motion(30), cams[0].world_to_camera[:3, :3]
+    errors = [_angle_deg((np.linalg.inv(by_view["cam_0", k][:3, :3]) @ by_view["cam_0", 0][:3, :3]).T
+                         @ W @ motion[k][:3, :3] @ motion[0][:3, :3].T @ W.T) for k in range(30)]
+    assert np.median(errors) < 2.0 and max(errors) < 3.0, errors  # measured: 1.45, 2.39
+    # Each camera's crop keeps its own lens: the 4 focal lengths differ as the rig's do.
+    ratio = [c.K[0, 0] / c.width for c in cams]
+    crop = [c["fl_x"] * c_report["crop_window"]["side"] / 128 / 256 for c, c_report in
+            zip(ds.meta["cameras"], report["cameras"].values())]
+    assert np.allclose(ratio, crop, rtol=1e-6)
+
+    # A dataset without sound: the avatar follows tracked motion; a camera held out is scored.
+    avatar = tmp_path / "av"
+    assert main(["train", str(out), "--out", str(avatar), "--preset", "demo", "--iterations", "12", "--size", "64",
+                 "--holdout-cameras", "cam_1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(avatar)]) == 0
+    printed = capsys.readouterr().out
+    assert "lip sync: not measured" in printed and "camera cam_1: 24 views" in printed
+    result = json.loads((avatar / "eval.json").read_text())
+    assert result["driven_by"] == "tracked_motion" and result["novel_views"]["cameras"]["cam_1"]["frames"] == 24
+    assert all(ds.frames[i]["camera"] != "cam_1" for i in result["held_out_frames"])
+    assert main(["eval", str(avatar), "--drive", str(speech_wav)]) == 1
+    assert "filmed without sound, so speech cannot drive it" in capsys.readouterr().err
+
+
+def test_bad_rigs_are_named(filmed_rig, tmp_path, capsys):
+    rig, calib, cams = filmed_rig
+    uneven = tmp_path / "uneven"
+    uneven.mkdir()
+    (uneven / "cam_0").symlink_to(rig / "cam_0")
+    (uneven / "cam_1").mkdir()
+    for png in sorted((rig / "cam_1").glob("*.png"))[:20]:
+        (uneven / "cam_1" / png.name).symlink_to(png)
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    (blind / "cam_0").symlink_to(rig / "cam_0")
+    (blind / "cam_1").mkdir()
+    for k in range(30):
+        cv2.imwrite(str(blind / "cam_1" / f"{k:04d}.png"), np.full((256, 256, 3), 90, np.uint8))
+    other = tmp_path / "other.json"
+    save_calibration(other, Calibration("given", cams[:1], "truth"))
+    small = tmp_path / "small.json"
+    save_calibration(small, Calibration("given", [CameraCalibration(c.name, 128, 128, c.K, c.dist, c.world_to_camera)
+                                                  for c in cams], "truth"))
+    for argv, message in [
+        ([str(uneven), "--calib", str(calib)], "its cameras have different lengths (cam_0: 30, cam_1: 20 frames)"),
+        ([str(blind), "--calib", str(calib)], "the face is seen by two or more cameras at 0 timesteps"),
+        ([str(rig), "--calib", str(other)], "has no camera named 'cam_1'"),
+        ([str(rig), "--calib", str(small)], "calibrates camera cam_0 at 128x128, but its frames are 256x256"),
+        ([str(rig / "cam_0")], "holds 0 cameras"),
+    ]:
+        assert main(["capture", *argv, "--out", str(tmp_path / "ds")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.partial").exists()
+
+
+@pytest.mark.skipif(not COMPOSITE.is_file(), reason="the NeRSemble composite is not in ../shared/data")
+def test_real_three_camera_capture(tmp_path):
+    """NeRSemble subject 074, three cameras of VHAP's composite, calibrated from the face
+    (--same-lens) and captured: every view's rigid landmarks agree with the triangulated
+    face to under 2 px (the whole face's, outline and lips included, to about 3 px)."""
+    calib = tmp_path / "CALIB.json"
+    tiles = [a for t in TILES for a in ("--tile", t)]
+    assert main(["calibrate", str(COMPOSITE), "--method", "face", "--same-lens", "--out", str(calib), *tiles]) == 0
+    out = tmp_path / "ds"
+    assert main(["capture", str(COMPOSITE), "--calib", str(calib), "--out", str(out), "--size", "128", *tiles]) == 0
+    report = json.loads((out / "capture_report.json").read_text())
+    assert report["timesteps"]["triangulated"] >= 180
+    for cam in report["cameras"].values():
+        assert cam["triangulation_rigid_px"]["median"] < 2.0 and cam["triangulation_px"]["median"] < 3.5, cam
+    assert report["peak_memory_gb"] < 2.0 and report["timings_s"]["total"] < 120
+    assert 0.8 < report["head"]["scale_units_per_metre"] < 1.25  # the face's 9 cm, in the calibration's metres
+    ds = Dataset(out)
+    assert len(ds) == 3 * report["timesteps"]["triangulated"] and not ds.has_speech
