@@ -1,5 +1,5 @@
-"""A small synthetic dataset folder (format avatar-dataset/1) for the reader's and the
-validator's tests."""
+"""Small synthetic dataset folders (a monocular one in format avatar-dataset/1, a rig's in
+avatar-dataset/2) for the reader's, the validator's and the viewer's tests."""
 
 import json
 
@@ -36,3 +36,21 @@ def make_dataset(root, n=6, size=32, landmarks=False):
                  focal=np.float32(40))
         meta.update(landmarks="landmarks.npy", face_geometry="face_geometry.npz")
     (root / "transforms.json").write_text(json.dumps(meta))
+
+
+def make_rig_dataset(root, cameras=("a", "b"), steps=5):
+    """make_dataset's frames as a rig's (format avatar-dataset/2): one view per camera per
+    timestep, each camera with its own intrinsics and plate; no audio features."""
+    make_dataset(root, n=len(cameras) * steps)
+    meta = json.loads((root / "transforms.json").read_text())
+    meta["format"] = "avatar-dataset/2"
+    meta["cameras"] = []
+    for n, name in enumerate(cameras):
+        cv2.imwrite(str(root / f"bg_{name}.png"), np.full((32, 32, 3), 40 * (n + 1), np.uint8))
+        meta["cameras"].append({"name": name, "fl_x": 40.0 + 10 * n, "fl_y": 41.0 + 10 * n, "cx": 16.0 - n,
+                                "cy": 16.0, "background": f"bg_{name}.png"})
+    for k, f in enumerate(meta["frames"]):
+        f.update(camera=cameras[k % len(cameras)], timestep=k // len(cameras), frame_index=k // len(cameras))
+    del meta["audio_features"], meta["background"]
+    (root / "transforms.json").write_text(json.dumps(meta))
+    return meta

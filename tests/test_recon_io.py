@@ -2,7 +2,6 @@
 
 import json
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,7 +11,7 @@ from avatar.errors import AvatarError
 from recon.checkpoint import load_checkpoint, save_checkpoint
 from recon.dataset import Dataset
 from recon.gaussians import Gaussians, load_ply, save_ply
-from _datasets import make_dataset
+from _datasets import make_dataset, make_rig_dataset
 
 
 def test_dataset_streams_with_bounded_cache(tmp_path):
@@ -109,26 +108,8 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_checkpoint(tmp_path / "foreign.safetensors")
 
 
-def _rig_dataset(root, cameras=("a", "b"), steps=5):
-    """make_dataset's frames as a rig's (format avatar-dataset/2): one view per camera per
-    timestep, each camera with its own intrinsics and plate; no audio features."""
-    make_dataset(root, n=len(cameras) * steps)
-    meta = json.loads((root / "transforms.json").read_text())
-    meta["format"] = "avatar-dataset/2"
-    meta["cameras"] = []
-    for n, name in enumerate(cameras):
-        cv2.imwrite(str(root / f"bg_{name}.png"), np.full((32, 32, 3), 40 * (n + 1), np.uint8))
-        meta["cameras"].append({"name": name, "fl_x": 40.0 + 10 * n, "fl_y": 41.0 + 10 * n, "cx": 16.0 - n,
-                                "cy": 16.0, "background": f"bg_{name}.png"})
-    for k, f in enumerate(meta["frames"]):
-        f.update(camera=cameras[k % len(cameras)], timestep=k // len(cameras), frame_index=k // len(cameras))
-    del meta["audio_features"], meta["background"]
-    (root / "transforms.json").write_text(json.dumps(meta))
-    return meta
-
-
 def test_rig_dataset_cameras_and_held_out_cameras(tmp_path):
-    _rig_dataset(tmp_path / "ds", ("a", "b", "c"), steps=11)
+    make_rig_dataset(tmp_path / "ds", ("a", "b", "c"), steps=11)
     ds = Dataset(tmp_path / "ds", size=16)
     assert [c.name for c in ds.cameras] == ["a", "b", "c"] and not ds.has_speech
     assert ds.camera_of[:4] == [0, 1, 2, 0]
@@ -156,7 +137,7 @@ def test_rig_dataset_cameras_and_held_out_cameras(tmp_path):
     (lambda m: m.update(format="avatar-dataset/1"), r"audio_features must be a relative file path"),
 ])
 def test_rig_dataset_errors(tmp_path, change, message):
-    meta = _rig_dataset(tmp_path / "ds")
+    meta = make_rig_dataset(tmp_path / "ds")
     change(meta)
     (tmp_path / "ds" / "transforms.json").write_text(json.dumps(meta))
     with pytest.raises(AvatarError, match=message):

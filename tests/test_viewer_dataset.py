@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from avatar.cli import main
-from _datasets import make_dataset
-from viewer.dataset_view import serve_dataset
+from _datasets import make_dataset, make_rig_dataset
+from viewer.dataset_view import build_dataset_scene, serve_dataset
 
 
 def free_port() -> int:
@@ -42,3 +42,33 @@ def test_dataset_viewer_serves_scene_on_loopback(tmp_path):
 def test_view_refuses_non_dataset(tmp_path, capsys):
     assert main(["view", str(tmp_path)]) == 2
     assert "neither a dataset folder" in capsys.readouterr().err
+
+
+class _Recorder:
+    """The parts of a viser server the dataset scene uses, recording what it is given."""
+
+    def __init__(self):
+        self.frustums, self.markdown = {}, []
+        self.scene, self.gui = self, self
+
+    def add_camera_frustum(self, name, fov, **kwargs):
+        self.frustums[name] = fov
+
+    def add_frame(self, *args, **kwargs):
+        pass
+
+    def add_point_cloud(self, *args, **kwargs):
+        pass
+
+    def add_markdown(self, text):
+        self.markdown.append(text)
+
+
+def test_a_rig_dataset_shows_every_camera_with_its_own_lens(tmp_path):
+    make_rig_dataset(tmp_path / "ds", ("left", "right"), steps=4)
+    server = _Recorder()
+    assert build_dataset_scene(server, tmp_path / "ds") == 8
+    assert sorted(server.frustums) == [f"/cameras/{c}/{k:06d}" for c in ("left", "right") for k in range(4)]
+    assert server.frustums["/cameras/left/000000"] == pytest.approx(2 * np.arctan(32 / (2 * 41.0)))
+    assert server.frustums["/cameras/right/000000"] == pytest.approx(2 * np.arctan(32 / (2 * 51.0)))
+    assert "from 2 cameras" in server.markdown[0] and "right 50 px" in server.markdown[0]

@@ -1,8 +1,9 @@
 """`avatar view DATASET`: inspect a capture in the browser (viser).
 
 Shows every sampled frame as a camera frustum carrying its image (landmarks drawn on it),
-the head frame's axes at the origin, and the fitted canonical face (rigid landmarks in
-green), so a bad focal, a wobbling head or a lost track can be seen.
+each with its own camera's field of view (a rig's cameras each have their own), the head
+frame's axes at the origin, and the fitted canonical face (rigid landmarks in green), so
+a bad focal, a wobbling head, a lost track or a misplaced rig camera can be seen.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 
 from avatar.errors import AvatarError
-from avatar.dataset_format import RIGID
+from avatar.dataset_format import RIGID, camera_table, frame_camera
 
 THUMB = 160  # frustum image size in pixels
 
@@ -41,12 +42,14 @@ def build_dataset_scene(server, root: str | Path, max_frames: int = 48) -> int:
     meta = json.loads(tpath.read_text())
     frames = meta["frames"]
     lms = np.load(root / meta["landmarks"]) if meta.get("landmarks") and (root / meta["landmarks"]).is_file() else None
-    fov_y = 2 * np.arctan(meta["h"] / (2 * meta["fl_y"]))
+    cameras = {c["name"]: c for c in camera_table(meta)}
     picks = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
     for i in picks:
         c2w = np.asarray(frames[i]["transform_matrix"], np.float64) @ np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV axes
+        name = frame_camera(frames[i])
+        fov_y = 2 * np.arctan(meta["h"] / (2 * cameras[name]["fl_y"]))
         server.scene.add_camera_frustum(
-            f"/cameras/{frames[i]['frame_index']:06d}", fov=float(fov_y), aspect=meta["w"] / meta["h"], scale=0.04,
+            f"/cameras/{name}/{frames[i]['frame_index']:06d}", fov=float(fov_y), aspect=meta["w"] / meta["h"], scale=0.04,
             image=_thumbnail(root, frames[i], None if lms is None else lms[i]),
             wxyz=vtf.SO3.from_matrix(c2w[:3, :3]).wxyz, position=c2w[:3, 3],
         )
@@ -58,10 +61,11 @@ def build_dataset_scene(server, root: str | Path, max_frames: int = 48) -> int:
         colors = np.tile(np.array([[230, 230, 230]], np.uint8), (len(canon), 1))
         colors[list(RIGID)] = (40, 220, 40)
         server.scene.add_point_cloud("/head/canonical_face", canon, colors, point_size=0.002)
+    lenses = ", ".join(f"{name} {c['fl_x']:.0f} px ({np.degrees(2 * np.arctan(meta['w'] / (2 * c['fl_x']))):.1f} deg)"
+                       for name, c in cameras.items())
     server.gui.add_markdown(
-        f"**{root.name}**: {len(frames)} frames, focal {meta['fl_x']:.0f} px "
-        f"({np.degrees(2 * np.arctan(meta['w'] / (2 * meta['fl_x']))):.1f} deg FOV). "
-        "Green points: rigid landmarks used for the head pose."
+        f"**{root.name}**: {len(frames)} frames from {len(cameras)} camera{'s' if len(cameras) > 1 else ''}; "
+        f"focal length and field of view: {lenses}. Green points: rigid landmarks used for the head pose."
     )
     return len(picks)
 
