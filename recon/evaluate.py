@@ -15,6 +15,10 @@ Metrics, written to AVATAR/eval.json:
                    open is the speech-to-motion stage's fault or the renderer's), and the
                    static mouth;
   fps              rendering rate (deformation + rasterization) at the avatar's size;
+  novel_views      (a rig's avatar trained with --holdout-cameras) the held-out cameras
+                   at training moments: PSNR/SSIM full and in the face, per camera;
+  driven_by        speech, or tracked_motion for a dataset filmed without sound (its
+                   lipsync is then null);
   torso            (avatars with a torso branch) the held-out frames rendered with the 3D
                    torso over the plate instead of their own pixels: full-frame PSNR/SSIM
                    beside the frame-pixel figures above, PSNR inside the torso mask, the
@@ -191,7 +195,8 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         "driven_by": "speech" if speaks else "tracked_motion",
         "lipsync": held_out_lipsync(ds, [r for r in rows if ds.camera_of[r["frame"]] == ds.camera_of[rows[0]["frame"]]],
                                     av.fps) if speaks else None,
-        "novel_views": novel_view_scores(av, ds, holdout_cameras, tracked if tracked is not None else codes,
+        "novel_views": novel_view_scores(av, ds, holdout_cameras, *((tracked, "tracked_motion") if tracked is not None
+                                                                   else (codes, "speech")),
                                          novel_view_frames, progress) if holdout_cameras else None,
         "pose_fit": held_out_pose_fit(av, ds, held_out[:: max(1, len(held_out) // pose_fit_frames)][:pose_fit_frames],
                                       codes) if pose_fit_frames else None,
@@ -209,14 +214,14 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     return result
 
 
-def novel_view_scores(av: TrainedAvatar, ds: Dataset, cameras: list[str], codes: torch.Tensor, per_camera: int,
-                      progress: bool) -> dict:
+def novel_view_scores(av: TrainedAvatar, ds: Dataset, cameras: list[str], codes: torch.Tensor, driven_by: str,
+                      per_camera: int, progress: bool) -> dict:
     """The cameras held out of training, seen at moments the avatar was trained on, each
-    driven by its timestep's motion `codes` [rows, C] (tracked, where the avatar has them:
-    the renderer's own input, so the figures measure the views, not the speech):
-    PSNR/SSIM full and in the face, per camera and over all."""
+    driven by its timestep's motion `codes` [rows, C] (`driven_by` says which: tracked,
+    where the avatar has them, is the renderer's own input, so the figures measure the
+    views, not the speech): PSNR/SSIM full and in the face, per camera and over all."""
     ids = ds.novel_views(cameras)
-    out: dict = {"driven_by": "tracked_motion" if av.tracked_motion(ds) is not None else "speech", "cameras": {}}
+    out: dict = {"driven_by": driven_by, "cameras": {}}
     rows_all = []
     with torch.no_grad():
         for name in cameras:
