@@ -23,9 +23,17 @@ def _capture(args: argparse.Namespace) -> int:
     elif args.tile or args.calib or (args.video is not None and Path(args.video).is_dir()):
         from capture.multiview import RigCaptureConfig, run_rig_capture
 
+        for flag, given in (("--photometric", args.photometric), ("--audio-features", args.audio_features)):
+            if given:
+                raise AvatarError(Path(args.video), f"{flag} is for one camera's video, not a rig",
+                                  f"capture the rig without {flag}")
         cfg = RigCaptureConfig(rig=Path(args.video), out=Path(args.out), calib=args.calib and Path(args.calib),
                                tiles=args.tile or [], audio=args.audio and Path(args.audio), fps=args.fps,
                                size=args.size, force=args.force)
+        try:
+            cfg.check()
+        except ValueError as exc:
+            raise AvatarError(None, f"capture setting {exc}") from exc
         out = run_rig_capture(cfg, progress=sys.stderr.isatty())
     else:
         if args.video is None:

@@ -99,6 +99,14 @@ class RigCaptureConfig:
     force: bool = False
     """Capture again even when `out` already holds this rig's dataset."""
 
+    def check(self) -> "RigCaptureConfig":
+        """Raise ValueError naming the first setting out of range."""
+        for name, (lo, hi) in {"fps": (1.0, 120.0), "size": (32, 4096), "crop_scale": (1.0, 10.0),
+                               "background_samples": (1, 10_000), "jpeg_quality": (1, 100)}.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {getattr(self, name)!r}")
+        return self
+
 
 def _inputs(cfg: RigCaptureConfig, cameras: list[RigCamera]) -> dict:
     """What the dataset depends on (reused only when this matches exactly)."""
@@ -329,12 +337,7 @@ def _capture(cfg: RigCaptureConfig, cameras: list[RigCamera], inputs: dict, work
     sync = _paired(root, cameras)
     fps = _frame_rate(cameras[0], cfg.fps)
     n_steps = int(max(s.max() for s in sync)) + 1
-    audio_src = cfg.audio if cfg.audio is not None else next(
-        (c.path for c in cameras if c.path.is_file() and _has_audio(c.path)), None)
-    pcm = speech = None
-    if audio_src is not None:
-        pcm = audio_mod.load_audio(Path(audio_src))
-        speech = audio_mod.check_speech(pcm, Path(audio_src))
+    audio_src, pcm, speech = _speech(cfg, cameras)
     seen_raw = track_rig(cameras, sync, progress)
     timed("track", t0)
     t0 = time.perf_counter()
@@ -456,6 +459,21 @@ def _capture(cfg: RigCaptureConfig, cameras: list[RigCamera], inputs: dict, work
     }
     write_json(work / "capture_report.json", report)
     write_json(work / "transforms.json", transforms)
+
+
+def _speech(cfg: RigCaptureConfig, cameras: list[RigCamera]) -> tuple[Path | None, np.ndarray | None, dict | None]:
+    """(source, 16 kHz pcm, speech statistics) of --audio (which must hold speech), else of
+    the first camera with a sound track holding speech; (None, None, None) without."""
+    if cfg.audio is not None:
+        pcm = audio_mod.load_audio(Path(cfg.audio))
+        return Path(cfg.audio), pcm, audio_mod.check_speech(pcm, Path(cfg.audio))
+    for path in dict.fromkeys(c.path for c in cameras if c.path.is_file() and _has_audio(c.path)):
+        pcm = audio_mod.load_audio(path)
+        try:
+            return path, pcm, audio_mod.check_speech(pcm, path)
+        except AvatarError as exc:  # a studio camera's track often holds only room noise
+            log.warning("%s; not used as the rig's speech", exc)
+    return None, None, None
 
 
 def _has_audio(path: Path) -> bool:

@@ -163,6 +163,13 @@ def test_a_filmed_rig_becomes_a_dataset_an_avatar_trains_on(filmed_rig, speech_w
     assert main(["eval", str(avatar), "--drive", str(speech_wav)]) == 1
     assert "filmed without sound, so speech cannot drive it" in capsys.readouterr().err
 
+    # With speech given, the dataset carries it: one row of features per timestep.
+    spoken = tmp_path / "spoken"
+    assert main(["capture", str(rig), "--calib", str(calib), "--out", str(spoken), "--size", "64",
+                 "--audio", str(speech_wav)]) == 0
+    ds = Dataset(spoken)
+    assert ds.has_speech and ds.features["mel"].shape == (30, 16, 80) and (spoken / "audio.wav").is_file()
+
 
 def test_bad_rigs_are_named(filmed_rig, tmp_path, capsys):
     rig, calib, cams = filmed_rig
@@ -189,6 +196,8 @@ def test_bad_rigs_are_named(filmed_rig, tmp_path, capsys):
         ([str(rig), "--calib", str(other)], "has no camera named 'cam_1'"),
         ([str(rig), "--calib", str(small)], "calibrates camera cam_0 at 128x128, but its frames are 256x256"),
         ([str(rig / "cam_0")], "holds 0 cameras"),
+        ([str(rig), "--photometric"], "--photometric is for one camera's video, not a rig"),
+        ([str(rig), "--size", "8"], "capture setting size must be between 32 and 4096, got 8"),
     ]:
         assert main(["capture", *argv, "--out", str(tmp_path / "ds")]) == 1
         err = capsys.readouterr().err
