@@ -4,8 +4,10 @@
 1. The rig (capture/rig.py: a folder of videos or image folders, or the tiles of a
    composite) and its calibration (--calib CALIB.json, else a calibration file found in
    the folder, else the face itself: capture/face_calibration.py on the landmarks tracked
-   here). Frames are paired across cameras by sync index; cameras of different lengths
-   without a frame table cannot be paired and are refused.
+   here). Frames are paired across cameras by caliscope's frame table, a composite's
+   shared clock, or their position in each stream shifted by the cameras' start offsets
+   where every camera has sound (capture/rig.py: audio_offsets, phones started by hand);
+   cameras of different lengths that none of these pairs are refused.
 2. mediapipe's 478 landmarks in every frame of every camera, undistorted with the
    camera's lens.
 3. Per timestep, the landmarks triangulated from every camera that sees the face (DLT,
@@ -22,8 +24,9 @@
    and resized in one remap; person segmentation; the masks from the triangulated
    landmarks projected into the crop (so a view where tracking failed still has them);
    a background plate.
-6. Audio from --audio or the first camera's sound track; a rig filmed without sound makes
-   a dataset without audio features (an avatar fitted to tracked motion only).
+6. Audio from --audio (starting at the rig's first timestep) or the first camera whose
+   sound track holds speech (placed at that camera's first timestep); a rig filmed without
+   sound makes a dataset without audio features (an avatar fitted to tracked motion only).
 
 Frames stream: a camera's video is decoded twice (tracking, then writing), one frame at a
 time, so memory does not grow with the number of cameras or the clip's length. The
@@ -45,7 +48,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avatar.dataset_format import DATASET_FORMAT, MASK_NAMES, mouth_opening, save_features, view_fields
+from avatar.dataset_format import DATASET_FORMAT, MASK_NAMES, SAMPLE_RATE, mouth_opening, save_features, view_fields
 from avatar.errors import AvatarError
 from avatar.geometry import umeyama
 from avatar.io import write_json
@@ -59,7 +62,7 @@ from .pipeline import _write_jpg, _write_png, stale_fields
 from .pose import c2w_opengl, canonical_face
 from .preview import annotate, contact_sheet
 from .publish import publish_dataset, recover_dataset, work_folder
-from .rig import RigCamera, open_rig, sync_indices
+from .rig import RigCamera, audio_offsets, frame_rate, has_sound, open_rig, sync_indices
 from .tracking import PersonSegmenter, face_height
 
 log = logging.getLogger("avatar.capture")
@@ -121,26 +124,34 @@ def _inputs(cfg: RigCaptureConfig, cameras: list[RigCamera]) -> dict:
     return json.loads(json.dumps({"format": DATASET_FORMAT, **d}, default=str))
 
 
-def _frame_rate(cam: RigCamera, fallback: float) -> float:
-    if cam.path.is_dir():
-        return fallback
-    import av
-
-    with av.open(str(cam.path)) as container:
-        rate = container.streams.video[0].average_rate
-    return float(rate) if rate else fallback
-
-
-def _paired(root: Path, cameras: list[RigCamera]) -> list[np.ndarray]:
-    """Sync indices per camera; refuses cameras of different lengths that nothing pairs."""
-    if not (Path(root) / "timestamps.csv").is_file() and not cameras[0].tile:
-        lengths = [c.frames for c in cameras]
-        if max(lengths) - min(lengths) > LENGTH_SLACK:
-            listing = ", ".join(f"{c.name}: {c.frames}" for c in cameras)
-            raise AvatarError(root, f"its cameras have different lengths ({listing} frames) and no timestamps.csv "
-                              "pairs their frames", "trim the videos to start and end together, or add caliscope's "
-                              "timestamps.csv (sync_index, cam_id, frame_index, frame_time)")
-    return sync_indices(root, cameras)
+def _paired(root: Path, cameras: list[RigCamera], fps: float) -> tuple[list[np.ndarray], dict]:
+    """(sync indices per camera, how they were found): caliscope's frame table, the tiles'
+    shared clock, the cameras' sound (their start offsets rounded to frames), or the
+    frames' positions; cameras of different lengths that nothing pairs are refused."""
+    if (Path(root) / "timestamps.csv").is_file() or cameras[0].tile:
+        return sync_indices(root, cameras), {"method": "timestamps.csv" if not cameras[0].tile else "one composite"}
+    rates = [frame_rate(c, fps) for c in cameras]
+    if max(rates) > min(rates) * 1.001:
+        listing = ", ".join(f"{c.name}: {r:g}" for c, r in zip(cameras, rates))
+        raise AvatarError(root, f"its cameras film at different frame rates ({listing} fps)",
+                          "record every camera at one frame rate, or convert the videos to one")
+    found = audio_offsets(cameras)
+    if found is not None:
+        offsets, peaks = found
+        shift = [round((d - min(offsets)) * fps) for d in offsets]
+        return [np.arange(c.frames) + s for c, s in zip(cameras, shift)], {
+            "method": "sound", "offsets_s": {c.name: round(d, 4) for c, d in zip(cameras, offsets)},
+            "offsets_frames": {c.name: s for c, s in zip(cameras, shift)},
+            "residual_ms": {c.name: round(1000 * ((d - min(offsets)) - s / fps), 1)
+                            for c, d, s in zip(cameras, offsets, shift)},
+            "correlation": {c.name: round(p, 3) for c, p in zip(cameras, peaks)}}
+    lengths = [c.frames for c in cameras]
+    if max(lengths) - min(lengths) > LENGTH_SLACK:
+        listing = ", ".join(f"{c.name}: {c.frames}" for c in cameras)
+        raise AvatarError(root, f"its cameras have different lengths ({listing} frames), and neither sound nor a "
+                          "timestamps.csv pairs their frames", "trim the videos to start and end together, record "
+                          "sound on every camera, or add caliscope's timestamps.csv")
+    return sync_indices(root, cameras), {"method": "frame position"}
 
 
 def _calibration(cfg: RigCaptureConfig, cameras: list[RigCamera], seen: list[dict[int, np.ndarray]]) -> Calibration:
@@ -334,10 +345,10 @@ def _capture(cfg: RigCaptureConfig, cameras: list[RigCamera], inputs: dict, work
     # 1-2. Sync, audio and landmarks.
     t0 = time.perf_counter()
     root = Path(cfg.rig)
-    sync = _paired(root, cameras)
-    fps = _frame_rate(cameras[0], cfg.fps)
+    fps = frame_rate(cameras[0], cfg.fps)
+    sync, sync_report = _paired(root, cameras, fps)
     n_steps = int(max(s.max() for s in sync)) + 1
-    audio_src, pcm, speech = _speech(cfg, cameras)
+    audio_src, pcm, speech = _speech(cfg, cameras, sync, fps)
     seen_raw = track_rig(cameras, sync, progress)
     timed("track", t0)
     t0 = time.perf_counter()
@@ -439,7 +450,7 @@ def _capture(cfg: RigCaptureConfig, cameras: list[RigCamera], inputs: dict, work
     used = np.bincount([len(v) for v in tri.views], minlength=len(cameras) + 1)
     report = {
         "format": DATASET_FORMAT,
-        "rig": str(root), "fps": fps,
+        "rig": str(root), "fps": fps, "sync": sync_report,
         "calibration": {"method": calib.method, "source": str(cfg.calib or calib.source), "units": calib.units},
         "cameras": {c.name: {"crop_window": crops[c.name], "face_frames": len(seen[ci]),
                              "triangulation_px": stats(tri.errors[ci]),
@@ -461,26 +472,24 @@ def _capture(cfg: RigCaptureConfig, cameras: list[RigCamera], inputs: dict, work
     write_json(work / "transforms.json", transforms)
 
 
-def _speech(cfg: RigCaptureConfig, cameras: list[RigCamera]) -> tuple[Path | None, np.ndarray | None, dict | None]:
-    """(source, 16 kHz pcm, speech statistics) of --audio (which must hold speech), else of
-    the first camera with a sound track holding speech; (None, None, None) without."""
+def _speech(cfg: RigCaptureConfig, cameras: list[RigCamera], sync: list[np.ndarray],
+            fps: float) -> tuple[Path | None, np.ndarray | None, dict | None]:
+    """(source, 16 kHz pcm starting at timestep 0, speech statistics) of --audio (which must
+    hold speech and start with the rig's first timestep), else of the first camera whose
+    sound track holds speech (delayed by the timestep its first frame is); (None, None,
+    None) without."""
     if cfg.audio is not None:
         pcm = audio_mod.load_audio(Path(cfg.audio))
         return Path(cfg.audio), pcm, audio_mod.check_speech(pcm, Path(cfg.audio))
-    for path in dict.fromkeys(c.path for c in cameras if c.path.is_file() and _has_audio(c.path)):
-        pcm = audio_mod.load_audio(path)
+    for cam, indices in zip(cameras, sync):
+        if not has_sound(cam):
+            continue
+        pcm = audio_mod.load_audio(cam.path)
         try:
-            return path, pcm, audio_mod.check_speech(pcm, path)
+            speech = audio_mod.check_speech(pcm, cam.path)
         except AvatarError as exc:  # a studio camera's track often holds only room noise
             log.warning("%s; not used as the rig's speech", exc)
+            continue
+        lead = np.zeros(int(round(int(indices[0]) / fps * SAMPLE_RATE)), np.float32)
+        return cam.path, np.concatenate([lead, pcm]), speech
     return None, None, None
-
-
-def _has_audio(path: Path) -> bool:
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            return bool(container.streams.audio)
-    except av.error.FFmpegError:
-        return False

@@ -12,7 +12,8 @@ per tile, named tile_0, tile_1, ..., all on the composite's frame clock.
 Frames are paired across cameras by their sync index: caliscope's timestamps.csv when
 the folder has one (a camera's k-th frame is its k-th row by frame_index; cam_id N is
 the camera whose name ends in N), else the frame's position in its stream (cameras
-triggered together). Frames stream; nothing holds a whole video.
+triggered together), shifted by the cameras' start offsets where their sound tracks give
+them (`audio_offsets`: phones started by hand). Frames stream; nothing holds a whole video.
 """
 
 from __future__ import annotations
@@ -127,6 +128,96 @@ def open_rig(root: str | Path, min_cameras: int = 2,
         raise AvatarError(root, f"holds {len(cameras)} camera{'s' if len(cameras) != 1 else ''}; a rig needs at least "
                           f"{min_cameras}", "put one video (or one folder of images) per camera in the folder")
     return cameras
+
+
+ENVELOPE_HZ = 200
+"""Rate of the onset envelopes the audio sync correlates (5 ms steps; the peak is refined
+between them)."""
+MIN_SYNC_CORRELATION = 0.3
+"""The least correlation of two cameras' envelopes at their offset that is taken as a match
+(one take through two microphones: 0.5-0.95; two takes of speech: under 0.2)."""
+MIN_SYNC_DISTINCTNESS = 2.0
+"""How many times the best correlation at lags a quarter second or more from the peak the
+peak must be (a match stands out about fourfold; two takes' best lag does not)."""
+
+
+def has_sound(cam: RigCamera) -> bool:
+    """Whether the camera is a video with a sound track."""
+    if cam.path.is_dir():
+        return False
+    import av
+
+    try:
+        with av.open(str(cam.path)) as container:
+            return bool(container.streams.audio)
+    except av.error.FFmpegError:
+        return False
+
+
+def frame_rate(cam: RigCamera, fallback: float) -> float:
+    """Frames per second of a camera's video; `fallback` for a folder of images."""
+    if cam.path.is_dir():
+        return fallback
+    import av
+
+    with av.open(str(cam.path)) as container:
+        rate = container.streams.video[0].average_rate
+    return float(rate) if rate else fallback
+
+
+def _onsets(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """The rises of log loudness at ENVELOPE_HZ (half-wave rectified), zero mean and unit
+    variance: sharp, take-specific events, where loudness itself follows speech's rhythm
+    and two different takes correlate almost as well as one take with itself."""
+    hop = rate // ENVELOPE_HZ
+    frames = pcm[: len(pcm) // hop * hop].astype(np.float64).reshape(-1, hop)
+    rises = np.maximum(np.diff(np.log(np.mean(frames**2, axis=1) + 1e-8)), 0)
+    rises -= rises.mean()
+    return rises / (rises.std() + 1e-12)
+
+
+def audio_offsets(cameras: list[RigCamera], max_shift_s: float = 30.0) -> tuple[list[float], list[float]] | None:
+    """(seconds each camera's recording started after the first camera's, the correlation of
+    its onset envelope with the first's at that offset) from their sound tracks; None
+    when fewer than two cameras have sound. A camera without sound among ones with it, or
+    whose sound does not match the first camera's, is an AvatarError."""
+    from scipy.signal import correlate, correlation_lags
+
+    from .audio import load_audio
+    from avatar.dataset_format import SAMPLE_RATE
+
+    sound = [has_sound(c) for c in cameras]
+    if sum(sound) < 2:
+        return None
+    if not all(sound):
+        silent = ", ".join(c.name for c, s in zip(cameras, sound) if not s)
+        raise AvatarError(cameras[0].path.parent, f"cameras {silent} have no sound track, so they cannot be synced to "
+                          "the others by sound", "record sound on every camera, or add caliscope's timestamps.csv")
+    envs = [_onsets(load_audio(c.path), SAMPLE_RATE) for c in cameras]
+    offsets, peaks = [0.0], [1.0]
+    for cam, env in zip(cameras[1:], envs[1:]):
+        r = correlate(envs[0], env, mode="full", method="fft")
+        lags = correlation_lags(len(envs[0]), len(env), mode="full")
+        # Normalised by the shorter track, so a lag leaving little overlap cannot win on a
+        # chance match of a second or two.
+        shorter = min(len(envs[0]), len(env))
+        overlap = np.minimum(len(envs[0]), len(env) + lags) - np.maximum(0, lags)
+        r = np.where((np.abs(lags) <= max_shift_s * ENVELOPE_HZ) & (overlap >= shorter / 2), r / shorter, -np.inf)
+        k = int(np.argmax(r))
+        elsewhere = np.abs(lags - lags[k]) >= ENVELOPE_HZ // 4
+        runner_up = float(r[elsewhere].max()) if np.isfinite(r[elsewhere]).any() else 0.0
+        if not np.isfinite(r[k]) or r[k] < MIN_SYNC_CORRELATION or r[k] < MIN_SYNC_DISTINCTNESS * runner_up:
+            raise AvatarError(cam.path, f"its sound does not match camera {cameras[0].name}'s (correlation "
+                              f"{max(float(r[k]), 0.0):.2f} at best within {max_shift_s:.0f} s, "
+                              f"{max(runner_up, 0.0):.2f} elsewhere)",
+                              "film every camera of one take, started within the same half minute; or add "
+                              "caliscope's timestamps.csv")
+        shift = 0.0
+        if 0 < k < len(r) - 1 and np.isfinite(r[k - 1]) and np.isfinite(r[k + 1]):  # parabolic refinement
+            shift = 0.5 * (r[k - 1] - r[k + 1]) / (r[k - 1] - 2 * r[k] + r[k + 1])
+        offsets.append(float(lags[k] + shift) / ENVELOPE_HZ)
+        peaks.append(float(r[k]))
+    return offsets, peaks
 
 
 def sync_indices(root: Path, cameras: list[RigCamera]) -> list[np.ndarray]:
