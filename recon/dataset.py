@@ -178,6 +178,11 @@ class Dataset:
             mouth_opening=float(f.get("mouth_opening", 0.0)),
         )
 
+    def views_of(self, camera: int = 0) -> list[int]:
+        """Frame indices of one camera (default the first, whose intrinsics and plate a trained
+        avatar keeps), in dataset order: that camera's clip."""
+        return [i for i in range(len(self)) if self.camera_of[i] == camera]
+
     def intrinsics(self, i: int) -> torch.Tensor:
         """[3, 3] the intrinsics of frame i's camera, at `size`."""
         return self.cameras[self.camera_of[i]].K

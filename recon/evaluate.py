@@ -365,16 +365,17 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
     _, feats = speech_features(Path(speech), av.fps)
     codes = av.speech_motion(feats)
     visemes = viseme_features(feats).numpy()  # host: features are made there
-    n_real = min(len(ds), real_frames)
+    replay = ds.views_of(0)  # one camera's clip (a rig's first)
+    n_real = min(len(replay), real_frames)
     opened = {"avatar": [], "static_mouth": [], "real": []}
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
         bar = tqdm(total=len(codes) + n_real, desc="avatar eval --drive", unit="frame", disable=not progress,
                    file=sys.stderr)
-        for i in range(n_real):
+        for i in replay[:n_real]:
             opened["real"].append(_opening(_track(tracker, _to_uint8(ds[i].image))))
             bar.update(1)
         for k in range(len(codes)):
-            i = ping_pong(k, len(ds))
+            i = replay[ping_pong(k, len(replay))]
             f = ds[i]
             under, eye = behind_head(f, ds.plate(i)), torch.tensor([1.0], device=ds.device)
             for name, code in (("avatar", codes[k]), ("static_mouth", torch.zeros_like(codes[k]))):
@@ -383,7 +384,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
             bar.update(1)
         bar.close()
     real = np.array(opened["real"])
-    real_rows = [int(ds.frames[i]["frame_index"]) for i in range(n_real)]
+    real_rows = [int(ds.frames[i]["frame_index"]) for i in replay[:n_real]]
     envelope = syllable_envelope(feats["mel"])
     result = {
         "format": "avatar-eval-drive/1", "avatar": str(Path(avatar).resolve()), "speech": str(Path(speech).resolve()),

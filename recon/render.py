@@ -72,13 +72,14 @@ def look_at(eye: Tensor, target: Tensor, up: tuple[float, float, float] = (0.0, 
 
 
 class CameraRig:
-    """Cameras around a trained avatar, from the capture's mean viewpoint."""
+    """Cameras around a trained avatar, from the capture's mean viewpoint (a rig's: its first
+    camera's, whose intrinsics the avatar renders with)."""
 
     def __init__(self, av: TrainedAvatar, ds: Dataset | None):
         self.target = av.head_points().median(0).values
         if ds is not None:
-            poses = torch.tensor([f["transform_matrix"] for f in ds.frames], dtype=torch.float32,
-                                 device=self.target.device)
+            poses = torch.tensor([ds.frames[i]["transform_matrix"] for i in ds.views_of(0)],  # the lens's camera
+                                 dtype=torch.float32, device=self.target.device)
             mean_centre = poses[:, :3, 3].mean(0)
         else:  # a camera straight in front of the face at a typical phone distance
             mean_centre = self.target + torch.tensor([0.0, 0.0, 0.5], device=self.target.device)
@@ -196,6 +197,7 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
     ds = open_dataset(av, size, required=mode == "dataset")
     rig = CameraRig(av, ds)
     K, plate = scaled(av, size)
+    replay = ds.views_of(0) if ds is not None else []  # a rig's first camera: the one K and plate are of
 
     bar = tqdm(total=len(drive), desc="avatar render", unit="frame", disable=not progress, file=sys.stderr)
 
@@ -205,7 +207,7 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
                 run = range(start, min(start + batch, len(drive)))
                 for k, pose in zip(run, av.deform(*drive.batch(run))):
                     if mode == "dataset":
-                        i = ping_pong(k, len(ds))
+                        i = replay[ping_pong(k, len(replay))]
                         f, viewmat = ds[i], ds.viewmat(i)
                     else:
                         f, viewmat = None, rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)

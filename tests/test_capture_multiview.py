@@ -170,6 +170,15 @@ def test_a_filmed_rig_becomes_a_dataset_an_avatar_trains_on(filmed_rig, speech_w
                  "--audio", str(speech_wav)]) == 0
     ds = Dataset(spoken)
     assert ds.has_speech and ds.features["mel"].shape == (30, 16, 80) and (spoken / "audio.wav").is_file()
+    # ... and an avatar of it speaks: replayed through the first camera's clip.
+    assert main(["train", str(spoken), "--out", str(tmp_path / "spoken_av"), "--preset", "demo", "--iterations", "6",
+                 "--size", "64"]) == 0
+    video = tmp_path / "spoken.mp4"
+    assert main(["render", str(tmp_path / "spoken_av"), "--audio", str(speech_wav), "--out", str(video)]) == 0
+    import av
+
+    with av.open(str(video)) as container:
+        assert container.streams.video[0].frames == 58 and container.streams.audio  # 2.3 s at 25 fps
 
 
 def _takes(seconds: float, seed: int) -> np.ndarray:

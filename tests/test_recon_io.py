@@ -113,6 +113,7 @@ def test_rig_dataset_cameras_and_held_out_cameras(tmp_path):
     ds = Dataset(tmp_path / "ds", size=16)
     assert [c.name for c in ds.cameras] == ["a", "b", "c"] and not ds.has_speech
     assert ds.camera_of[:4] == [0, 1, 2, 0]
+    assert ds.views_of(1) == list(range(1, 33, 3)) and ds.views_of() == list(range(0, 33, 3))
     assert torch.equal(ds.intrinsics(4), torch.tensor([[25.0, 0, 7.5], [0, 25.5, 8], [0, 0, 1]]))  # camera b, halved
     assert float(ds.plate(5).mean()) == pytest.approx(120 / 255, abs=1e-6) and ds[5].camera == 2
     train, later = ds.split()  # the last of 11 timesteps, every camera's view of it
