@@ -91,6 +91,20 @@ def _meta_case(name: str, edit: Callable[[dict], object]) -> Case:
     return Case(f"dataset/transforms/{name}", build)
 
 
+def _as_rig(cameras: object, path: list | None = None, value: object = None) -> Callable[[dict], None]:
+    """An edit making the /1 dataset a one-camera rig's (/2) with `cameras` (None: none
+    listed), every frame of camera "a" at its timestep, then `value` set at `path`."""
+    def edit(meta: dict) -> None:
+        meta["format"] = "avatar-dataset/2"
+        if cameras is not None:
+            meta["cameras"] = cameras
+        for f in meta["frames"]:
+            f.update(camera="a", timestep=f["frame_index"])
+        if path is not None:
+            _set(path, value)(meta)
+    return edit
+
+
 def _file_case(name: str, rel: str, content: Callable[[Path, np.random.Generator], bytes | None]) -> Case:
     """A dataset whose file `rel` is replaced by `content(original)` (None: deleted)."""
     def build(fx: Fixtures, ws: Path):
@@ -169,8 +183,19 @@ def dataset_cases() -> list[Case]:
         for label, v in {"string": "32", "float": 32.5, "zero": 0, "negative": -32, "null": None, "bool": True,
                          "not-square": 64, "huge": 10**9}.items():
             cases.append(_meta_case(f"{key}-{label}", _set([key], v)))
-    for v in ("avatar-dataset/2", None, 1):
+    for v in ("avatar-dataset/3", None, 1):
         cases.append(_meta_case(f"format-{v}", _set(["format"], v)))
+    # As a rig's dataset (format /2): its cameras and every frame's camera and timestep.
+    for label, cameras in {"missing": None, "empty": [], "string": "cam", "nulls": [None],
+                           "unnamed": [{"fl_x": 40.0, "fl_y": 40.0, "cx": 16.0, "cy": 16.0}],
+                           "no-plate": [{"name": "a", "fl_x": 40.0, "fl_y": 40.0, "cx": 16.0, "cy": 16.0}],
+                           "focal-nan": [{"name": "a", "fl_x": math.nan, "fl_y": 40.0, "cx": 16.0, "cy": 16.0,
+                                          "background": "background.png"}]}.items():
+        cases.append(_meta_case(f"rig-cameras-{label}", _as_rig(cameras)))
+    plate = [{"name": "a", "fl_x": 40.0, "fl_y": 40.0, "cx": 16.0, "cy": 16.0, "background": "background.png"}]
+    for label, (key, v) in {"camera-unknown": ("camera", "b"), "camera-null": ("camera", None),
+                            "timestep-other": ("timestep", 5), "timestep-string": ("timestep", "2")}.items():
+        cases.append(_meta_case(f"rig-frame-{label}", _as_rig(plate, ["frames", 2, key], v)))
     for label, v in {"empty": [], "object": {}, "string": "x", "numbers": [1], "nulls": [None], "lists": [[]]}.items():
         cases.append(_meta_case(f"frames-{label}", _set(["frames"], v)))
     for key in ("file_path", "person_mask_path", "head_mask_path", "mouth_mask_path", "eyes_mask_path",
