@@ -153,7 +153,9 @@ def test_real_clip(tmp_path, clip_path, capsys):
     assert report["pose"]["reprojection_px"]["median"] < 2.0
     assert report["pose"]["jitter_deg"]["fitted"] < report["pose"]["jitter_deg"]["per_frame_pnp"]
     assert report["pose"]["jitter_deg"]["fitted"] < 0.5
-    assert tr["format"] == "avatar-dataset/1" and tr["w"] == tr["h"] == 512 and 100 < tr["fl_x"] < 5000
+    assert tr["format"] == "avatar-dataset/2" and tr["w"] == tr["h"] == 512 and 100 < tr["fl_x"] < 5000
+    assert tr["cameras"] == [{"name": "camera", **{k: tr[k] for k in ("fl_x", "fl_y", "cx", "cy", "background")}}]
+    assert all(f["camera"] == "camera" and f["timestep"] == f["frame_index"] for f in tr["frames"])
     assert len(tr["frames"]) == report["frames"]["kept"]
     for f in tr["frames"][:: len(tr["frames"]) // 5]:
         assert (out / f["file_path"]).is_file()
