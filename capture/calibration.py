@@ -435,6 +435,12 @@ def calibrate_rig(rig_root: str | Path, method: str = "auto", board: str | Path 
     given_file = Path(given) if given is not None else (find_given(root) if root.is_dir() else None)
     if method == "auto":
         method = "given" if given_file is not None else "charuco" if board_file is not None else "face"
+    uses = {"--board": ("charuco",), "--from": ("given",), "--intrinsics": ("charuco", "face"), "--same-lens": ("face",)}
+    for flag, passed in (("--board", board is not None), ("--from", given is not None),
+                         ("--intrinsics", intrinsics is not None), ("--same-lens", same_lens)):
+        if passed and method not in uses[flag]:
+            raise AvatarError(None, f"{flag} does nothing for --method {method} (it is for {' and '.join(uses[flag])})",
+                              f"leave out {flag}, or choose --method {uses[flag][0]}")
     if method == "given":
         if given_file is None:
             raise AvatarError(root, f"holds none of {', '.join(GIVEN_FILES)}", "pass the calibration file with --from FILE")

@@ -216,6 +216,14 @@ def test_bad_calibration_inputs_are_named(tmp_path, capsys):
         (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--board", str(board)], "a rig needs at least 2"),
         (["calibrate", str(tmp_path / "none"), "--out", str(tmp_path / "c.json")], "is not a folder"),
         (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--method", "charuco"], "has no charuco.toml"),
+        (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--method", "sfm", "--same-lens"],
+         "--same-lens does nothing for --method sfm (it is for face)"),
+        (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--method", "face", "--board", str(board)],
+         "--board does nothing for --method face (it is for charuco)"),
+        (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--method", "sfm", "--intrinsics", str(board)],
+         "--intrinsics does nothing for --method sfm (it is for charuco and face)"),
+        (["calibrate", str(one), "--out", str(tmp_path / "c.json"), "--method", "charuco", "--from", str(board)],
+         "--from does nothing for --method charuco (it is for given)"),
     ]
     for argv, message in cases:
         assert main(argv) == 1
