@@ -11,6 +11,11 @@ import numpy as np
 from capture.calibration import CameraCalibration, relative_rotation_deg
 from capture.charuco import Board
 
+COMPOSITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiview" / "vhap_nersemble_074_composite.mp4"
+"""The real NeRSemble composite (../shared/data/README.md): 3 cameras of subject 074 tiled in one column."""
+TILES = ["0,0,247,360", "0,360,247,360", "0,720,247,360"]
+"""Its three cameras' tiles (X,Y,W,H)."""
+
 
 def rig_errors(solved: list, truth: list, radius: float = 1.0) -> tuple[float, float, float]:
     """(largest rotation error in degrees, largest position error as a share of the rig

@@ -61,3 +61,17 @@ def trained_avatar(sample_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("avatar") / "avatar"
     train(sample_dataset, out, preset("cpu", **TINY_TRAIN), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def face():
+    """[478, 3] a real face's landmarks in the head frame (the sample portrait's, metres):
+    the face of the synthetic rigs (tests/_rigs.py)."""
+    import numpy as np
+    from skimage import data
+
+    from capture.pose import canonical_face
+    from capture.tracking import FaceTracker
+
+    with FaceTracker(max_faces=1, video_mode=False) as tracker:
+        return canonical_face(tracker(data.astronaut())[0][None].astype(np.float64))

@@ -11,27 +11,14 @@ import cv2
 import numpy as np
 import pytest
 
-from _rigs import face_landmarks, head_motion, head_rig, rig_errors, write_head_rig
+from _rigs import COMPOSITE, TILES, face_landmarks, head_motion, head_rig, rig_errors, write_head_rig
 from avatar.cli import main
 from avatar.errors import AvatarError
 from capture.calibration import Calibration, calibrate_rig, load_calibration, save_calibration
 from capture.face_calibration import solve_face_rig
-from capture.pose import canonical_face
 from capture.rig import RigCamera, open_rig
-from capture.tracking import FaceTracker
 
-COMPOSITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiview" / "vhap_nersemble_074_composite.mp4"
-TILES = ["0,0,247,360", "0,360,247,360", "0,720,247,360"]
 RADIUS = 0.8
-
-
-@pytest.fixture(scope="module")
-def face() -> np.ndarray:
-    """[478, 3] a real face's landmarks in the head frame (the sample portrait's, metres)."""
-    from skimage import data
-
-    with FaceTracker(max_faces=1, video_mode=False) as tracker:
-        return canonical_face(tracker(data.astronaut())[0][None].astype(np.float64))
 
 
 def _placeholders(cams) -> list[RigCamera]:
