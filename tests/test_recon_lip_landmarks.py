@@ -70,6 +70,9 @@ class FakeDataset:
     def viewmat(self, i: int) -> torch.Tensor:
         return self._viewmat
 
+    def intrinsics(self, i: int) -> torch.Tensor:
+        return self.K
+
 
 def test_target_removes_the_pose_offset_and_keeps_the_mouth_motion():
     viewmat, K = camera()
