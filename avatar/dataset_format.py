@@ -134,10 +134,10 @@ class _Checker:
         for i, f in enumerate(frames):
             self.frame(i, f)
             if meta["format"] != "avatar-dataset/1":
-                if f.get("camera") not in names:
+                if not isinstance(f.get("camera"), str) or f["camera"] not in names:
                     self.fail(f"frames[{i}].camera must name one of cameras[] ({', '.join(sorted(names))}), "
                               f"got {f.get('camera')!r}")
-                if f.get("timestep") != f["frame_index"]:
+                if not _is_int(f.get("timestep")) or f["timestep"] != f["frame_index"]:
                     self.fail(f"frames[{i}].timestep must equal its frame_index {f['frame_index']}, "
                               f"got {f.get('timestep')!r}")
             view = (frame_camera(f), f["frame_index"])

@@ -193,9 +193,11 @@ def dataset_cases() -> list[Case]:
                                           "background": "background.png"}]}.items():
         cases.append(_meta_case(f"rig-cameras-{label}", _as_rig(cameras)))
     plate = [{"name": "a", "fl_x": 40.0, "fl_y": 40.0, "cx": 16.0, "cy": 16.0, "background": "background.png"}]
-    for label, (key, v) in {"camera-unknown": ("camera", "b"), "camera-null": ("camera", None),
-                            "timestep-other": ("timestep", 5), "timestep-string": ("timestep", "2")}.items():
-        cases.append(_meta_case(f"rig-frame-{label}", _as_rig(plate, ["frames", 2, key], v)))
+    for label, (k, key, v) in {"camera-unknown": (2, "camera", "b"), "camera-null": (2, "camera", None),
+                               "camera-list": (2, "camera", ["a"]), "timestep-other": (2, "timestep", 5),
+                               "timestep-string": (2, "timestep", "2"),
+                               "timestep-bool": (1, "timestep", True)}.items():  # frames[1] is at timestep 1
+        cases.append(_meta_case(f"rig-frame-{label}", _as_rig(plate, ["frames", k, key], v)))
     for label, v in {"empty": [], "object": {}, "string": "x", "numbers": [1], "nulls": [None], "lists": [[]]}.items():
         cases.append(_meta_case(f"frames-{label}", _set(["frames"], v)))
     for key in ("file_path", "person_mask_path", "head_mask_path", "mouth_mask_path", "eyes_mask_path",
