@@ -58,7 +58,7 @@ from .bundle import triangulate
 from .calibration import Calibration, find_given, import_given, load_calibration
 from .face_calibration import LANDMARKS, solve_face_rig, track_rig
 from .masks import background_plate, eye_openness, frame_masks
-from .pipeline import _write_jpg, _write_png, stale_fields
+from .pipeline import _write_jpg, _write_png, face_window, stale_fields
 from .pose import c2w_opengl, canonical_face
 from .preview import annotate, contact_sheet
 from .publish import publish_dataset, recover_dataset, work_folder
@@ -285,15 +285,10 @@ class CameraView:
 
 def crop_view(K: np.ndarray, dist: np.ndarray, width: int, height: int, face_px: np.ndarray, heights: np.ndarray,
               size: int, crop_scale: float) -> CameraView:
-    """One square window around the face for the whole clip (face_px: [T, 2] face centres,
-    heights: [T] brow-to-chin pixels, undistorted) and the maps that undistort, crop and
-    resize to `size` in one remap."""
-    h = float(np.median(heights))
-    spread = np.percentile(face_px, 95, axis=0) - np.percentile(face_px, 5, axis=0)
-    centre = np.median(face_px, axis=0) + np.array([0.0, 0.2 * h])  # a little low: neck and shoulders
-    side = int(round(min(crop_scale * h + spread.max(), width, height)))
-    x0 = int(round(np.clip(centre[0] - side / 2, 0, width - side)))
-    y0 = int(round(np.clip(centre[1] - side / 2, 0, height - side)))
+    """One square window around the face for the whole clip (pipeline.face_window; face_px:
+    [T, 2] face centres, heights: [T] brow-to-chin pixels, undistorted) and the maps that
+    undistort, crop and resize to `size` in one remap."""
+    x0, y0, side = face_window(face_px, heights, width, height, crop_scale)
     s = size / side
     Kc = K.astype(np.float64).copy()  # pixel centres at integers (OpenCV): u' = (u - x0 + 0.5) s - 0.5
     Kc[0, 0], Kc[1, 1] = K[0, 0] * s, K[1, 1] * s

@@ -166,17 +166,25 @@ def _preflight_faces(scan: dict, cfg: CaptureConfig, warnings: list[str]) -> Non
         warnings.append(f"low light (face brightness {np.median(scan['light']):.0f}/255); expect noise")
 
 
-def _crop_window(scan: dict, info: VideoInfo, cfg: CaptureConfig) -> tuple[int, int, int]:
-    """One square window for the whole clip (x0, y0, side), from robust statistics of the
-    face track, so the virtual camera stays still."""
-    c = scan["centers"][~np.isnan(scan["heights"])]
-    h = float(np.nanmedian(scan["heights"]))
-    spread = np.percentile(c, 95, axis=0) - np.percentile(c, 5, axis=0)
-    center = np.median(c, axis=0) + np.array([0.0, 0.2 * h])  # a little low: neck and shoulders
-    side = int(round(min(cfg.crop_scale * h + spread.max(), info.width, info.height)))
-    x0 = int(round(np.clip(center[0] - side / 2, 0, info.width - side)))
-    y0 = int(round(np.clip(center[1] - side / 2, 0, info.height - side)))
+def face_window(centres: np.ndarray, heights: np.ndarray, width: int, height: int,
+                crop_scale: float) -> tuple[int, int, int]:
+    """One square window for a whole clip (x0, y0, side) in a width x height image, from
+    robust statistics of the face's track (centres [T, 2], heights [T] pixels), so the
+    virtual camera stays still: crop_scale face heights plus the track's spread, a little
+    below the face for the neck and shoulders, inside the image."""
+    h = float(np.median(heights))
+    spread = np.percentile(centres, 95, axis=0) - np.percentile(centres, 5, axis=0)
+    center = np.median(centres, axis=0) + np.array([0.0, 0.2 * h])
+    side = int(round(min(crop_scale * h + spread.max(), width, height)))
+    x0 = int(round(np.clip(center[0] - side / 2, 0, width - side)))
+    y0 = int(round(np.clip(center[1] - side / 2, 0, height - side)))
     return x0, y0, side
+
+
+def _crop_window(scan: dict, info: VideoInfo, cfg: CaptureConfig) -> tuple[int, int, int]:
+    """The clip's window (face_window) from the face detector's scan."""
+    found = ~np.isnan(scan["heights"])
+    return face_window(scan["centers"][found], scan["heights"][found], info.width, info.height, cfg.crop_scale)
 
 
 def _extract(info: VideoInfo, cfg: CaptureConfig, window: tuple[int, int, int], work: Path) -> dict:
