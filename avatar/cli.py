@@ -77,6 +77,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         if lens.get("focal_uncertain"):
             print(f"    {c.name}: focal length uncertain (standard error {100 * lens['focal_relative_sd']:.1f} %): film the "
                   "board closer and farther, tilted, across the whole frame, or pass --intrinsics")
+    if "principal_points" in calib.report:
+        print(f"  principal points: {calib.report['principal_points']}")
     print(f"calibration: {args.out}")
     return 0
 
@@ -283,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="calibration file to write (CALIB.json)")
     p.add_argument("--method", default="auto", choices=["auto", "given", "charuco", "face", "sfm"],
                    help="given: import a calibration file; charuco: a ChArUco board filmed by every camera; face: no "
-                        "target, the talking head every camera films; sfm: structure from motion on a static, textured "
-                        "scene (pycolmap); auto (default): given when a file is passed or "
-                        "found in RIG, else charuco when a board is, else face")
+                        "target, the talking head every camera films; sfm: structure from motion (pycolmap) on a "
+                        "static, textured scene, best with the rig carried through it; auto (default): given when a "
+                        "file is passed or found in RIG, else charuco when a board is, else face")
     p.add_argument("--same-lens", action="store_true",
                    help="face: the cameras are of one model and zoom, so solve one focal length for all of them")
     p.add_argument("--tile", action="append", type=_tile, metavar="X,Y,W,H",

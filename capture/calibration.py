@@ -417,7 +417,7 @@ def calibrate_rig(rig_root: str | Path, method: str = "auto", board: str | Path 
     charuco   the board `board` (else the rig's charuco.toml) filmed by every camera;
     face      no target: the talking head every camera films (capture/face_calibration.py),
               with one focal length for all cameras when `same_lens`;
-    sfm       no target: structure from motion on a static scene (capture/sfm.py, pycolmap);
+    sfm       no target: structure from motion on a static scene, the rig best carried through it (capture/sfm.py);
     charuco and face keep the lenses of `intrinsics` (a given-format file) when passed;
     auto      given when a calibration file is passed or found, else charuco when a board
               is, else face.

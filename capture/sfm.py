@@ -4,10 +4,19 @@ scene that neighbouring cameras see together.
 1. Frames at up to SFM_INSTANTS sync indices shared by every camera, spread over the clip,
    one folder per camera (COLMAP's one camera per folder: its own intrinsics, OpenCV
    model with distortion).
-2. SIFT features, exhaustive matching and COLMAP's incremental mapper, on the CPU.
-3. Each camera's pose is the robust mean of its registered frames' poses (a rig does not
-   move; the spread is reported), re-expressed in the first camera's frame. Anything
-   that moves between instants (a talking head) is an outlier to the mapper's RANSAC.
+2. SIFT features, exhaustive matching and COLMAP's incremental mapper, on the CPU, with
+   every image free. Anything that moves between instants (a talking head) is an outlier
+   to the mapper's RANSAC.
+3. The images of one instant become one frame of a rig (COLMAP's rig support): each
+   camera's pose relative to the first camera is derived from that first solve, and a
+   bundle adjustment holds it constant over time while it refines the lenses.
+
+Carry or turn the rig through the scene while filming: each instant then sees the scene
+from new places, which pins each camera's focal length and principal point (on a
+synthetic room, focal within 0.05 %). A rig that stays put sees one picture per camera,
+where focal trades with distortion and the principal point cannot be told from a turn,
+so it stays at the image centre (focal lengths 4-6 % off there). Whether the rig moved is
+read from the solve (RIG_MOVED_DEG), and reported.
 
 Structure from motion knows no metric scale: the rig is scaled so that the first two
 cameras are 1 unit apart (`units` in CALIB.json says so); multi-view capture puts it in
@@ -25,13 +34,21 @@ from tqdm import tqdm
 
 from avatar.errors import AvatarError
 
-from .bundle import average_rigid, residual_report, spread_evenly
+from .bundle import residual_report, spread_evenly
 from .calibration import COLMAP_MODELS, Calibration, CameraCalibration, rotation_angle_deg
 from .rig import RigCamera, sync_indices
 
 SFM_INSTANTS = 6
 """Sync indices whose frames enter the reconstruction (more add matching time, n^2)."""
 SFM_UNITS = "rig units: the first two cameras 1 apart"
+RIG_MOVED_DEG = 3.0
+"""The rig turned at least this far over the instants: its lenses' principal points are
+refined (a rig that stays put cannot tell them from its cameras' rotations)."""
+
+
+def _homogeneous(rigid) -> np.ndarray:
+    """pycolmap Rigid3d -> 4x4."""
+    return np.vstack([rigid.matrix(), [0, 0, 0, 1]])
 
 
 def calibrate_sfm(root: Path, cameras: list[RigCamera], instants: int = SFM_INSTANTS,
@@ -64,50 +81,64 @@ def calibrate_sfm(root: Path, cameras: list[RigCamera], instants: int = SFM_INST
         options = pycolmap.IncrementalPipelineOptions()
         options.random_seed = 0
         models = pycolmap.incremental_mapping(database, images, Path(work) / "sparse", options)
-    if not models:
-        raise AvatarError(root, "structure from motion found no two frames it could relate",
-                          "film a static, textured scene that neighbouring cameras see together, or calibrate "
-                          "with --method charuco (a board) or face (the talking head)")
-    rec = max(models.values(), key=lambda r: r.num_reg_images())
+        if not models:
+            raise AvatarError(root, "structure from motion found no two frames it could relate",
+                              "film a static, textured scene that neighbouring cameras see together, or calibrate "
+                              "with --method charuco (a board) or face (the talking head)")
+        rec = max(models.values(), key=lambda r: r.num_reg_images())
+        camera_of = {cam.name: [im for im in rec.images.values() if im.has_pose and Path(im.name).parent.name == cam.name]
+                     for cam in cameras}
+        lost = [name for name, ims in camera_of.items() if not ims]
+        if lost:
+            raise AvatarError(root, f"structure from motion could not place camera{'s' if len(lost) > 1 else ''} "
+                              f"{', '.join(lost)}: too few of {'their' if len(lost) > 1 else 'its'} features match "
+                              "the other cameras'", "film a static, textured scene that neighbouring cameras see "
+                              "together, or calibrate with --method charuco or face")
+        free = {im.name: _homogeneous(im.cam_from_world()) for im in rec.images.values() if im.has_pose}
+        placed = {cam.name: {Path(im.name).name for im in camera_of[cam.name]} for cam in cameras}
+        alone = [name for name, at in placed.items() if not at & placed[cameras[0].name]]
+        if alone:  # the rig's pose of such a camera relative to the first cannot be derived
+            raise AvatarError(root, f"structure from motion placed every camera, but {', '.join(alone)} never at an "
+                              f"instant when {cameras[0].name} was placed too",
+                              "film longer, so that the cameras see the scene together at more instants")
+        config = pycolmap.RigConfig(cameras=[pycolmap.RigConfigCamera(ref_sensor=i == 0, image_prefix=f"{cam.name}/")
+                                             for i, cam in enumerate(cameras)])
+        db = pycolmap.Database.open(database)
+        try:
+            pycolmap.apply_rig_config([config], db, rec)
+        finally:
+            db.close()
+    ref = [f for f in rec.frames.values() if f.has_pose]
+    turn = max((rotation_angle_deg(_homogeneous(a.rig_from_world), _homogeneous(b.rig_from_world))
+                for a in ref for b in ref), default=0.0)
+    moved = turn >= RIG_MOVED_DEG
+    adjust = pycolmap.BundleAdjustmentOptions()
+    adjust.refine_sensor_from_rig = True
+    adjust.refine_principal_point = moved
+    pycolmap.bundle_adjustment(rec, adjust)
 
-    by_camera: dict[str, list] = {cam.name: [] for cam in cameras}
-    for image in rec.images.values():
-        if image.has_pose and Path(image.name).parent.name in by_camera:
-            by_camera[Path(image.name).parent.name].append(image)
-    lost = [name for name, ims in by_camera.items() if not ims]
-    if lost:
-        raise AvatarError(root, f"structure from motion could not place camera{'s' if len(lost) > 1 else ''} "
-                          f"{', '.join(lost)}: too few of {'their' if len(lost) > 1 else 'its'} features match "
-                          "the other cameras'", "film a static, textured scene that neighbouring cameras see "
-                          "together, or calibrate with --method charuco or face")
-    world_to_cam, spread, errors = {}, {}, {}
+    rig = next(iter(rec.rigs.values()))
+    out, all_err = [], []
     for cam in cameras:
-        ims = by_camera[cam.name]
-        poses = [np.vstack([im.cam_from_world().matrix(), [0, 0, 0, 1]]) for im in ims]
-        world_to_cam[cam.name] = average_rigid(poses)
-        spread[cam.name] = max(rotation_angle_deg(p, world_to_cam[cam.name]) for p in poses)
-        err = []
-        for im in ims:
-            camera = rec.cameras[im.camera_id]
-            for p in im.points2D:
-                if p.has_point3D():
-                    uv = camera.img_from_cam(im.cam_from_world() * rec.points3D[p.point3D_id].xyz)
-                    err.append(float(np.linalg.norm(np.asarray(uv) - np.asarray(p.xy))))
-        errors[cam.name] = (np.array(err), len(ims))
-    first = world_to_cam[cameras[0].name]
-    to_first = {name: T @ np.linalg.inv(first) for name, T in world_to_cam.items()}
-    baseline = float(np.linalg.norm(np.linalg.inv(to_first[cameras[1].name])[:3, 3]))
-    out = []
-    for cam in cameras:
-        camera = rec.cameras[by_camera[cam.name][0].camera_id]
+        ims = [rec.images[im.image_id] for im in camera_of[cam.name]]
+        camera = ims[0].camera
+        T = np.eye(4) if rig.is_ref_sensor(camera.sensor_id) else _homogeneous(rig.sensor_from_rig(camera.sensor_id))
+        # How far the first, unconstrained solve had this camera from the rig's pose for it.
+        spread = max(rotation_angle_deg(free[im.name] @ np.linalg.inv(free[f"{cameras[0].name}/{Path(im.name).name}"]), T)
+                     for im in ims if Path(im.name).name in placed[cameras[0].name])
+        err = [float(np.linalg.norm(np.asarray(camera.img_from_cam(im.cam_from_world() * rec.points3D[p.point3D_id].xyz))
+                                    - np.asarray(p.xy)))
+               for im in ims for p in im.points2D if p.has_point3D()]
+        all_err += err
         fx, fy, cx, cy, d = COLMAP_MODELS["OPENCV"](list(camera.params))
-        T = to_first[cam.name].copy()
-        T[:3, 3] /= baseline
         out.append(CameraCalibration(cam.name, cam.width, cam.height, np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]),
                                      np.concatenate([d, [0.0]]), T,
-                                     {**residual_report(*errors[cam.name]), "pose_spread_deg": spread[cam.name]}))
-    all_err = np.concatenate([e for e, _ in errors.values()])
+                                     {**residual_report(np.array(err), len(ims)), "free_solve_deg": spread}))
+    baseline = float(np.linalg.norm(out[1].centre))
+    for cam in out:
+        cam.world_to_camera[:3, 3] /= baseline
     report = {"instants": len(chosen), "registered_frames": int(rec.num_reg_images()),
-              "points": int(rec.num_points3D()), "scale": SFM_UNITS,
+              "points": int(rec.num_points3D()), "scale": SFM_UNITS, "rig_turn_deg": turn,
+              "principal_points": "refined" if moved else f"image centres (the rig turned under {RIG_MOVED_DEG:g}°)",
               "median_px": float(np.median(all_err)), "p90_px": float(np.percentile(all_err, 90))}
     return Calibration("sfm", out, str(root), report, units=SFM_UNITS)

@@ -245,12 +245,24 @@ def film_planes(cam: CameraCalibration, rays: np.ndarray, planes: list, seed: in
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_room_rig(root: Path, cams: list[CameraCalibration], frames: int = 3) -> None:
-    """One folder of png frames per camera filming the static room_planes scene."""
+def write_room_rig(root: Path, cams: list[CameraCalibration], frames: int = 3, moving: bool = False) -> None:
+    """One folder of png frames per camera filming the static room_planes scene. With
+    `moving`, the whole rig is carried between frames (turned up to 12 degrees about the
+    vertical and shifted up to 12 cm), its cameras fixed to each other."""
     planes = room_planes()
+    rng = np.random.default_rng(7)
+    rig_to_world = [np.eye(4)]
+    for _ in range(frames - 1):
+        T = np.eye(4)
+        if moving:
+            T[:3, :3] = cv2.Rodrigues(np.radians(rng.uniform(-12, 12, 3) * [0.4, 1.0, 0.3]))[0]
+            T[:3, 3] = rng.uniform(-0.12, 0.12, 3)
+        rig_to_world.append(T)
     for c, cam in enumerate(cams):
         folder = root / cam.name
         folder.mkdir(parents=True, exist_ok=True)
         rays = pixel_rays(cam)
-        for k in range(frames):
-            cv2.imwrite(str(folder / f"{k:04d}.png"), film_planes(cam, rays, planes, seed=100 * c + k))
+        for k, T in enumerate(rig_to_world):
+            carried = CameraCalibration(cam.name, cam.width, cam.height, cam.K, cam.dist,
+                                        cam.world_to_camera @ np.linalg.inv(T))
+            cv2.imwrite(str(folder / f"{k:04d}.png"), film_planes(carried, rays, planes, seed=100 * c + k))
