@@ -247,6 +247,10 @@ def _bench(args: argparse.Namespace) -> int:
         from bench.training import main as bench_train
 
         return bench_train(args.rest)
+    if args.target == "hash":
+        from bench.hash_encoding import main as bench_hash
+
+        return bench_hash(args.rest)
     return 2
 
 
@@ -378,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default), cpu, cuda or cuda:N")
     p.set_defaults(func=_run)
     p = sub.add_parser("bench", help="benchmarks (raster: rasterizer backends vs gsplat; train: views per step "
-                                     "and prefetch)")
-    p.add_argument("target", choices=["raster", "train"], help="what to benchmark")
+                                     "and prefetch; hash: the hash encoding's kernels vs its torch reference)")
+    p.add_argument("target", choices=["raster", "train", "hash"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `avatar bench raster --help`)")
     p.set_defaults(func=_bench)
     return parser

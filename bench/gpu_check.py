@@ -10,10 +10,13 @@ with each step's log beside it:
      with nvcc) and gsplat's (their build times);
   2. parity: the GPU tests through pytest (tests/test_raster_backends.py: our `cuda`
      backend against the CPU kernels and gsplat, and gsplat against the torch reference,
-     values and gradients; the torch backend on the GPU);
+     values and gradients; the torch backend on the GPU; tests/test_hash_encoding.py: the
+     CUDA hash encoding against the CPU op);
   3. rasterizer benchmark (`avatar bench raster`: forward, backward and peak memory of our
      kernels and of gsplat's, in one process: garden 648x420, the tiled garden at
      1920x1080, 8 heads at 512^2 in one batch; ours/gsplat as speed-ups);
+  3b. hash-encoding benchmark (`avatar bench hash`: our CUDA op against the torch reference
+     on the GPU, Instant-NGP's grid, 2^18 points);
   4. training-step benchmark (`avatar bench train`: 1 and 4 views a step, `gpu` preset);
   5. a short `gpu`-preset training of DATASET (512 px, 4 views a step, the device's raster
      backend: ours on a GPU) for `--steps` head steps and `--torso-steps` torso steps:
@@ -77,7 +80,8 @@ def _environment(device: torch.device) -> dict:
 
 def _parity(out: Path) -> dict:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", str(ROOT / "tests" / "test_raster_backends.py"),
-                        "-k", "gpu or gsplat"], capture_output=True, text=True, cwd=ROOT)
+                        str(ROOT / "tests" / "test_hash_encoding.py"), "-k", "gpu or gsplat"],
+                       capture_output=True, text=True, cwd=ROOT)
     (out / "parity_pytest.log").write_text(r.stdout + r.stderr)
     summary = (r.stdout.strip().splitlines() or [""])[-1]
     if r.returncode not in (0, 5):
@@ -146,6 +150,14 @@ def _raster_bench(device: torch.device) -> dict:
     return run(["head"], repeats=5, budget_s=20.0, backends=None)
 
 
+def _hash_bench(device: torch.device) -> dict:
+    from bench.hash_encoding import run
+    from recon.fields import HashGridConfig
+
+    # Instant-NGP's grid; on a GPU at a training batch's size (2^18 samples), on a CPU small.
+    return run(HashGridConfig(), 2**18 if device.type == "cuda" else 2**12, device, repeats=5, budget=20.0)
+
+
 def _train_bench(dataset: Path, device: torch.device, steps: int) -> dict:
     from bench.training import run
 
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, help="training size (default: the gpu preset's 512)")
     p.add_argument("--bench-steps", type=int, default=10, help="timed steps per set-up of the training benchmark")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["parity", "raster", "train_bench", "training", "eval", "sanitizer"],
+                   choices=["parity", "raster", "hash", "train_bench", "training", "eval", "sanitizer"],
                    help="steps to leave out")
     args = p.parse_args(argv)
 
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dataset = Path(args.dataset)
     steps = {"environment": lambda: _environment(device), "parity": lambda: _parity(out),
-             "raster": lambda: _raster_bench(device),
+             "raster": lambda: _raster_bench(device), "hash": lambda: _hash_bench(device),
              "train_bench": lambda: _train_bench(dataset, device, args.bench_steps),
              "training": lambda: _training(dataset, out / "avatar", device, args.steps, args.torso_steps, args.size),
              "eval": lambda: _eval(out / "avatar", device),

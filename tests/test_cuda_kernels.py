@@ -1,4 +1,5 @@
-"""Our CUDA kernels (cuda/kernels/: projection and compositing, forward and backward), run
+"""Our CUDA kernels (cuda/kernels/: projection and compositing, forward and backward, and
+the hash encoding), run
 on the CPU through the emulation layer (tests/cuda_emu): every CUDA thread an OS thread,
 barriers and warp collectives checked. They must agree with the CPU extension (cuda/cpu)
 on the same inputs: forward values to 1e-5, gradients to 1e-4 of each tensor's largest,
@@ -375,14 +376,51 @@ def standalone_cases(s, seed=1):
     cases["tiles"] = ([C, N, tiles_x, tiles_y], [means2d, radii.float(), depths],
                       dict(zip(("tile_offsets", "flat_ids"),
                                ext.isect_tiles(means2d, radii, depths, TILE, tiles_x, tiles_y))))
+
+    x, table, scales, res = hash_inputs(3, 2, points=48, seed=seed)
+    v_out = torch.randn(len(x), table.shape[0] * table.shape[2], generator=g)
+    cases["hash"] = ([*x.shape, *table.shape], [x, table, scales, res.float(), v_out],
+                     dict(zip(("out", "v_table", "v_x"), (ext.hash_encode_forward(x, table, scales, res),
+                                                          *ext.hash_encode_backward(x, table, scales, res, v_out, True)))))
     return cases
+
+
+def hash_inputs(dims, features, points=300, seed=0, log2_table_size=6):
+    """A small hash grid (float32): its coarse levels dense, its fine ones hashed into a
+    table of 2^log2_table_size rows that many points share; points partly outside the cube."""
+    from recon.fields import HashGridConfig, level_grid
+
+    cfg = HashGridConfig(dims=dims, levels=4, features=features, log2_table_size=log2_table_size, base_resolution=2,
+                         max_resolution=40)
+    scales, res = level_grid(cfg)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(points, dims, generator=g) * 1.1 - 0.05
+    table = torch.randn(cfg.levels, cfg.table_size, features, generator=g)
+    return x, table, scales.float(), res
+
+
+@pytest.mark.parametrize("dims,features", [(2, 1), (2, 8), (3, 2), (3, 4)])
+def test_emulated_hash_encoding_agrees_with_the_cpu_kernels(dims, features):
+    """The CUDA hash encoding (one thread per point and level; the table's gradient added
+    atomically) against the CPU op: the encoding to 1e-6, both gradients to 1e-5 of
+    their largest."""
+    x, table, scales, res = hash_inputs(dims, features)
+    v_out = torch.randn(len(x), table.shape[0] * features, generator=torch.Generator().manual_seed(1))
+    cpu, emu = load_cpu_extension(), load_emulated_kernels()
+    torch.testing.assert_close(emu.hash_encode_forward(x, table, scales, res),
+                               cpu.hash_encode_forward(x, table, scales, res), rtol=0, atol=1e-6)
+    for got, want in zip(emu.hash_encode_backward(x, table, scales, res, v_out, True),
+                         cpu.hash_encode_backward(x, table, scales, res, v_out, True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(RuntimeError, match="not built for these arguments"):
+        emu.hash_encode_forward(x, table[..., :1].expand(-1, -1, 3).contiguous(), scales, res)
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])
 def test_kernels_are_clean_under_sanitizers(sanitizer, tmp_path):
     """Tiny scenes (2 cameras, 2 x 2 tiles each) through every kernel (tile lists,
-    projection, SH, compositing) in a standalone program built with the sanitizer: no
-    report, and the results of the extension."""
+    projection, SH, compositing; and a small hash grid) in a standalone program built
+    with the sanitizer: no report, and the results of the extension."""
     exe = build_sanitized(sanitizer)
     for mode, (sizes, inputs, expected) in standalone_cases(tiny_scene()).items():
         run, raw = run_standalone(exe, mode, sizes, inputs, tmp_path)
@@ -407,6 +445,8 @@ PLANTED_BUGS = {  # name: (file in cuda/kernels, text, replaced by, sanitizer, m
                                 "    const int count", "thread", "raster", tiny_scene, "ThreadSanitizer: data race"),
     "a non-atomic accumulation": ("rasterize_backward.cu", "{ atomicAdd(at, value); }", "{ *at += value; }", "thread",
                                   "raster", tiny_scene, "ThreadSanitizer: data race"),
+    "a non-atomic hash-table gradient": ("hash_encode_backward.cu", "{ atomicAdd(at, v); }", "{ *at += v; }",
+                                         "thread", "hash", tiny_scene, "ThreadSanitizer: data race"),
     "a sort with one key bit too few": ("tile_intersect.cu", "return 32 + splat::index_bits(",
                                         "return 31 + splat::index_bits(", "address", "tiles", tiny_scene, "differs"),
     "a shared array one batch too small": ("rasterize_forward.cu", "__shared__ float2 s_mean[kBlock];",

@@ -133,7 +133,7 @@ def test_render_eval_export_and_view_use_only_the_trained_avatar_interface():
     """What a trained avatar is made of belongs to its method: the commands that use one go
     through recon/method.py's TrainedAvatar (and write .ply through the 3DGS file format)."""
     internals = ("recon.model", "recon.torso", "recon.motion", "recon.deform", "recon.densify", "recon.init",
-                 "recon.methods", "recon.config", "recon.raster")
+                 "recon.methods", "recon.config", "recon.raster", "recon.fields")
     allowed = {"recon.gaussians": {"save_ply"}, "recon.raster": {"rasterize"}}  # the .ply writer; the viewer's dots
     reaching_in = [(str(f.relative_to(ROOT)), line, module, names)
                    for f in (ROOT / "recon/render.py", ROOT / "recon/evaluate.py", ROOT / "recon/export.py",

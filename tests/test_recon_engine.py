@@ -359,7 +359,8 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(sample_dataset, tmp_path):
                "--size", "64", "--bench-steps", "1", "--skip", "raster"])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rc == 0 and all(r["ok"] for r in report.values()), report
-    assert list(report) == ["environment", "parity", "train_bench", "training", "eval", "sanitizer"]
+    assert list(report) == ["environment", "parity", "hash", "train_bench", "training", "eval", "sanitizer"]
+    assert report["hash"]["max_abs_diff"] < 1e-6 and report["hash"]["speedup"]["forward_backward_s"] > 1
     assert report["sanitizer"]["skipped"].startswith("compute-sanitizer checks CUDA kernels: no GPU here")
     assert "passed" in report["parity"]["pytest"]
     assert set(report["train_bench"]["rows"]) == {"B=1 in-step", "B=1 prefetch", "B=4 prefetch"}

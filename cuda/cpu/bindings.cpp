@@ -4,6 +4,7 @@
 
 #include <tuple>
 
+#include "hash_ops.h"
 #include "ops.h"
 #include "raster_ops.h"
 
@@ -196,9 +197,61 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
   return {v_means2d, v_conics, v_features, v_opacities, v_backgrounds};
 }
 
+void check_hash_args(const torch::Tensor& x, const torch::Tensor& table, const torch::Tensor& scales,
+                     const torch::Tensor& res) {
+  const auto dt = x.scalar_type();
+  check(x, "x", dt);
+  check(table, "table", dt);
+  check(scales, "scales", dt);
+  check(res, "res", torch::kInt32);
+  TORCH_CHECK(x.dim() == 2 && table.dim() == 3 && scales.dim() == 1 && res.dim() == 1, "hash encoding: x [N,D], "
+              "table [L,S,F], scales [L], res [L]");
+  const int64_t L = table.size(0), S = table.size(1);
+  TORCH_CHECK(scales.size(0) == L && res.size(0) == L, "hash encoding: scales and res need one entry per level");
+  TORCH_CHECK(S > 0 && (S & (S - 1)) == 0 && S <= (int64_t(1) << 31), "hash encoding: the table size ", S,
+              " is not a power of two up to 2^31");
+}
+
+torch::Tensor hash_encode_forward(const torch::Tensor& x, const torch::Tensor& table, const torch::Tensor& scales,
+                                  const torch::Tensor& res) {
+  check_hash_args(x, table, scales, res);
+  const int64_t N = x.size(0), L = table.size(0), S = table.size(1), F = table.size(2);
+  auto out = torch::empty({N, L * F}, x.options());
+  bool ok = false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_forward", [&] {
+    ok = splat_cpu::hash_encode_forward<scalar_t>(N, int(x.size(1)), L, S, int(F), x.data_ptr<scalar_t>(),
+                                                  table.data_ptr<scalar_t>(), scales.data_ptr<scalar_t>(),
+                                                  res.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), threads());
+  });
+  TORCH_CHECK(ok, "hash encoding: D = ", x.size(1), ", F = ", F, " is not built (D 2 or 3, F 1, 2, 4 or 8)");
+  return out;
+}
+
+std::tuple<torch::Tensor, c10::optional<torch::Tensor>> hash_encode_backward(
+    const torch::Tensor& x, const torch::Tensor& table, const torch::Tensor& scales, const torch::Tensor& res,
+    const torch::Tensor& v_out, bool x_grad) {
+  check_hash_args(x, table, scales, res);
+  check(v_out, "v_out", x.scalar_type());
+  const int64_t N = x.size(0), L = table.size(0), S = table.size(1), F = table.size(2);
+  TORCH_CHECK(v_out.dim() == 2 && v_out.size(0) == N && v_out.size(1) == L * F, "hash encoding: v_out must be [N, L*F]");
+  auto v_table = torch::empty_like(table);
+  c10::optional<torch::Tensor> v_x;
+  if (x_grad) v_x = torch::empty_like(x);
+  bool ok = false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_backward", [&] {
+    ok = splat_cpu::hash_encode_backward<scalar_t>(
+        N, int(x.size(1)), L, S, int(F), x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
+        scales.data_ptr<scalar_t>(), res.data_ptr<int32_t>(), v_out.data_ptr<scalar_t>(),
+        v_table.data_ptr<scalar_t>(), x_grad ? v_x->data_ptr<scalar_t>() : nullptr, threads());
+  });
+  TORCH_CHECK(ok, "hash encoding: D = ", x.size(1), ", F = ", F, " is not built (D 2 or 3, F 1, 2, 4 or 8)");
+  return {v_table, v_x};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "avatar-studio CPU Gaussian rasterizer (OpenMP)";
+  m.doc() = "avatar-studio CPU kernels (OpenMP): Gaussian rasterizer, hash encoding";
   SPLAT_REGISTER_RASTER_OPS(m);
+  HASH_REGISTER_OPS(m);
 }

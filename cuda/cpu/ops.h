@@ -66,4 +66,17 @@ void rasterize_backward(int64_t C, int64_t N, int64_t D, const T* means2d, const
                         const T* v_alpha, T* v_means2d, T* v_conics, T* v_features,
                         T* v_opacities, T* v_backgrounds, int num_threads);
 
+// Multi-resolution hash encoding (hash_math.h). x [N,D], table [L,S,F] (S a power of two),
+// scales [L], res [L] -> out [N,L*F] (level-major). D is 2 or 3, F 1, 2, 4 or 8; false
+// for others.
+template <typename T>
+bool hash_encode_forward(int64_t N, int D, int64_t L, int64_t S, int F, const T* x, const T* table,
+                         const T* scales, const int32_t* res, T* out, int num_threads);
+
+// v_table [L,S,F] is written; v_x [N,D] is written, or null.
+template <typename T>
+bool hash_encode_backward(int64_t N, int D, int64_t L, int64_t S, int F, const T* x, const T* table,
+                          const T* scales, const int32_t* res, const T* v_out, T* v_table, T* v_x,
+                          int num_threads);
+
 }  // namespace splat_cpu

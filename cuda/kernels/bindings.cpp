@@ -12,6 +12,8 @@
 
 #include <cuda_runtime.h>
 
+#include "hash_encoding.h"
+#include "hash_ops.h"
 #include "projection.h"
 #include "raster_ops.h"
 #include "rasterize.h"
@@ -48,7 +50,7 @@ void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
 void ok(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, what, ": ",
               status == cudaErrorInvalidValue
-                  ? "the kernels are not built for these arguments (channels, tile size, SH degree)"
+                  ? "the kernels are not built for these arguments (channels, tile size, SH degree, hash-grid dims or features)"
                   : cudaGetErrorString(status));
 }
 
@@ -219,9 +221,54 @@ rasterize_backward(const torch::Tensor& means2d, const torch::Tensor& conics, co
   return {v_means2d, v_conics, v_features, v_opacities, v_backgrounds};
 }
 
+void check_hash_args(const torch::Tensor& x, const torch::Tensor& table, const torch::Tensor& scales,
+                     const torch::Tensor& res) {
+  for (auto [t, n] : {std::pair{&x, "x"}, {&table, "table"}, {&scales, "scales"}}) check(*t, n, torch::kFloat32);
+  check(res, "res", torch::kInt32);
+  TORCH_CHECK(x.dim() == 2 && table.dim() == 3 && scales.dim() == 1 && res.dim() == 1, "hash encoding: x [N,D], "
+              "table [L,S,F], scales [L], res [L]");
+  const int64_t L = table.size(0), S = table.size(1);
+  TORCH_CHECK(scales.size(0) == L && res.size(0) == L, "hash encoding: scales and res need one entry per level");
+  TORCH_CHECK(S > 0 && (S & (S - 1)) == 0 && S <= (int64_t(1) << 31), "hash encoding: the table size ", S,
+              " is not a power of two up to 2^31");
+}
+
+torch::Tensor hash_encode_forward(const torch::Tensor& x, const torch::Tensor& table, const torch::Tensor& scales,
+                                  const torch::Tensor& res) {
+  check_hash_args(x, table, scales, res);
+  const DeviceGuard guard(x);
+  const int64_t N = x.size(0), L = table.size(0), F = table.size(2);
+  auto out = torch::empty({N, L * F}, x.options());
+  ok(splat_cuda::hash_encode_forward(N, int(x.size(1)), L, table.size(1), int(F), x.data_ptr<float>(),
+                                     table.data_ptr<float>(), scales.data_ptr<float>(), res.data_ptr<int32_t>(),
+                                     out.data_ptr<float>(), stream()),
+     "hash_encode_forward");
+  return out;
+}
+
+std::tuple<torch::Tensor, c10::optional<torch::Tensor>> hash_encode_backward(
+    const torch::Tensor& x, const torch::Tensor& table, const torch::Tensor& scales, const torch::Tensor& res,
+    const torch::Tensor& v_out, bool x_grad) {
+  check_hash_args(x, table, scales, res);
+  check(v_out, "v_out", torch::kFloat32);
+  const int64_t N = x.size(0), L = table.size(0), F = table.size(2);
+  TORCH_CHECK(v_out.dim() == 2 && v_out.size(0) == N && v_out.size(1) == L * F, "hash encoding: v_out must be [N, L*F]");
+  const DeviceGuard guard(x);
+  auto v_table = torch::zeros_like(table);
+  c10::optional<torch::Tensor> v_x;
+  if (x_grad) v_x = torch::empty_like(x);
+  ok(splat_cuda::hash_encode_backward(N, int(x.size(1)), L, table.size(1), int(F), x.data_ptr<float>(),
+                                      table.data_ptr<float>(), scales.data_ptr<float>(), res.data_ptr<int32_t>(),
+                                      v_out.data_ptr<float>(), v_table.data_ptr<float>(),
+                                      x_grad ? v_x->data_ptr<float>() : nullptr, stream()),
+     "hash_encode_backward");
+  return {v_table, v_x};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "avatar-studio CUDA rasterization kernels (cuda/kernels)";
+  m.doc() = "avatar-studio CUDA kernels (cuda/kernels): Gaussian rasterizer, hash encoding";
   SPLAT_REGISTER_RASTER_OPS(m);
+  HASH_REGISTER_OPS(m);
 }

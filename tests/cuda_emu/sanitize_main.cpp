@@ -1,6 +1,6 @@
 // A standalone run of the CUDA kernels under cuda_emu, for ThreadSanitizer and
 // AddressSanitizer + UBSan builds (tests/test_cuda_kernels.py builds and runs it).
-// Usage: sanitize_main MODE IN OUT, MODE one of raster, project, sh, tiles. IN holds,
+// Usage: sanitize_main MODE IN OUT, MODE one of raster, project, sh, tiles, hash. IN holds,
 // little-endian, int64 sizes then float32 inputs (and, for raster, int64 tile lists); OUT
 // gets the outputs in order, each float32 but the int32 radii and last_ids and the int64
 // tile lists:
@@ -17,12 +17,15 @@
 //            v_dirs, v_coeffs
 //   tiles:   C N tiles_x tiles_y | means2d [C,N,2], radii [C,N,2] (whole numbers), depths [C,N]
 //            ->  tile_offsets [C*tiles_y*tiles_x], flat_ids [n_isects] (16 x 16 tiles)
+//   hash:    N D L S F | x [N,D], table [L,S,F], scales [L], res [L] (whole numbers),
+//            v_out [N,L*F]  ->  out [N,L*F], v_table [L,S,F], v_x [N,D]
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "hash_encoding.h"
 #include "projection.h"
 #include "rasterize.h"
 #include "spherical_harmonics.h"
@@ -127,11 +130,25 @@ void tiles(std::FILE* in, std::FILE* out) {
   write(out, offsets), write(out, flat_ids);
 }
 
+void hash(std::FILE* in, std::FILE* out) {
+  const auto head = read<int64_t>(in, 5);
+  const int64_t N = head[0], D = head[1], L = head[2], S = head[3], F = head[4];
+  auto x = read<float>(in, N * D), table = read<float>(in, L * S * F), scales = read<float>(in, L);
+  auto res_f = read<float>(in, L), v_out = read<float>(in, N * L * F);
+  const std::vector<int32_t> res(res_f.begin(), res_f.end());
+  std::vector<float> encoded(N * L * F), v_table(L * S * F, 0.f), v_x(N * D);
+  ok(splat_cuda::hash_encode_forward(N, int(D), L, S, int(F), x.data(), table.data(), scales.data(), res.data(),
+                                     encoded.data(), nullptr));
+  ok(splat_cuda::hash_encode_backward(N, int(D), L, S, int(F), x.data(), table.data(), scales.data(), res.data(),
+                                      v_out.data(), v_table.data(), v_x.data(), nullptr));
+  write(out, encoded), write(out, v_table), write(out, v_x);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: %s raster|project|sh|tiles IN OUT\n", argv[0]);
+    std::fprintf(stderr, "usage: %s raster|project|sh|tiles|hash IN OUT\n", argv[0]);
     return 2;
   }
   std::FILE* in = std::fopen(argv[2], "rb");
@@ -141,6 +158,7 @@ int main(int argc, char** argv) {
   else if (!std::strcmp(argv[1], "project")) project(in, out);
   else if (!std::strcmp(argv[1], "sh")) sh(in, out);
   else if (!std::strcmp(argv[1], "tiles")) tiles(in, out);
+  else if (!std::strcmp(argv[1], "hash")) hash(in, out);
   else return 2;
   std::fclose(in);
   std::fclose(out);
