@@ -118,7 +118,9 @@ def _train(args: argparse.Namespace) -> int:
     holdout = [n for n in args.holdout_cameras.split(",") if n] if args.holdout_cameras is not None else None
     out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides,
                 device=_device(args), method=args.method, holdout_cameras=holdout)
-    print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}\n  canonical Gaussians: {out / 'canonical.ply'}")
+    print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}")
+    if (out / "canonical.ply").is_file():
+        print(f"  canonical Gaussians: {out / 'canonical.ply'}")
     return 0
 
 

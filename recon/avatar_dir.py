@@ -41,7 +41,7 @@ from .dataset import Dataset, Frame
 from .gaussians import FACE, MOUTH, TORSO, Gaussians
 from .method import HeadView, TrainedAvatar, checkpoint_method, method_class
 from .model import AvatarModel, BranchParams, Layer, concat
-from .motion import MotionBasis, MotionRig, tracked_motion
+from .motion import MotionBasis, MotionRig, tracked_motion_rows
 from .torso import TorsoModel
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -135,19 +135,13 @@ class TrainedGaussianAvatar(TrainedAvatar):
         self.model = model
 
     def speech_motion(self, feats: dict) -> torch.Tensor:
-        if not self.meta.get("speech", True):
-            raise AvatarError(self.root, "was trained on a dataset filmed without sound, so speech cannot drive it",
-                              "capture the subject speaking, with sound, and train again")
+        self.check_speech()
         return speech_motion(self.model, feats)
 
     def tracked_motion(self, ds: Dataset) -> torch.Tensor | None:
         if self.model.rig is None or ds.landmarks(0) is None:
             return None
-        per_frame = tracked_motion(ds, self.model.rig).to(ds.device)
-        rows = len(ds.features["mel"]) if ds.has_speech else 1 + max(int(f["frame_index"]) for f in ds.frames)
-        out = torch.zeros(rows, per_frame.shape[1], device=ds.device)
-        out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
-        return out
+        return tracked_motion_rows(ds, self.model.rig)
 
     def head_points(self) -> torch.Tensor:
         return self.model.face.means.detach()

@@ -192,12 +192,19 @@ def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}")
     if isinstance(overrides.get("stages"), dict):
         overrides["stages"] = StageSchedule(**overrides["stages"])
-    base = PRESETS[name]
+    return check_ranges(replace_checked(PRESETS[name], overrides))
+
+
+def replace_checked(base, overrides: dict):
+    """The config dataclass `base` with `overrides` (None values ignored), each of the type
+    of the field it replaces (an int stands for a float); ValueError names an unknown key or
+    the first value of the wrong type."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - {f.name for f in fields(base)}
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}")
     for key, value in overrides.items():
         default = getattr(base, key)
         ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
@@ -205,7 +212,7 @@ def preset(name: str, **overrides) -> TrainConfig:
             ok = True  # 1 for 1.0
         if not ok:
             raise ValueError(f"{key} must be {type(default).__name__}, got {value!r}")
-    return check_ranges(replace(base, **overrides))
+    return replace(base, **overrides)
 
 
 AT_LEAST_ONE = ("size", "iterations", "batch_size", "init_volume_points", "init_torso_points", "max_gaussians", "audio_window", "motion_components",

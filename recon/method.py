@@ -273,6 +273,13 @@ class TrainedAvatar(ABC):
         return self.background.device
 
     # -- conditioning ------------------------------------------------------------------
+    def check_speech(self) -> None:
+        """AvatarError when the avatar was trained on a dataset filmed without sound: speech
+        cannot drive it."""
+        if not self.meta.get("speech", True):
+            raise AvatarError(self.root, "was trained on a dataset filmed without sound, so speech cannot drive it",
+                              "capture the subject speaking, with sound, and train again")
+
     @abstractmethod
     def speech_motion(self, feats: dict) -> Tensor:
         """[N, C] motion codes of the N video frames of speech features (capture's layout:
@@ -328,7 +335,8 @@ class TrainedAvatar(ABC):
 
 DEFAULT_METHOD = "gaussians"
 """The method of `--method`'s default, and of checkpoints that name none (written before the engine)."""
-METHODS: dict[str, str | type[Method]] = {"gaussians": "recon.methods.gaussians:GaussianAvatar"}
+METHODS: dict[str, str | type[Method]] = {"gaussians": "recon.methods.gaussians:GaussianAvatar",
+                                          "nerf": "recon.methods.nerf:RadianceFieldAvatar"}
 """Method name -> class, or "module:Class" imported on first use."""
 
 

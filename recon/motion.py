@@ -22,7 +22,10 @@ MotionNet. Codes of zero are the clip's average mouth (the static-mouth baseline
 from __future__ import annotations
 
 import copy
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatar.dataset_format import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, VISEMES, face_triangles
+from avatar.dataset_format import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, VISEMES, face_triangles, mouth_opening
 from avatar.geometry import umeyama
+from avatar.io import write_json
 
 from .lipsync import closed_threshold
 
@@ -458,3 +462,37 @@ def tracked_motion(ds: Dataset, rig: MotionRig) -> torch.Tensor:
     vertices = rig.vertices.cpu().numpy()  # host: the landmark fit runs in numpy
     offsets = tracked_offsets(tracked_landmarks(ds), vertices, list(RIGID))
     return rig.basis.encode(torch.from_numpy(offsets)).float()
+
+
+def tracked_motion_rows(ds: Dataset, rig: MotionRig) -> Tensor:
+    """[rows of ds.features, K] each timestep's tracked motion codes (rows a dataset frame
+    shows; zeros elsewhere), on ds.device: a trained avatar's expression oracle."""
+    per_frame = tracked_motion(ds, rig).to(ds.device)
+    rows = len(ds.features["mel"]) if ds.has_speech else 1 + max(int(f["frame_index"]) for f in ds.frames)
+    out = torch.zeros(rows, per_frame.shape[1], device=ds.device)
+    out[[int(f["frame_index"]) for f in ds.frames]] = per_frame
+    return out
+
+
+def fit_speech_to_motion(net: MotionNet, rig: MotionRig, ds: Dataset, train_ids: list[int], motion: Tensor,
+                         mel: Tensor, visemes: Tensor, out: Path, progress: bool, *, steps: int, lr: float,
+                         noise: float, velocity_weight: float, gap_weight: float, seed: int) -> None:
+    """The speech-to-motion stage of a speech-driven avatar (on the host): `net` fitted to
+    the training frames' tracked codes (motion [len(ds), K]) from the clip's speech (mel,
+    visemes), its lips' closed gap set from the subject's own and its range calibrated out
+    of sample (fit_motion_stage); logged to OUT/motion.json."""
+    from tqdm import tqdm
+
+    rows = torch.tensor([int(ds.frames[i]["frame_index"]) for i in train_ids])
+    opening = mouth_opening(np.stack([ds.landmarks(i) for i in train_ids]))
+    net.set_closed_mouth(rig.basis, motion[train_ids], opening)
+    bar = tqdm(total=steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    result = fit_motion_stage(net, mel, visemes, motion[train_ids], rows, steps, lr=lr, noise=noise,
+                              velocity_weight=velocity_weight, gap_weight=gap_weight, seed=seed,
+                              progress=lambda step, loss: (bar.update(1),
+                                                           bar.set_postfix(loss=f"{loss:.4f}", refresh=False)))
+    bar.close()
+    write_json(out / "motion.json", {**result, "seconds": time.perf_counter() - t0,
+                                     "frames": len(rows), "codes": motion.shape[1]})

@@ -48,3 +48,20 @@ def random_scene(n=300, cameras=2, width=70, height=45, sh_degree=None, feat_dim
 TINY_TRAIN = dict(size=64, iterations=60, motion_steps=100, init_volume_points=1500, init_mouth_points=200, max_gaussians=2500,
                   checkpoint_every=20, log_every=5, densify_every=10, densify_from=0.1, densify_until=0.8,
                   opacity_reset_at=0.0, torso_steps=20, init_torso_points=300, max_torso_gaussians=800)
+
+
+def run_until_killed(trainer, steps_done: int) -> None:
+    """Run `trainer` (recon.engine.Trainer) as if the process were killed right after its
+    step `steps_done`: checkpoints written before then stay, nothing after."""
+    import pytest
+
+    after_step = trainer.method.after_step
+
+    def killed(done, optim, progress):
+        if done == steps_done:
+            raise KeyboardInterrupt
+        return after_step(done, optim, progress)
+
+    trainer.method.after_step = killed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(progress=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from _scenes import TINY_TRAIN
+from _scenes import TINY_TRAIN, run_until_killed
 from avatar.errors import AvatarError
 from recon.avatar_dir import load_avatar
 from recon.checkpoint import load_checkpoint
@@ -163,16 +163,7 @@ def test_a_second_method_trains_checkpoints_and_resumes_through_the_engine(colou
     # Killed after step 23 (the last checkpoint: 20) and resumed, the method named by the
     # checkpoint, it ends where the uninterrupted run did.
     cut = Trainer(sample_dataset, tmp_path / "b", None, resume=False, progress=False, method="colour-grid")
-    after_step = cut.method.after_step
-
-    def killed(steps_done, optim, progress):
-        if steps_done == 23:
-            raise KeyboardInterrupt
-        return after_step(steps_done, optim, progress)
-
-    cut.method.after_step = killed
-    with pytest.raises(KeyboardInterrupt):
-        cut.run(progress=False)
+    run_until_killed(cut, 23)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")[1]["step"] == 20
     resumed = train(sample_dataset, tmp_path / "b", None, resume=True, progress=False)
     again, meta_b = load_checkpoint(resumed / "checkpoint.safetensors")

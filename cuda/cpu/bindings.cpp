@@ -204,12 +204,7 @@ void check_hash_args(const torch::Tensor& x, const torch::Tensor& table, const t
   check(table, "table", dt);
   check(scales, "scales", dt);
   check(res, "res", torch::kInt32);
-  TORCH_CHECK(x.dim() == 2 && table.dim() == 3 && scales.dim() == 1 && res.dim() == 1, "hash encoding: x [N,D], "
-              "table [L,S,F], scales [L], res [L]");
-  const int64_t L = table.size(0), S = table.size(1);
-  TORCH_CHECK(scales.size(0) == L && res.size(0) == L, "hash encoding: scales and res need one entry per level");
-  TORCH_CHECK(S > 0 && (S & (S - 1)) == 0 && S <= (int64_t(1) << 31), "hash encoding: the table size ", S,
-              " is not a power of two up to 2^31");
+  check_hash_shapes(x, table, scales, res);
 }
 
 torch::Tensor hash_encode_forward(const torch::Tensor& x, const torch::Tensor& table, const torch::Tensor& scales,

@@ -33,17 +33,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from avatar.dataset_format import LIPS, OUTER_LIPS, RIGID, VISEMES, mouth_opening
+from avatar.dataset_format import LIPS, OUTER_LIPS, RIGID, VISEMES
 from avatar.errors import AvatarError
 from avatar.geometry import pseudo_huber
-from avatar.io import write_json
 
 from ..avatar_dir import TrainedGaussianAvatar, model_from_tensors, model_tensors, open_gaussian_avatar
 from ..conditioning import normalize_mel, viseme_features
@@ -56,7 +53,7 @@ from ..init import init_gaussians
 from ..losses import photometric_loss, psnr
 from ..method import Batch, Method, coverage, torso_under
 from ..model import AvatarModel, BranchParams, Layer, composite
-from ..motion import fit_motion_stage, fit_rig, has_tracked_faces, tracked_motion
+from ..motion import fit_rig, fit_speech_to_motion, has_tracked_faces, tracked_motion
 from ..torso import TorsoModel, init_torso, refine_tracks
 
 BRANCHES = (("face", FACE), ("mouth", MOUTH))
@@ -226,7 +223,10 @@ class GaussianAvatar(Method):
         self.model = AvatarModel(g, rig, motion_dim=cfg.motion_components, visemes=len(VISEMES),
                                  window=cfg.audio_window)
         if rig is not None and self.ds.has_speech:
-            self.fit_motion_net(self.mel.cpu(), self.visemes.cpu(), motion, out, progress)  # host: setup
+            fit_speech_to_motion(self.model.motion_net, rig, self.host_ds, self.train_ids, motion, self.mel.cpu(),
+                                 self.visemes.cpu(), out, progress, steps=cfg.motion_steps, lr=cfg.lr_motion,
+                                 noise=cfg.audio_noise, velocity_weight=cfg.motion_velocity_weight,
+                                 gap_weight=cfg.motion_gap_weight, seed=cfg.seed)  # host: setup
         self.model.to(self.device)
         self.stats = {name: GradStats(len(self.model.branch(b)), self.device) for name, b in BRANCHES}
         face = g.means[g.branch == FACE]
@@ -275,29 +275,6 @@ class GaussianAvatar(Method):
     def open_trained(cls, root: Path, tensors: dict[str, torch.Tensor], meta: dict,
                      device: torch.device) -> TrainedGaussianAvatar:
         return open_gaussian_avatar(root, tensors, meta, device)
-
-    def fit_motion_net(self, mel: torch.Tensor, visemes: torch.Tensor, motion: torch.Tensor, out: Path,
-                       progress: bool) -> None:
-        """The speech-to-motion stage (on the host, before the model moves): MotionNet fitted
-        to the training frames' tracked codes (motion [len(ds), K]) from the clip's speech
-        (mel, visemes), its range calibrated out of sample (motion.fit_motion_stage);
-        logged to OUT/motion.json."""
-        cfg = self.cfg
-        rows = torch.tensor([int(self.ds.frames[i]["frame_index"]) for i in self.train_ids])
-        opening = mouth_opening(np.stack([self.ds.landmarks(i) for i in self.train_ids]))
-        self.model.motion_net.set_closed_mouth(self.model.rig.basis, motion[self.train_ids], opening)
-        bar = tqdm(total=cfg.motion_steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True)
-        t0 = time.perf_counter()
-        result = fit_motion_stage(self.model.motion_net, mel, visemes, motion[self.train_ids], rows,
-                                  cfg.motion_steps, lr=cfg.lr_motion, noise=cfg.audio_noise,
-                                  velocity_weight=cfg.motion_velocity_weight, gap_weight=cfg.motion_gap_weight,
-                                  seed=cfg.seed,
-                                  progress=lambda step, loss: (bar.update(1),
-                                                               bar.set_postfix(loss=f"{loss:.4f}", refresh=False)))
-        bar.close()
-        write_json(out / "motion.json", {**result, "seconds": time.perf_counter() - t0,
-                                         "frames": len(rows), "codes": motion.shape[1]})
 
     # -- schedule ----------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
