@@ -201,7 +201,7 @@ def _export(args: argparse.Namespace) -> int:
     from recon.export import export
 
     paths = export(args.avatar, ply=args.ply, frame=args.frame, audio=args.audio, frames_dir=args.frames,
-                   device=_device(args))
+                   device=_device(args), mesh=args.mesh, mesh_resolution=args.mesh_resolution)
     print(f"wrote {paths[0]}" if len(paths) == 1 else f"wrote {len(paths)} files to {paths[0].parent}")
     return 0
 
@@ -321,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.add_argument("--method",
-                   help="the reconstruction method, recon/method.py (default gaussians, the talking Gaussian avatar; when resuming, "
-                        "the checkpoint's)")
+                   help="the reconstruction method, recon/method.py: gaussians (the default: the talking Gaussian avatar) "
+                        "or nerf (a hash-grid radiance field, ER-NeRF style); when resuming, the checkpoint's")
     p.add_argument("--holdout-cameras", metavar="NAME[,NAME]",
                    help="a rig's dataset: keep these cameras out of training; `avatar eval` scores them as novel views")
     p.add_argument("--resume", action="store_true",
@@ -354,12 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.set_defaults(func=_render)
-    p = sub.add_parser("export", help="export an avatar to standard 3DGS .ply (canonical or deformed)")
+    p = sub.add_parser("export", help="export an avatar to standard 3DGS .ply (canonical or deformed), or a "
+                                      "radiance field's surface as a mesh")
     p.add_argument("avatar", help="avatar folder written by `avatar train`")
     p.add_argument("--ply", help="the .ply to write (canonical, or dataset frame --frame K)")
     p.add_argument("--frame", type=int, help="deform as in this dataset frame")
     p.add_argument("--audio", help="speech file: write one deformed .ply per video frame into --frames")
     p.add_argument("--frames", help="folder for the per-frame .ply files")
+    p.add_argument("--mesh", help="a radiance-field avatar (--method nerf): write its surface as a .ply triangle mesh "
+                                  "(marching cubes of the density; canonical, or dataset frame --frame K)")
+    p.add_argument("--mesh-resolution", type=int, default=192, help="grid cells a side for --mesh (default 192)")
     p.add_argument("--device", default="auto",
                    help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.set_defaults(func=_export)

@@ -333,6 +333,14 @@ class TrainedAvatar(ABC):
                           "which has no 3D Gaussians to export")
 
 
+    def mesh(self, pose: Any = None, resolution: int = 192) -> tuple[Tensor, Tensor, Tensor]:
+        """(vertices [V, 3] in the head frame, triangles [F, 3] long, colours [V, 3] in [0, 1]):
+        the head's surface, canonical (pose None) or in a pose from `deform`, on a grid of
+        `resolution` cells a side. AvatarError for methods without a density field."""
+        raise AvatarError(self.root, f"was trained by the method {self.meta.get('method', DEFAULT_METHOD)!r}, which has "
+                          "no density field to extract a mesh from", "export --ply for its 3D Gaussians")
+
+
 DEFAULT_METHOD = "gaussians"
 """The method of `--method`'s default, and of checkpoints that name none (written before the engine)."""
 METHODS: dict[str, str | type[Method]] = {"gaussians": "recon.methods.gaussians:GaussianAvatar",

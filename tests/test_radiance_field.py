@@ -156,6 +156,17 @@ def test_a_trained_radiance_field_renders_evaluates_and_shows(sample_dataset, sp
     assert result["pose_fit"]["per_frame"][0]["psnr_face_fitted_pose"] is not None  # gradients reach the pose
     with pytest.raises(AvatarError, match="'nerf', which has no 3D Gaussians to export"):
         export(out, tmp_path / "head.ply", progress=False)
+    from plyfile import PlyData
+
+    lo, hi = av.model.lo, av.model.hi
+    for frame in (None, 3):  # the canonical head, and as in dataset frame 3
+        path = export(out, mesh=tmp_path / f"mesh_{frame}.ply", frame=frame, mesh_resolution=48, progress=False)[0]
+        ply = PlyData.read(str(path))
+        xyz = torch.tensor(np.stack([ply["vertex"][k] for k in "xyz"], 1))
+        faces = np.stack(ply["face"]["vertex_indices"])
+        assert len(xyz) > 200 and len(faces) > 200 and faces.max() < len(xyz)
+        assert ((xyz >= lo - 1e-6) & (xyz <= hi + 1e-6)).all()
+        assert np.ptp(np.stack([ply["vertex"][k] for k in ("red", "green", "blue")]), 1).max() > 20  # coloured
     renderer = ViewRenderer(av)
     track = load_track(speech_wav, av)
     viewmat, K = renderer.rig.at(10.0, 5.0), renderer.intrinsics(0.6, 40, 32)

@@ -194,7 +194,9 @@ def test_a_second_method_renders_evaluates_and_shows_through_the_trained_avatar(
         assert np.std(np.stack(frames).astype(np.float32)) > 5  # the card and the plate, not a blank
     with pytest.raises(AvatarError, match="'colour-grid', which has no 3D Gaussians to export"):
         export(out, tmp_path / "card.ply", progress=False)
-    assert not (tmp_path / "card.ply").exists()
+    with pytest.raises(AvatarError, match="'colour-grid', which has no density field to extract a mesh from"):
+        export(out, mesh=tmp_path / "card_mesh.ply", progress=False)
+    assert not (tmp_path / "card.ply").exists() and not (tmp_path / "card_mesh.ply").exists()
     result = evaluate(out, progress=False, train_fit_frames=2, pose_fit_frames=1)
     assert np.isfinite(result["psnr"]) and result["per_frame"] and (out / "eval_strip.png").is_file()
     assert result["pose_fit"]["per_frame"][0]["psnr_face_fitted_pose"] is not None

@@ -379,6 +379,31 @@ class TrainedRadianceField(TrainedAvatar):
         return HeadView({"head": _Layer(rgb, alpha, depth)})
 
 
+    @torch.no_grad()
+    def mesh(self, pose: Tensor | None = None, resolution: int = 192) -> tuple[Tensor, Tensor, Tensor]:
+        """Marching cubes (scikit-image) on the density sampled at the centres of a
+        `resolution`^3 grid over the head box, at the density where one ray-marching step
+        is half opaque; colours are the field's at the vertices."""
+        from skimage.measure import marching_cubes
+
+        cond = pose if pose is not None else self.deform(None, torch.ones(1, 1, device=self.device))[0]
+        lo, hi = self.model.lo, self.model.hi
+        axes = [lo[d] + (torch.arange(resolution, device=self.device) + 0.5) / resolution * (hi[d] - lo[d])
+                for d in range(3)]
+        xyz = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+        density = torch.cat([self.model.field(x, cond.expand(len(x), -1))[0] for x in xyz.split(65536)])
+        level = math.log(2) / self.model.step
+        volume = density.reshape((resolution,) * 3).cpu().numpy()  # host: scikit-image's marching cubes
+        if not volume.min() < level < volume.max():
+            raise AvatarError(self.root, "has no surface in its head box (the field is empty or solid everywhere)",
+                              "train it longer")
+        spacing = ((hi - lo) / resolution).tolist()
+        verts, faces, _, _ = marching_cubes(volume, level, spacing=spacing)
+        vertices = torch.from_numpy(verts.copy()).float().to(self.device) + lo + (hi - lo) / resolution / 2
+        colours = torch.cat([self.model.field(v, cond.expand(len(v), -1))[1] for v in vertices.split(65536)])
+        return vertices, torch.from_numpy(faces.astype("int64")), colours
+
+
 @dataclass
 class _Layer:
     rgb: Tensor
