@@ -3,6 +3,7 @@ are known in closed form, and the method itself (recon/methods/nerf.py)."""
 
 import math
 
+import pytest
 import torch
 
 from _scenes import run_until_killed
@@ -101,7 +102,17 @@ NERF_TINY = dict(iterations=400, size=64, rays_per_view=512, levels=8, log2_tabl
                  checkpoint_every=100, log_every=25, cache_frames=16)
 
 
-def test_the_radiance_field_trains_checkpoints_and_resumes(sample_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_nerf(sample_dataset, tmp_path_factory):
+    """A radiance-field avatar of the sample dataset (NERF_TINY, trained once): its folder."""
+    from recon.engine import train
+    from recon.methods.nerf import RadianceFieldAvatar
+
+    cfg = RadianceFieldAvatar.config("demo", **NERF_TINY)
+    return train(sample_dataset, tmp_path_factory.mktemp("nerf") / "a", cfg, method="nerf", progress=False)
+
+
+def test_the_radiance_field_trains_checkpoints_and_resumes(tiny_nerf, sample_dataset, tmp_path):
     """`--method nerf` through the engine: it learns (the training PSNR rises), and a run
     killed after step 163 and resumed from its step-100 checkpoint ends where the
     uninterrupted run did (rays, jitter and occupancy refreshes are drawn per step)."""
@@ -112,7 +123,7 @@ def test_the_radiance_field_trains_checkpoints_and_resumes(sample_dataset, tmp_p
     from recon.methods.nerf import RadianceFieldAvatar
 
     cfg = RadianceFieldAvatar.config("demo", **NERF_TINY)
-    out = train(sample_dataset, tmp_path / "a", cfg, method="nerf", progress=False)
+    out = tiny_nerf
     tensors, meta = load_checkpoint(out / "checkpoint.safetensors")
     assert meta["method"] == "nerf" and meta["step"] == 400 and meta["speech"]
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -127,24 +138,21 @@ def test_the_radiance_field_trains_checkpoints_and_resumes(sample_dataset, tmp_p
         torch.testing.assert_close(again[key], tensors[key])
 
 
-def test_a_trained_radiance_field_renders_evaluates_and_shows(sample_dataset, speech_wav, tmp_path):
+def test_a_trained_radiance_field_renders_evaluates_exports_and_shows(tiny_nerf, speech_wav, tmp_path):
     """The avatar opens through load_avatar, and render, eval and the viewer take it
-    unchanged; it has no Gaussians to export."""
+    unchanged; it exports its surface as a mesh, and has no Gaussians to export."""
     import numpy as np
-    import pytest
 
     from avatar.errors import AvatarError
     from avatar.media import open_media
     from recon.avatar_dir import load_avatar
-    from recon.engine import train
     from recon.evaluate import evaluate
     from recon.export import export
-    from recon.methods.nerf import RadianceFieldAvatar, TrainedRadianceField
+    from recon.methods.nerf import TrainedRadianceField
     from recon.render import render_video
     from viewer.avatar_view import ViewRenderer, ViewSettings, load_track, render_modes
 
-    cfg = RadianceFieldAvatar.config("demo", **{**NERF_TINY, "iterations": 100})
-    out = train(sample_dataset, tmp_path / "a", cfg, method="nerf", progress=False)
+    out = tiny_nerf
     av = load_avatar(out)
     assert isinstance(av, TrainedRadianceField)
     summary = render_video(out, speech_wav, tmp_path / "dataset.mp4", camera="dataset", progress=False)
