@@ -10,7 +10,8 @@ Format (every key optional except one input; see the three files in scenes/):
     [job]      out = "outputs/me"                working folder: dataset/, avatar/, renders/
     [input]    video = "me.mp4" | ernerf = "ER-NeRF/data/obama" | sample = true
     [capture]  CaptureConfig fields (fps, size, audio, ...)
-    [train]    preset = "cpu" | "gpu" | "demo", plus any TrainConfig field
+    [train]    method = "gaussians" | "nerf" (recon/method.py), preset = "cpu" | "gpu" | "demo",
+               plus any field of that method's config
     [render]   audio = ["speech.wav", ...], camera = "orbit" | "dataset" | "fixed:YAW,PITCH", size
     [eval]     enabled = true
 
@@ -53,7 +54,8 @@ class JobConfig:
     capture: dict = field(default_factory=dict)
     """CaptureConfig fields (fps, size, audio, crop_scale, ...)."""
     train: dict = field(default_factory=dict)
-    """TrainConfig fields; "preset" picks the base (cpu, gpu, demo)."""
+    """The method's config fields; "method" picks the method (default gaussians), "preset"
+    the base (cpu, gpu, demo)."""
     render_audio: list[Path] = field(default_factory=list)
     """Speech files to render the avatar with."""
     render_camera: str = "orbit"
@@ -88,7 +90,6 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     settings, the camera); AvatarError naming the file when anything is wrong. Whether
     the input files exist is checked by `check_inputs`, before a run starts."""
     from capture.config import CaptureConfig
-    from recon.config import preset
     from recon.render import TORSO_MODES, parse_camera
 
     path = Path(path)
@@ -135,9 +136,10 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     except ValueError as exc:
         raise AvatarError(path, f"[capture] {exc}") from exc
     train = dict(d.get("train", {}))
+    _typed(path, "[train] method", train.get("method", ""), str, "a method name")
+    _typed(path, "[train] preset", train.get("preset", ""), str, "a preset name")
     try:
-        preset(_typed(path, "[train] preset", train.get("preset", "cpu"), str, "a preset name"),
-               **{k: v for k, v in train.items() if k != "preset"})
+        train_config(train)
     except (ValueError, TypeError) as exc:
         raise AvatarError(path, f"[train] is invalid ({exc})") from exc
     audio = render.get("audio", [])
@@ -163,6 +165,17 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
         evaluate=_typed(path, "[eval] enabled", d.get("eval", {}).get("enabled", True), bool, "true or false"),
         source=path,
     )
+
+
+def train_config(train: dict) -> tuple[str, object]:
+    """(the method's name, its config) of a job's [train] table; ValueError or TypeError
+    names an unknown method or preset, or a bad setting."""
+    from recon.method import DEFAULT_METHOD, method_class
+
+    opts = dict(train)
+    name = opts.pop("method", DEFAULT_METHOD)
+    method = method_class(name)
+    return method.name, method.config(opts.pop("preset", None), **opts)
 
 
 def check_inputs(job: JobConfig) -> None:
@@ -196,7 +209,6 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
     (recon/device.py; capture runs on the host); returns the artifacts and results."""
     from capture.config import CaptureConfig
     from recon.avatar_dir import CHECKPOINT, load_avatar
-    from recon.config import preset
     from recon.evaluate import eval_inputs, evaluate
     from recon.render import render_video
     from recon.checkpoint import load_checkpoint
@@ -223,8 +235,7 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
 
     t = time.perf_counter()
     avatar = out / "avatar"
-    opts = dict(job.train)
-    cfg = preset(opts.pop("preset", "cpu"), **opts)  # checked by load_job
+    method, cfg = train_config(job.train)  # checked by load_job
     resume = (avatar / CHECKPOINT).is_file()
     steps_done = 0
     if resume:
@@ -241,9 +252,9 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
     if resume and steps_done >= cfg.total_steps:
         _say("train", f"reusing {avatar} (trained, {steps_done} steps)")
     else:
-        _say("train", f"{'finishing' if resume else 'training'} {avatar} (preset {cfg.preset}, {cfg.iterations} steps "
-                      f"+ {cfg.torso_steps} of the torso)")
-    train(dataset, avatar, cfg, resume=resume, device=device)
+        _say("train", f"{'finishing' if resume else 'training'} {avatar} (method {method}, preset {cfg.preset}, "
+                      f"{cfg.total_steps} steps)")
+    train(dataset, avatar, cfg, resume=resume, device=device, method=method)
     result["avatar"] = str(avatar)
     result["timings_s"]["train"] = time.perf_counter() - t
     checkpoint = file_digest(avatar / CHECKPOINT)

@@ -29,7 +29,10 @@ def test_job_configs_in_scenes_parse(tmp_path):
 def test_bad_job_configs_name_the_file(tmp_path, capsys):
     bad = tmp_path / "job.toml"
     for text, problem in [("[input\n", "is not valid TOML"), ("[input]\n", "needs exactly one input"),
-                          ("[input]\nsample = true\n[trian]\n", "unknown sections")]:
+                          ("[input]\nsample = true\n[trian]\n", "unknown sections"),
+                          ("[input]\nsample = true\n[train]\nmethod = \"nerv\"\n", "unknown method 'nerv'"),
+                          ("[input]\nsample = true\n[train]\nmethod = \"nerf\"\nsh_degree = 2\n",
+                           "unknown config keys ['sh_degree']")]:
         bad.write_text(text)
         assert main(["run", str(bad)]) == 1
         err = capsys.readouterr().err

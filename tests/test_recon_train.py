@@ -230,3 +230,26 @@ camera = "fixed:10,0"
     assert cli(["run", str(job)]) == 0
     videos = json.loads(capsys.readouterr().out)["videos"]
     assert [os.path.basename(v) for v in videos] == ["speech-1_fixed_10_0.mp4", "speech-2_fixed_10_0.mp4"]
+    # The radiance-field method on the same dataset: a new avatar, the Gaussian one kept aside.
+    nerf = tmp_path / "nerf.toml"
+    nerf.write_text(f"""
+[job]
+out = "{tmp_path / 'work'}"
+[input]
+video = "{video}"
+[capture]
+size = 128
+[train]
+method = "nerf"
+preset = "demo"
+iterations = 30
+size = 64
+rays_per_view = 256
+motion_steps = 10
+[eval]
+enabled = false
+""")
+    assert cli(["run", str(nerf)]) == 0
+    err = capsys.readouterr().err
+    assert "the method 'gaussians' -> a config of NerfConfig" in err and "(method nerf" in err
+    assert load_avatar(tmp_path / "work" / "avatar").meta["method"] == "nerf"
