@@ -42,3 +42,26 @@ def test_gradient_finds_a_misregistered_frame():
         opt.step()
     assert loss.item() < 0.3 * start
     assert float((delta.detach() - truth)[:3].norm()) < 0.25 * float(truth[:3].norm())
+
+
+def test_half_size_camera_sees_the_pooled_frame():
+    """Eval's pose fit renders at half size with K[:2] halved: the same picture as the
+    full-size render pooled 2x2, so the pose it fits there is the frame's pose."""
+    from recon.evaluate import half_size
+
+    g = random_gaussians(n_face=400, n_mouth=0)
+    viewmat, K = camera(64)
+    means, quats, scales, opacities = g.activated()
+
+    def render(K, size):
+        return rasterize(means, quats, scales, opacities, g.sh, viewmat[None], K[None], size, size, sh_degree=0,
+                         backend="torch").image[0]
+
+    full = half_size(render(K, 64))
+    K_half = K.clone()
+    K_half[:2] *= 0.5
+    error = float((render(K_half, 32) - full).abs().mean())
+    assert error < 0.2 * float(full.mean())  # what differs: the 0.3 px dilation, at half size
+    K_off = K_half.clone()
+    K_off[:2, 2] += 0.5  # the half-pixel slip of scaling pixel indices instead of coordinates
+    assert error < 0.6 * float((render(K_off, 32) - full).abs().mean())
