@@ -11,7 +11,8 @@ with each step's log beside it:
   2. parity: the GPU tests through pytest (tests/test_raster_backends.py: our `cuda`
      backend against the CPU kernels and gsplat, and gsplat against the torch reference,
      values and gradients; the torch backend on the GPU; tests/test_hash_encoding.py: the
-     CUDA hash encoding against the CPU op);
+     CUDA hash encoding against the CPU op; tests/test_radiance_field.py: nerfacc's ray
+     marching against ours);
   3. rasterizer benchmark (`avatar bench raster`: forward, backward and peak memory of our
      kernels and of gsplat's, in one process: garden 648x420, the tiled garden at
      1920x1080, 8 heads at 512^2 in one batch; ours/gsplat as speed-ups);
@@ -22,6 +23,9 @@ with each step's log beside it:
      backend: ours on a GPU) for `--steps` head steps and `--torso-steps` torso steps:
      it/s, Gaussians, the training PSNR and the peak GPU memory;
   6. `avatar eval` of that avatar: the held-out figures;
+  6b. a short `gpu`-preset radiance-field training (`--method nerf`, `--nerf-steps`): the
+     ray marching it used (nerfacc's on CUDA when its kernels build, else ours in torch),
+     it/s, the training PSNR, peak memory, and the head's render rate at the preset's 512^2;
   7. sanitizer: our kernels, forward and backward on a small head seen by two cameras,
      under compute-sanitizer's memcheck (torch's caching allocator off), racecheck and
      synccheck, at most 150 s each.
@@ -80,7 +84,8 @@ def _environment(device: torch.device) -> dict:
 
 def _parity(out: Path) -> dict:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", str(ROOT / "tests" / "test_raster_backends.py"),
-                        str(ROOT / "tests" / "test_hash_encoding.py"), "-k", "gpu or gsplat"],
+                        str(ROOT / "tests" / "test_hash_encoding.py"), str(ROOT / "tests" / "test_radiance_field.py"),
+                        "-k", "gpu or gsplat"],
                        capture_output=True, text=True, cwd=ROOT)
     (out / "parity_pytest.log").write_text(r.stdout + r.stderr)
     summary = (r.stdout.strip().splitlines() or [""])[-1]
@@ -198,6 +203,39 @@ def _eval(avatar: Path, device: torch.device) -> dict:
             "train_fit_psnr_face": scores["train_fit"]["psnr_face"]}
 
 
+def _nerf(dataset: Path, avatar: Path, device: torch.device, steps: int, size: int | None) -> dict:
+    from recon.avatar_dir import load_avatar
+    from recon.engine import train
+    from recon.methods.nerf import RadianceFieldAvatar
+    from recon.render import open_dataset
+
+    cfg = RadianceFieldAvatar.config("gpu", iterations=steps, motion_steps=min(steps, 600), size=size,
+                                     checkpoint_every=max(steps // 2, 1), log_every=max(steps // 20, 1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    train(dataset, avatar, cfg, resume=(avatar / "checkpoint.safetensors").is_file(), progress=False, device=device,
+          method="nerf")
+    train_s = time.perf_counter() - t
+    log = [json.loads(line) for line in (avatar / "metrics.jsonl").read_text().splitlines()]
+    av = load_avatar(avatar, device)
+    ds = open_dataset(av, av.size, required=True)
+    pose = av.deform(None, torch.ones(1, 1, device=device))[0]
+    times = []
+    with torch.no_grad():
+        for k in range(4):  # the first builds and warms up
+            t = time.perf_counter()
+            av.render_head(pose, ds.viewmat(k), ds.intrinsics(k), av.size)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+    return {"steps": steps, "size": cfg.size, "batch_size": cfg.batch_size, "rays_per_view": cfg.rays_per_view,
+            "marching": "nerfacc" if av.model.marcher() is not None else "torch", "train_s": round(train_s, 1),
+            "it_per_s": log[-1]["it_per_s"], "train_psnr": log[-1].get("psnr"),
+            "samples_per_ray": log[-1].get("samples_per_ray"), "render_fps": round(1 / min(times[1:]), 2),
+            "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", help="dataset folder written by `avatar capture`")
@@ -206,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600, help="head steps of the short training")
     p.add_argument("--torso-steps", type=int, default=150, help="torso steps of the short training")
     p.add_argument("--size", type=int, help="training size (default: the gpu preset's 512)")
+    p.add_argument("--nerf-steps", type=int, default=300, help="steps of the short radiance-field training")
     p.add_argument("--bench-steps", type=int, default=10, help="timed steps per set-up of the training benchmark")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["parity", "raster", "hash", "train_bench", "training", "eval", "sanitizer"],
+                   choices=["parity", "raster", "hash", "train_bench", "training", "eval", "nerf", "sanitizer"],
                    help="steps to leave out")
     args = p.parse_args(argv)
 
@@ -223,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
              "train_bench": lambda: _train_bench(dataset, device, args.bench_steps),
              "training": lambda: _training(dataset, out / "avatar", device, args.steps, args.torso_steps, args.size),
              "eval": lambda: _eval(out / "avatar", device),
+             "nerf": lambda: _nerf(dataset, out / "nerf", device, args.nerf_steps, args.size),
              "sanitizer": lambda: _sanitizer(out, device)}  # last: the slowest, and the figures come first
     report: dict = {}
     for name, step in steps.items():

@@ -14,7 +14,9 @@ frame outside its head mask, the plate inside: recon/dataset.py: behind_head, as
 composites its head over the real torso). Loss: squared error of that composite, and
 `alpha_weight` |alpha - head mask|. An occupancy grid over the box (recon/fields/volume.py)
 is refreshed every `occupancy_every` steps with a random training frame's conditioning
-(its moving maximum keeps what any frame fills), so empty space costs nothing.
+(its moving maximum keeps what any frame fills), so empty space costs nothing. On CUDA,
+nerfacc marches the rays when its kernels load (recon/fields/nerfacc_marching.py), over
+the same grid; backend "torch" keeps our torch marching there too.
 
 The avatar renders one layer, "head", with no torso of its own: renders keep the frame's
 own pixels below the head, or the plate.
@@ -23,6 +25,7 @@ own pixels below the head, or the plate.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from ..conditioning import normalize_mel, viseme_features
 from ..config import replace_checked
 from ..dataset import Dataset, behind_head, dilate
 from ..fields.hash_encoding import HashGridConfig
+from ..fields.nerfacc_marching import NerfaccMarcher, nerfacc_unavailable
 from ..fields.talking_field import TalkingField
 from ..fields.volume import OccupancyGrid, box_span, camera_rays, render_rays
 from ..method import Batch, HeadView, Method, TrainedAvatar
@@ -97,7 +101,8 @@ class NerfConfig:
     log_every: int = 50
     cache_frames: int = 256
     backend: str = "auto"
-    """Hash encoding: auto (our compiled kernels, else torch) or torch."""
+    """auto: the hash encoding by our compiled kernels (else torch), and on CUDA nerfacc's
+    ray marching when it loads; torch: both in torch."""
 
     @property
     def total_steps(self) -> int:
@@ -174,6 +179,21 @@ class FieldModel(torch.nn.Module):
         self.grid = OccupancyGrid(lo, hi, cfg.occupancy_resolution, self.step)
         self.rig = rig
         self.motion_net = MotionNet(codes=cfg.motion_components, visemes=len(VISEMES), window=cfg.audio_window)
+        self.backend = cfg.backend
+        self._nerfacc: NerfaccMarcher | None | bool = None  # None: not tried yet; False: unavailable
+
+    def marcher(self) -> NerfaccMarcher | None:
+        """nerfacc's marcher when backend auto finds it usable on the field's device (on
+        CUDA; said once when it is not), else None: our torch marching."""
+        device = self.lo.device
+        if self.backend == "torch" or device.type != "cuda":
+            return None
+        if self._nerfacc is None:
+            why = nerfacc_unavailable(device)
+            if why is not None:
+                print(f"avatar: ray marching in torch on {device}: {why}", file=sys.stderr)
+            self._nerfacc = False if why is not None else NerfaccMarcher(self.grid)
+        return self._nerfacc or None
 
     @property
     def lo(self) -> Tensor:
@@ -190,11 +210,19 @@ class FieldModel(torch.nn.Module):
         block: samples per ray per round (volume.render_rays); smaller wastes fewer behind
         an opaque surface, larger spends less time per round."""
         rgb, alpha, depth, spent = [], [], [], 0
+        marcher = self.marcher()
+
+        def field(xyz: Tensor, ray: Tensor) -> tuple[Tensor, Tensor]:
+            return self.field(xyz, cond.expand(len(xyz), -1))
+
         for i in range(0, len(pixels), chunk):
             o, d = camera_rays(viewmat, K, pixels[i:i + chunk])
             near, far = box_span(o, d, self.lo, self.hi)
-            out = render_rays(lambda xyz, ray: self.field(xyz, cond.expand(len(xyz), -1)), o, d, near, far,
-                              self.step, self.grid, None if jitter is None else jitter[i:i + chunk], block=block)
+            offsets = None if jitter is None else jitter[i:i + chunk]
+            if marcher is not None:
+                out = marcher.render(field, o, d, near, far, self.step, offsets)
+            else:
+                out = render_rays(field, o, d, near, far, self.step, self.grid, offsets, block=block)
             z = d @ viewmat[2, :3]  # camera z per unit of distance along each ray
             rgb.append(out.rgb), alpha.append(out.alpha), depth.append(out.depth * z[:, None])
             spent += out.samples
