@@ -72,3 +72,40 @@ def test_a_rig_dataset_shows_every_camera_with_its_own_lens(tmp_path):
     assert server.frustums["/cameras/left/000000"] == pytest.approx(2 * np.arctan(32 / (2 * 41.0)))
     assert server.frustums["/cameras/right/000000"] == pytest.approx(2 * np.arctan(32 / (2 * 51.0)))
     assert "from 2 cameras" in server.markdown[0] and "right 50 px" in server.markdown[0]
+
+
+class _Frustum:
+    def __init__(self, kwargs):
+        self.kwargs, self.clicked = kwargs, None
+
+    def on_click(self, func):
+        self.clicked = func
+
+
+def test_an_avatar_of_a_rig_shows_its_cameras_and_looks_through_one_when_clicked(tmp_path):
+    from recon.dataset import Dataset
+    from viewer.avatar_view import add_rig_frustums
+
+    make_rig_dataset(tmp_path / "ds", ("left", "right"), steps=3)
+    ds = Dataset(tmp_path / "ds")
+    added = {}
+
+    class Scene:
+        def add_camera_frustum(self, name, **kwargs):
+            added[name] = _Frustum(kwargs)
+            return added[name]
+
+    picked = []
+    assert add_rig_frustums(Scene(), ds, lambda client, c2w, fov: picked.append((client, c2w, fov))) == \
+        ["/rig/left", "/rig/right"]
+    right = added["/rig/right"]
+    assert right.kwargs["fov"] == pytest.approx(2 * np.arctan(32 / (2 * 51.0)))  # its own lens
+    assert right.kwargs["image"].shape == (32, 32, 3)
+    right.clicked(type("Event", (), {"client": "tab"})())
+    client, c2w, fov = picked[0]
+    first_view = ds.views_of(1)[0]
+    assert client == "tab" and fov == right.kwargs["fov"]
+    np.testing.assert_allclose(c2w @ ds.viewmat(first_view).double().numpy(), np.eye(4), atol=1e-6)
+    np.testing.assert_allclose(c2w[:3, 3], right.kwargs["position"])
+    make_dataset(tmp_path / "mono", n=3)
+    assert add_rig_frustums(Scene(), Dataset(tmp_path / "mono"), None) == []  # one camera: nothing to pick

@@ -6,7 +6,9 @@ the resolution drops; it sharpens when the camera stops. Each tab has its own GU
 speech playback (files from the command line or uploaded), render modes, torso and
 background toggles, blink and mouth-amplitude controls, an FPS readout with the frame
 time split into deform / rasterize / encode, PNG snapshots and mp4 recordings of the
-camera path with the speech muxed in (the writer of `avatar render`).
+camera path with the speech muxed in (the writer of `avatar render`). An avatar of a rig
+shows the rig's cameras as frustums, each with its own lens; a click on one looks
+through it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from avatar.io import atomic_path
 from avatar.media import write_mp4
 from recon.avatar_dir import load_avatar
 from recon.conditioning import blink_schedule, speech_features
+from recon.dataset import Dataset
 from recon.method import HeadView, TrainedAvatar, coverage, torso_under
 from recon.raster import rasterize
 from recon.render import CameraRig, Drive, open_dataset
@@ -293,6 +296,28 @@ class Playback:
         self.t0, self.wall0 = t, time.perf_counter()
 
 
+def add_rig_frustums(scene, ds: Dataset | None, look_through) -> list[str]:
+    """A rig's cameras (two or more) as frustums at their first views, each with its own
+    field of view and that view's image; clicking one calls look_through(client, camera to
+    world [4, 4] (OpenCV axes), vertical fov in radians). Returns the frustums' names."""
+    import viser.transforms as vtf
+
+    if ds is None or len(ds.cameras) < 2:
+        return []
+    names = []
+    for c, cam in enumerate(ds.cameras):
+        i = ds.views_of(c)[0]
+        c2w = np.linalg.inv(ds.viewmat(i).cpu().double().numpy())
+        fov_y = 2 * float(np.arctan(ds.size / (2 * float(cam.K[1, 1]))))
+        image = (ds[i].image.cpu().numpy() * 255).astype(np.uint8)
+        name = f"/rig/{cam.name}"
+        frustum = scene.add_camera_frustum(name, fov=fov_y, aspect=1.0, scale=0.05, image=image, color=(255, 200, 40),
+                                           wxyz=vtf.SO3.from_matrix(c2w[:3, :3]).wxyz, position=c2w[:3, 3])
+        frustum.on_click(lambda event, c2w=c2w, fov_y=fov_y: look_through(event.client, c2w, fov_y))
+        names.append(name)
+    return names
+
+
 @dataclass
 class Recording:
     cameras: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=dict)
@@ -439,6 +464,17 @@ class ClientSession:
         distance = min(height / (HEAD_FILL * 2 * np.tan(self.studio.fov_y / 2)), 0.95 * rig.distance)
         cam.position = (centre + distance * rig.base_dir.cpu()).numpy().astype(np.float64)  # host: the browser's
         cam.look_at = centre.numpy().astype(np.float64)  # after position: it re-aims the camera
+
+    def look_through(self, c2w: np.ndarray, fov_y: float) -> None:
+        """Put the tab's camera where a rig camera is (camera to world [4, 4], OpenCV axes)."""
+        import viser.transforms as vtf
+
+        cam = self.client.camera
+        cam.fov = fov_y
+        cam.position = c2w[:3, 3].astype(np.float64)
+        cam.wxyz = vtf.SO3.from_matrix(c2w[:3, :3]).wxyz  # after position: it aims the camera
+        self.camera_placed = True
+        self.dirty = True
 
     def _camera_moved(self, _=None) -> None:
         # A page still loading may drop the placement and report its own default camera
@@ -606,6 +642,7 @@ class Studio:
         self.server.scene.set_up_direction("+y")
         self.server.gui.configure_theme(control_width="large")
         self.server.gui.main_panel.dock_right()  # the panel beside the view, not over the face
+        self.rig_cameras = add_rig_frustums(self.server.scene, self.renderer.ds, self._look_through)
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(self._disconnect)
 
@@ -642,6 +679,11 @@ class Studio:
 
     def _connect(self, client) -> None:
         self.sessions[client.client_id] = ClientSession(self, client)
+
+    def _look_through(self, client, c2w: np.ndarray, fov_y: float) -> None:
+        session = self.sessions.get(client.client_id)
+        if session is not None:
+            session.look_through(c2w, fov_y)
 
     def _disconnect(self, client) -> None:
         session = self.sessions.pop(client.client_id, None)
