@@ -140,14 +140,18 @@ def _lipsync_table(rows: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.drive:
+    from avatar.errors import AvatarError
 
-        from recon.evaluate import evaluate_drive
+    if args.camera is not None and not args.drive:
+        raise AvatarError(None, "--camera picks the camera of --drive",
+                          "add --drive SPEECH, or leave --camera out (held-out frames are scored in every camera)")
+    if args.drive:
+        from recon.evaluate import drive_result_path, evaluate_drive
 
         for speech in args.drive:
-            r = evaluate_drive(args.avatar, speech, device=_device(args))
-            print(f"driven by {speech}: {r['frames']} frames\n{_lipsync_table(r['lipsync'])}\n"
-                  f"results: {Path(args.avatar) / ('eval_drive_' + Path(speech).stem + '.json')}")
+            r = evaluate_drive(args.avatar, speech, device=_device(args), camera=args.camera)
+            print(f"driven by {speech}: {r['frames']} frames through camera {r['camera']}\n"
+                  f"{_lipsync_table(r['lipsync'])}\nresults: {drive_result_path(args.avatar, speech, args.camera)}")
         return 0
     from recon.evaluate import evaluate
 
@@ -338,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("avatar", help="avatar folder written by `avatar train`")
     p.add_argument("--drive", nargs="+", metavar="SPEECH",
                    help="score lip sync driven by these speech files instead (any voice)")
+    p.add_argument("--camera", metavar="NAME",
+                   help="with --drive: the rig camera whose views are replayed and whose real mouth is the reference "
+                        "(default: the first)")
     p.add_argument("--device", default="auto",
                    help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.set_defaults(func=_eval)
@@ -346,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", required=True, help="speech file (wav, mp3, flac; any rate and channels)")
     p.add_argument("--out", required=True, help="mp4 to write")
     p.add_argument("--camera", default="dataset",
-                   help="dataset (replay the capture's head motion), orbit, or fixed:YAW,PITCH in degrees")
+                   help="dataset (replay the capture's head motion; dataset:NAME through a rig's camera NAME, "
+                        "default its first), orbit, or fixed:YAW,PITCH in degrees")
     p.add_argument("--size", type=int, help="frame side in pixels (default: the avatar's training size)")
     p.add_argument("--torso", choices=("3d", "frame", "none"),
                    help="behind the head: 3d (the avatar's neck-and-shoulders branch; the default when it has "

@@ -183,6 +183,16 @@ class Dataset:
         avatar keeps), in dataset order: that camera's clip."""
         return [i for i in range(len(self)) if self.camera_of[i] == camera]
 
+    def camera_index(self, name: str | None) -> int:
+        """The position of the camera called `name` (None: the first); AvatarError naming
+        the dataset and its cameras when it has none of that name."""
+        if name is None:
+            return 0
+        names = [c.name for c in self.cameras]
+        if name not in names:
+            raise AvatarError(self.root, f"has no camera named {name!r}", f"name one of its cameras: {', '.join(names)}")
+        return names.index(name)
+
     def intrinsics(self, i: int) -> torch.Tensor:
         """[3, 3] the intrinsics of frame i's camera, at `size`."""
         return self.cameras[self.camera_of[i]].K

@@ -334,6 +334,11 @@ def held_out_pose_fit(av: TrainedAvatar, ds: Dataset, frames: list[int], codes: 
     return {"frames": frames, **{k: _mean(rows, k) for k in keys}, "per_frame": rows}
 
 
+def drive_result_path(avatar: str | Path, speech: str | Path, camera: str | None = None) -> Path:
+    """Where evaluate_drive writes its result."""
+    return Path(avatar) / f"eval_drive_{Path(speech).stem}{'' if camera is None else '_' + camera}.json"
+
+
 def half_size(image: torch.Tensor) -> torch.Tensor:
     """[H, W, C] -> [H // 2, W // 2, C]: the mean of each 2x2 block."""
     return torch.nn.functional.avg_pool2d(image.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
@@ -366,18 +371,19 @@ def held_out_lipsync(ds: Dataset, rows: list[dict], fps: float) -> dict:
 
 
 def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True, real_frames: int = 500,
-                   device: torch.device | str = "cpu") -> dict:
-    """Lip sync of `avatar` driven by any speech file: rendered through the dataset's cameras
-    (replayed back and forth, as `avatar render --camera dataset`), tracked, and measured
-    against the speech and the subject's real mouth (its first `real_frames` frames).
-    Writes AVATAR/eval_drive_<speech name>.json and returns it. device: where the avatar
-    renders (recon/device.py)."""
+                   device: torch.device | str = "cpu", camera: str | None = None) -> dict:
+    """Lip sync of `avatar` driven by any speech file: rendered through one camera's views
+    of the dataset (replayed back and forth, as `avatar render --camera dataset`), tracked,
+    and measured against the speech and the subject's real mouth in that camera (its first
+    `real_frames` frames). camera: a rig's camera by name (None: the first). Writes
+    AVATAR/eval_drive_<speech name>.json (..._<camera>.json for a named camera) and returns
+    it. device: where the avatar renders (recon/device.py)."""
     av = load_avatar(avatar, device)
     ds = open_dataset(av, av.size, required=True)
     _, feats = speech_features(Path(speech), av.fps)
     codes = av.speech_motion(feats)
     visemes = viseme_features(feats).numpy()  # host: features are made there
-    replay = ds.views_of(0)  # one camera's clip (a rig's first)
+    replay = ds.views_of(ds.camera_index(camera))  # one camera's clip
     n_real = min(len(replay), real_frames)
     opened = {"avatar": [], "static_mouth": [], "real": []}
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
@@ -400,7 +406,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
     envelope = syllable_envelope(feats["mel"])
     result = {
         "format": "avatar-eval-drive/1", "avatar": str(Path(avatar).resolve()), "speech": str(Path(speech).resolve()),
-        "frames": len(codes), "fps": av.fps,
+        "camera": ds.cameras[ds.camera_index(camera)].name, "frames": len(codes), "fps": av.fps,
         "lipsync": {
             "real": lipsync_block(real, viseme_features(ds.features).numpy()[real_rows],  # host: features
                                   syllable_envelope(ds.features["mel"][real_rows]), av.fps, real),
@@ -408,5 +414,5 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
                for name in ("avatar", "static_mouth")},
         },
     }
-    write_json(Path(avatar) / f"eval_drive_{Path(speech).stem}.json", result)
+    write_json(drive_result_path(avatar, speech, camera), result)
     return result

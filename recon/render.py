@@ -102,16 +102,30 @@ class CameraRig:
         return self.at(yaw_deg * math.sin(phase), pitch_deg * math.sin(2 * phase))
 
 
-def parse_camera(spec: str) -> tuple[str, tuple[float, float]]:
+@dataclass(frozen=True)
+class CameraSpec:
+    """A render's camera: `mode` dataset (replay the capture's head motion through one of
+    its cameras, `rig_camera`, default the first), orbit, or fixed at yaw/pitch degrees."""
+
+    mode: str
+    yaw: float = 0.0
+    pitch: float = 0.0
+    rig_camera: str | None = None
+
+
+def parse_camera(spec: str) -> CameraSpec:
     if spec in ("dataset", "orbit"):
-        return spec, (0.0, 0.0)
+        return CameraSpec(spec)
+    if spec.startswith("dataset:") and len(spec) > 8:
+        return CameraSpec("dataset", rig_camera=spec[8:])
     if spec.startswith("fixed:"):
         try:
             yaw, pitch = (float(v) for v in spec[6:].split(","))
-            return "fixed", (yaw, pitch)
+            return CameraSpec("fixed", yaw, pitch)
         except ValueError:
             pass
-    raise AvatarError(Path(spec), "is not a camera: use dataset, orbit or fixed:YAW,PITCH (degrees)")
+    raise AvatarError(Path(spec), "is not a camera: use dataset, dataset:CAMERA (a rig's), orbit or fixed:YAW,PITCH "
+                                  "(degrees)")
 
 
 TORSO_MODES = ("3d", "frame", "none")
@@ -186,7 +200,8 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
     """Render `audio` through the avatar to an mp4, deforming `batch` frames per pass.
     torso: 3d, frame or none (module docstring; None: the avatar's default); device: where
     the avatar renders (recon/device.py). Returns a summary dict."""
-    mode, (yaw, pitch) = parse_camera(camera)
+    spec = parse_camera(camera)
+    mode = spec.mode
     av = load_avatar(avatar, device)
     torso = torso_mode(av, torso)
     size = size or av.size
@@ -197,7 +212,12 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
     ds = open_dataset(av, size, required=mode == "dataset")
     rig = CameraRig(av, ds)
     K, plate = scaled(av, size)
-    replay = ds.views_of(0) if ds is not None else []  # a rig's first camera: the one K and plate are of
+    replay = []
+    if mode == "dataset":
+        c = ds.camera_index(spec.rig_camera)
+        replay = ds.views_of(c)
+        if c != 0:  # the avatar keeps its first camera's lens and plate; the dataset has the others'
+            K, plate = ds.cameras[c].K, ds.cameras[c].background
 
     bar = tqdm(total=len(drive), desc="avatar render", unit="frame", disable=not progress, file=sys.stderr)
 
@@ -210,7 +230,7 @@ def render_video(avatar: str | Path, audio: str | Path, out: str | Path, camera:
                         i = replay[ping_pong(k, len(replay))]
                         f, viewmat = ds[i], ds.viewmat(i)
                     else:
-                        f, viewmat = None, rig.orbit(k, av.fps) if mode == "orbit" else rig.at(yaw, pitch)
+                        f, viewmat = None, rig.orbit(k, av.fps) if mode == "orbit" else rig.at(spec.yaw, spec.pitch)
                     under = behind(av, torso, viewmat, K, size, plate, f)
                     image, _ = av.render_head(pose, viewmat, K, size).over(under)
                     bar.update(1)

@@ -12,7 +12,7 @@ Format (every key optional except one input; see the three files in scenes/):
     [capture]  CaptureConfig fields (fps, size, audio, ...)
     [train]    method = "gaussians" | "nerf" (recon/method.py), preset = "cpu" | "gpu" | "demo",
                plus any field of that method's config
-    [render]   audio = ["speech.wav", ...], camera = "orbit" | "dataset" | "fixed:YAW,PITCH", size
+    [render]   audio = ["speech.wav", ...], camera = "orbit" | "dataset" | "dataset:CAMERA" | "fixed:YAW,PITCH", size
     [eval]     enabled = true
 
 Relative paths are taken from the current directory; "{out}" stands for the job's folder.
@@ -148,7 +148,8 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     try:
         parse_camera(camera)
     except AvatarError as exc:
-        raise AvatarError(path, f"[render] camera {camera!r} is not a camera: use dataset, orbit or fixed:YAW,PITCH") \
+        raise AvatarError(path, f"[render] camera {camera!r} is not a camera: use dataset, dataset:CAMERA, orbit or "
+                                    "fixed:YAW,PITCH") \
             from exc
     size = render.get("size")
     if size is not None and (not _typed(path, "[render] size", size, int, "a positive integer") or size < 16):

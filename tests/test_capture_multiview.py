@@ -166,6 +166,23 @@ def test_a_filmed_rig_becomes_a_dataset_an_avatar_trains_on(filmed_rig, speech_w
 
     with av.open(str(video)) as container:
         assert container.streams.video[0].frames == 58 and container.streams.audio  # 2.3 s at 25 fps
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
+    # ... or through another of the rig's cameras, with its own lens and plate.
+    side = tmp_path / "side.mp4"
+    assert main(["render", str(tmp_path / "spoken_av"), "--audio", str(speech_wav), "--out", str(side),
+                 "--camera", "dataset:cam_2"]) == 0
+    with av.open(str(side)) as container:
+        assert container.streams.video[0].frames == 58
+        seen = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
+    ds64 = Dataset(spoken, size=64)
+    truth = ds64[ds64.views_of(2)[0]].image.numpy() * 255  # cam_2's first view, which the render replays
+    assert np.abs(seen - truth).mean() < 0.7 * np.abs(first - truth).mean()  # measured: 0.54
+    assert main(["render", str(tmp_path / "spoken_av"), "--audio", str(speech_wav), "--out", str(side),
+                 "--camera", "dataset:cam_9"]) == 1
+    assert "has no camera named 'cam_9'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "spoken_av"), "--drive", str(speech_wav), "--camera", "cam_2"]) == 0
+    drive = json.loads((tmp_path / "spoken_av" / f"eval_drive_{speech_wav.stem}_cam_2.json").read_text())
+    assert drive["camera"] == "cam_2" and drive["frames"] == 58
 
 
 def _takes(seconds: float, seed: int) -> np.ndarray:
