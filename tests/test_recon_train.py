@@ -122,7 +122,7 @@ def test_cli_errors_on_bad_inputs(trained, sample_dataset, tmp_path, capsys):
     assert "silent.wav" in err and not (tmp_path / "x.mp4").exists()
     assert cli(["render", str(trained), "--audio", str(silent), "--out", str(tmp_path / "x.mp4"),
                 "--camera", "sideways"]) == 1
-    assert "dataset, orbit or fixed" in capsys.readouterr().err
+    assert "dataset, dataset:CAMERA (a rig's), orbit or fixed" in capsys.readouterr().err
     # Corrupt and NaN checkpoints.
     bad = tmp_path / "bad"
     bad.mkdir()
