@@ -3,13 +3,16 @@ renders + evaluation, each stage reusing what an earlier run already finished.
 
     avatar run scenes/phone_video.toml          # your own clip
     avatar run scenes/ernerf_dataset.toml       # a dataset you made with ER-NeRF
+    avatar run my_rig.toml                      # [input] rig = "rig/", [capture] calib = "CALIB.json"
     avatar demo                                 # scenes/demo.toml on the built-in sample
 
 Format (every key optional except one input; see the three files in scenes/):
 
     [job]      out = "outputs/me"                working folder: dataset/, avatar/, renders/
-    [input]    video = "me.mp4" | ernerf = "ER-NeRF/data/obama" | sample = true
-    [capture]  CaptureConfig fields (fps, size, audio, ...)
+    [input]    video = "me.mp4" | rig = "rig/" (a folder, or a composite video with tiles)
+               | ernerf = "ER-NeRF/data/obama" | sample = true
+    [capture]  CaptureConfig fields (fps, size, audio, ...); for a rig RigCaptureConfig's
+               (calib = "CALIB.json", tiles = [[X, Y, W, H], ...], fps, size, audio)
     [train]    method = "gaussians" | "nerf" (recon/method.py), preset = "cpu" | "gpu" | "demo",
                plus any field of that method's config
     [render]   audio = ["speech.wav", ...], camera = "orbit" | "dataset" | "dataset:CAMERA" | "fixed:YAW,PITCH", size
@@ -47,6 +50,9 @@ class JobConfig:
     """Working folder; holds dataset/, avatar/ and renders/."""
     video: Path | None = None
     """Talking-head video to capture."""
+    rig: Path | None = None
+    """A rig to capture (capture/multiview.py): one video or image folder per camera, or a
+    composite video with [capture] tiles."""
     ernerf: Path | None = None
     """An ER-NeRF / TalkingGaussian preprocessed folder to import instead of a video."""
     sample: bool = False
@@ -70,7 +76,7 @@ class JobConfig:
     """The TOML file the job was read from."""
 
 
-SECTIONS = {"job": {"out"}, "input": {"video", "ernerf", "sample"}, "capture": None, "train": None,
+SECTIONS = {"job": {"out"}, "input": {"video", "rig", "ernerf", "sample"}, "capture": None, "train": None,
             "render": {"audio", "camera", "size", "torso"}, "eval": {"enabled"}}
 """Each section's keys ([capture] and [train] take their config's fields)."""
 
@@ -117,9 +123,9 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     def resolve(where: str, p) -> Path:
         return Path(_typed(path, where, p, str, "a path").replace("{out}", str(out_dir)))
 
-    sources = [k for k in ("video", "ernerf", "sample") if inp.get(k)]
+    sources = [k for k in ("video", "rig", "ernerf", "sample") if inp.get(k)]
     if len(sources) != 1:
-        raise AvatarError(path, "needs exactly one input: [input] video = ..., ernerf = ..., or sample = true")
+        raise AvatarError(path, "needs exactly one input: [input] video = ..., rig = ..., ernerf = ..., or sample = true")
     sample = _typed(path, "[input] sample", inp.get("sample", False), bool, "true or false")
     capture = dict(d.get("capture", {}))
     if "audio" in capture:
@@ -128,11 +134,22 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
         capture["audio_features"] = [resolve("[capture] audio_features", a)
                                      for a in _typed(path, "[capture] audio_features", capture["audio_features"],
                                                      list, "a list of paths")]
-    known = {f.name for f in fields(CaptureConfig)} - {"video", "out"}
+    if "calib" in capture:
+        capture["calib"] = resolve("[capture] calib", capture["calib"])
+    if "tiles" in capture:
+        tiles = _typed(path, "[capture] tiles", capture["tiles"], list, "a list of [X, Y, W, H]")
+        if not all(isinstance(t, list) and len(t) == 4 and all(isinstance(v, int) for v in t) for t in tiles):
+            raise AvatarError(path, "[capture] tiles must be a list of [X, Y, W, H] (integers, pixels)")
+        capture["tiles"] = [tuple(t) for t in tiles]
+    config = CaptureConfig
+    if "rig" in inp:
+        from capture.multiview import RigCaptureConfig as config
+    known = {f.name for f in fields(config)} - {"video", "rig", "out"}
     if set(capture) - known:
-        raise AvatarError(path, f"[capture] has unknown keys {sorted(set(capture) - known)}")
+        raise AvatarError(path, f"[capture] has unknown keys {sorted(set(capture) - known)}"
+                                f"{' for a rig' if 'rig' in inp else ''}")
     try:
-        CaptureConfig(video=Path("."), out=out_dir, **capture).check()
+        config(Path("."), out_dir, **capture).check()
     except ValueError as exc:
         raise AvatarError(path, f"[capture] {exc}") from exc
     train = dict(d.get("train", {}))
@@ -159,6 +176,7 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
         raise AvatarError(path, f"[render] torso {torso!r} is not a torso mode: use {', '.join(TORSO_MODES)}")
     return JobConfig(
         out=out_dir, video=resolve("[input] video", inp["video"]) if "video" in inp else None,
+        rig=resolve("[input] rig", inp["rig"]) if "rig" in inp else None,
         ernerf=resolve("[input] ernerf", inp["ernerf"]) if "ernerf" in inp else None, sample=sample,
         capture=capture, train=train,
         render_audio=[resolve("[render] audio", a) for a in audio],
@@ -185,7 +203,8 @@ def check_inputs(job: JobConfig) -> None:
         return p.resolve().is_relative_to(job.out.resolve())
 
     wanted = [(job.video, "[input] video", Path.is_file), (job.ernerf, "[input] ernerf", Path.is_dir),
-              (job.capture.get("audio"), "[capture] audio", Path.is_file)]
+              (job.rig, "[input] rig", Path.exists), (job.capture.get("audio"), "[capture] audio", Path.is_file),
+              (job.capture.get("calib"), "[capture] calib", Path.is_file)]
     wanted += [(a, "[capture] audio_features", Path.is_file) for a in job.capture.get("audio_features", [])]
     wanted += [(a, "[render] audio", Path.is_file) for a in job.render_audio]
     for p, where, exists in wanted:
@@ -225,6 +244,11 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
 
         _say("capture", f"importing the ER-NeRF folder {job.ernerf}")
         dataset = import_ernerf(job.ernerf, dataset)
+    elif job.rig is not None:
+        from capture.multiview import RigCaptureConfig, run_rig_capture
+
+        _say("capture", f"the rig {job.rig} -> {dataset}")
+        dataset = run_rig_capture(RigCaptureConfig(rig=job.rig, out=dataset, **job.capture), progress=False)
     else:
         from capture.pipeline import run_capture
 

@@ -185,6 +185,37 @@ def test_a_filmed_rig_becomes_a_dataset_an_avatar_trains_on(filmed_rig, speech_w
     assert drive["camera"] == "cam_2" and drive["frames"] == 58
 
 
+
+def test_a_job_runs_a_rig(filmed_rig, tmp_path, capsys):
+    """`avatar run` with [input] rig: the rig captured with its calibration, an avatar
+    trained on its cameras; a setting only one camera's capture has is refused by name."""
+    rig, calib, cams = filmed_rig
+    job = tmp_path / "rig.toml"
+    text = f"""[job]
+out = "{tmp_path / 'work'}"
+[input]
+rig = "{rig}"
+[capture]
+calib = "{calib}"
+size = 64
+[train]
+preset = "demo"
+iterations = 6
+torso_steps = 0
+size = 64
+[eval]
+enabled = false
+"""
+    job.write_text(text)
+    assert main(["run", str(job)]) == 0
+    assert "the rig " in capsys.readouterr().err
+    ds = Dataset(tmp_path / "work" / "dataset")
+    assert [c.name for c in ds.cameras] == [c.name for c in cams] and len(ds) == 120
+    assert (tmp_path / "work" / "avatar" / "checkpoint.safetensors").is_file()
+    job.write_text(text.replace("size = 64\n[train]", "size = 64\nphotometric = true\n[train]"))
+    assert main(["run", str(job)]) == 1
+    assert "[capture] has unknown keys ['photometric'] for a rig" in capsys.readouterr().err
+
 def _takes(seconds: float, seed: int) -> np.ndarray:
     from scenes.speech import synthesize
 
