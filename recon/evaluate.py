@@ -383,7 +383,8 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
     _, feats = speech_features(Path(speech), av.fps)
     codes = av.speech_motion(feats)
     visemes = viseme_features(feats).numpy()  # host: features are made there
-    replay = ds.views_of(ds.camera_index(camera))  # one camera's clip
+    replay_camera = ds.camera_index(camera)
+    replay = ds.views_of(replay_camera)  # one camera's clip
     n_real = min(len(replay), real_frames)
     opened = {"avatar": [], "static_mouth": [], "real": []}
     with torch.no_grad(), FaceTracker(max_faces=1, video_mode=False) as tracker:
@@ -406,7 +407,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
     envelope = syllable_envelope(feats["mel"])
     result = {
         "format": "avatar-eval-drive/1", "avatar": str(Path(avatar).resolve()), "speech": str(Path(speech).resolve()),
-        "camera": ds.cameras[ds.camera_index(camera)].name, "frames": len(codes), "fps": av.fps,
+        "camera": ds.cameras[replay_camera].name, "frames": len(codes), "fps": av.fps,
         "lipsync": {
             "real": lipsync_block(real, viseme_features(ds.features).numpy()[real_rows],  # host: features
                                   syllable_envelope(ds.features["mel"][real_rows]), av.fps, real),

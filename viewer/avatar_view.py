@@ -296,6 +296,11 @@ class Playback:
         self.t0, self.wall0 = t, time.perf_counter()
 
 
+def vertical_fov(K: torch.Tensor, height: int) -> float:
+    """The vertical field of view (radians) of intrinsics K [3, 3] over an image `height` tall."""
+    return 2 * float(np.arctan(height / (2 * float(K[1, 1]))))
+
+
 def add_rig_frustums(scene, ds: Dataset | None, look_through) -> list[str]:
     """A rig's cameras (two or more) as frustums at their first views, each with its own
     field of view and that view's image; clicking one calls look_through(client, camera to
@@ -308,7 +313,7 @@ def add_rig_frustums(scene, ds: Dataset | None, look_through) -> list[str]:
     for c, cam in enumerate(ds.cameras):
         i = ds.views_of(c)[0]
         c2w = np.linalg.inv(ds.viewmat(i).cpu().double().numpy())
-        fov_y = 2 * float(np.arctan(ds.size / (2 * float(cam.K[1, 1]))))
+        fov_y = vertical_fov(cam.K, ds.size)
         image = (ds[i].image.cpu().numpy() * 255).astype(np.uint8)
         name = f"/rig/{cam.name}"
         frustum = scene.add_camera_frustum(name, fov=fov_y, aspect=1.0, scale=0.05, image=image, color=(255, 200, 40),
@@ -625,7 +630,7 @@ class Studio:
         self._lock = threading.Lock()
         for path in audio:
             self.add_track(load_track(Path(path), self.av))
-        self.fov_y = 2 * float(np.arctan(self.av.size / (2 * float(self.av.K[1, 1]))))
+        self.fov_y = vertical_fov(self.av.K, self.av.size)
         self.head = head_extent(self.av)
         # Frames render with the avatar's rasterizer backend on `device`. Default: the
         # resolution a moving camera renders at about TARGET_FPS on this machine (measured
