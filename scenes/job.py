@@ -248,7 +248,8 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
         from capture.multiview import RigCaptureConfig, run_rig_capture
 
         _say("capture", f"the rig {job.rig} -> {dataset}")
-        dataset = run_rig_capture(RigCaptureConfig(rig=job.rig, out=dataset, **job.capture), progress=False)
+        dataset = run_rig_capture(RigCaptureConfig(rig=job.rig, out=dataset, **job.capture),
+                                  progress=sys.stderr.isatty())  # as `avatar capture` shows it
     else:
         from capture.pipeline import run_capture
 
