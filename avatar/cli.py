@@ -94,8 +94,48 @@ def _device(args: argparse.Namespace):
         raise AvatarError(None, f"--device: {exc}") from exc
 
 
+def _rank_device(args: argparse.Namespace):
+    """The device of this training process: --device, or with several processes on GPUs,
+    one GPU each (cuda:LOCAL_RANK)."""
+    import torch
+
+    from avatar.errors import AvatarError
+    from recon import distributed
+
+    if args.nproc < 1:
+        raise AvatarError(None, f"--nproc {args.nproc}: at least one process trains")
+    if args.nproc > 1 and distributed.launched():
+        raise AvatarError(None, "--nproc starts processes itself, but this one was started as a rank (torchrun)",
+                          "leave --nproc out under torchrun; give torchrun --nproc-per-node")
+    device = _device(args)
+    several = args.nproc > 1 or distributed.launched()
+    if not several or device.type != "cuda":
+        return device
+    if ":" in args.device:
+        raise AvatarError(None, f"--device {args.device} names one GPU, but each of several processes takes its own",
+                          "use --device cuda (or auto); choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if args.nproc > torch.cuda.device_count():
+        raise AvatarError(None, f"--nproc {args.nproc} on CUDA needs a GPU per process; this machine has "
+                          f"{torch.cuda.device_count()}", "start as many processes as GPUs, or use --device cpu")
+    return torch.device("cuda", distributed.local_rank())
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without its --nproc N (or --nproc=N)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def _train(args: argparse.Namespace) -> int:
     from avatar.errors import AvatarError
+    from recon import distributed
     from recon.engine import train
     from recon.method import DEFAULT_METHOD, config_from_file, method_class
 
@@ -116,8 +156,18 @@ def _train(args: argparse.Namespace) -> int:
         if args.preset:
             cfg, overrides = checked, {}
     holdout = [n for n in args.holdout_cameras.split(",") if n] if args.holdout_cameras is not None else None
-    out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides,
-                device=_device(args), method=args.method, holdout_cameras=holdout)
+    device = _rank_device(args)
+    if args.nproc > 1:  # this process only launches the ranks, which run this command without --nproc
+        distributed.launch(args.nproc, _without_nproc(args.argv), Path(args.out), device.type == "cuda")
+        return 0
+    ranks = distributed.join(device)
+    try:
+        out = train(args.dataset, args.out, cfg, resume=args.resume, force=args.force, overrides=overrides,
+                    device=device, method=args.method, holdout_cameras=holdout)
+    finally:
+        distributed.leave()
+    if not ranks.first:
+        return 0
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}")
     if (out / "canonical.ply").is_file():
         print(f"  canonical Gaussians: {out / 'canonical.ply'}")
@@ -335,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="with --resume: continue even though the settings given or the dataset differ from the "
                         "checkpoint's (the settings given are used)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine, each step's views shared out among them (one GPU "
+                        "each on CUDA, gloo on CPUs; needs --batch-size N or more); across machines use torchrun "
+                        "(README). Default 1")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="score an avatar on held-out frames (PSNR, SSIM, LMD, lip sync, FPS)",
                        description="Writes AVATAR/eval.json and AVATAR/eval_strip.png; with --drive, "
@@ -430,6 +484,15 @@ def _log_internal_error(stage: str, argv: list[str], exc: BaseException) -> Path
     return None
 
 
+def _ranked(message: str) -> str:
+    """An error message, its first line marked with the rank that met it when this process
+    is one of several training (recon/distributed.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return message
+    first, newline, rest = message.partition("\n")
+    return f"{first} (rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}){newline}{rest}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI: 0 on success, 1 on bad input (a named error), 2 on an internal error
     (one line here, the traceback in a log file) and, as argparse does, on a malformed
@@ -441,10 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except AvatarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_ranked(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"avatar {args.command}: interrupted", file=sys.stderr)
@@ -453,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         log = _log_internal_error(args.command, argv, exc)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         details = f" (details: {log})" if log else ""
-        print(f"error: internal error in {args.command}: {type(exc).__name__}"
-              f"{': ' + message if message else ''}{details}", file=sys.stderr)
+        print(_ranked(f"error: internal error in {args.command}: {type(exc).__name__}"
+                      f"{': ' + message if message else ''}{details}"), file=sys.stderr)
         return 2
 
 

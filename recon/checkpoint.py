@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save
 
 from avatar.errors import AvatarError
 from avatar.io import atomic_path
@@ -26,10 +26,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AvatarError(path, f"refusing to save a checkpoint with NaN/Inf in {name}",
                               "training diverged; resume from the previous checkpoint with a lower learning rate")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"format": CHECKPOINT_FORMAT, **meta, "tensors_sha1": tensors_digest(tensors)}
     with atomic_path(path, durable=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"avatar": json.dumps(meta)})
+        tmp.write_bytes(encode_state(tensors, meta))
     return Path(path)
 
 
@@ -57,18 +55,44 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AvatarError(path, f"is not a readable checkpoint ({exc})", "the file is corrupt or truncated") from exc
+    return tensors, checked_state(path, tensors, raw)
+
+
+def encode_state(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
+    """A checkpoint's bytes, in memory (what save_checkpoint writes): how training processes
+    hand rank 0's state to the others (recon/distributed.py)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": CHECKPOINT_FORMAT, **meta, "tensors_sha1": tensors_digest(tensors)}
+    return save(tensors, metadata={"avatar": json.dumps(meta)})
+
+
+def decode_state(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """encode_state's tensors and metadata, checked as load_checkpoint checks a file, except
+    for NaN/Inf: a state in the middle of a step may hold them by design, such as a radiance
+    field's occupancy grid before its first refresh (`where` names the source in errors)."""
+    try:
+        header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])  # safetensors: u64 size, JSON
+        tensors = load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise AvatarError(where, f"is not a readable state ({exc})") from exc
+    return tensors, checked_state(where, tensors, header.get("__metadata__", {}).get("avatar"), finite=False)
+
+
+def checked_state(where: str | Path, tensors: dict[str, torch.Tensor], raw: str | None, finite: bool = True) -> dict:
+    """The metadata of a checkpoint's `tensors` from its raw JSON; AvatarError naming
+    `where` when it is foreign, damaged or (`finite`) holds NaN/Inf."""
     try:
         meta = json.loads(raw) if raw else {}
     except json.JSONDecodeError as exc:
-        raise AvatarError(path, f"has unreadable metadata ({exc})") from exc
+        raise AvatarError(where, f"has unreadable metadata ({exc})") from exc
     if not isinstance(meta, dict):
-        raise AvatarError(path, "has metadata that is not a JSON object", "the file is damaged or foreign")
+        raise AvatarError(where, "has metadata that is not a JSON object", "the file is damaged or foreign")
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise AvatarError(path, f"is not an avatar checkpoint (format {meta.get('format')!r})")
+        raise AvatarError(where, f"is not an avatar checkpoint (format {meta.get('format')!r})")
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AvatarError(path, f"holds NaN/Inf values in {name}", "resume from an earlier checkpoint")
+        if finite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise AvatarError(where, f"holds NaN/Inf values in {name}", "resume from an earlier checkpoint")
     if "tensors_sha1" in meta and meta["tensors_sha1"] != tensors_digest(tensors):
-        raise AvatarError(path, "is damaged: its tensors do not match the checksum written with them",
+        raise AvatarError(where, "is damaged: its tensors do not match the checksum written with them",
                           "resume from an earlier copy, or retrain")
-    return tensors, meta
+    return meta

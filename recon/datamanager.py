@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .dataset import Dataset
+from .distributed import Ranks
 from .method import Batch, Sample
 
 
@@ -40,12 +41,15 @@ class DataManager:
         seed: seed of the shuffles.
         prefetch: decode the next step's frames in a background thread (None: where a core
             is free for it, see prefetch_helps).
+        ranks: the processes sharing each step (`batch` gives this one's share).
     """
 
-    def __init__(self, ds: Dataset, train_ids: list[int], batch_size: int, seed: int, prefetch: bool | None = None):
+    def __init__(self, ds: Dataset, train_ids: list[int], batch_size: int, seed: int, prefetch: bool | None = None,
+                 ranks: Ranks = Ranks()):
         if not train_ids:
             raise ValueError("no training frames to draw from")
         self.ds, self.train_ids, self.batch_size, self.seed = ds, list(train_ids), batch_size, seed
+        self.ranks = ranks
         timesteps: dict[int, list[int]] = {}
         for i in self.train_ids:
             timesteps.setdefault(int(ds.frames[i]["frame_index"]), []).append(i)
@@ -72,18 +76,20 @@ class DataManager:
         return [Sample(key=n, index=self.index(n)) for n in range(first, first + self.batch_size)]
 
     def batch(self, step: int) -> Batch:
-        """The samples of `step` with their frames; starts decoding step + 1's."""
-        samples = self.samples(step)
+        """This process's share of the samples of `step`, with their frames; starts
+        decoding its share of step + 1's."""
+        samples = self.ranks.share(self.samples(step))
         if self._ahead is not None and self._ahead[0] == step:
             for frame in self._ahead[1].result():  # a bad file raises here, in the step that needs it
                 self.ds.keep(frame)
         self._ahead = None
         frames = [self.ds[s.index] for s in samples]
         if self._pool is not None:
-            missing = list(dict.fromkeys(s.index for s in self.samples(step + 1) if not self.ds.cached(s.index)))
+            missing = list(dict.fromkeys(s.index for s in self.ranks.share(self.samples(step + 1))
+                                         if not self.ds.cached(s.index)))
             if missing:
                 self._ahead = (step + 1, self._pool.submit(lambda: [self.ds.read_frame(i) for i in missing]))
-        return Batch(samples, frames)
+        return Batch(samples, frames, step_views=self.batch_size)
 
     def close(self) -> None:
         """Stop prefetching (a pending decode is finished and dropped)."""

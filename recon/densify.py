@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .distributed import sum_over_ranks
 from .model import BranchParams, Layer
 from .raster.reference import quat_to_rotmat
 
@@ -24,17 +25,25 @@ class GradStats:
         self.grad_sum = torch.zeros(n, device=device)  # [n]
         self.count = torch.zeros(n, device=device)  # [n]
 
-    def update(self, layer: Layer, size: int, views: int = 1) -> None:
-        """Add this step's gradients of layer.means2d (retain_grad was called on it), one of
-        `views` views whose losses were averaged."""
-        if layer.means2d.grad is None:
-            return
-        visible = (layer.radii > 0).all(-1)
-        # Pixel gradients -> NDC units, where 3DGS's threshold (2e-4) is defined; times the
-        # views, to undo the batch mean (gsplat does the same), so B views count as B steps.
-        g = layer.means2d.grad.detach()[0] * ((size / 2) * views)
-        self.grad_sum[visible] += g[visible].norm(dim=-1)
-        self.count[visible] += 1
+    def update(self, layers: list[Layer], size: int, views: int = 1) -> None:
+        """Add one step's gradients of layer.means2d (retain_grad was called on each), from
+        `layers`, this process's views of the step, out of `views` views over every process
+        whose losses were averaged. The step's sums are added up over the processes
+        (recon/distributed.py) before they join the running ones, so every replica keeps
+        the same statistics as one process with the whole batch."""
+        step = torch.zeros(2, len(self.count), device=self.count.device)  # [grad norm sum, count]
+        for layer in layers:
+            if layer.means2d.grad is None:
+                continue
+            visible = (layer.radii > 0).all(-1)
+            # Pixel gradients -> NDC units, where 3DGS's threshold (2e-4) is defined; times the
+            # views, to undo the batch mean (gsplat does the same), so B views count as B steps.
+            g = layer.means2d.grad.detach()[0] * ((size / 2) * views)
+            step[0, visible] += g[visible].norm(dim=-1)
+            step[1, visible] += 1
+        sum_over_ranks(step)
+        self.grad_sum += step[0]
+        self.count += step[1]
 
     def mean(self) -> Tensor:
         return self.grad_sum / self.count.clamp_min(1)

@@ -4,7 +4,8 @@ It owns what every method shares: the avatar folder (refusing to overwrite a tra
 atomic periodic checkpoints and `--resume` (same samples and randomness as an
 uninterrupted run), the Adam optimizer over the method's named parameter groups and their
 schedules, batches of B views from the data manager (recon/datamanager.py), the device,
-metrics.jsonl and the progress bar. Everything particular to a method (its parameters,
+metrics.jsonl and the progress bar, and the sharing of each step over several processes
+(recon/distributed.py: data parallel, gradients summed). Everything particular to a method (its parameters,
 stages, renders, losses, densification) sits behind the Method interface; the talking
 Gaussian avatar (recon/methods/gaussians.py) is the default method.
 """
@@ -12,6 +13,7 @@ Gaussian avatar (recon/methods/gaussians.py) is the default method.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import fields, replace
@@ -25,7 +27,8 @@ from avatar.errors import AvatarError
 from avatar.io import atomic_path
 
 from .avatar_dir import CHECKPOINT, read_json_lines, save_avatar
-from .checkpoint import load_checkpoint
+from . import distributed
+from .checkpoint import decode_state, encode_state, load_checkpoint
 from .dataset import Dataset, dataset_fingerprint
 from .datamanager import DataManager
 from .method import DEFAULT_METHOD, Method, checkpoint_method, method_class
@@ -113,6 +116,10 @@ class Trainer:
     default preset; `overrides` apply over either). method: its name (None: the
     checkpoint's when resuming, else gaussians). holdout_cameras: cameras of the dataset kept
     out of training (Dataset.split; None: the checkpoint's when resuming, else none).
+
+    In a run of several processes (recon/distributed.py, joined before this is built), rank
+    0 reads the arguments and the avatar folder as one process would, and hands its state
+    to the others, which take everything (method, settings, step) from it.
     """
 
     def __init__(self, dataset: Path, out: Path, cfg: Any | None, resume: bool, progress: bool = True,
@@ -120,6 +127,16 @@ class Trainer:
                  method: str | None = None, holdout_cameras: list[str] | None = None):
         self.out = Path(out)
         self.device = device = torch.device(device)
+        self.ranks = distributed.current()
+        if not self.ranks.first:
+            tensors, meta = decode_state(distributed.broadcast_bytes(None, device), "rank 0's state")
+            cls = method_class(meta["method"])
+            self._setup(Path(dataset), cls, type(cls.config()).from_dict(meta["config"]), meta["holdout_cameras"])
+            if meta["dataset_fingerprint"] != self.dataset_fingerprint:
+                raise AvatarError(dataset, f"is not the dataset rank 0 trains on (rank {self.ranks.rank} has "
+                                  "another capture or edit of it)", "give every machine the same dataset folder")
+            self._restore(tensors, meta)
+            return
         ckpt = self.out / CHECKPOINT
         if ckpt.exists() and not resume:
             raise AvatarError(self.out, "already holds a trained avatar",
@@ -138,21 +155,10 @@ class Trainer:
             holdout_cameras = saved_holdout
             cfg = resume_config(ckpt, resumed[1], cfg, Path(dataset), force, overrides or {})
         cls = method_class(method or DEFAULT_METHOD)
-        self.cfg = cfg = cfg or cls.config(**(overrides or {}))
-        self.dataset_fingerprint = dataset_fingerprint(Path(dataset))
-        check_backend(cfg.backend, device)
-        self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True, device=device)
-        self.holdout_cameras = list(holdout_cameras or [])
-        self.train_ids, self.held_out = self.ds.split(holdout_cameras=self.holdout_cameras)
-        self.method: Method = cls(self.ds, self.train_ids, cfg, device)
-        self.step = 0
+        self._setup(Path(dataset), cls, cfg or cls.config(**(overrides or {})), holdout_cameras)
         self.out.mkdir(parents=True, exist_ok=True)
         if resumed is not None:
-            tensors, meta = resumed
-            self.method.restore(tensors, meta, ckpt)
-            self.optim = torch.optim.Adam(self.method.param_groups())
-            load_optimizer_tensors(self.optim, tensors)
-            self.step = int(meta["step"])
+            self._restore(*resumed, ckpt)
             for stale in self.out.glob(".*.tmp*"):  # a write cut short by a crash
                 stale.unlink()
             self._trim_metrics()
@@ -160,10 +166,39 @@ class Trainer:
         else:
             if resume:
                 print(f"avatar train: {ckpt} not found; starting from the beginning", file=sys.stderr)
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(self.cfg.seed)
             self.method.create(self.out, progress)
             self.optim = torch.optim.Adam(self.method.param_groups())
-        self.data = DataManager(self.ds, self.train_ids, cfg.batch_size, cfg.seed)
+        if self.ranks.world > 1:
+            distributed.broadcast_bytes(encode_state(self.state_tensors(), self.meta()), device)
+
+    def _setup(self, dataset: Path, cls: type[Method], cfg: Any, holdout_cameras: list[str] | None) -> None:
+        """The config, dataset, split, method (not yet built) and data manager."""
+        self.cfg = cfg
+        if cfg.batch_size < self.ranks.world:
+            raise AvatarError(None, f"{self.ranks.world} processes share steps of {cfg.batch_size} view(s): each "
+                              "process needs a view of every step", f"train with --batch-size {self.ranks.world} "
+                              "or more (a rig: its camera count), or with fewer processes")
+        self.dataset_fingerprint = dataset_fingerprint(dataset)
+        check_backend(cfg.backend, self.device)
+        self.ds = Dataset(dataset, size=cfg.size, cache_frames=cfg.cache_frames, check_images=True,
+                          device=self.device)
+        self.holdout_cameras = list(holdout_cameras or [])
+        self.train_ids, self.held_out = self.ds.split(holdout_cameras=self.holdout_cameras)
+        self.method: Method = cls(self.ds, self.train_ids, cfg, self.device)
+        self.step = 0
+        self.data = DataManager(self.ds, self.train_ids, cfg.batch_size, cfg.seed, ranks=self.ranks)
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict, path: Path | None = None) -> None:
+        """The method, optimizer and step from a checkpoint's (or rank 0's) state."""
+        self.method.restore(tensors, meta, path or self.out / CHECKPOINT)
+        self.optim = torch.optim.Adam(self.method.param_groups())
+        load_optimizer_tensors(self.optim, tensors)
+        self.step = int(meta["step"])
+        if "rng.cpu" in tensors:  # checkpoints of earlier versions have none
+            torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _trim_metrics(self) -> None:
@@ -179,9 +214,29 @@ class Trainer:
                 "fps": float(self.ds.meta.get("fps", 25.0)), "size": self.cfg.size,
                 "holdout_cameras": self.holdout_cameras, **self.method.state_meta()}
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint holds: the method's state, the optimizer's, and torch's
+        global random state (what a method's modules draw when built mid-run)."""
+        rng = {"rng.cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return {**self.method.state_tensors(), **optimizer_tensors(self.optim), **rng}
+
     def save(self) -> Path:
         """Write the checkpoint (atomically) and config.json."""
-        return save_avatar(self.out, {**self.method.state_tensors(), **optimizer_tensors(self.optim)}, self.meta())
+        return save_avatar(self.out, self.state_tensors(), self.meta())
+
+    def mend_replicas(self) -> bool:
+        """In a run of several processes: whether any replica had drifted from rank 0's,
+        which is then handed to every rank (recon/distributed.py)."""
+        tensors = self.state_tensors()
+        if distributed.replicas_agree(tensors, self.device):
+            return False
+        state = distributed.broadcast_bytes(encode_state(tensors, self.meta()) if self.ranks.first else None,
+                                            self.device)
+        if not self.ranks.first:
+            self._restore(*decode_state(state, "rank 0's state"))
+        return True
 
     # -- one step ----------------------------------------------------------------------
     def set_learning_rates(self, step: int) -> None:
@@ -189,71 +244,97 @@ class Trainer:
             g.setdefault("base_lr", g["lr"])  # the rate a group was created with
             g["lr"] = self.method.learning_rate(g, step)
 
-    def optimize(self, step: int) -> tuple[torch.Tensor, dict]:
-        """One optimizer step at `step` on the data manager's batch: render, loss, gradients,
-        the method's statistics, update. Returns the loss and the step's info."""
+    def optimize(self, step: int) -> tuple[float, dict]:
+        """One optimizer step at `step` on the data manager's batch: render, loss, gradients
+        (summed over the processes), the method's statistics, update. Returns the loss and
+        the step's info, over the whole step."""
         batch = self.data.batch(step)
         outputs = self.method.render(batch, step)
         loss, info = self.method.loss(batch, outputs, step)
-        if not torch.isfinite(loss):
-            raise AvatarError(self.out, f"training diverged at step {step} (loss {float(loss)})",
+        share = len(batch) / batch.step_views  # of the step's views, over every process
+        total, info = self._mean_over_ranks(loss, info, share)
+        if not math.isfinite(total):
+            raise AvatarError(self.out, f"training diverged at step {step} (loss {total})",
                               "resume from the last checkpoint with --resume after lowering learning rates")
-        loss.backward()
+        (loss * share).backward()
+        distributed.sum_gradients([p for g in self.optim.param_groups for p in g["params"]])
         self.method.after_backward(batch, outputs)
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
-        return loss, info
+        return total, info
+
+    def _mean_over_ranks(self, loss: torch.Tensor, info: dict, share: float) -> tuple[float, dict]:
+        """The step's loss and log numbers over all its views (each process's weighed by its
+        share of them)."""
+        if self.ranks.world == 1:
+            return loss.item(), info
+        values = torch.tensor([loss.item(), *info.values()], dtype=torch.float64) * share
+        values = distributed.sum_over_ranks(values.to(self.device)).tolist()
+        return values[0], dict(zip(info, values[1:]))
 
     def run(self, progress: bool = True) -> Path:
-        cfg, method = self.cfg, self.method
+        cfg, method, first = self.cfg, self.method, self.ranks.first
+        progress = progress and first
         t_start, done_at_start = time.perf_counter(), self.step
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="avatar train", unit="it", disable=not progress,
                    dynamic_ncols=True, file=sys.stderr)
-        log = open(self.out / "metrics.jsonl", "a")
+        log = open(self.out / "metrics.jsonl", "a") if first else None
         try:
             while self.step < cfg.total_steps:
                 step = self.step
                 event = method.before_step(step, self.optim, progress)
                 if event.pop("finished", False):
                     self.step = cfg.total_steps
-                    self.save()
+                    self.checkpoint()
                     break
                 self.set_learning_rates(step)
                 loss, info = self.optimize(step)
                 self.step = step + 1
                 event.update(method.after_step(self.step, self.optim, progress))
+                if event and self.mend_replicas():
+                    event["replicas_mended"] = True
                 bar.update(1)
-                bar.set_postfix(stage=method.stage_at(step), loss=f"{loss.item():.4f}",
+                bar.set_postfix(stage=method.stage_at(step), loss=f"{loss:.4f}",
                                 **{k: f"{v:.2f}" for k, v in info.items()}, refresh=False)
                 milestone = self.step == cfg.total_steps or self.step in method.milestones()
-                if self.step % cfg.log_every == 0 or event or milestone:
+                if log is not None and (self.step % cfg.log_every == 0 or event or milestone):
                     elapsed = time.perf_counter() - t_start
-                    record = {"step": self.step, "stage": method.stage_at(step), "loss": loss.item(), **info,
+                    record = {"step": self.step, "stage": method.stage_at(step), "loss": loss, **info,
                               **method.log_fields(), "it_per_s": (self.step - done_at_start) / max(elapsed, 1e-9),
                               "elapsed_s": elapsed, **event}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if self.step % cfg.checkpoint_every == 0 or milestone:
-                    self.save()
+                    self.checkpoint()
                     method.saved()
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             bar.close()
             self.data.close()
-        method.finish(self.out)
+        if first:
+            method.finish(self.out)
         return self.out
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint, once every replica is known to hold its state."""
+        self.mend_replicas()
+        if self.ranks.first:
+            self.save()
 
 
 def train(dataset: str | Path, out: str | Path, cfg: Any | None, resume: bool = False, progress: bool = True,
           force: bool = False, overrides: dict | None = None, device: torch.device | str = "cpu",
           method: str | None = None, holdout_cameras: list[str] | None = None) -> Path:
     """Train (or resume) an avatar with `method` on `device` (recon/device.py); returns the
-    avatar folder. See the module docstring and Trainer."""
+    avatar folder. See the module docstring and Trainer. Called on every rank of a run of
+    several processes (recon/distributed.py) once they have joined."""
     trainer = Trainer(Path(dataset), Path(out), cfg, resume, progress, force, overrides, device, method,
                       holdout_cameras)
     if trainer.step >= trainer.cfg.total_steps:
-        print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
         trainer.data.close()
-        trainer.method.finish(trainer.out)
+        if trainer.ranks.first:
+            print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
+            trainer.method.finish(trainer.out)
         return trainer.out
     return trainer.run(progress)

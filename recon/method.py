@@ -62,10 +62,17 @@ class Sample:
 
 @dataclass
 class Batch:
-    """The B samples of one step and their decoded frames."""
+    """The samples of one step and their decoded frames: all B of them, or in a run of
+    several processes (recon/distributed.py) this one's share."""
 
     samples: list[Sample]
     frames: list[Frame]
+    step_views: int = 0
+    """B, the views of the whole step over every process (0: len(samples)). The step's
+    loss is the mean over all of them, so a view's gradient carries a factor 1 / B."""
+
+    def __post_init__(self) -> None:
+        self.step_views = self.step_views or len(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -68,7 +68,7 @@ def test_densification_statistics_are_collected():
     fr.face.means2d.retain_grad()
     fr.image.sum().backward()
     stats = GradStats(len(model.face))
-    stats.update(fr.face, 48)
+    stats.update([fr.face], 48)
     assert stats.count.sum() > 0 and stats.mean().max() > 0
 
 

@@ -316,16 +316,19 @@ class GaussianAvatar(Method):
     def motion_at(self, i: int, key: int) -> torch.Tensor:
         """[K] the motion codes that drive frame i: its tracked codes, or (without tracked
         faces) MotionNet's codes from its speech, learned through the render, with noise
-        drawn from the sample's key."""
+        and dropout drawn from the sample's key (the same in any batch, on any process)."""
         if self.motion is not None:
             return self.motion[i]
         r, h, n = int(self.ds.frames[i]["frame_index"]), self.cfg.audio_window, self.mel.shape[0]
         lo, hi = max(r - h, 0), min(r + h + 1, n)  # wider than MotionNet's reach: same as the whole clip
         mel = self.mel[lo:hi]
+        seed = self.cfg.seed * 104_729 + key + 1
         if self.cfg.audio_noise > 0:
-            noise = torch.Generator().manual_seed(self.cfg.seed * 104_729 + key + 1)
+            noise = torch.Generator().manual_seed(seed)
             mel = mel + self.cfg.audio_noise * torch.randn(mel.shape, generator=noise, device="cpu").to(mel)
-        return self.model.motion_net.train()(mel, self.visemes[lo:hi])[r - lo]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)  # MotionNet's dropout draws from the global generator
+            return self.model.motion_net.train()(mel, self.visemes[lo:hi])[r - lo]
 
     def _drive(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(motion [B, K], eye openness [B, 1]) of the batch's frames."""
@@ -468,9 +471,8 @@ class GaussianAvatar(Method):
     def after_backward(self, batch: Batch, outputs: dict) -> None:
         names = ("torso",) if "torso" in outputs else tuple(name for name, _ in BRANCHES)
         for name in names:
-            for layer in outputs[name]:
-                if layer is not None:
-                    self.stats[name].update(layer, self.cfg.size, views=len(batch))
+            self.stats[name].update([layer for layer in outputs[name] if layer is not None], self.cfg.size,
+                                    views=batch.step_views)
 
     # -- structure ---------------------------------------------------------------------
     def after_step(self, steps_done: int, optim: torch.optim.Optimizer, progress: bool) -> dict:
