@@ -307,6 +307,10 @@ def _bench(args: argparse.Namespace) -> int:
         from bench.hash_encoding import main as bench_hash
 
         return bench_hash(args.rest)
+    if args.target == "distributed":
+        from bench.distributed import main as bench_distributed
+
+        return bench_distributed(args.rest)
     return 2
 
 
@@ -450,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default), cpu, cuda or cuda:N")
     p.set_defaults(func=_run)
     p = sub.add_parser("bench", help="benchmarks (raster: rasterizer backends vs gsplat; train: views per step "
-                                     "and prefetch; hash: the hash encoding's kernels vs its torch reference)")
-    p.add_argument("target", choices=["raster", "train", "hash"], help="what to benchmark")
+                                     "and prefetch; hash: the hash encoding's kernels vs its torch reference; "
+                                     "distributed: training over 1..N processes)")
+    p.add_argument("target", choices=["raster", "train", "hash", "distributed"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `avatar bench raster --help`)")
     p.set_defaults(func=_bench)
     return parser

@@ -124,3 +124,13 @@ def test_bad_process_counts_are_named_errors(sample_dataset, tmp_path, args, mes
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and message in err and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "a" / "checkpoint.safetensors").exists()
+
+
+def test_the_scaling_benchmark_times_each_process_count(sample_dataset, capsys):
+    from avatar.cli import main
+
+    assert main(["bench", "distributed", str(sample_dataset), "--nproc", "1", "2", "--preset", "demo",
+                 "--steps", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(result["rows"]) == ["1", "2"] and result["batch_size"] == 2
+    assert result["rows"]["1"]["speedup"] == 1.0 and result["rows"]["2"]["it_per_s"] > 0
