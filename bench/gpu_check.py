@@ -26,6 +26,9 @@ with each step's log beside it:
   6b. a short `gpu`-preset radiance-field training (`--method nerf`, `--nerf-steps`): the
      ray marching it used (nerfacc's on CUDA when its kernels build, else ours in torch),
      it/s, the training PSNR, peak memory, and the head's render rate at the preset's 512^2;
+  6c. distributed: on a machine of several GPUs, `avatar bench distributed` (`gpu` preset,
+     `avatar train --nproc N` for N = 1, 2, ... GPUs, one batch of as many views): it/s and
+     the speed-up over one GPU; recorded as skipped, with the reason, on one GPU or a CPU;
   7. sanitizer: our kernels, forward and backward on a small head seen by two cameras,
      under compute-sanitizer's memcheck (torch's caching allocator off), racecheck and
      synccheck, at most 150 s each.
@@ -236,6 +239,15 @@ def _nerf(dataset: Path, avatar: Path, device: torch.device, steps: int, size: i
             "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None}
 
 
+def _distributed(dataset: Path, device: torch.device) -> dict:
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if gpus < 2:
+        return {"skipped": f"needs 2 CUDA GPUs or more (one per process); this machine has {gpus}"}
+    from bench.distributed import run
+
+    return run(dataset, list(range(1, gpus + 1)), None, "gpu", 60, 1, "cuda")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", help="dataset folder written by `avatar capture`")
@@ -247,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nerf-steps", type=int, default=300, help="steps of the short radiance-field training")
     p.add_argument("--bench-steps", type=int, default=10, help="timed steps per set-up of the training benchmark")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["parity", "raster", "hash", "train_bench", "training", "eval", "nerf", "sanitizer"],
+                   choices=["parity", "raster", "hash", "train_bench", "training", "eval", "nerf", "distributed",
+                            "sanitizer"],
                    help="steps to leave out")
     args = p.parse_args(argv)
 
@@ -263,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
              "training": lambda: _training(dataset, out / "avatar", device, args.steps, args.torso_steps, args.size),
              "eval": lambda: _eval(out / "avatar", device),
              "nerf": lambda: _nerf(dataset, out / "nerf", device, args.nerf_steps, args.size),
+             "distributed": lambda: _distributed(dataset, device),
              "sanitizer": lambda: _sanitizer(out, device)}  # last: the slowest, and the figures come first
     report: dict = {}
     for name, step in steps.items():

@@ -134,3 +134,14 @@ def test_the_scaling_benchmark_times_each_process_count(sample_dataset, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(result["rows"]) == ["1", "2"] and result["batch_size"] == 2
     assert result["rows"]["1"]["speedup"] == 1.0 and result["rows"]["2"]["it_per_s"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason=f"NCCL between GPUs needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}")
+def test_two_gpus_train_one_avatar_over_nccl(sample_dataset, tmp_path):
+    proc = _avatar("train", str(sample_dataset), "--out", str(tmp_path / "a"), "--device", "cuda", "--nproc", "2",
+                   "--config", str(_config(tmp_path, iterations=12, densify_every=4)))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")[1]["step"] == 12
+    assert not any("replicas_mended" in e for e in _events(tmp_path / "a"))

@@ -352,7 +352,9 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(sample_dataset, tmp_path):
                "--size", "64", "--bench-steps", "1", "--nerf-steps", "6", "--skip", "raster"])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rc == 0 and all(r["ok"] for r in report.values()), report
-    assert list(report) == ["environment", "parity", "hash", "train_bench", "training", "eval", "nerf", "sanitizer"]
+    assert list(report) == ["environment", "parity", "hash", "train_bench", "training", "eval", "nerf", "distributed",
+                            "sanitizer"]
+    assert report["distributed"]["skipped"].startswith("needs 2 CUDA GPUs or more")
     assert report["hash"]["max_abs_diff"] < 1e-6 and report["hash"]["speedup"]["forward_backward_s"] > 1
     assert report["sanitizer"]["skipped"].startswith("compute-sanitizer checks CUDA kernels: no GPU here")
     assert "passed" in report["parity"]["pytest"]
