@@ -230,13 +230,16 @@ def _eval(args: argparse.Namespace) -> int:
                     for name, c in (nv or {}).get("cameras", {}).items())
     novel = f"\nnovel views (cameras held out of training, at training moments, driven by {nv['driven_by']}):" \
             f"{novel}" if nv else ""
+    ls = r.get("live_speech")
+    live = (f"\n  live speech ({ls['lookahead_ms']:.0f} ms look-ahead, causal): face PSNR {fmt(ls['psnr_face'], '.2f')} "
+            f"dB against {fmt(ls['psnr_face_offline'], '.2f')} dB offline" if ls and "skipped" not in ls else "")
     lipsync = _lipsync_table(r["lipsync"]) if r.get("lipsync") else \
         f"  lip sync: not measured (the dataset has no sound; frames driven by {r['driven_by'].replace('_', ' ')})"
     print(f"""held-out frames: {len(r['held_out_frames'])} at {r['size']}x{r['size']}
   PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB (the frame's own pixels around the head){torso}
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
   LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
-  FPS   {r['fps']:.1f}{pose}
+  FPS   {r['fps']:.1f}{pose}{live}
 {lipsync}{fit}{novel}
 results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
     return 0
@@ -248,6 +251,29 @@ def _render(args: argparse.Namespace) -> int:
     r = render_video(args.avatar, args.audio, args.out, camera=args.camera, size=args.size, torso=args.torso,
                      device=_device(args))
     print(f"video: {r['video']} ({r['frames']} frames, {r['seconds']:.2f} s; audio {r['audio_seconds']:.2f} s)")
+    return 0
+
+
+def _speak(args: argparse.Namespace) -> int:
+    import json
+
+    from avatar.errors import AvatarError
+    from recon.live import STAGES, speak
+
+    if args.lookahead_ms < 0 or args.chunk_ms <= 0:
+        raise AvatarError(None, "--lookahead-ms must be >= 0 and --chunk-ms > 0")
+    r = speak(args.avatar, args.audio, realtime=args.realtime, lookahead_s=args.lookahead_ms / 1000,
+              size=args.size, chunk_ms=args.chunk_ms, out=args.out, device=_device(args))
+    pace = "in real time" if r["realtime"] else "as fast as it renders"
+    print(f"live speech {pace}: {r['rendered']} of {r['frames']} frames rendered ({r['skipped']} skipped), "
+          f"{r['sustained_fps']:.1f} FPS sustained, {r['size']} px, look-ahead {r['lookahead_ms']:.0f} ms")
+    print(f"  {'latency (ms)':<12} {'median':>7} {'p90':>7}")
+    for stage in ("total", *STAGES):
+        print(f"  {stage:<12} {r['latency_ms'][stage]['median']:>7.1f} {r['latency_ms'][stage]['p90']:>7.1f}")
+    if r.get("video"):
+        print(f"  video: {r['video']}")
+    if args.json:
+        print(json.dumps(r))
     return 0
 
 
@@ -406,6 +432,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("speak", help="live speech: stream a speech file through the low-latency path a microphone "
+                                     "takes, and report latency and frame rate",
+                       description="Feeds SPEECH in chunks, as a microphone would, through causal features, motion, "
+                                   "deformation, rasterization and JPEG encoding (recon/live.py), and reports the "
+                                   "sound-to-frame latency per stage and the frame rate sustained.")
+    p.add_argument("avatar", help="avatar folder written by `avatar train`")
+    p.add_argument("--audio", required=True, help="speech file standing in for the microphone")
+    p.add_argument("--realtime", action="store_true",
+                   help="deliver the audio at its own pace, as a microphone does (default: as fast as frames render)")
+    p.add_argument("--lookahead-ms", type=float, default=80.0,
+                   help="how far past a frame its speech features may look (default 80)")
+    p.add_argument("--chunk-ms", type=float, default=20.0, help="microphone chunk length (default 20)")
+    p.add_argument("--size", type=int, help="frame size in pixels (default: the avatar's)")
+    p.add_argument("--out", help="also write the frames shown (each held until the next) as an mp4 with the speech")
+    p.add_argument("--json", action="store_true", help="also print the report as one JSON line")
+    p.add_argument("--device", default="auto",
+                   help="where to compute: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N")
+    p.set_defaults(func=_speak)
     p = sub.add_parser("render", help="drive an avatar with speech: mp4 with H.264 video and AAC audio")
     p.add_argument("avatar", help="avatar folder written by `avatar train`")
     p.add_argument("--audio", required=True, help="speech file (wav, mp3, flac; any rate and channels)")

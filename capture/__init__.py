@@ -8,11 +8,14 @@ pulls in neither the face tracker nor the audio stack):
     load_audio, check_speech, compute_features   any speech file -> the per-frame features
                                               capture writes (render and eval drive an
                                               avatar with new speech through them)
+    SpeechStream                              the same features of live speech, causally,
+                                              as its chunks arrive (recon/live.py)
 """
 
 import importlib
 
-_TOOLS = {"FaceTracker": "tracking", "check_speech": "audio", "compute_features": "audio", "load_audio": "audio"}
+_TOOLS = {"FaceTracker": "tracking", "check_speech": "audio", "compute_features": "audio", "load_audio": "audio",
+          "SpeechStream": "audio"}
 __all__ = sorted(_TOOLS)
 
 

@@ -138,6 +138,10 @@ class TrainedGaussianAvatar(TrainedAvatar):
         self.check_speech()
         return speech_motion(self.model, feats)
 
+    @property
+    def speech_reach(self) -> int:
+        return self.model.motion_net.reach
+
     def tracked_motion(self, ds: Dataset) -> torch.Tensor | None:
         if self.model.rig is None or ds.landmarks(0) is None:
             return None

@@ -29,6 +29,39 @@ def normalize_mel(mel: np.ndarray) -> Tensor:
     return (x - flat.mean(0)) / flat.std(0).clamp_min(1e-3)
 
 
+def mel_input(feats: dict) -> Tensor:
+    """[N, 16, 80] the normalised log-mel windows of a feature set: normalize_mel over the
+    clip, or those a live stream normalised as it went ("mel_norm", RunningCMVN)."""
+    return feats["mel_norm"] if "mel_norm" in feats else normalize_mel(feats["mel"])
+
+
+class RunningCMVN:
+    """normalize_mel for speech that is still arriving: per-bin mean and variance of the
+    windows heard so far (Welford), starting from a prior worth `prior_windows` windows
+    (the subject's clip: the first words are normalised like the training speech), and
+    the standard deviation at least `min_std` (a few windows of one sound say little).
+    Once a whole clip has gone through, the statistics are normalize_mel's."""
+
+    def __init__(self, prior_mel: np.ndarray | None = None, prior_windows: int = 50, min_std: float = 0.5):
+        bins = 80 if prior_mel is None else np.asarray(prior_mel).shape[-1]
+        self.count, self.mean, self.m2 = 0.0, np.zeros(bins), np.zeros(bins)
+        if prior_mel is not None:
+            rows = np.asarray(prior_mel, np.float64).reshape(-1, bins)
+            self.count = float(prior_windows * np.asarray(prior_mel).shape[-2])
+            self.mean, self.m2 = rows.mean(0), rows.var(0) * self.count
+        self.min_std = min_std
+
+    def __call__(self, mel: np.ndarray) -> Tensor:
+        """[16, 80] one frame's log-mel window -> normalised, after adding it to the statistics."""
+        rows = np.asarray(mel, np.float64).reshape(-1, self.mean.shape[0])
+        n, mean = len(rows), rows.mean(0)
+        delta, total = mean - self.mean, self.count + n
+        self.m2 += rows.var(0) * n + delta**2 * self.count * n / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        std = np.maximum(np.sqrt(self.m2 / max(self.count - 1, 1)), max(self.min_std, 1e-3))  # as normalize_mel
+        return torch.from_numpy(((mel - self.mean) / std).astype(np.float32))
+
+
 def viseme_features(feats: dict) -> Tensor:
     """[N, 15] viseme posteriors of a feature set (avatar.dataset_format), zeros where a dataset
     was made without them: the speaker-independent half of MotionNet's input."""
@@ -76,4 +109,4 @@ def speech_features(path: Path, fps: float, max_seconds: float | None = None) ->
 
 def speech_motion(model, feats: dict) -> Tensor:
     """Per-frame features of a clip -> [N, K] motion codes from the avatar's MotionNet."""
-    return model.motion_codes(normalize_mel(feats["mel"]), viseme_features(feats))
+    return model.motion_codes(mel_input(feats), viseme_features(feats))

@@ -17,6 +17,10 @@ Metrics, written to AVATAR/eval.json:
   fps              rendering rate (deformation + rasterization) at the avatar's size;
   novel_views      (a rig's avatar trained with --holdout-cameras) the held-out cameras
                    at training moments: PSNR/SSIM full and in the face, per camera;
+  live_speech      the held-out frames driven by the clip's own speech streamed through
+                   the live path (recon/live.py: causal features and motion, 80 ms
+                   look-ahead), beside the same frames driven offline: `face_cost_db`
+                   is what speaking live costs in the face;
   driven_by        speech, or tracked_motion for a dataset filmed without sound (its
                    lipsync is then null);
   torso            (avatars with a torso branch) the held-out frames rendered with the 3D
@@ -59,6 +63,7 @@ from .avatar_dir import CHECKPOINT, load_avatar
 from .conditioning import speech_features, viseme_features
 from .dataset import Dataset, behind_head, dataset_fingerprint
 from .lipsync import agreement, lipsync_block, opening_of, syllable_envelope
+from .live import stream_codes
 from .losses import boundary_coverage, boundary_seam, psnr, ssim
 from .method import HeadView, TrainedAvatar, coverage, torso_under
 from .pose import correction_matrix
@@ -200,6 +205,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
                                          novel_view_frames, progress) if holdout_cameras else None,
         "pose_fit": held_out_pose_fit(av, ds, held_out[:: max(1, len(held_out) // pose_fit_frames)][:pose_fit_frames],
                                       codes) if pose_fit_frames else None,
+        "live_speech": live_speech_scores(av, ds, rows) if speaks else None,
         "fps": len(rows) / t_render,
         "torso": {k: _mean([r["torso"] for r in rows], k) for k in TORSO_KEYS} if "torso" in rows[0] else None,
         "per_frame": rows,
@@ -212,6 +218,36 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     with atomic_path(root / "eval_strip.png") as tmp:
         cv2.imwrite(str(tmp), cv2.cvtColor(np.concatenate([images, chart], axis=0), cv2.COLOR_RGB2BGR))
     return result
+
+
+def live_speech_scores(av: TrainedAvatar, ds: Dataset, rows: list[dict], lookahead_s: float = 0.08) -> dict | None:
+    """The held-out frames driven by the clip's own speech streamed through the live path
+    (recon/live.py: causal features and motion, `lookahead_s`, the clip's features as the
+    normalisation's prior, as `avatar view` and `avatar speak` stream it), against the same
+    frames driven offline (`rows`): what speaking live costs in the image. None when the
+    dataset keeps no audio file; {"skipped": why} without the audio stack (held-out scoring
+    needs none)."""
+    if not ds.meta.get("audio") or not (ds.root / ds.meta["audio"]).is_file():
+        return None
+    try:
+        from capture import load_audio  # av, soundfile; and the stream, pocketsphinx
+
+        codes = stream_codes(av, load_audio(ds.root / ds.meta["audio"]), lookahead_s, ds.features["mel"])
+    except ImportError as exc:
+        return {"skipped": f"live speech needs the audio stack, and {exc.name} is not installed"}
+    live = []
+    with torch.no_grad():
+        for r in rows:
+            i = r["frame"]
+            f = ds[i]
+            pred = render_frame(av, ds, i, behind_head(f, ds.plate(i)), codes[min(f.frame_index, len(codes) - 1)],
+                               torch.tensor([f.eye_openness], device=ds.device))[0]
+            live.append(_score(pred, f.image, face_mask(ds, i)))
+    out = {"lookahead_ms": round(lookahead_s * 1000, 1), "frames": len(live), "psnr": _mean(live, "psnr"),
+           "psnr_face": _mean(live, "psnr_face"), "psnr_offline": _mean(rows, "psnr"),
+           "psnr_face_offline": _mean(rows, "psnr_face")}
+    out["face_cost_db"] = out["psnr_face_offline"] - out["psnr_face"]
+    return out
 
 
 def novel_view_scores(av: TrainedAvatar, ds: Dataset, cameras: list[str], codes: torch.Tensor, driven_by: str,

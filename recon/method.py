@@ -290,7 +290,15 @@ class TrainedAvatar(ABC):
     @abstractmethod
     def speech_motion(self, feats: dict) -> Tensor:
         """[N, C] motion codes of the N video frames of speech features (capture's layout:
-        avatar.dataset_format), on the avatar's device."""
+        avatar.dataset_format; "mel_norm", when given, holds the windows already normalised:
+        conditioning.mel_input), on the avatar's device."""
+
+    @property
+    def speech_reach(self) -> int:
+        """Frames of speech either side of a frame that its motion codes depend on (a live
+        stream, recon/live.py, feeds `speech_motion` that many past frames and holds the
+        newest in place of the future ones). Default 0: each frame's speech alone."""
+        return 0
 
     def tracked_motion(self, ds: Dataset) -> Tensor | None:
         """[rows of ds.features, C] each dataset frame's motion codes from its tracked face

@@ -155,6 +155,12 @@ class MotionNet(nn.Module):
         self.register_buffer("lip_axis", torch.zeros(codes))
         self.register_buffer("lip_closed", torch.zeros(()))
 
+    @property
+    def reach(self) -> int:
+        """Frames either side of a frame whose speech its codes depend on (the reach of the
+        temporal convolutions)."""
+        return sum(m.kernel_size[0] // 2 for m in self.temporal if isinstance(m, nn.Conv1d))
+
     def raw(self, mel: Tensor, visemes: Tensor) -> Tensor:
         """Codes [T, K] before the bilabial closure."""
         per_frame = self.frame_net(mel.transpose(1, 2))[..., 0]  # [T, 32]

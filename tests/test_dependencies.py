@@ -184,4 +184,5 @@ def test_held_out_evaluation_needs_no_video_or_audio_stack(trained_avatar, tmp_p
     _run_without(AUDIO_VIDEO_VIEWER,
                  "from recon.evaluate import evaluate\n"
                  f"r = evaluate({str(avatar)!r}, progress=False, train_fit_frames=2, pose_fit_frames=1)\n"
-                 "assert r['psnr'] > 10, r['psnr']\n")
+                 "assert r['psnr'] > 10, r['psnr']\n"
+                 "assert r['live_speech']['skipped'].startswith('live speech needs the audio stack'), r['live_speech']\n")

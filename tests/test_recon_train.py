@@ -84,6 +84,9 @@ def test_eval_render_export(trained, speech_wav, tmp_path):
     assert len(r["held_out_frames"]) == round(80 / 11)
     assert 10 < r["psnr"] < 60 and 0 < r["ssim"] <= 1 and r["psnr_face"] is not None and r["fps"] > 0
     assert (trained / "eval_strip.png").is_file()
+    live = saved["live_speech"]  # the same frames driven by the clip's speech streamed causally
+    assert live["frames"] == len(r["held_out_frames"]) and live["psnr_face_offline"] == pytest.approx(r["psnr_face"])
+    assert 10 < live["psnr_face"] < 60 and live["face_cost_db"] == pytest.approx(r["psnr_face"] - live["psnr_face"])
     fit = saved["train_fit"]
     assert fit["frames"] and not set(fit["frames"]) & set(r["held_out_frames"]) and max(fit["frames"]) < 73
     assert len(fit["per_frame"]) == len(fit["frames"]) and 10 < fit["psnr_face"] < 60

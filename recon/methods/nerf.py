@@ -35,7 +35,7 @@ from torch import Tensor
 from avatar.dataset_format import VISEMES
 from avatar.errors import AvatarError
 
-from ..conditioning import normalize_mel, viseme_features
+from ..conditioning import mel_input, normalize_mel, viseme_features
 from ..config import replace_checked
 from ..dataset import Dataset, behind_head, dilate
 from ..fields.hash_encoding import HashGridConfig
@@ -376,7 +376,11 @@ class TrainedRadianceField(TrainedAvatar):
     def speech_motion(self, feats: dict) -> Tensor:
         self.check_speech()
         on = self.model.motion_net.centre.device
-        return self.model.motion_net.predict(normalize_mel(feats["mel"]).to(on), viseme_features(feats).to(on))
+        return self.model.motion_net.predict(mel_input(feats).to(on), viseme_features(feats).to(on))
+
+    @property
+    def speech_reach(self) -> int:
+        return self.model.motion_net.reach
 
     def tracked_motion(self, ds: Dataset) -> Tensor | None:
         return None if ds.landmarks(0) is None else tracked_motion_rows(ds, self.model.rig)
