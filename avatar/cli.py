@@ -295,10 +295,13 @@ def _view(args: argparse.Namespace) -> int:
     from recon.avatar_dir import CHECKPOINT
 
     if (path / CHECKPOINT).is_file():
+        from avatar.errors import AvatarError
         from viewer.avatar_view import run_avatar_viewer
 
+        if args.lookahead_ms < 0:
+            raise AvatarError(None, "--lookahead-ms must be >= 0")
         return run_avatar_viewer(path, [Path(a) for a in args.audio], args.host, args.port, args.resolution,
-                                 _device(args))
+                                 _device(args), args.lookahead_ms / 1000)
     print(f"avatar view: {path} is neither a dataset folder (transforms.json) nor an avatar folder ({CHECKPOINT})",
           file=sys.stderr)
     return 2
@@ -486,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where an avatar renders: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, "
                         "cuda or cuda:N (a dataset is always shown from the host)")
+    p.add_argument("--lookahead-ms", type=float, default=80.0,
+                   help="the microphone: how far past a frame its speech features may look (default 80; more "
+                        "articulates better and shows later)")
     p.set_defaults(func=_view)
     p = sub.add_parser("demo", help="the whole pipeline on the built-in sample subject (scenes/demo.toml)")
     p.add_argument("--out", help="working folder (default outputs/demo); reruns reuse it")

@@ -9,6 +9,13 @@ time split into deform / rasterize / encode, PNG snapshots and mp4 recordings of
 camera path with the speech muxed in (the writer of `avatar render`). An avatar of a rig
 shows the rig's cameras as frustums, each with its own lens; a click on one looks
 through it.
+
+The Speech panel's microphone (viewer/microphone.py) streams what the tab's microphone
+hears to the server, which drives the avatar with it live (recon/live.py: causal
+features and motion within the look-ahead, `--lookahead-ms`); the readout then gives the
+sound-to-frame latency split into buffering, queue, features, motion, deform, rasterize
+and encode, measured from the moment each chunk reached the server. Microphone audio is
+kept in memory only; nothing writes it to disk.
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ from avatar.media import write_mp4
 from recon.avatar_dir import load_avatar
 from recon.conditioning import blink_schedule, speech_features
 from recon.dataset import Dataset
+from recon.live import STAGES, LiveFrame, LiveSpeech
 from recon.method import HeadView, TrainedAvatar, coverage, torso_under
 from recon.raster import rasterize
 from recon.render import CameraRig, Drive, open_dataset
+
+from .microphone import MicServer
 
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_TRACK_SECONDS = 180.0
@@ -347,6 +357,11 @@ class ClientSession:
         self.camera_placed = False
         """Whether the browser has reported the camera this session placed on the face (or
         a camera moved from it)."""
+        self.live: LiveSpeech | None = None  # while the microphone streams
+        self.live_frame: tuple[LiveFrame, float, float] | None = None  # newest: (frame, chunk arrival, ready)
+        self.live_start = 0.0  # the stream's clock origin: when its first sample was spoken
+        self.live_shown = -1  # the live frame last rendered
+        self.latency: list[dict] = []  # per live frame shown, milliseconds by stage (the last 200)
         self._browser_default = np.asarray(client.camera.position).copy()  # its camera before ours
         self._build_gui()
         self._place_camera()
@@ -369,6 +384,9 @@ class ClientSession:
                                         0.04, 0.0)
             self.speed = gui.add_slider("Speed", 0.25, 2.0, 0.25, 1.0)
             self.audio_html = gui.add_html("")
+            self.mic_html = gui.add_html(f'<iframe src="{studio.mic.page_url(self.client.client_id)}" '
+                                         'allow="microphone" title="microphone" '
+                                         'style="border:0;width:100%;height:34px"></iframe>')
         with gui.add_folder("Render"):
             self.mode = gui.add_dropdown("Mode", render_modes(studio.av), initial_value="RGB")
             self.background = gui.add_checkbox("Background", True)
@@ -417,7 +435,36 @@ class ClientSession:
         self.track_menu.value = track.name
         self._select(track.name)
 
+    # -- live speech (the microphone) -------------------------------------------------------
+    def live_on(self, streaming: bool) -> None:
+        """The tab's microphone stream opened (playback pauses) or closed."""
+        if streaming:
+            self.pause()
+            self.live_frame, self.live_shown, self.latency = None, -1, []
+            self.live = LiveSpeech(self.studio.av, self.studio.lookahead_s, self.studio.prior_mel)
+        else:
+            self.live = None
+        self.dirty = True
+
+    def hear(self, pcm: np.ndarray) -> None:
+        """A chunk of the microphone (called from the microphone's thread)."""
+        live = self.live
+        if live is None:
+            return
+        arrived = time.perf_counter()
+        heard = (live.stream.received + len(pcm)) / SAMPLE_RATE  # stream seconds once this chunk is in
+        # The stream's clock: a chunk cannot arrive before its last sample was spoken, so the
+        # earliest arrival minus the audio it completes is the best guess of when it began.
+        self.live_start = arrived - heard if live.stream.received == 0 else min(self.live_start, arrived - heard)
+        frames = live.push(pcm)
+        if frames:
+            self.live_frame = (frames[-1], arrived, time.perf_counter())
+
     def start(self) -> None:
+        if self.live is not None:
+            self.client.add_notification("Microphone on", "Stop the microphone to play a speech file.",
+                                         color="yellow", auto_close_seconds=4)
+            return
         if self.play.track is None:
             self.client.add_notification("No speech", "Pick or upload a speech file first.", color="yellow",
                                          auto_close_seconds=4)
@@ -525,6 +572,12 @@ class ClientSession:
         return min(int(t * self.studio.av.fps), len(self.play.track.drive) - 1)
 
     def render_now(self, resolution: int) -> tuple[np.ndarray, dict]:
+        if self.live is not None:
+            frame = self.live_frame[0] if self.live_frame is not None else None
+            self.settings.eye = self.eye_now(0.0) if frame is None or not self.auto_blinks else \
+                min(self.eye_now(0.0), frame.eye)
+            return self.studio.renderer.render(*self.view(resolution), None if frame is None else frame.codes,
+                                               self.settings)
         t = self.play.time()
         k = self.frame_index(t)
         motion = self.play.track.drive.codes(k) if k is not None else None
@@ -538,7 +591,9 @@ class ClientSession:
         studio = self.studio
         while self.alive and studio.running:
             moving = time.perf_counter() - self.last_move < 0.3
-            animating = self.play.playing or time.perf_counter() - self.blink_at < 0.3
+            live = self.live_frame if self.live is not None else None
+            animating = self.play.playing or time.perf_counter() - self.blink_at < 0.3 or \
+                (live is not None and live[0].index != self.live_shown)
             if not (self.dirty or animating or (not moving and not self.sharp)):
                 time.sleep(0.01)
                 continue
@@ -555,6 +610,8 @@ class ClientSession:
                 self.client.scene.set_background_image(rgb, format="jpeg", jpeg_quality=85)
                 self.frames_sent += 1
                 timings["encode"] = 1e3 * (time.perf_counter() - t1)
+                if live is not None and live[0].index != self.live_shown:
+                    self._live_shown(live, t0, timings)
             except Exception as exc:  # a tab that closed mid-frame: stop this loop only
                 if self.alive and studio.running and self.client.client_id in studio.sessions:
                     studio.log(f"client {self.client.client_id}: frame failed ({exc.__class__.__name__}: {exc})")
@@ -567,7 +624,23 @@ class ClientSession:
                 self.scrub.value = round(self.play.time(), 2)
             self.stats_md.content = (f"**{self.stats['fps']:.1f} FPS** at {rgb.shape[1]}x{rgb.shape[0]} · "
                                      f"deform {timings['deform']:.0f} ms · rasterize {timings['rasterize']:.0f} ms · "
-                                     f"encode {timings['encode']:.0f} ms")
+                                     f"encode {timings['encode']:.0f} ms" + self._latency_line())
+
+    def _live_shown(self, live: tuple[LiveFrame, float, float], started: float, timings: dict) -> None:
+        """Log the sound-to-frame latency of a live frame just sent, by stage (ms)."""
+        frame, arrived, ready = live
+        sound = self.live_start + frame.index / self.studio.av.fps
+        self.live_shown = frame.index
+        self.latency = self.latency[-199:] + [{
+            "total": 1e3 * (time.perf_counter() - sound), "buffering": 1e3 * (arrived - sound),
+            "queue": 1e3 * (started - ready), **frame.ms, **timings}]
+
+    def _latency_line(self) -> str:
+        if self.live is None or not self.latency:
+            return ""
+        med = {k: float(np.median([r[k] for r in self.latency])) for k in ("total", *STAGES)}
+        return (f"  \n**live: sound to frame {med['total']:.0f} ms** (median of {len(self.latency)}) · "
+                + " · ".join(f"{k} {med[k]:.0f}" for k in STAGES))
 
     # -- outputs -------------------------------------------------------------------------
     def snapshot(self) -> Path:
@@ -580,6 +653,11 @@ class ClientSession:
         return path
 
     def _toggle_record(self) -> None:
+        if self.live is not None:
+            self.client.add_notification("Microphone on", "Recording takes a speech file's playback; stop the "
+                                         "microphone first (live audio is never written to disk).", color="yellow",
+                                         auto_close_seconds=6)
+            return
         if self.recording is None:
             self.recording = Recording()
             self.record_button.label = "Stop recording"
@@ -621,11 +699,15 @@ class Studio:
     """The viewer server: one avatar, shared speech tracks, one session per browser tab."""
 
     def __init__(self, avatar: str | Path, audio: list[Path] = (), host: str = "127.0.0.1", port: int = 8080,
-                 resolution: int | None = None, verbose: bool = True, device: torch.device | str = "cpu"):
+                 resolution: int | None = None, verbose: bool = True, device: torch.device | str = "cpu",
+                 lookahead_s: float = 0.08):
         import viser
 
         self.av = load_avatar(avatar, device)
         self.renderer = ViewRenderer(self.av)
+        self.lookahead_s = lookahead_s
+        self.prior_mel = None if self.renderer.ds is None else self.renderer.ds.features.get("mel")
+        """The subject's speech: the live normalisation's prior."""
         self.tracks: dict[str, Track] = {}
         self._lock = threading.Lock()
         for path in audio:
@@ -643,6 +725,7 @@ class Studio:
         self._wav: dict[str, str] = {}
         self._counter = 0
         self.running = True
+        self.mic = MicServer(host, self._mic_audio, self._mic_state)
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.server.scene.set_up_direction("+y")
         self.server.gui.configure_theme(control_width="large")
@@ -692,8 +775,25 @@ class Studio:
 
     def _disconnect(self, client) -> None:
         session = self.sessions.pop(client.client_id, None)
+        self.mic.forget(client.client_id)
         if session is not None:
             session.alive = False
+
+    def _mic_state(self, tab: int, streaming: bool) -> None:
+        session = self.sessions.get(tab)
+        if session is not None:
+            if streaming and not self.av.meta.get("speech", True):
+                session.client.add_notification("No speech", str(AvatarError(
+                    self.av.root, "was trained on a dataset filmed without sound, so speech cannot drive it")),
+                    color="red", auto_close_seconds=8)
+                return
+            session.live_on(streaming)
+            self.log(f"client {tab}: microphone {'on' if streaming else 'off'}")
+
+    def _mic_audio(self, tab: int, pcm: np.ndarray) -> None:
+        session = self.sessions.get(tab)
+        if session is not None:
+            session.hear(pcm)
 
     def pool(self, fn) -> None:
         threading.Thread(target=fn, daemon=True).start()
@@ -757,11 +857,12 @@ class Studio:
         for s in list(self.sessions.values()):
             s.alive = False
         self.server.stop()
+        self.mic.stop()
 
 
 def run_avatar_viewer(avatar: Path, audio: list[Path], host: str, port: int, resolution: int | None,
-                      device: torch.device | str = "cpu") -> int:
-    studio = Studio(avatar, audio, host, port, resolution, device=device)
+                      device: torch.device | str = "cpu", lookahead_s: float = 0.08) -> int:
+    studio = Studio(avatar, audio, host, port, resolution, device=device, lookahead_s=lookahead_s)
     print(f"avatar view: {avatar} at {studio.url} (Ctrl-C to stop)", flush=True)
     try:
         while True:
