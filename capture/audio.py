@@ -237,6 +237,11 @@ class SpeechStream:
         self._trim()
         return ready
 
+    def peek(self, k: int) -> dict:
+        """Frame k's features from the audio heard so far, before the look-ahead past it has
+        arrived (rows not yet heard repeat the last; the viseme is the newest phone's)."""
+        return self._frame(k, self.heard[-1][1])
+
     def _heard_viseme(self, k: int) -> np.ndarray:
         """Frame k's viseme: the last phone of the hypothesis as it stood PHONE_DELAY_S after
         the frame (at most the look-ahead)."""

@@ -58,6 +58,10 @@ class RunningCMVN:
         delta, total = mean - self.mean, self.count + n
         self.m2 += rows.var(0) * n + delta**2 * self.count * n / total
         self.mean, self.count = self.mean + delta * n / total, total
+        return self.normalize(mel)
+
+    def normalize(self, mel: np.ndarray) -> Tensor:
+        """[16, 80] a log-mel window normalised by the statistics so far (not added to them)."""
         std = np.maximum(np.sqrt(self.m2 / max(self.count - 1, 1)), max(self.min_std, 1e-3))  # as normalize_mel
         return torch.from_numpy(((mel - self.mean) / std).astype(np.float32))
 
@@ -92,17 +96,27 @@ def blink_schedule(n_frames: int, fps: float, seed: int = 0, mean_interval_s: fl
     return openness
 
 
-def speech_features(path: Path, fps: float, max_seconds: float | None = None) -> tuple[np.ndarray, dict]:
-    """Audio of any speech file -> (16 kHz mono pcm, per-frame features: mel, energy,
-    visemes), exactly as capture computes them. Raises AvatarError for unreadable files,
-    audio without speech, or audio longer than `max_seconds`."""
+def load_speech(path: Path, fps: float, max_seconds: float | None = None) -> np.ndarray:
+    """Any speech file -> 16 kHz mono pcm, checked as capture checks a clip's sound.
+    Raises AvatarError for unreadable files, less than a video frame of audio, audio
+    without speech, or audio longer than `max_seconds`."""
     from avatar.dataset_format import SAMPLE_RATE
-    from capture import check_speech, compute_features, load_audio
+    from capture import check_speech, load_audio
 
     pcm = load_audio(Path(path), max_seconds)
     if pcm.size < SAMPLE_RATE // fps:
         raise AvatarError(path, "holds less than one video frame of audio")
     check_speech(pcm, Path(path))
+    return pcm
+
+
+def speech_features(path: Path, fps: float, max_seconds: float | None = None) -> tuple[np.ndarray, dict]:
+    """Audio of any speech file -> (16 kHz mono pcm, per-frame features: mel, energy,
+    visemes), exactly as capture computes them (load_speech's errors)."""
+    from avatar.dataset_format import SAMPLE_RATE
+    from capture import compute_features
+
+    pcm = load_speech(path, fps, max_seconds)
     n = int(np.ceil(len(pcm) / SAMPLE_RATE * fps - 1e-6))
     return pcm, compute_features(pcm, n, fps)
 

@@ -229,6 +229,8 @@ class Trainer:
     def mend_replicas(self) -> bool:
         """In a run of several processes: whether any replica had drifted from rank 0's,
         which is then handed to every rank (recon/distributed.py)."""
+        if self.ranks.world == 1:
+            return False
         tensors = self.state_tensors()
         if distributed.replicas_agree(tensors, self.device):
             return False

@@ -556,11 +556,15 @@ class ClientSession:
         return torch.from_numpy(w2c).float(), K, width, height
 
     # -- frames --------------------------------------------------------------------------
-    def eye_now(self, t: float) -> float:
+    def eye_now(self, t: float, natural: float | None = None) -> float:
+        """The eye openness now: the slider's, closed by a blink the button started, else by
+        the natural blinks (`natural`, or the track's at playback time t)."""
         eye = float(self.eye.value)
         now = time.perf_counter()
         if 0 <= now - self.blink_at < 0.25:
             eye = min(eye, 0.5 + 0.5 * np.cos(2 * np.pi * (now - self.blink_at) / 0.25))
+        elif self.auto_blinks and natural is not None:
+            eye = min(eye, natural)
         elif self.auto_blinks and self.play.track is not None:
             sched = self.studio.blinks(self.play.track)
             eye = min(eye, float(sched[min(int(t * self.studio.av.fps), len(sched) - 1)]))
@@ -574,8 +578,7 @@ class ClientSession:
     def render_now(self, resolution: int) -> tuple[np.ndarray, dict]:
         if self.live is not None:
             frame = self.live_frame[0] if self.live_frame is not None else None
-            self.settings.eye = self.eye_now(0.0) if frame is None or not self.auto_blinks else \
-                min(self.eye_now(0.0), frame.eye)
+            self.settings.eye = self.eye_now(0.0, 1.0 if frame is None else frame.eye)
             return self.studio.renderer.render(*self.view(resolution), None if frame is None else frame.codes,
                                                self.settings)
         t = self.play.time()
