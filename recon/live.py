@@ -235,7 +235,8 @@ def speak(avatar: str | Path, audio: str | Path, realtime: bool = True, lookahea
         sound = t0 + frame.index / av.fps
         rows.append({"index": frame.index, "total": (done - sound) * 1000, "buffering": (arrived - sound) * 1000,
                      "queue": (start - arrived) * 1000, **frame.ms, **ms})
-        shown.append((frame.index, rgb))
+        if out is not None:  # kept for the video only: minutes of frames are hundreds of MB
+            shown.append((frame.index, rgb))
     seconds = len(pcm) / SAMPLE_RATE
     report = {"avatar": str(avatar), "audio": str(audio), "realtime": realtime, "lookahead_ms": lookahead_s * 1000,
               "size": size, "device": str(av.device), "frames": len(rows) + skipped, "rendered": len(rows),
