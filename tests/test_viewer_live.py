@@ -1,7 +1,8 @@
 """The studio's microphone (viewer/microphone.py, recon/live.py): headless Chromium with a
 fake microphone playing speech, then silence, drives the avatar live; the mouth moves
 while the microphone speaks and stops when it is silent, the readout gives the latency
-by stage, and nothing is written to disk."""
+by stage, and nothing is written to disk unless the user records (then an mp4 of the
+take with what the microphone heard)."""
 
 
 import numpy as np
@@ -84,6 +85,22 @@ def test_the_microphone_drives_the_mouth_live(mic_browser, lively_avatar):
                                                   "rasterize", "encode"}
         assert np.median([r["buffering"] for r in lat]) >= 80 - 25  # a frame waits for its look-ahead (clock jitter)
         assert "live: sound to frame" in session.stats_md.content or session.live is None
+        assert sorted(p.relative_to(lively_avatar) for p in lively_avatar.rglob("*")) == before  # nothing written
+
+        # Recorded on purpose: Record while the microphone is on; closing the stream ends the take.
+        mic.click()
+        wait_for(lambda: session.live is not None and session.live_frame is not None, what="the stream again")
+        session._toggle_record()  # what the Record button does
+        wait_for(lambda: session.live_frame[0].index / studio.av.fps > 1.5, what="a second and a half heard")
+        mic.click()
+        takes = lambda: list((lively_avatar / "recordings").glob("recording_*.mp4"))  # noqa: E731 (not the temp file)
+        wait_for(takes, timeout=120, what="the recording")
+        video = takes()[0]
+        from avatar.media import open_media
+
+        with open_media(video, "video", "") as c:
+            kinds = {st.type for st in c.streams}
+            frames = sum(1 for _ in c.decode(video=0))
+        assert kinds == {"video", "audio"} and frames >= 0.8 * 25
     finally:
         studio.stop()
-    assert sorted(p.relative_to(lively_avatar) for p in lively_avatar.rglob("*")) == before  # nothing written

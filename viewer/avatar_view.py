@@ -15,7 +15,9 @@ hears to the server, which drives the avatar with it live (recon/live.py: causal
 features and motion within the look-ahead, `--lookahead-ms`); the readout then gives the
 sound-to-frame latency split into buffering, queue, features, motion, deform, rasterize
 and encode, measured from the moment each chunk reached the server. Microphone audio is
-kept in memory only; nothing writes it to disk.
+kept in memory only, and written to disk only as a recording the user starts and stops
+(Record while the microphone is on: the frames re-rendered along the camera path, with
+what the microphone heard).
 """
 
 from __future__ import annotations
@@ -334,8 +336,24 @@ def add_rig_frustums(scene, ds: Dataset | None, look_through) -> list[str]:
 
 
 @dataclass
+class LiveTake:
+    """What the microphone gave while recording: its audio from stream sample `audio_from`,
+    and every live frame's motion codes and eye openness, by frame index. In memory; written
+    only as the recording's mp4, when the user stops it."""
+
+    audio_from: int
+    audio: list[np.ndarray] = field(default_factory=list)
+    codes: dict[int, torch.Tensor] = field(default_factory=dict)
+    eyes: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
 class Recording:
+    """The camera of every frame shown while recording, by frame index (of the track, or of
+    the microphone's stream: `live`)."""
+
     cameras: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=dict)
+    live: LiveTake | None = None
 
 
 class ClientSession:
@@ -444,6 +462,8 @@ class ClientSession:
             self.live = LiveSpeech(self.studio.av, self.studio.lookahead_s, self.studio.prior_mel)
         else:
             self.live = None
+            if self.recording is not None and self.recording.live is not None:  # the take ends with the stream
+                self._toggle_record()
         self.dirty = True
 
     def hear(self, pcm: np.ndarray) -> None:
@@ -456,9 +476,14 @@ class ClientSession:
         # The stream's clock: a chunk cannot arrive before its last sample was spoken, so the
         # earliest arrival minus the audio it completes is the best guess of when it began.
         self.live_start = arrived - heard if live.stream.received == 0 else min(self.live_start, arrived - heard)
+        take = self.recording.live if self.recording is not None else None
+        if take is not None:
+            take.audio.append(pcm)
         frames = live.push(pcm)
         if frames:
             self.live_frame = (frames[-1], arrived, time.perf_counter())
+        for f in frames if take is not None else ():
+            take.codes[f.index], take.eyes[f.index] = f.codes, f.eye
 
     def start(self) -> None:
         if self.live is not None:
@@ -579,8 +604,10 @@ class ClientSession:
         if self.live is not None:
             frame = self.live_frame[0] if self.live_frame is not None else None
             self.settings.eye = self.eye_now(0.0, 1.0 if frame is None else frame.eye)
-            return self.studio.renderer.render(*self.view(resolution), None if frame is None else frame.codes,
-                                               self.settings)
+            view = self.view(resolution)
+            if self.recording is not None and frame is not None:
+                self.recording.cameras[frame.index] = view
+            return self.studio.renderer.render(*view, None if frame is None else frame.codes, self.settings)
         t = self.play.time()
         k = self.frame_index(t)
         motion = self.play.track.drive.codes(k) if k is not None else None
@@ -656,41 +683,53 @@ class ClientSession:
         return path
 
     def _toggle_record(self) -> None:
-        if self.live is not None:
-            self.client.add_notification("Microphone on", "Recording takes a speech file's playback; stop the "
-                                         "microphone first (live audio is never written to disk).", color="yellow",
-                                         auto_close_seconds=6)
-            return
+        """Start a recording (of the track's playback, or with the microphone on, of what it
+        hears), or stop one and save it."""
         if self.recording is None:
-            self.recording = Recording()
+            live = self.live
+            self.recording = Recording(live=LiveTake(live.stream.received) if live is not None else None)
             self.record_button.label = "Stop recording"
-            self.start()
+            if live is None:
+                self.start()
         else:
             rec, self.recording = self.recording, None
             self.record_button.label = "Record"
             self.studio.pool(lambda: self.save_recording(rec))
 
     def save_recording(self, rec: Recording) -> Path | None:
-        """The recorded camera path, re-rendered at every video frame, with its speech."""
-        track = self.play.track
-        if track is None or not rec.cameras:
-            self.client.add_notification("Nothing recorded", "Press Record, let the speech play, press Stop.",
-                                         color="yellow", auto_close_seconds=5)
+        """The recorded camera path, re-rendered at every video frame, with its speech (the
+        track's, or what the microphone heard)."""
+        track, take = self.play.track, rec.live
+        if (track is None and take is None) or not rec.cameras:
+            self.client.add_notification("Nothing recorded", "Press Record, let the speech play (or speak), press "
+                                         "Stop.", color="yellow", auto_close_seconds=5)
             return None
         first, last = min(rec.cameras), max(rec.cameras)
         note = self.client.add_notification("Recording", f"rendering {last - first + 1} frames", loading=True,
                                             with_close_button=False)
         fps = self.studio.av.fps
-        sched = self.studio.blinks(track)
+        if take is None:
+            codes, eyes = track.drive.codes, self.studio.blinks(track)
+            audio, audio_from = track.pcm, 0
+        else:  # every frame the stream gave, a gap (none expected) holding the frame before it
+            known = sorted(take.codes)
+
+            def given(k: int) -> int:
+                return known[max(int(np.searchsorted(known, k, "right")) - 1, 0)]
+
+            codes = lambda k: take.codes[given(k)]  # noqa: E731
+            eyes = {k: take.eyes[given(k)] for k in range(first, last + 1)}
+            audio, audio_from = np.concatenate(take.audio), take.audio_from
 
         def frames():
             cam = rec.cameras[first]
             for k in range(first, last + 1):
                 cam = rec.cameras.get(k, cam)
-                s = ViewSettings(**{**self.settings.__dict__, "eye": float(sched[k])})
-                yield self.studio.renderer.render(*cam[:2], cam[2], cam[3], track.drive.codes(k), s)[0]
+                s = ViewSettings(**{**self.settings.__dict__, "eye": float(eyes[k])})
+                yield self.studio.renderer.render(*cam[:2], cam[2], cam[3], codes(k), s)[0]
 
-        pcm = track.pcm[int(first / fps * SAMPLE_RATE): int((last + 1) / fps * SAMPLE_RATE)]
+        pcm = audio[max(int(first / fps * SAMPLE_RATE) - audio_from, 0): max(int((last + 1) / fps * SAMPLE_RATE)
+                                                                          - audio_from, 0)]
         path = write_mp4(self.studio.output_path("recordings", "mp4"), frames(), fps, audio=pcm)
         note.remove()
         self.client.send_file_download(path.name, path.read_bytes())
