@@ -542,7 +542,9 @@ def _log_internal_error(stage: str, argv: list[str], exc: BaseException) -> Path
 def _ranked(message: str) -> str:
     """An error message, its first line marked with the rank that met it when this process
     is one of several training (recon/distributed.py)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from recon.distributed import launched
+
+    if not launched():
         return message
     first, newline, rest = message.partition("\n")
     return f"{first} (rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}){newline}{rest}"

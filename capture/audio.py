@@ -14,6 +14,7 @@ The same code computes features for `avatar render`, so training and driving mat
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -95,6 +96,7 @@ def write_wav(path: Path, pcm: np.ndarray) -> None:
         sf.write(str(tmp), pcm, SAMPLE_RATE, subtype="PCM_16", format="WAV")
 
 
+@functools.lru_cache(maxsize=1)
 def _mel_filterbank() -> np.ndarray:
     """HTK-style triangular mel filters [N_MELS, N_FFT // 2 + 1] from 0 to 8 kHz."""
     def hz_to_mel(f):
@@ -201,6 +203,11 @@ class SpeechStream:
     audio received (seconds) when the frame became ready.
     """
 
+    UTTERANCE_S = 10.0
+    """The decoder's utterance restarts after this much audio: its running hypothesis is
+    backtraced on every chunk, which costs more the longer the utterance (a live session
+    has no end). A restart forgets the phone context across it; the ends are far apart."""
+
     PHONE_DELAY_S = 0.08
     """How late the running hypothesis names a phone: the last phone heard 80 ms after a
     frame agreed best with the offline path's phone at the frame, on three voices (58-73 %
@@ -219,11 +226,16 @@ class SpeechStream:
         self.half = int(round(SAMPLE_RATE / fps / 2))
         self.decoder = _phone_decoder()
         self.decoder.start_utt()
+        self.utterance_from = 0  # the sample the decoder's utterance began at
         self.heard: list[tuple[int, np.ndarray]] = []  # (samples received, viseme of the last phone then)
 
     def push(self, pcm: np.ndarray) -> list[dict]:
         pcm = np.asarray(pcm, np.float32).reshape(-1)
         self.pcm = np.concatenate([self.pcm, pcm])
+        if self.received - self.utterance_from >= self.UTTERANCE_S * SAMPLE_RATE:
+            self.decoder.end_utt()
+            self.decoder.start_utt()
+            self.utterance_from = self.received
         self.received += len(pcm)
         self.decoder.process_raw(_pcm16(pcm), full_utt=False)
         hyp = self.decoder.hyp()
@@ -257,7 +269,8 @@ class SpeechStream:
         """The frames left once the stream has ended (as many as `compute_features` gives
         the whole audio)."""
         self.decoder.end_utt()
-        segments = _segments(self.decoder)
+        at = self.utterance_from / SAMPLE_RATE  # the utterance's times count from its start
+        segments = [(phone, t0 + at, t1 + at) for phone, t0, t1 in _segments(self.decoder)]
         self._add_rows(end=True)
         n = int(np.ceil(self.received / SAMPLE_RATE * self.fps - 1e-6))
         track = viseme_track(segments, n, self.fps) if n else np.zeros((0, len(VISEMES)), np.float32)

@@ -36,7 +36,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     and a flipped bit in the data would otherwise load as a valid, wrong avatar."""
     h = hashlib.sha1()
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].detach().contiguous().cpu()  # a GPU replica's state too (recon/distributed.py)
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

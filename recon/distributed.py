@@ -160,6 +160,7 @@ def launch(nproc: int, argv: list[str], out: Path, cuda: bool) -> None:
     naming the rank that ended the run, why, and what is left of the avatar."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -174,6 +175,11 @@ def launch(nproc: int, argv: list[str], out: Path, cuda: bool) -> None:
     except ChildFailedError as exc:
         rank, failure = min(exc.failures.items(), key=lambda kv: kv[1].timestamp)
         raise AvatarError(out, *failure_report(rank, failure.pid, failure.exitcode, out)) from None
+    except SignalException as exc:  # the launcher's own handlers turn Ctrl-C and kill into this
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise AvatarError(out, f"the run was stopped by {signal.Signals(exc.sigval).name}",
+                          "continue with the same command and --resume") from None
 
 
 def failure_report(rank: int, pid: int, exitcode: int, out: Path) -> tuple[str, str | None]:

@@ -107,11 +107,19 @@ class LiveSpeech:
         return self._motion(ready, (time.perf_counter() - t) * 1000, end=True)
 
     def _motion(self, ready: list[dict], features_ms: float, end: bool) -> list[LiveFrame]:
-        t = time.perf_counter()
+        """Codes of the frames the newly `ready` ones complete: each heard in turn (the
+        window keeps just what the next frame needs), then at the end the rest."""
+        out = []
         for f in ready:
+            t = time.perf_counter()
             f["mel_norm"] = self.cmvn(f["mel"])
             self.heard.append(f)
-        features_ms += (time.perf_counter() - t) * 1000
+            out += self._drain(False, features_ms / len(ready) + (time.perf_counter() - t) * 1000)
+        return out + (self._drain(True, 0.0) if end else [])
+
+    def _drain(self, end: bool, features_ms: float) -> list[LiveFrame]:
+        """Codes of every frame whose future (`ahead` frames, or at the end what there is)
+        has been heard."""
         out = []
         newest = self.heard[-1]["index"] if self.heard else -1
         while self.heard and (self.next + self.ahead <= newest or (end and self.next <= newest)):
@@ -126,7 +134,7 @@ class LiveSpeech:
             with torch.no_grad():
                 codes = self.av.speech_motion(feats)[at]
             out.append(LiveFrame(self.next, codes, float(self.blinks[self.next % len(self.blinks)]),
-                                 self.heard[-1]["heard_s"], {"features": features_ms / max(len(ready), 1),
+                                 self.heard[-1]["heard_s"], {"features": features_ms,
                                                              "motion": (time.perf_counter() - t) * 1000}))
             self.next += 1
         return out
@@ -185,13 +193,16 @@ def speak(avatar: str | Path, audio: str | Path, realtime: bool = True, lookahea
           size: int | None = None, chunk_ms: float = 20.0, out: str | Path | None = None,
           device: torch.device | str = "cpu") -> dict:
     """Stream a speech file through the live path, as a microphone would deliver it: in
-    `chunk_ms` chunks, at its own pace (`realtime`) or as fast as frames render. Returns
+    `chunk_ms` chunks, at its own pace (`realtime`), or all at once with every frame
+    rendered (throughput; the latencies are then not a microphone's). Returns
     the report: frames rendered and skipped, the sustained frame rate, and the median
     and 90th-percentile latency per stage (module docstring); `out`: the frames shown,
     each held until the next, as an mp4 with the speech."""
     av = load_avatar(avatar, device)
     av.check_speech()
     size = size or av.size
+    if out is not None and size % 2:
+        raise AvatarError(Path(out), f"--size {size} must be even (H.264 needs even frame sizes)")
     pcm = load_speech(Path(audio), av.fps)
     ds = open_dataset(av, size, required=False)
     live = LiveSpeech(av, lookahead_s, None if ds is None else ds.features["mel"])
@@ -228,15 +239,17 @@ def speak(avatar: str | Path, audio: str | Path, realtime: bool = True, lookahea
             ready += [(f, arrived, start) for f in frames]
         if not ready:
             continue
-        skipped += len(ready) - 1
-        frame, arrived, start = ready[-1]  # the newest: a live view skips rather than lags
-        rgb, _, ms = renderer.render(frame)
-        done = time.perf_counter()
-        sound = t0 + frame.index / av.fps
-        rows.append({"index": frame.index, "total": (done - sound) * 1000, "buffering": (arrived - sound) * 1000,
-                     "queue": (start - arrived) * 1000, **frame.ms, **ms})
-        if out is not None:  # kept for the video only: minutes of frames are hundreds of MB
-            shown.append((frame.index, rgb))
+        if realtime:  # the newest: a live view skips rather than lags
+            skipped += len(ready) - 1
+            ready = ready[-1:]
+        for frame, arrived, start in ready:
+            rgb, _, ms = renderer.render(frame)
+            done = time.perf_counter()
+            sound = t0 + frame.index / av.fps
+            rows.append({"index": frame.index, "total": (done - sound) * 1000, "buffering": (arrived - sound) * 1000,
+                         "queue": (start - arrived) * 1000, **frame.ms, **ms})
+            if out is not None:  # kept for the video only: minutes of frames are hundreds of MB
+                shown.append((frame.index, rgb))
     seconds = len(pcm) / SAMPLE_RATE
     report = {"avatar": str(avatar), "audio": str(audio), "realtime": realtime, "lookahead_ms": lookahead_s * 1000,
               "size": size, "device": str(av.device), "frames": len(rows) + skipped, "rendered": len(rows),

@@ -108,6 +108,29 @@ def test_live_motion_reads_no_speech_past_the_look_ahead(trained_avatar, pcm):
         assert torch.stack([f.codes for f in a]).std(0).max() > 0  # the motion moves
 
 
+@pytest.mark.parametrize("chunk", [320, 3200], ids=["20ms", "200ms"])
+def test_with_the_whole_reach_heard_live_codes_are_the_offline_codes_of_the_stream(trained_avatar, pcm, chunk):
+    """A look-ahead of the features' 80 ms plus MotionNet's whole reach: every frame but
+    the last `reach` gets the codes the offline net gives the streamed features, whatever
+    the number of frames one chunk completes."""
+    from recon.avatar_dir import load_avatar
+    from recon.live import LiveSpeech
+
+    av = load_avatar(trained_avatar)
+    reach = av.speech_reach
+    lookahead = 0.08 + reach / FPS
+    live = LiveSpeech(av, lookahead)
+    codes = [f for s in range(0, len(pcm), chunk) for f in live.push(pcm[s: s + chunk])] + live.flush()
+    stream, cmvn = SpeechStream(FPS, 0.08), RunningCMVN()
+    feats = [f for s in range(0, len(pcm), chunk) for f in stream.push(pcm[s: s + chunk])] + stream.flush()
+    offline = av.speech_motion({"mel": np.stack([f["mel"] for f in feats]),
+                                "mel_norm": torch.stack([cmvn(f["mel"]) for f in feats]),
+                                "visemes": np.stack([f["visemes"] for f in feats])})
+    n = len(feats) - reach
+    assert n > 20
+    torch.testing.assert_close(torch.stack([f.codes for f in codes[:n]]), offline[:n], rtol=1e-5, atol=1e-6)
+
+
 def test_speak_streams_in_real_time_and_reports_latency(trained_avatar, speech_wav, tmp_path):
     from avatar.cli import main
 

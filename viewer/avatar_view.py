@@ -337,11 +337,12 @@ def add_rig_frustums(scene, ds: Dataset | None, look_through) -> list[str]:
 
 @dataclass
 class LiveTake:
-    """What the microphone gave while recording: its audio from stream sample `audio_from`,
-    and every live frame's motion codes and eye openness, by frame index. In memory; written
-    only as the recording's mp4, when the user stops it."""
+    """What the microphone gave while recording: its audio from stream sample `audio_from`
+    (the first chunk's; None before it), and every live frame's motion codes and eye
+    openness, by frame index. In memory; written only as the recording's mp4, when the user
+    stops it."""
 
-    audio_from: int
+    audio_from: int | None = None
     audio: list[np.ndarray] = field(default_factory=list)
     codes: dict[int, torch.Tensor] = field(default_factory=dict)
     eyes: dict[int, float] = field(default_factory=dict)
@@ -369,6 +370,7 @@ class ClientSession:
         self.last_move = 0.0
         self.sharp = False
         self.recording: Recording | None = None
+        self.recording_lock = threading.Lock()  # the microphone's thread adds to a live take
         self.stats = {"fps": 0.0}
         self.frames_sent = 0
         self.alive = True
@@ -476,14 +478,17 @@ class ClientSession:
         # The stream's clock: a chunk cannot arrive before its last sample was spoken, so the
         # earliest arrival minus the audio it completes is the best guess of when it began.
         self.live_start = arrived - heard if live.stream.received == 0 else min(self.live_start, arrived - heard)
-        take = self.recording.live if self.recording is not None else None
-        if take is not None:
-            take.audio.append(pcm)
         frames = live.push(pcm)
         if frames:
             self.live_frame = (frames[-1], arrived, time.perf_counter())
-        for f in frames if take is not None else ():
-            take.codes[f.index], take.eyes[f.index] = f.codes, f.eye
+        with self.recording_lock:  # a chunk and its frames join a take whole, or not at all
+            take = self.recording.live if self.recording is not None else None
+            if take is not None:
+                if take.audio_from is None:
+                    take.audio_from = live.stream.received - len(pcm)
+                take.audio.append(pcm)
+                for f in frames:
+                    take.codes[f.index], take.eyes[f.index] = f.codes, f.eye
 
     def start(self) -> None:
         if self.live is not None:
@@ -600,13 +605,17 @@ class ClientSession:
             return None
         return min(int(t * self.studio.av.fps), len(self.play.track.drive) - 1)
 
-    def render_now(self, resolution: int) -> tuple[np.ndarray, dict]:
+    def render_now(self, resolution: int, live: tuple[LiveFrame, float, float] | None = None) -> tuple[np.ndarray, dict]:
+        """The tab's frame now: the track's at the playback time, or with the microphone on,
+        the live frame `live` (default: the newest)."""
         if self.live is not None:
-            frame = self.live_frame[0] if self.live_frame is not None else None
+            live = live or self.live_frame
+            frame = live[0] if live is not None else None
             self.settings.eye = self.eye_now(0.0, 1.0 if frame is None else frame.eye)
             view = self.view(resolution)
-            if self.recording is not None and frame is not None:
-                self.recording.cameras[frame.index] = view
+            rec = self.recording
+            if rec is not None and frame is not None:
+                rec.cameras[frame.index] = view
             return self.studio.renderer.render(*view, None if frame is None else frame.codes, self.settings)
         t = self.play.time()
         k = self.frame_index(t)
@@ -633,7 +642,7 @@ class ClientSession:
             self.sharp = not (moving or animating)
             t0 = time.perf_counter()
             try:
-                rgb, timings = self.render_now(resolution)
+                rgb, timings = self.render_now(resolution, live)
                 t1 = time.perf_counter()
                 if not self.alive:
                     return
@@ -687,19 +696,24 @@ class ClientSession:
         hears), or stop one and save it."""
         if self.recording is None:
             live = self.live
-            self.recording = Recording(live=LiveTake(live.stream.received) if live is not None else None)
+            self.recording = Recording(live=LiveTake() if live is not None else None)
             self.record_button.label = "Stop recording"
             if live is None:
                 self.start()
         else:
-            rec, self.recording = self.recording, None
+            with self.recording_lock:
+                rec, self.recording = self.recording, None
             self.record_button.label = "Record"
             self.studio.pool(lambda: self.save_recording(rec))
 
     def save_recording(self, rec: Recording) -> Path | None:
         """The recorded camera path, re-rendered at every video frame, with its speech (the
         track's, or what the microphone heard)."""
+        fps = self.studio.av.fps
         track, take = self.play.track, rec.live
+        if take is not None:  # frames the take has the sound of: heard once Record was pressed
+            start = 0 if take.audio_from is None else take.audio_from
+            rec.cameras = {k: v for k, v in rec.cameras.items() if k in take.codes and k / fps * SAMPLE_RATE >= start}
         if (track is None and take is None) or not rec.cameras:
             self.client.add_notification("Nothing recorded", "Press Record, let the speech play (or speak), press "
                                          "Stop.", color="yellow", auto_close_seconds=5)
@@ -707,7 +721,6 @@ class ClientSession:
         first, last = min(rec.cameras), max(rec.cameras)
         note = self.client.add_notification("Recording", f"rendering {last - first + 1} frames", loading=True,
                                             with_close_button=False)
-        fps = self.studio.av.fps
         if take is None:
             codes, eyes = track.drive.codes, self.studio.blinks(track)
             audio, audio_from = track.pcm, 0
@@ -824,12 +837,11 @@ class Studio:
     def _mic_state(self, tab: int, streaming: bool) -> None:
         session = self.sessions.get(tab)
         if session is not None:
-            if streaming and not self.av.meta.get("speech", True):
-                session.client.add_notification("No speech", str(AvatarError(
-                    self.av.root, "was trained on a dataset filmed without sound, so speech cannot drive it")),
-                    color="red", auto_close_seconds=8)
+            try:
+                session.live_on(streaming)
+            except AvatarError as exc:  # an avatar that speech cannot drive
+                session.client.add_notification("Microphone refused", str(exc), color="red", auto_close_seconds=8)
                 return
-            session.live_on(streaming)
             self.log(f"client {tab}: microphone {'on' if streaming else 'off'}")
 
     def _mic_audio(self, tab: int, pcm: np.ndarray) -> None:

@@ -20,6 +20,8 @@ from http import HTTPStatus
 
 import numpy as np
 
+from avatar.errors import AvatarError
+
 CHUNK_SAMPLES = 320  # 20 ms at 16 kHz
 
 PAGE = """<!doctype html>
@@ -94,12 +96,14 @@ class MicServer:
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._stopped: asyncio.Event | None = None
+        self._failed: Exception | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), name="viewer-microphone", daemon=True)
         self._thread.start()
         started.wait(30)
         if not self.port:
-            raise RuntimeError("the microphone server did not start")
+            raise AvatarError(None, f"the studio's microphone server could not start on {host} "
+                              f"({self._failed or 'no answer in 30 s'})", "check --host, or free a port")
 
     def page_url(self, tab: int) -> str:
         """The microphone page of browser tab `tab` (a token of its own)."""
@@ -127,7 +131,12 @@ class MicServer:
                 started.set()
                 await self._stopped.wait()
 
-        self._loop.run_until_complete(main())
+        try:
+            self._loop.run_until_complete(main())
+        except OSError as exc:  # the address cannot be bound
+            self._failed = exc
+        finally:
+            started.set()
 
     def _page(self, connection, request):
         """The microphone page for GET /mic/<token>; /stream/<token> goes on to the websocket."""
