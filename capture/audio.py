@@ -157,7 +157,9 @@ def _pcm16(pcm: np.ndarray) -> bytes:
 
 
 def _segments(decoder) -> list[tuple[str, float, float]]:
-    return [(s.word, s.start_frame / 100.0, (s.end_frame + 1) / 100.0) for s in decoder.seg()]
+    """The decoded utterance's phones: (phone, start_s, end_s); none for an utterance too
+    short to decode."""
+    return [(s.word, s.start_frame / 100.0, (s.end_frame + 1) / 100.0) for s in decoder.seg() or ()]
 
 
 def phone_segments(pcm: np.ndarray) -> list[tuple[str, float, float]]:
@@ -274,7 +276,9 @@ class SpeechStream:
         self._add_rows(end=True)
         n = int(np.ceil(self.received / SAMPLE_RATE * self.fps - 1e-6))
         track = viseme_track(segments, n, self.fps) if n else np.zeros((0, len(VISEMES)), np.float32)
-        ready = [self._frame(k, track[k]) for k in range(self.next_frame, n)]
+        # A frame before the last utterance began keeps the hypothesis it was heard with.
+        ready = [self._frame(k, track[k] if k / self.fps >= at else self._heard_viseme(k))
+                 for k in range(self.next_frame, n)]
         self.next_frame = n
         return ready
 

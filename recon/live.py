@@ -15,8 +15,8 @@ The look-ahead trades latency for articulation: MotionNet's codes depend on spee
 and a 40 s voice through an HDTF avatar, the correlation of the streamed lip gap with the
 offline one on the whole file: 0.57 and 0.65 at 80 ms, 0.83 and 0.84 at 160 ms, 0.91 and
 0.92 at 240 ms (the rest: the running normalisation and the streaming visemes). Held-out
-face PSNR driven by the clip's own speech streamed (eval's `live_speech`) falls by 0.90 and
-0.64 dB at 80 ms (HDTF, the 20 s clip), 0.28 and 0.29 dB at 160 ms, 0.08 and 0.26 dB at
+face PSNR driven by the clip's own speech streamed (eval's `live_speech`) falls by 0.99 and
+0.62 dB at 80 ms (HDTF, the 20 s clip), 0.23 and 0.25 dB at 160 ms, 0.08 and 0.22 dB at
 240 ms. A MotionNet trained on a frame's own and
 earlier speech only (its convolutions cut at the present) did no better at 80 ms (0.80 dB,
 and its lip gap uncorrelated with the offline net's on other voices): the lips move

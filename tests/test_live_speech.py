@@ -44,6 +44,21 @@ def test_streamed_features_are_the_offline_ones_where_the_look_ahead_covers_them
         assert all(np.isclose(f["visemes"].sum(), 1) for f in frames)
 
 
+@pytest.mark.parametrize("every", ["half a second", "all but the last chunk"])
+def test_a_long_stream_restarts_the_phone_decoder_and_keeps_every_frame(pcm, every):
+    """The decoder's utterance restarts every UTTERANCE_S (here every 0.5 s, or once with
+    one chunk left, an utterance too short to decode): every frame comes once, the mel as
+    offline, a viseme each."""
+    n = int(np.ceil(len(pcm) / 16000 * FPS - 1e-6))
+    offline = compute_features(pcm, n, FPS)
+    s = SpeechStream(FPS, 0.08)
+    s.UTTERANCE_S = 0.5 if every == "half a second" else (len(pcm) - 1) // 320 * 320 / 16000
+    frames = [f for start in range(0, len(pcm), 320) for f in s.push(pcm[start: start + 320])] + s.flush()
+    assert [f["index"] for f in frames] == list(range(n)) and s.utterance_from >= 2 * 16000
+    np.testing.assert_allclose(np.stack([f["mel"] for f in frames])[:, :15], offline["mel"][:, :15], atol=1e-5)
+    assert all(np.isclose(f["visemes"].sum(), 1) for f in frames)
+
+
 def test_nothing_past_the_look_ahead_is_read(pcm):
     """The second half of the audio replaced by noise: every frame made ready before the
     change was heard is the same, features and visemes."""
