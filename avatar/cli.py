@@ -267,6 +267,7 @@ def _speak(args: argparse.Namespace) -> int:
     pace = "in real time" if r["realtime"] else "as fast as it renders"
     print(f"live speech {pace}: {r['rendered']} of {r['frames']} frames rendered ({r['skipped']} skipped), "
           f"{r['sustained_fps']:.1f} FPS sustained, {r['size']} px, look-ahead {r['lookahead_ms']:.0f} ms")
+    print(f"  motion: {r['motion']}")
     print(f"  {'latency (ms)':<12} {'median':>7} {'p90':>7}")
     for stage in ("total", *STAGES):
         print(f"  {stage:<12} {r['latency_ms'][stage]['median']:>7.1f} {r['latency_ms'][stage]['p90']:>7.1f}")

@@ -5,6 +5,7 @@ evaluation, export and the viewer.
       checkpoint.safetensors  model, optimizer and densification state (avatar-checkpoint/1)
       config.json             the TrainConfig it was trained with, and the dataset path
       metrics.jsonl           one JSON object per logged training step
+      live_motion.safetensors the live motion net, distilled after training (recon/live.py)
       canonical.ply           canonical Gaussians, standard 3DGS layout (+ branch), at the end
       eval.json, eval_strip.png   written by `avatar eval`
 
@@ -41,7 +42,7 @@ from .dataset import Dataset, Frame
 from .gaussians import FACE, MOUTH, TORSO, Gaussians
 from .method import HeadView, TrainedAvatar, checkpoint_method, method_class
 from .model import AvatarModel, BranchParams, Layer, concat
-from .motion import MotionBasis, MotionRig, tracked_motion_rows
+from .motion import MotionBasis, MotionNet, MotionRig, tracked_motion_rows
 from .torso import TorsoModel
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -136,11 +137,11 @@ class TrainedGaussianAvatar(TrainedAvatar):
 
     def speech_motion(self, feats: dict) -> torch.Tensor:
         self.check_speech()
-        return speech_motion(self.model, feats)
+        return speech_motion(self.model.motion_net, feats)
 
     @property
-    def speech_reach(self) -> int:
-        return self.model.motion_net.reach
+    def motion_net(self) -> MotionNet:
+        return self.model.motion_net
 
     def tracked_motion(self, ds: Dataset) -> torch.Tensor | None:
         if self.model.rig is None or ds.landmarks(0) is None:

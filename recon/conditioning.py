@@ -121,6 +121,8 @@ def speech_features(path: Path, fps: float, max_seconds: float | None = None) ->
     return pcm, compute_features(pcm, n, fps)
 
 
-def speech_motion(model, feats: dict) -> Tensor:
-    """Per-frame features of a clip -> [N, K] motion codes from the avatar's MotionNet."""
-    return model.motion_codes(mel_input(feats), viseme_features(feats))
+def speech_motion(net, feats: dict) -> Tensor:
+    """Per-frame features of a clip -> [N, K] motion codes from a MotionNet
+    (recon/motion.py: its calibrated `predict`), on the net's device."""
+    on = net.centre.device
+    return net.predict(mel_input(feats).to(on), viseme_features(feats).to(on))

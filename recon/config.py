@@ -80,6 +80,14 @@ class TrainConfig:
     (exp(-(d / falloff)^2)): points on the lips move with them, the skull does not."""
     lr_motion: float = 2e-3
     """Initial learning rate of MotionNet (decays 10x over motion_steps)."""
+    live_lookahead_ms: float = 80.0
+    """Look-ahead of the live motion net distilled from MotionNet after training
+    (recon/live.py): live speech with this look-ahead drives the avatar through it. 0: none."""
+    live_motion_steps: int = 600
+    """Adam steps of that distillation (256 windows a step)."""
+    live_copies: int = 12
+    """Time-shifted and speed-perturbed copies of the clip's speech the live net learns
+    from (no more than four minutes of audio in all: recon/live.py, LIVE_AUDIO_S)."""
     torso_steps: int = 2000
     """Steps of the torso stage, after `iterations`: the neck-and-shoulders branch
     (recon/torso.py) fitted under the finished head, which it never changes. 0: no torso."""

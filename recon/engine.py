@@ -315,8 +315,16 @@ class Trainer:
             bar.close()
             self.data.close()
         if first:
-            method.finish(self.out)
+            self.finish(progress)
         return self.out
+
+    def finish(self, progress: bool) -> None:
+        """The end-of-training artifacts: the method's, then the live motion net
+        (recon/live.py) where the avatar speaks through a motion net."""
+        from .live import ensure_live_motion
+
+        self.method.finish(self.out)
+        ensure_live_motion(self.out, progress)
 
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, once every replica is known to hold its state."""
@@ -337,6 +345,6 @@ def train(dataset: str | Path, out: str | Path, cfg: Any | None, resume: bool = 
         trainer.data.close()
         if trainer.ranks.first:
             print(f"avatar train: {out} is already trained ({trainer.step} steps)", file=sys.stderr)
-            trainer.method.finish(trainer.out)
+            trainer.finish(progress)
         return trainer.out
     return trainer.run(progress)

@@ -232,7 +232,7 @@ def live_speech_scores(av: TrainedAvatar, ds: Dataset, rows: list[dict], lookahe
     try:
         from capture import load_audio  # av, soundfile; and the stream, pocketsphinx
 
-        codes = stream_codes(av, load_audio(ds.root / ds.meta["audio"]), lookahead_s, ds.features["mel"])
+        codes, motion = stream_codes(av, load_audio(ds.root / ds.meta["audio"]), lookahead_s, ds.features["mel"])
     except ImportError as exc:
         return {"skipped": f"live speech needs the audio stack, and {exc.name} is not installed"}
     live = []
@@ -243,7 +243,7 @@ def live_speech_scores(av: TrainedAvatar, ds: Dataset, rows: list[dict], lookahe
             pred = render_frame(av, ds, i, behind_head(f, ds.plate(i)), codes[min(f.frame_index, len(codes) - 1)],
                                torch.tensor([f.eye_openness], device=ds.device))[0]
             live.append(_score(pred, f.image, face_mask(ds, i)))
-    out = {"lookahead_ms": round(lookahead_s * 1000, 1), "frames": len(live), "psnr": _mean(live, "psnr"),
+    out = {"lookahead_ms": round(lookahead_s * 1000, 1), "motion": motion, "frames": len(live), "psnr": _mean(live, "psnr"),
            "psnr_face": _mean(live, "psnr_face"), "psnr_offline": _mean(rows, "psnr"),
            "psnr_face_offline": _mean(rows, "psnr_face")}
     out["face_cost_db"] = out["psnr_face_offline"] - out["psnr_face"]

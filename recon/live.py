@@ -17,10 +17,18 @@ offline one on the whole file: 0.57 and 0.65 at 80 ms, 0.83 and 0.84 at 160 ms, 
 0.92 at 240 ms (the rest: the running normalisation and the streaming visemes). Held-out
 face PSNR driven by the clip's own speech streamed (eval's `live_speech`) falls by 0.99 and
 0.62 dB at 80 ms (HDTF, the 20 s clip), 0.23 and 0.25 dB at 160 ms, 0.08 and 0.22 dB at
-240 ms. A MotionNet trained on a frame's own and
-earlier speech only (its convolutions cut at the present) did no better at 80 ms (0.80 dB,
-and its lip gap uncorrelated with the offline net's on other voices): the lips move
-before the sound, which a stream has not yet heard.
+240 ms. A MotionNet trained on a frame's own and earlier speech only (its convolutions cut
+at the present) did no better at 80 ms (0.80 dB, and its lip gap uncorrelated with the
+offline net's on other voices).
+
+So training ends with a live motion net for its look-ahead (`live_lookahead_ms`, 80 ms;
+distill_live_motion): the offline net fine-tuned to give, from the windows a stream has
+heard, the codes it gives offline, on reordered and sped-up copies of the training speech.
+Blended with the offline net (LIVE_NET_WEIGHT), it brings the 80 ms cost to 0.32 and
+0.40 dB, and the lip gap on three other voices follows the offline one as well or better
+(correlation 0.68, 0.60, 0.61 against 0.65, 0.57, 0.62 through the HDTF avatar; 0.73,
+0.72, 0.73 against 0.69, 0.69, 0.68 through the 20 s clip's), opening to 0.73-0.95 of the
+offline range (the offline net streamed: 0.98-1.34). Other look-aheads drive the offline net.
 
 Latency is measured per frame from the moment its sound reached the microphone (the
 stream's clock: frame k's sound is at k / fps) to its JPEG, split into
@@ -33,8 +41,10 @@ view skips, it does not fall behind); the sustained frame rate counts those rend
 
 from __future__ import annotations
 
+import copy
 import queue
 import statistics
+import sys
 import threading
 import time
 from collections import deque
@@ -44,6 +54,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from avatar.dataset_format import SAMPLE_RATE
@@ -51,8 +62,10 @@ from avatar.errors import AvatarError
 from avatar.media import write_mp4
 
 from .avatar_dir import load_avatar
-from .conditioning import RunningCMVN, blink_schedule, load_speech
+from .checkpoint import load_checkpoint, save_checkpoint, tensors_digest
+from .conditioning import RunningCMVN, blink_schedule, load_speech, normalize_mel, speech_motion, viseme_features
 from .method import TrainedAvatar
+from .motion import MotionNet
 from .render import CameraRig, behind, open_dataset, scaled
 
 STAGES = ("buffering", "queue", "features", "motion", "deform", "rasterize", "encode")
@@ -74,18 +87,22 @@ class LiveSpeech:
 
     av: the trained avatar (speech_motion, speech_reach, fps); lookahead_s: how far past a
     frame its features may look; prior_mel: [N, 16, 80] log-mel windows of the subject's
-    clip (the normalisation's prior), or None; seed: of the natural blinks.
+    clip (the normalisation's prior), or None; seed: of the natural blinks; motion: "auto"
+    (the avatar's live motion net where one was distilled for this look-ahead, else its
+    offline net; `motion_note` says which and why) or "offline".
     """
 
     FEATURE_LOOKAHEAD_S = 0.08
     """How far past a frame its own features reach (the log-mel window's later half)."""
 
     def __init__(self, av: TrainedAvatar, lookahead_s: float = 0.08, prior_mel: np.ndarray | None = None,
-                 seed: int = 0):
+                 seed: int = 0, motion: str = "auto"):
         from capture import SpeechStream
 
         av.check_speech()
         self.av = av
+        self.net, self.motion_note = (live_motion_net(av, lookahead_s) if motion == "auto"
+                                      else (None, "the offline net, as asked"))
         self.stream = SpeechStream(av.fps, min(lookahead_s, self.FEATURE_LOOKAHEAD_S))
         self.cmvn = RunningCMVN(prior_mel)
         # Future frames the rest of the look-ahead lets the motion see (no more than it reaches).
@@ -127,17 +144,24 @@ class LiveSpeech:
             window = [f for f in self.heard if f["index"] >= self.next - self.av.speech_reach]
             at = self.next - window[0]["index"]
             window += self._heard_ahead(at + self.av.speech_reach + 1 - len(window), end)
-            feats = {"mel": np.stack([w["mel"] for w in window]),
-                     "mel_norm": torch.stack([w["mel_norm"] for w in window]),
-                     "visemes": np.stack([w["visemes"] for w in window]),
-                     "energy": np.array([w["energy"] for w in window], np.float32)}
-            with torch.no_grad():
-                codes = self.av.speech_motion(feats)[at]
+            codes = self._codes(window, at)
             out.append(LiveFrame(self.next, codes, float(self.blinks[self.next % len(self.blinks)]),
                                  self.heard[-1]["heard_s"], {"features": features_ms,
                                                              "motion": (time.perf_counter() - t) * 1000}))
             self.next += 1
         return out
+
+    def _codes(self, window: list[dict], at: int) -> Tensor:
+        """[C] the codes of frame `at` of `window` (frames with features, past to future)."""
+        feats = {"mel": np.stack([w["mel"] for w in window]),
+                 "mel_norm": torch.stack([w["mel_norm"] for w in window]),
+                 "visemes": np.stack([w["visemes"] for w in window]),
+                 "energy": np.array([w["energy"] for w in window], np.float32)}
+        with torch.no_grad():
+            codes = self.av.speech_motion(feats)[at]
+            if self.net is not None:
+                codes = (1 - LIVE_NET_WEIGHT) * codes + LIVE_NET_WEIGHT * speech_motion(self.net, feats)[at].to(codes)
+            return codes
 
     def _heard_ahead(self, count: int, end: bool) -> list[dict]:
         """`count` frames past the newest whose look-ahead is in: those whose own moment
@@ -152,14 +176,251 @@ class LiveSpeech:
 
 
 def stream_codes(av: TrainedAvatar, pcm: np.ndarray, lookahead_s: float = 0.08, prior_mel: np.ndarray | None = None,
-                 chunk_ms: float = 20.0) -> Tensor:
-    """[N, C] the motion codes a live stream gives every frame of `pcm` (16 kHz mono),
+                 chunk_ms: float = 20.0, motion: str = "auto") -> tuple[Tensor, str]:
+    """([N, C] the motion codes a live stream gives every frame of `pcm` (16 kHz mono),
     delivered in `chunk_ms` chunks: as `speak` and the studio's microphone drive the
-    avatar, for scoring against the offline codes."""
-    live = LiveSpeech(av, lookahead_s, prior_mel)
+    avatar, for scoring against the offline codes; which net gave them: LiveSpeech's
+    `motion_note`)."""
+    live = LiveSpeech(av, lookahead_s, prior_mel, motion=motion)
     chunk = max(1, int(round(chunk_ms / 1000 * SAMPLE_RATE)))
     frames = [f for start in range(0, len(pcm), chunk) for f in live.push(pcm[start: start + chunk])] + live.flush()
-    return torch.stack([f.codes for f in frames])
+    return torch.stack([f.codes for f in frames]), live.motion_note
+
+
+LIVE_MOTION = "live_motion.safetensors"
+"""The live motion net in an avatar folder: a MotionNet's state (`net.*`) and metadata
+{"kind": "live-motion", "lookahead_ms", "teacher" (the SHA-1 of the offline net it was
+distilled from), the distillation's figures}, as a checkpoint (recon/checkpoint.py)."""
+LIVE_NET_WEIGHT = 0.7
+"""Live codes are this much the live net's and the rest the offline net's (both fed the
+same window). Alone, the live net's lip gap followed the offline one less than the
+offline net's own did on other voices (correlation 0.59 against 0.65 and 0.51 against
+0.57 through an HDTF avatar); the two together followed it better than either (0.68,
+0.59), and kept most of the gain on the subject's own voice (recon/README.md)."""
+LIVE_AUDIO_S = 240.0
+"""Audio the distillation learns from, at most (the copies of a long clip are fewer)."""
+SHIFTS_MS, SPEEDS = (0, 20, 10, 30), (1.0, 0.9, 1.1)
+
+
+def live_motion_net(av: TrainedAvatar, lookahead_s: float) -> tuple[MotionNet | None, str]:
+    """(the avatar's live motion net distilled for `lookahead_s`, on its device, or None;
+    what drives the motion, and why): None where the avatar has none, where it was
+    distilled for another look-ahead, or from another state of the offline net (a stale
+    file, refitted by `avatar train ... --resume`). AvatarError for a damaged file."""
+    path = av.root / LIVE_MOTION
+    offline = "the offline net"
+    if av.motion_net is None or not path.is_file():
+        return None, f"{offline}: the avatar has no live motion net (`avatar train DATASET --out AVATAR --resume` fits one)"
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != "live-motion":
+        raise AvatarError(path, "is not a live motion net", "delete it; `avatar train DATASET --out AVATAR --resume` fits one")
+    if meta.get("teacher") != tensors_digest(av.motion_net.state_dict()):
+        return None, (f"{offline}: the live motion net was distilled from an earlier state of the avatar "
+                      "(`avatar train DATASET --out AVATAR --resume` fits it again)")
+    if abs(float(meta.get("lookahead_ms", -1)) - lookahead_s * 1000) > 0.5:
+        return None, f"{offline}: the live motion net was distilled for a {meta.get('lookahead_ms')} ms look-ahead"
+    net = copy.deepcopy(av.motion_net)
+    try:
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    except RuntimeError as exc:
+        raise AvatarError(path, f"does not fit the avatar's motion net ({exc})",
+                          "delete it; `avatar train DATASET --out AVATAR --resume` fits one") from exc
+    return net.eval(), (f"the live motion net (distilled for {meta['lookahead_ms']:g} ms), "
+                        f"{LIVE_NET_WEIGHT:g} of it with the offline net")
+
+
+class _Windows(LiveSpeech):
+    """A live stream that keeps, instead of computing codes, each frame's window: indices
+    into `bank`, the distinct frames (with features) it has held, and the frame's place
+    in it. The distillation's inputs are thus exactly what the live path feeds the net."""
+
+    def __init__(self, av: TrainedAvatar, lookahead_s: float, prior_mel: np.ndarray | None):
+        super().__init__(av, lookahead_s, prior_mel, motion="offline")
+        self.bank: list[dict] = []  # held, so that id() stays unique
+        self.where: dict[int, int] = {}
+        self.windows: list[tuple[list[int], int]] = []
+        self.codes = av.motion_net.centre.new_zeros(av.motion_net.centre.shape)
+
+    def _codes(self, window: list[dict], at: int) -> Tensor:
+        for w in window:
+            if id(w) not in self.where:
+                self.where[id(w)] = len(self.bank)
+                self.bank.append(w)
+        self.windows.append(([self.where[id(w)] for w in window], at))
+        return self.codes
+
+
+def speech_copies(pcm: np.ndarray, copies: int, seed: int = 0) -> list[tuple[int, float, np.ndarray]]:
+    """Up to `copies` versions of pcm [n] (16 kHz): (shift ms, speed, samples), the clip as
+    it is first, then started 10-30 ms later, its pieces reordered (shuffled_segments) and
+    played 0.9-1.1x as fast (Kaldi's speed perturbation, by linear resampling), with no
+    more than LIVE_AUDIO_S in all."""
+    rng = np.random.default_rng(seed)
+    plan = [(shift, speed) for speed in SPEEDS for shift in SHIFTS_MS]
+    plan.sort(key=lambda p: (SHIFTS_MS.index(p[0]) + SPEEDS.index(p[1])) % len(SHIFTS_MS))  # mixed early
+    out, total = [], 0.0
+    for shift, speed in plan[:copies]:
+        x = pcm[int(shift * SAMPLE_RATE / 1000):]
+        if out:
+            x = shuffled_segments(x, rng)
+        if speed != 1.0:
+            x = np.interp(np.arange(0, len(x) - 1, speed), np.arange(len(x)), x).astype(np.float32)
+        if out and total + len(x) / SAMPLE_RATE > LIVE_AUDIO_S:
+            break
+        out.append((shift, speed, x))
+        total += len(x) / SAMPLE_RATE
+    return out
+
+
+def shuffled_segments(x: np.ndarray, rng: np.random.Generator, shortest_s: float = 0.3, longest_s: float = 1.2,
+                      fade_s: float = 0.01) -> np.ndarray:
+    """x [n] cut into pieces of `shortest_s`-`longest_s`, in a random order, joined with a
+    `fade_s` crossfade: speech the net has not heard in that order."""
+    cuts, at = [0], 0
+    while at < len(x):
+        at += int(rng.uniform(shortest_s, longest_s) * SAMPLE_RATE)
+        cuts.append(min(at, len(x)))
+    pieces = [x[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    fade = int(fade_s * SAMPLE_RATE)
+    order = rng.permutation(len(pieces))
+    out = pieces[order[0]].copy()
+    ramp = np.linspace(0, 1, fade, dtype=np.float32)
+    for k in order[1:]:
+        p = pieces[k]
+        if len(p) > fade and len(out) > fade:
+            out[-fade:] = out[-fade:] * (1 - ramp) + p[:fade] * ramp
+            p = p[fade:]
+        out = np.concatenate([out, p])
+    return out.astype(np.float32)
+
+
+def distill_live_motion(av: TrainedAvatar, ds, lookahead_s: float, steps: int, copies: int, noise: float,
+                        seed: int = 0, lr: float = 1e-3, batch: int = 256, progress: bool = False) -> tuple[MotionNet, dict]:
+    """A live motion net for `lookahead_s`: the avatar's MotionNet (the teacher) fine-tuned
+    so that, fed what a live stream has heard of a frame's reach (LiveSpeech's windows:
+    the running normalisation, future frames cut short or held), it gives the codes the
+    teacher gives the whole clip offline. Lips move before the sound they make, so the
+    offline net reads 6 frames ahead; at 80 ms a stream has heard 2 of them, partly.
+    Trained on the training frames' speech only (ds.split's held-out tail is left out), in
+    `copies` time-shifted, reordered and speed-perturbed versions (speech_copies): on the
+    clip alone the net learnt its few seconds by heart (HDTF: 1.12 dB of held-out face
+    PSNR lost to the offline codes instead of 0.99), and on the clip in its own order it
+    learnt what comes next in it, which other voices do not say. Loss: the codes' squared error plus the
+    inner-lip gap's (in units of its variance), with noise of std `noise` on the mel and
+    the net's dropout, as MotionNet's own fit (recon/motion.py). Returns (the net, in eval
+    mode on the host; figures for the file's metadata)."""
+    from capture import compute_features
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    teacher = copy.deepcopy(av.motion_net).cpu().eval()
+    reach, fps = teacher.reach, av.fps
+    train_ids, _ = ds.split(holdout_cameras=list(av.meta.get("holdout_cameras", [])))
+    train_end_s = (max(int(ds.frames[i]["frame_index"]) for i in train_ids) + 1) / fps
+    pcm = load_audio_file(ds)
+    pcm = pcm[: int(train_end_s * SAMPLE_RATE)]  # the held-out tail's speech is never heard
+    bank_mel, bank_vis, windows, targets, start = [], [], [], [], 0
+    plan = speech_copies(pcm, copies, seed)
+    for shift, speed, x in tqdm(plan, desc="live motion: speech copies", unit="copy", disable=not progress,
+                                file=sys.stderr, dynamic_ncols=True):
+        n = int(np.ceil(len(x) / SAMPLE_RATE * fps - 1e-6))
+        feats = compute_features(x, n, fps)
+        with torch.no_grad():
+            target = teacher.raw(normalize_mel(feats["mel"]), viseme_features(feats))  # [n, K]
+        rec = _Windows(av, lookahead_s, ds.features["mel"])
+        chunk = int(0.02 * SAMPLE_RATE)
+        for s in range(0, len(x), chunk):
+            rec.push(x[s: s + chunk])
+        rec.flush()
+        for k, (idx, at) in enumerate(rec.windows[:n]):
+            if at == reach and len(idx) == 2 * reach + 1:  # the stream's first frames have less past
+                windows.append([start + i for i in idx])
+                targets.append(target[k])
+        bank_mel += [f["mel_norm"] for f in rec.bank]
+        bank_vis += [torch.as_tensor(np.asarray(f["visemes"], np.float32)) for f in rec.bank]
+        start += len(rec.bank)
+    if not windows:
+        raise AvatarError(ds.root, "has too little training speech to distil a live motion net from",
+                          "train with live_lookahead_ms 0, or on a longer clip")
+    bank_mel, bank_vis = torch.stack(bank_mel), torch.stack(bank_vis)
+    windows, targets = torch.tensor(windows), torch.stack(targets)
+    data_s = time.perf_counter() - t0
+
+    student = copy.deepcopy(teacher)
+    axis = student.lip_axis
+    gap_scale = (targets @ axis).var().clamp_min(1e-12) if axis.any() else None
+
+    def loss_of(net: MotionNet, pick: Tensor, g: torch.Generator | None) -> Tensor:
+        mel = bank_mel[windows[pick]]  # [B, W, 16, 80]
+        if g is not None and noise > 0:
+            mel = mel + noise * torch.randn(mel.shape, generator=g)
+        pred, want = net.raw_windows(mel, bank_vis[windows[pick]])[:, reach], targets[pick]
+        loss = F.mse_loss(pred, want)
+        return loss if gap_scale is None else loss + F.mse_loss(pred @ axis, want @ axis) / gap_scale
+
+    every = torch.arange(len(targets))
+    with torch.no_grad():
+        before = float(torch.stack([loss_of(teacher, p, None) for p in every.split(batch)]).mean())
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-3)
+    student.train()
+    bar = tqdm(total=steps, desc="live motion: distil", unit="it", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the dropout's draws
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.1 ** (step / max(steps - 1, 1))
+            loss = loss_of(student, torch.randint(len(targets), (min(batch, len(targets)),), generator=g), g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    student.eval()
+    with torch.no_grad():
+        after = float(torch.stack([loss_of(student, p, None) for p in every.split(batch)]).mean())
+    return student, {"copies": [[shift, speed] for shift, speed, _ in plan], "windows": len(targets),
+                     "steps": steps, "error_before": before, "error_after": after,
+                     "data_s": round(data_s, 1), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def load_audio_file(ds) -> np.ndarray:
+    """The dataset's speech, 16 kHz mono (AvatarError where it keeps none)."""
+    from capture import load_audio
+
+    if not ds.meta.get("audio") or not (ds.root / ds.meta["audio"]).is_file():
+        raise AvatarError(ds.root, "keeps no audio file, so no live motion net can be distilled",
+                          "capture the clip again with this version")
+    return load_audio(ds.root / ds.meta["audio"])
+
+
+def ensure_live_motion(root: Path, progress: bool = True) -> dict | None:
+    """Distil the live motion net of the trained avatar in `root` (its config's
+    live_lookahead_ms, live_motion_steps, live_copies), unless it has an up-to-date one
+    already, or speaks through no motion net, or that setting is 0. Written to
+    root/LIVE_MOTION; its figures are returned (None where nothing was done). Without the
+    audio stack, a warning and nothing (live speech then drives the offline net)."""
+    av = load_avatar(root)
+    lookahead_ms = float(getattr(av.config, "live_lookahead_ms", 0.0))
+    if not lookahead_ms or av.motion_net is None or not av.meta.get("speech", True):
+        return None
+    if live_motion_net(av, lookahead_ms / 1000)[0] is not None:
+        return None
+    ds = open_dataset(av, av.size, required=True)
+    cfg = av.config
+    try:
+        net, figures = distill_live_motion(av, ds, lookahead_ms / 1000, cfg.live_motion_steps, cfg.live_copies,
+                                           cfg.audio_noise, cfg.seed, progress=progress)
+    except ImportError as exc:  # capture's audio stack: av, soundfile, pocketsphinx
+        print(f"warning: no live motion net: it needs the audio stack, and {exc.name} is not installed; live "
+              "speech will drive the offline net", file=sys.stderr)
+        return None
+    meta = {"kind": "live-motion", "lookahead_ms": lookahead_ms, "teacher": tensors_digest(av.motion_net.state_dict()),
+            **figures}
+    save_checkpoint(root / LIVE_MOTION, {f"net.{k}": v for k, v in net.state_dict().items()}, meta)
+    return meta
 
 
 class LiveRenderer:
@@ -252,7 +513,7 @@ def speak(avatar: str | Path, audio: str | Path, realtime: bool = True, lookahea
                 shown.append((frame.index, rgb))
     seconds = len(pcm) / SAMPLE_RATE
     report = {"avatar": str(avatar), "audio": str(audio), "realtime": realtime, "lookahead_ms": lookahead_s * 1000,
-              "size": size, "device": str(av.device), "frames": len(rows) + skipped, "rendered": len(rows),
+              "motion": live.motion_note, "size": size, "device": str(av.device), "frames": len(rows) + skipped, "rendered": len(rows),
               "skipped": skipped, "seconds": round(seconds, 2),
               "sustained_fps": round(len(rows) / max(seconds if realtime else time.perf_counter() - t0, 1e-9), 2),
               "latency_ms": {stage: _spread([r[stage] for r in rows]) for stage in ("total", *STAGES)}}

@@ -37,7 +37,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -45,6 +45,9 @@ from torch import Tensor
 from avatar.errors import AvatarError
 
 from .dataset import Dataset, Frame
+
+if TYPE_CHECKING:
+    from .motion import MotionNet
 
 
 @dataclass(frozen=True)
@@ -294,11 +297,17 @@ class TrainedAvatar(ABC):
         conditioning.mel_input), on the avatar's device."""
 
     @property
+    def motion_net(self) -> MotionNet | None:
+        """The speech -> motion net behind `speech_motion` (recon/motion.py), or None where
+        the method has none (recon/live.py distils a live net from it)."""
+        return None
+
+    @property
     def speech_reach(self) -> int:
         """Frames of speech either side of a frame that its motion codes depend on (a live
         stream, recon/live.py, feeds `speech_motion` that many past frames and holds the
-        newest in place of the future ones). Default 0: each frame's speech alone."""
-        return 0
+        newest in place of the future ones): the motion net's reach; 0 without one."""
+        return 0 if self.motion_net is None else self.motion_net.reach
 
     def tracked_motion(self, ds: Dataset) -> Tensor | None:
         """[rows of ds.features, C] each dataset frame's motion codes from its tracked face

@@ -119,12 +119,6 @@ class AvatarModel(nn.Module):
         self.mouth_deform = DeformationHead(motion_only=True, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M),
                                             motion_dim=motion_dim)
 
-    def motion_codes(self, mel: Tensor, visemes: Tensor) -> Tensor:
-        """Speech of a whole clip -> motion codes [T, K] (inference). mel: [T, 16, 80]
-        normalised (conditioning.normalize_mel); visemes: [T, V] posteriors."""
-        on = self.motion_net.centre.device
-        return self.motion_net.predict(mel.to(on), visemes.to(on))
-
     def rebind(self) -> None:
         """Bind both branches' current canonical points to the face mesh (see MotionRig)."""
         if self.rig is not None:

@@ -163,9 +163,14 @@ class MotionNet(nn.Module):
 
     def raw(self, mel: Tensor, visemes: Tensor) -> Tensor:
         """Codes [T, K] before the bilabial closure."""
-        per_frame = self.frame_net(mel.transpose(1, 2))[..., 0]  # [T, 32]
-        x = torch.cat([per_frame, visemes.to(per_frame)], -1).T[None]  # [1, 32 + V, T]
-        return self.temporal(x)[0].T  # [T, K]
+        return self.raw_windows(mel[None], visemes[None])[0]
+
+    def raw_windows(self, mel: Tensor, visemes: Tensor) -> Tensor:
+        """`raw` of B clips at once: mel [B, T, 16, 80], visemes [B, T, V] -> [B, T, K]."""
+        B, T = mel.shape[:2]
+        per_frame = self.frame_net(mel.reshape(B * T, *mel.shape[2:]).transpose(1, 2))[..., 0]  # [B T, 32]
+        x = torch.cat([per_frame.reshape(B, T, -1), visemes.to(per_frame)], -1).transpose(1, 2)  # [B, 32 + V, T]
+        return self.temporal(x).transpose(1, 2)
 
     def close_lips(self, codes: Tensor, visemes: Tensor) -> Tensor:
         """codes [T, K] with the lips closed once per bilabial phone (visemes [T, V]). The

@@ -45,7 +45,7 @@ def random_scene(n=300, cameras=2, width=70, height=45, sh_degree=None, feat_dim
 
 
 # A training schedule small enough for tests: 64 px, 60 steps, every stage visited.
-TINY_TRAIN = dict(size=64, iterations=60, motion_steps=100, init_volume_points=1500, init_mouth_points=200, max_gaussians=2500,
+TINY_TRAIN = dict(size=64, iterations=60, motion_steps=100, live_motion_steps=20, live_copies=2, init_volume_points=1500, init_mouth_points=200, max_gaussians=2500,
                   checkpoint_every=20, log_every=5, densify_every=10, densify_from=0.1, densify_until=0.8,
                   opacity_reset_at=0.0, torso_steps=20, init_torso_points=300, max_torso_gaussians=800)
 

@@ -173,6 +173,7 @@ def test_training_needs_neither_the_face_tracker_nor_the_audio_stack(sample_data
                  f"train({str(sample_dataset)!r}, {str(tmp_path / 'avatar')!r},\n"
                  "      preset('cpu', **{**TINY_TRAIN, 'iterations': 10, 'torso_steps': 4}), progress=False)\n")
     assert (tmp_path / "avatar" / "canonical.ply").is_file()
+    assert not (tmp_path / "avatar" / "live_motion.safetensors").exists()  # it needs the audio stack: warned, none
 
 
 def test_held_out_evaluation_needs_no_video_or_audio_stack(trained_avatar, tmp_path):

@@ -168,3 +168,83 @@ def test_speak_streams_in_real_time_and_reports_latency(trained_avatar, speech_w
     with open_media(out, "video", "") as c:
         assert sum(1 for _ in c.decode(video=0)) == r["frames"]
     assert main(["speak", str(trained_avatar), "--audio", str(speech_wav), "--lookahead-ms", "-5"]) == 1
+
+
+def test_training_distils_a_live_motion_net_and_live_speech_uses_it_at_its_look_ahead(trained_avatar, pcm):
+    from recon.avatar_dir import load_avatar
+    from recon.checkpoint import load_checkpoint, tensors_digest
+    from recon.live import LIVE_MOTION, LiveSpeech, stream_codes
+
+    av = load_avatar(trained_avatar)
+    _, meta = load_checkpoint(trained_avatar / LIVE_MOTION)
+    assert meta["kind"] == "live-motion" and meta["lookahead_ms"] == 80 and meta["windows"] > 20
+    assert meta["teacher"] == tensors_digest(av.motion_net.state_dict())
+    assert meta["error_after"] < meta["error_before"]  # it learnt to give the offline codes from what it heard
+    assert LiveSpeech(av, 0.08).net is not None and LiveSpeech(av, 0.08).motion_note.startswith("the live motion net")
+    for other in (LiveSpeech(av, 0.16), LiveSpeech(av, 0.08, motion="offline")):
+        assert other.net is None and other.motion_note.startswith("the offline net")
+    assert "80.0 ms look-ahead" in LiveSpeech(av, 0.16).motion_note
+    live, _ = stream_codes(av, pcm, 0.08)
+    offline_net, _ = stream_codes(av, pcm, 0.08, motion="offline")
+    assert (live - offline_net).abs().max() > 1e-3
+
+
+def test_the_distillation_learns_from_the_windows_live_speech_feeds_the_net(trained_avatar, pcm):
+    """The recorded windows, rebuilt from the bank, give the codes LiveSpeech gives."""
+    from recon.avatar_dir import load_avatar
+    from recon.conditioning import speech_motion
+    from recon.live import LiveSpeech, _Windows
+
+    av = load_avatar(trained_avatar)
+    rec, live = _Windows(av, 0.08, None), LiveSpeech(av, 0.08, motion="offline")
+    codes = []
+    for s in range(0, len(pcm), 320):
+        rec.push(pcm[s: s + 320])
+        codes += live.push(pcm[s: s + 320])
+    rec.flush()
+    codes += live.flush()
+    assert len(rec.windows) == len(codes) and len(rec.bank) < 4 * len(codes)  # shared, not copied
+    for (idx, at), frame in zip(rec.windows, codes):
+        window = [rec.bank[i] for i in idx]
+        feats = {"mel": np.stack([w["mel"] for w in window]), "mel_norm": torch.stack([w["mel_norm"] for w in window]),
+                 "visemes": np.stack([w["visemes"] for w in window])}
+        with torch.no_grad():
+            torch.testing.assert_close(speech_motion(av.motion_net, feats)[at], frame.codes, rtol=0, atol=0)
+
+
+def test_speech_copies_are_shifted_reordered_and_sped_up_within_the_budget(pcm):
+    from recon.live import LIVE_AUDIO_S, speech_copies
+
+    copies = speech_copies(pcm, 12)
+    assert len(copies) == 12 and copies[0][:2] == (0, 1.0)
+    np.testing.assert_array_equal(copies[0][2], pcm)
+    for shift, speed, x in copies[1:]:
+        assert abs(len(x) * speed / (len(pcm) - shift * 16) - 1) < 0.04  # 10 ms crossfades, every 0.3-1.2 s
+        if speed == 1.0:
+            n = min(len(x), len(pcm) - shift * 16)
+            assert not np.allclose(x[:n], pcm[shift * 16:][:n])  # reordered
+    assert speech_copies(pcm, 12, seed=1)[1][2].tolist() != copies[1][2].tolist()
+    long = np.zeros(int(100 * 16000), np.float32)
+    assert sum(len(x) for _, _, x in speech_copies(long, 12)) / 16000 <= LIVE_AUDIO_S
+
+
+def test_a_stale_or_damaged_live_motion_net_is_not_used(trained_avatar, tmp_path):
+    import shutil
+
+    from avatar.errors import AvatarError
+    from recon.avatar_dir import CHECKPOINT, load_avatar
+    from recon.checkpoint import load_checkpoint, save_checkpoint
+    from recon.live import LIVE_MOTION, LiveSpeech, ensure_live_motion
+
+    avatar = shutil.copytree(trained_avatar, tmp_path / "avatar")
+    tensors, meta = load_checkpoint(avatar / CHECKPOINT)
+    tensors["motion_net.temporal.6.bias"] = tensors["motion_net.temporal.6.bias"] + 0.1  # trained further
+    save_checkpoint(avatar / CHECKPOINT, tensors, meta)
+    stale = LiveSpeech(load_avatar(avatar), 0.08)
+    assert stale.net is None and "earlier state" in stale.motion_note
+    assert ensure_live_motion(avatar, progress=False)["lookahead_ms"] == 80  # as `avatar train --resume` does
+    assert LiveSpeech(load_avatar(avatar), 0.08).net is not None
+    assert ensure_live_motion(avatar, progress=False) is None  # up to date: nothing to do
+    (avatar / LIVE_MOTION).write_bytes(b"\0" * 64)
+    with pytest.raises(AvatarError, match="not a readable checkpoint"):
+        LiveSpeech(load_avatar(avatar), 0.08)

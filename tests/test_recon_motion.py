@@ -230,3 +230,11 @@ def test_motion_fit_is_deterministic_and_leaves_the_global_generator_alone():
         nets.append(net)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(a, b)
+
+
+def test_raw_windows_is_raw_of_each_clip():
+    torch.manual_seed(0)
+    net = MotionNet(codes=8, visemes=15).eval()
+    mel, vis = torch.randn(3, 13, 16, 80), torch.rand(3, 13, 15)
+    with torch.no_grad():
+        torch.testing.assert_close(net.raw_windows(mel, vis), torch.stack([net.raw(m, v) for m, v in zip(mel, vis)]))

@@ -87,6 +87,7 @@ def test_eval_render_export(trained, speech_wav, tmp_path):
     live = saved["live_speech"]  # the same frames driven by the clip's speech streamed causally
     assert live["frames"] == len(r["held_out_frames"]) and live["psnr_face_offline"] == pytest.approx(r["psnr_face"])
     assert 10 < live["psnr_face"] < 60 and live["face_cost_db"] == pytest.approx(r["psnr_face"] - live["psnr_face"])
+    assert live["motion"].startswith("the live motion net (distilled for 80 ms)")  # trained with the avatar
     fit = saved["train_fit"]
     assert fit["frames"] and not set(fit["frames"]) & set(r["held_out_frames"]) and max(fit["frames"]) < 73
     assert len(fit["per_frame"]) == len(fit["frames"]) and 10 < fit["psnr_face"] < 60

@@ -675,11 +675,12 @@ class ClientSession:
             "queue": 1e3 * (started - ready), **frame.ms, **timings}]
 
     def _latency_line(self) -> str:
-        if self.live is None or not self.latency:
+        live = self.live  # the microphone's thread may end the stream meanwhile
+        if live is None or not self.latency:
             return ""
         med = {k: float(np.median([r[k] for r in self.latency])) for k in ("total", *STAGES)}
         return (f"  \n**live: sound to frame {med['total']:.0f} ms** (median of {len(self.latency)}) · "
-                + " · ".join(f"{k} {med[k]:.0f}" for k in STAGES))
+                + " · ".join(f"{k} {med[k]:.0f}" for k in STAGES) + f"  \nmotion: {live.motion_note}")
 
     # -- outputs -------------------------------------------------------------------------
     def snapshot(self) -> Path:

@@ -35,7 +35,7 @@ from torch import Tensor
 from avatar.dataset_format import VISEMES
 from avatar.errors import AvatarError
 
-from ..conditioning import mel_input, normalize_mel, viseme_features
+from ..conditioning import normalize_mel, speech_motion, viseme_features
 from ..config import replace_checked
 from ..dataset import Dataset, behind_head, dilate
 from ..fields.hash_encoding import HashGridConfig
@@ -89,6 +89,9 @@ class NerfConfig:
     lr_motion: float = 2e-3
     audio_noise: float = 0.4
     audio_window: int = 16
+    live_lookahead_ms: float = 80.0
+    live_motion_steps: int = 600
+    live_copies: int = 12
     # Optimisation.
     lr_grid: float = 1e-2
     """Learning rate of the hash tables (decays 10x over the run)."""
@@ -375,12 +378,11 @@ class TrainedRadianceField(TrainedAvatar):
 
     def speech_motion(self, feats: dict) -> Tensor:
         self.check_speech()
-        on = self.model.motion_net.centre.device
-        return self.model.motion_net.predict(mel_input(feats).to(on), viseme_features(feats).to(on))
+        return speech_motion(self.model.motion_net, feats)
 
     @property
-    def speech_reach(self) -> int:
-        return self.model.motion_net.reach
+    def motion_net(self) -> MotionNet:
+        return self.model.motion_net
 
     def tracked_motion(self, ds: Dataset) -> Tensor | None:
         return None if ds.landmarks(0) is None else tracked_motion_rows(ds, self.model.rig)
