@@ -171,6 +171,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"avatar: {out}\n  metrics: {out / 'metrics.jsonl'}")
     if (out / "canonical.ply").is_file():
         print(f"  canonical Gaussians: {out / 'canonical.ply'}")
+    if (out / "live_motion.safetensors").is_file():
+        print(f"  live motion net: {out / 'live_motion.safetensors'} (`avatar speak`, the studio's microphone)")
     return 0
 
 
