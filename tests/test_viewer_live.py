@@ -81,9 +81,12 @@ def test_the_microphone_drives_the_mouth_live(mic_browser, lively_avatar):
         speaking, silent = change(0.3, SPEECH_S - 0.2), change(SPEECH_S + 0.8, SPEECH_S + SILENCE_S)
         assert speaking > 0.2 and silent < 0.2 * speaking, (speaking, silent)
         lat = session.latency
-        assert len(lat) > 20 and set(lat[0]) >= {"total", "buffering", "queue", "features", "motion", "deform",
-                                                  "rasterize", "encode"}
+        assert len(lat) > 20 and set(lat[0]) >= {"total", "buffering", "transit", "queue", "features", "motion",
+                                                  "deform", "rasterize", "encode"}
         assert np.median([r["buffering"] for r in lat]) >= 80 - 25  # a frame waits for its look-ahead (clock jitter)
+        transit = np.median([r["transit"] for r in lat])  # the page -> the server, on the browser's clock tied to ours
+        assert 0 < transit < 200, transit
+        assert "transit" in session.stats_md.content or session.live is None
         assert "live: sound to frame" in session.stats_md.content or session.live is None
         assert sorted(p.relative_to(lively_avatar) for p in lively_avatar.rglob("*")) == before  # nothing written
 
@@ -104,3 +107,19 @@ def test_the_microphone_drives_the_mouth_live(mic_browser, lively_avatar):
         assert kinds == {"video", "audio"} and frames >= 0.8 * 25
     finally:
         studio.stop()
+
+
+def test_the_browser_clock_is_tied_by_the_round_trip_with_the_least_delay():
+    import time
+
+    from viewer.microphone import BrowserClock
+
+    clock = BrowserClock()
+    assert clock.perf(1000.0) is None  # no round trip yet
+    clock.sample(ping=1000.0, server=6010.0, back=1040.0)  # 40 ms round trip: offset 4990 +- 20
+    clock.sample(ping=2000.0, server=7003.0, back=2006.0)  # 6 ms: offset 5000 +- 3, kept
+    clock.sample(ping=3000.0, server=9000.0, back=3100.0)  # slower: ignored
+    clock.sample(ping=3000.0, server=float("nan"), back=3001.0)  # damaged: ignored
+    assert clock.offset_ms == 5000.0 and clock.rtt_ms == 6.0
+    browser_now = time.time() * 1000 - 5000.0
+    assert abs(clock.perf(browser_now) - time.perf_counter()) < 0.01

@@ -13,8 +13,10 @@ through it.
 The Speech panel's microphone (viewer/microphone.py) streams what the tab's microphone
 hears to the server, which drives the avatar with it live (recon/live.py: causal
 features and motion within the look-ahead, `--lookahead-ms`); the readout then gives the
-sound-to-frame latency split into buffering, queue, features, motion, deform, rasterize
-and encode, measured from the moment each chunk reached the server. Microphone audio is
+sound-to-frame latency split into buffering, transit, queue, features, motion, deform,
+rasterize and encode (LIVE_STAGES), measured from the moment the page got each chunk from
+the browser's audio, on the server's clock (viewer/microphone.py: BrowserClock). The
+display of the frame in the browser is not in it. Microphone audio is
 kept in memory only, and written to disk only as a recording the user starts and stops
 (Record while the microphone is on: the frames re-rendered along the camera path, with
 what the microphone heard).
@@ -56,6 +58,9 @@ TORSO_CHOICES = {"3D": "3d", "capture's 2D": "frame", "none": "none"}
 """The Torso menu: what lies behind the head (as `avatar render --torso`)."""
 SAMPLE_RATE = 16_000
 HEAD_FILL = 0.7  # share of the view's height the head fills when a tab opens
+LIVE_STAGES = ("buffering", "transit", *STAGES[1:])
+"""A live frame's latency in the studio: recon/live.py's stages, the buffering counted
+until the page got the chunk from the browser's audio, then its transit to the server."""
 TARGET_FPS = 10.0  # the moving camera's frame rate the default resolution is chosen for
 
 
@@ -378,7 +383,8 @@ class ClientSession:
         """Whether the browser has reported the camera this session placed on the face (or
         a camera moved from it)."""
         self.live: LiveSpeech | None = None  # while the microphone streams
-        self.live_frame: tuple[LiveFrame, float, float] | None = None  # newest: (frame, chunk arrival, ready)
+        # newest: (frame, its chunk's capture in the page, arrival, ready)
+        self.live_frame: tuple[LiveFrame, float, float, float] | None = None
         self.live_start = 0.0  # the stream's clock origin: when its first sample was spoken
         self.live_shown = -1  # the live frame last rendered
         self.latency: list[dict] = []  # per live frame shown, milliseconds by stage (the last 200)
@@ -468,19 +474,22 @@ class ClientSession:
                 self._toggle_record()
         self.dirty = True
 
-    def hear(self, pcm: np.ndarray) -> None:
-        """A chunk of the microphone (called from the microphone's thread)."""
+    def hear(self, pcm: np.ndarray, captured: float | None = None) -> None:
+        """A chunk of the microphone (called from the microphone's thread); `captured`: when
+        the page got it from the browser's audio, on time.perf_counter() (None: unknown,
+        taken as its arrival here)."""
         live = self.live
         if live is None:
             return
         arrived = time.perf_counter()
+        captured = arrived if captured is None else min(captured, arrived)
         heard = (live.stream.received + len(pcm)) / SAMPLE_RATE  # stream seconds once this chunk is in
-        # The stream's clock: a chunk cannot arrive before its last sample was spoken, so the
-        # earliest arrival minus the audio it completes is the best guess of when it began.
-        self.live_start = arrived - heard if live.stream.received == 0 else min(self.live_start, arrived - heard)
+        # The stream's clock: a chunk cannot be captured before its last sample was spoken,
+        # so the earliest capture minus the audio it completes is the best guess of when it began.
+        self.live_start = captured - heard if live.stream.received == 0 else min(self.live_start, captured - heard)
         frames = live.push(pcm)
         if frames:
-            self.live_frame = (frames[-1], arrived, time.perf_counter())
+            self.live_frame = (frames[-1], captured, arrived, time.perf_counter())
         with self.recording_lock:  # a chunk and its frames join a take whole, or not at all
             take = self.recording.live if self.recording is not None else None
             if take is not None:
@@ -665,22 +674,22 @@ class ClientSession:
                                      f"deform {timings['deform']:.0f} ms · rasterize {timings['rasterize']:.0f} ms · "
                                      f"encode {timings['encode']:.0f} ms" + self._latency_line())
 
-    def _live_shown(self, live: tuple[LiveFrame, float, float], started: float, timings: dict) -> None:
-        """Log the sound-to-frame latency of a live frame just sent, by stage (ms)."""
-        frame, arrived, ready = live
+    def _live_shown(self, live: tuple[LiveFrame, float, float, float], started: float, timings: dict) -> None:
+        """Log the sound-to-frame latency of a live frame just sent, by stage (ms): LIVE_STAGES."""
+        frame, captured, arrived, ready = live
         sound = self.live_start + frame.index / self.studio.av.fps
         self.live_shown = frame.index
         self.latency = self.latency[-199:] + [{
-            "total": 1e3 * (time.perf_counter() - sound), "buffering": 1e3 * (arrived - sound),
-            "queue": 1e3 * (started - ready), **frame.ms, **timings}]
+            "total": 1e3 * (time.perf_counter() - sound), "buffering": 1e3 * (captured - sound),
+            "transit": 1e3 * (arrived - captured), "queue": 1e3 * (started - ready), **frame.ms, **timings}]
 
     def _latency_line(self) -> str:
         live = self.live  # the microphone's thread may end the stream meanwhile
         if live is None or not self.latency:
             return ""
-        med = {k: float(np.median([r[k] for r in self.latency])) for k in ("total", *STAGES)}
+        med = {k: float(np.median([r[k] for r in self.latency])) for k in ("total", *LIVE_STAGES)}
         return (f"  \n**live: sound to frame {med['total']:.0f} ms** (median of {len(self.latency)}) · "
-                + " · ".join(f"{k} {med[k]:.0f}" for k in STAGES) + f"  \nmotion: {live.motion_note}")
+                + " · ".join(f"{k} {med[k]:.0f}" for k in LIVE_STAGES) + f"  \nmotion: {live.motion_note}")
 
     # -- outputs -------------------------------------------------------------------------
     def snapshot(self) -> Path:
@@ -845,10 +854,10 @@ class Studio:
                 return
             self.log(f"client {tab}: microphone {'on' if streaming else 'off'}")
 
-    def _mic_audio(self, tab: int, pcm: np.ndarray) -> None:
+    def _mic_audio(self, tab: int, pcm: np.ndarray, captured: float | None) -> None:
         session = self.sessions.get(tab)
         if session is not None:
-            session.hear(pcm)
+            session.hear(pcm, captured)
 
     def pool(self, fn) -> None:
         threading.Thread(target=fn, daemon=True).start()

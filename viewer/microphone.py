@@ -5,16 +5,24 @@ viser's HTML panels do not run scripts, so the microphone's page is an iframe in
 Speech panel, served by a small websocket server on a port of its own beside viser's,
 on the same host (loopback by default). Its toggle starts the microphone (the browser
 asks the user first); an AudioWorklet cuts the sound into 20 ms chunks of 16 kHz mono,
-sent as 16-bit PCM over a websocket to /stream/<token>, one token per tab. The server
-hands each chunk to the tab (`on_audio`), and says when a tab's stream opens and closes
-(`on_state`). Audio stays in memory: nothing here writes it to disk.
+sent over a websocket to /stream/<token>, one token per tab, each as the moment the page
+got it from the worklet (float64 milliseconds of the browser's clock, little-endian) and
+16-bit PCM. The server hands each chunk to the tab (`on_audio`) with that moment on the
+server's clock, and says when a tab's stream opens and closes (`on_state`). The two
+clocks are tied as NTP does (BrowserClock): the page pings every 2 s, and the round trip
+with the least delay gives the offset. Audio stays in memory: nothing here writes it to
+disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import secrets
+import struct
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 
@@ -46,6 +54,7 @@ const worklet = `class Chunker extends AudioWorkletProcessor {
 }
 registerProcessor("chunker", Chunker);`;
 const btn = document.getElementById("mic"), state = document.getElementById("state");
+const now = () => performance.timeOrigin + performance.now();  // ms, the browser's clock
 let live = null;
 async function start() {
   const stream = await navigator.mediaDevices.getUserMedia(
@@ -55,25 +64,35 @@ async function start() {
   const ws = new WebSocket(`ws://${location.host}/stream/__TOKEN__`);
   ws.binaryType = "arraybuffer";
   await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = () => fail(new Error("the studio did not answer")); });
+  ws.onmessage = (e) => {  // the clock: {pong, server} answered with when it came back
+    const m = JSON.parse(e.data);
+    if ("pong" in m) ws.send(JSON.stringify({ping: m.pong, server: m.server, back: now()}));
+  };
+  const ping = () => { if (ws.readyState === 1) ws.send(JSON.stringify({ping: now()})); };
+  ping();
+  const clock = setInterval(ping, 2000);
   const node = new AudioWorkletNode(ctx, "chunker");
   node.port.onmessage = (e) => {
     if (ws.readyState !== 1) return;
-    const f = e.data, pcm = new Int16Array(f.length);
+    const f = e.data, buf = new ArrayBuffer(8 + 2 * f.length);
+    new DataView(buf).setFloat64(0, now(), true);
+    const pcm = new Int16Array(buf, 8);
     for (let i = 0; i < f.length; i++) pcm[i] = Math.max(-1, Math.min(1, f[i])) * 32767;
-    ws.send(pcm.buffer);
+    ws.send(buf);
   };
   const mute = ctx.createGain();
   mute.gain.value = 0;  // the graph must reach the output to run; silently, so nothing echoes
   ctx.createMediaStreamSource(stream).connect(node);
   node.connect(mute).connect(ctx.destination);
   ws.onclose = () => stop("the studio closed the stream");
-  live = {stream, ctx, ws};
+  live = {stream, ctx, ws, clock};
   btn.textContent = "Stop microphone"; btn.className = "live"; state.textContent = "the avatar speaks what it hears";
 }
 function stop(why) {
   if (live) {
     live.stream.getTracks().forEach((t) => t.stop());
     live.ctx.close();
+    clearInterval(live.clock);
     if (live.ws.readyState <= 1) live.ws.close();
     live = null;
   }
@@ -84,12 +103,36 @@ btn.onclick = () => live ? stop() : start().catch((e) => stop("microphone unavai
 """
 
 
+class BrowserClock:
+    """A page's clock against the server's, from ping round trips (module docstring): the
+    trip with the least delay bounds the offset best (NTP's rule)."""
+
+    def __init__(self):
+        self.offset_ms: float | None = None  # server wall clock minus the browser's
+        self.rtt_ms = math.inf
+
+    def sample(self, ping: float, server: float, back: float) -> None:
+        """One round trip: sent at `ping` and back at `back` (browser ms), answered at
+        `server` (server wall-clock ms)."""
+        rtt = back - ping
+        if all(map(math.isfinite, (ping, server, back))) and 0 <= rtt < self.rtt_ms:
+            self.offset_ms, self.rtt_ms = server - (ping + back) / 2, rtt
+
+    def perf(self, browser_ms: float) -> float | None:
+        """A moment of the browser's clock on the server's time.perf_counter(), or None
+        before the first round trip."""
+        if self.offset_ms is None or not math.isfinite(browser_ms):
+            return None
+        return (browser_ms + self.offset_ms) / 1000 - (time.time() - time.perf_counter())
+
+
 class MicServer:
     """The microphone pages and their audio streams (module docstring), on `host` at a free
-    port, in a thread of its own. on_audio(tab, pcm [n] float32 in [-1, 1]) and
+    port, in a thread of its own. on_audio(tab, pcm [n] float32 in [-1, 1], captured: when
+    the page got the chunk, on time.perf_counter(), or None before its clock is known) and
     on_state(tab, streaming) are called from that thread."""
 
-    def __init__(self, host: str, on_audio: Callable[[int, np.ndarray], None],
+    def __init__(self, host: str, on_audio: Callable[[int, np.ndarray, float | None], None],
                  on_state: Callable[[int, bool], None]):
         self.host, self.on_audio, self.on_state = host, on_audio, on_state
         self.tokens: dict[str, int] = {}
@@ -158,10 +201,26 @@ class MicServer:
         if tab is None:
             return
         self.on_state(tab, True)
+        clock = BrowserClock()
         try:
             async for message in ws:
-                if isinstance(message, bytes) and len(message) >= 2:
-                    pcm = np.frombuffer(message[: len(message) // 2 * 2], np.int16).astype(np.float32) / 32768.0
-                    self.on_audio(tab, pcm)
+                if isinstance(message, bytes) and len(message) >= 10:
+                    captured = struct.unpack_from("<d", message)[0]
+                    pcm = np.frombuffer(message[8: 8 + (len(message) - 8) // 2 * 2], np.int16).astype(np.float32)
+                    self.on_audio(tab, pcm / 32768.0, clock.perf(captured))
+                elif isinstance(message, str):
+                    await self._clock(ws, clock, message)
         finally:
             self.on_state(tab, False)
+
+    @staticmethod
+    async def _clock(ws, clock: BrowserClock, message: str) -> None:
+        """A ping is answered with the server's time; its echo is a round trip."""
+        try:
+            m = json.loads(message)
+            if "back" in m:
+                clock.sample(float(m["ping"]), float(m["server"]), float(m["back"]))
+            elif "ping" in m:
+                await ws.send(json.dumps({"pong": float(m["ping"]), "server": time.time() * 1000}))
+        except (ValueError, TypeError, KeyError):  # not the page's: ignored
+            return
