@@ -32,7 +32,8 @@ def timed_run(dataset: Path, nproc: int, batch_size: int, preset: str, steps: in
     """Steps per second of one `avatar train --nproc nproc` run, after WARMUP_STEPS."""
     out = root / f"avatar_{nproc}"
     config = root / "train.json"
-    config.write_text(json.dumps({"iterations": steps, "torso_steps": 0, "motion_steps": 10, "log_every": 1,
+    config.write_text(json.dumps({"iterations": steps, "torso_steps": 0, "motion_steps": 10, "live_lookahead_ms": 0,
+                                  "log_every": 1,
                                   "checkpoint_every": steps, "batch_size": batch_size}))
     cmd = [sys.executable, "-m", "avatar", "train", str(dataset), "--out", str(out), "--preset", preset,
            "--config", str(config), "--device", device, "--nproc", str(nproc)]

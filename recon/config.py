@@ -191,7 +191,7 @@ PRESETS: dict[str, TrainConfig] = {
     # The demo's shortened schedule: same model, fewer steps and points.
     "demo": TrainConfig(preset="demo", iterations=900, init_volume_points=6_000, init_mouth_points=800,
                         max_gaussians=15_000, checkpoint_every=150, torso_steps=300, init_torso_points=2_000,
-                        max_torso_gaussians=5_000),
+                        max_torso_gaussians=5_000, live_motion_steps=200, live_copies=4),
 }
 
 

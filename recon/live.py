@@ -340,8 +340,7 @@ def distill_live_motion(av: TrainedAvatar, ds, lookahead_s: float, steps: int, c
         bank_vis += [torch.as_tensor(np.asarray(f["visemes"], np.float32)) for f in rec.bank]
         start += len(rec.bank)
     if not windows:
-        raise AvatarError(ds.root, "has too little training speech to distil a live motion net from",
-                          "train with live_lookahead_ms 0, or on a longer clip")
+        raise AvatarError(ds.root, "has too little training speech to distil a live motion net from")
     bank_mel, bank_vis = torch.stack(bank_mel), torch.stack(bank_vis)
     windows, targets = torch.tensor(windows), torch.stack(targets)
     data_s = time.perf_counter() - t0
@@ -406,16 +405,20 @@ def ensure_live_motion(root: Path, progress: bool = True) -> dict | None:
     lookahead_ms = float(getattr(av.config, "live_lookahead_ms", 0.0))
     if not lookahead_ms or av.motion_net is None or not av.meta.get("speech", True):
         return None
-    if live_motion_net(av, lookahead_ms / 1000)[0] is not None:
-        return None
+    try:
+        if live_motion_net(av, lookahead_ms / 1000)[0] is not None:
+            return None
+    except AvatarError:  # a damaged file: made again
+        pass
     ds = open_dataset(av, av.size, required=True)
     cfg = av.config
     try:
         net, figures = distill_live_motion(av, ds, lookahead_ms / 1000, cfg.live_motion_steps, cfg.live_copies,
                                            cfg.audio_noise, cfg.seed, progress=progress)
-    except ImportError as exc:  # capture's audio stack: av, soundfile, pocketsphinx
-        print(f"warning: no live motion net: it needs the audio stack, and {exc.name} is not installed; live "
-              "speech will drive the offline net", file=sys.stderr)
+    except (ImportError, AvatarError) as exc:  # the avatar stands; live speech drives its offline net
+        why = (f"it needs the audio stack, and {exc.name} is not installed" if isinstance(exc, ImportError)
+               else str(exc))
+        print(f"warning: no live motion net: {why}; live speech will drive the offline net", file=sys.stderr)
         return None
     meta = {"kind": "live-motion", "lookahead_ms": lookahead_ms, "teacher": tensors_digest(av.motion_net.state_dict()),
             **figures}

@@ -248,3 +248,4 @@ def test_a_stale_or_damaged_live_motion_net_is_not_used(trained_avatar, tmp_path
     (avatar / LIVE_MOTION).write_bytes(b"\0" * 64)
     with pytest.raises(AvatarError, match="not a readable checkpoint"):
         LiveSpeech(load_avatar(avatar), 0.08)
+    assert ensure_live_motion(avatar, progress=False) is not None  # a damaged one is made again

@@ -171,6 +171,7 @@ def test_nerfacc_marches_as_we_do_on_gpu():
 
 NERF_TINY = dict(iterations=400, size=64, rays_per_view=512, levels=8, log2_table_size=12, max_resolution=128,
                  hidden=32, steps_across=64, occupancy_resolution=16, occupancy_every=8, motion_steps=20,
+                 live_motion_steps=20, live_copies=2,
                  checkpoint_every=100, log_every=25, cache_frames=16)
 
 

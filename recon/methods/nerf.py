@@ -149,7 +149,8 @@ NERF_PRESETS: dict[str, NerfConfig] = {
     "gpu": NerfConfig(preset="gpu", size=512, iterations=30_000, batch_size=4, rays_per_view=4096, levels=16,
                       log2_table_size=17, max_resolution=2048, steps_across=256, occupancy_resolution=128,
                       checkpoint_every=2000, log_every=100, cache_frames=512),
-    "demo": NerfConfig(preset="demo", iterations=600, rays_per_view=1024, checkpoint_every=200),
+    "demo": NerfConfig(preset="demo", iterations=600, rays_per_view=1024, checkpoint_every=200, live_motion_steps=200,
+                       live_copies=4),
 }
 
 
