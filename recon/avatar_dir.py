@@ -36,7 +36,6 @@ import torch
 from avatar.errors import AvatarError
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .conditioning import speech_motion
 from .config import TrainConfig
 from .dataset import Dataset, Frame
 from .gaussians import FACE, MOUTH, TORSO, Gaussians
@@ -134,10 +133,6 @@ class TrainedGaussianAvatar(TrainedAvatar):
                  K: torch.Tensor):
         super().__init__(root, config, meta, background, K)
         self.model = model
-
-    def speech_motion(self, feats: dict) -> torch.Tensor:
-        self.check_speech()
-        return speech_motion(self.model.motion_net, feats)
 
     @property
     def motion_net(self) -> MotionNet:

@@ -36,9 +36,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     and a flipped bit in the data would otherwise load as a valid, wrong avatar."""
     h = hashlib.sha1()
     for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()  # a GPU replica's state too (recon/distributed.py)
+        t = tensors[name].detach().contiguous().cpu()  # host: hashed there (GPU replicas too, recon/distributed.py)
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # host: t is a host copy
     return h.hexdigest()
 
 

@@ -224,7 +224,7 @@ def replace_checked(base, overrides: dict):
 
 
 AT_LEAST_ONE = ("size", "iterations", "batch_size", "init_volume_points", "init_torso_points", "max_gaussians", "audio_window", "motion_components",
-                "checkpoint_every", "log_every", "cache_frames", "densify_every", "lip_landmark_frames")
+                "checkpoint_every", "log_every", "cache_frames", "densify_every", "lip_landmark_frames", "live_copies")
 FRACTIONS = ("body_refine_at", "densify_from", "densify_until", "opacity_reset_at", "percent_dense", "prune_opacity", "ssim_weight")
 
 

@@ -34,8 +34,10 @@ from .datamanager import DataManager
 from .method import DEFAULT_METHOD, Method, checkpoint_method, method_class
 from .raster.api import check_backend
 
-BOOKKEEPING = ("checkpoint_every", "log_every", "cache_frames", "backend")
-"""Settings that do not change what is trained: never a reason to refuse a resume or retrain."""
+BOOKKEEPING = ("checkpoint_every", "log_every", "cache_frames", "backend", "live_lookahead_ms", "live_motion_steps",
+               "live_copies")
+"""Settings that do not change what is trained: never a reason to refuse a resume or retrain
+(the live motion net, recon/live.py, is distilled after training, from the run's settings)."""
 
 
 def optimizer_tensors(optim: torch.optim.Adam) -> dict[str, torch.Tensor]:
@@ -324,7 +326,7 @@ class Trainer:
         from .live import ensure_live_motion
 
         self.method.finish(self.out)
-        ensure_live_motion(self.out, progress)
+        ensure_live_motion(self.out, self.cfg, self.ds.root, progress)
 
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, once every replica is known to hold its state."""

@@ -63,7 +63,8 @@ from avatar.media import write_mp4
 
 from .avatar_dir import load_avatar
 from .checkpoint import load_checkpoint, save_checkpoint, tensors_digest
-from .conditioning import RunningCMVN, blink_schedule, load_speech, normalize_mel, speech_motion, viseme_features
+from .dataset import Dataset
+from .conditioning import RunningCMVN, blink_schedule, load_speech, mel_input, normalize_mel, viseme_features
 from .method import TrainedAvatar
 from .motion import MotionNet
 from .render import CameraRig, behind, open_dataset, scaled
@@ -100,6 +101,8 @@ class LiveSpeech:
         from capture import SpeechStream
 
         av.check_speech()
+        if motion not in ("auto", "offline"):
+            raise ValueError(f"motion must be 'auto' or 'offline', got {motion!r}")
         self.av = av
         self.net, self.motion_note = (live_motion_net(av, lookahead_s) if motion == "auto"
                                       else (None, "the offline net, as asked"))
@@ -158,10 +161,13 @@ class LiveSpeech:
                  "visemes": np.stack([w["visemes"] for w in window]),
                  "energy": np.array([w["energy"] for w in window], np.float32)}
         with torch.no_grad():
-            codes = self.av.speech_motion(feats)[at]
-            if self.net is not None:
-                codes = (1 - LIVE_NET_WEIGHT) * codes + LIVE_NET_WEIGHT * speech_motion(self.net, feats)[at].to(codes)
-            return codes
+            if self.net is None:
+                return self.av.speech_motion(feats)[at]
+            on = self.net.centre.device
+            mel, vis = mel_input(feats).to(on), viseme_features(feats).to(on)
+            raw = ((1 - LIVE_NET_WEIGHT) * self.av.motion_net.eval().raw(mel, vis)
+                   + LIVE_NET_WEIGHT * self.net.raw(mel, vis))
+            return self.net.calibrated(raw, vis)[at]  # one closure per bilabial, on the blend
 
     def _heard_ahead(self, count: int, end: bool) -> list[dict]:
         """`count` frames past the newest whose look-ahead is in: those whose own moment
@@ -192,11 +198,12 @@ LIVE_MOTION = "live_motion.safetensors"
 {"kind": "live-motion", "lookahead_ms", "teacher" (the SHA-1 of the offline net it was
 distilled from), the distillation's figures}, as a checkpoint (recon/checkpoint.py)."""
 LIVE_NET_WEIGHT = 0.7
-"""Live codes are this much the live net's and the rest the offline net's (both fed the
-same window). Alone, the live net's lip gap followed the offline one less than the
-offline net's own did on other voices (correlation 0.59 against 0.65 and 0.51 against
-0.57 through an HDTF avatar); the two together followed it better than either (0.68,
-0.59), and kept most of the gain on the subject's own voice (recon/README.md)."""
+"""Live codes are this much the live net's and the rest the offline net's (their raw codes,
+both fed the same window, then calibrated and the lips closed once). Alone, the live net's
+lip gap followed the offline one less than the offline net's own did on other voices
+(correlation 0.59 against 0.65 and 0.51 against 0.57 through an HDTF avatar); the two
+together followed it better than either (0.68, 0.59), and kept most of the gain on the
+subject's own voice (the module docstring)."""
 LIVE_AUDIO_S = 240.0
 """Audio the distillation learns from, at most (the copies of a long clip are fewer)."""
 SHIFTS_MS, SPEEDS = (0, 20, 10, 30), (1.0, 0.9, 1.1)
@@ -205,26 +212,27 @@ SHIFTS_MS, SPEEDS = (0, 20, 10, 30), (1.0, 0.9, 1.1)
 def live_motion_net(av: TrainedAvatar, lookahead_s: float) -> tuple[MotionNet | None, str]:
     """(the avatar's live motion net distilled for `lookahead_s`, on its device, or None;
     what drives the motion, and why): None where the avatar has none, where it was
-    distilled for another look-ahead, or from another state of the offline net (a stale
-    file, refitted by `avatar train ... --resume`). AvatarError for a damaged file."""
+    distilled for another look-ahead or from another state of the offline net (a stale
+    file), or where the file is damaged; `avatar train ... --resume` fits it again."""
     path = av.root / LIVE_MOTION
-    offline = "the offline net"
+    offline, refit = "the offline net", "`avatar train DATASET --out AVATAR --resume` fits it again"
     if av.motion_net is None or not path.is_file():
-        return None, f"{offline}: the avatar has no live motion net (`avatar train DATASET --out AVATAR --resume` fits one)"
-    tensors, meta = load_checkpoint(path)
+        return None, f"{offline}: the avatar has no live motion net ({refit})"
+    try:
+        tensors, meta = load_checkpoint(path)
+    except AvatarError as exc:
+        return None, f"{offline}: {LIVE_MOTION} is damaged ({exc.problem}; {refit})"
     if meta.get("kind") != "live-motion":
-        raise AvatarError(path, "is not a live motion net", "delete it; `avatar train DATASET --out AVATAR --resume` fits one")
+        return None, f"{offline}: {LIVE_MOTION} is not a live motion net ({refit})"
     if meta.get("teacher") != tensors_digest(av.motion_net.state_dict()):
-        return None, (f"{offline}: the live motion net was distilled from an earlier state of the avatar "
-                      "(`avatar train DATASET --out AVATAR --resume` fits it again)")
+        return None, f"{offline}: the live motion net was distilled from an earlier state of the avatar ({refit})"
     if abs(float(meta.get("lookahead_ms", -1)) - lookahead_s * 1000) > 0.5:
         return None, f"{offline}: the live motion net was distilled for a {meta.get('lookahead_ms')} ms look-ahead"
     net = copy.deepcopy(av.motion_net)
     try:
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    except RuntimeError as exc:
-        raise AvatarError(path, f"does not fit the avatar's motion net ({exc})",
-                          "delete it; `avatar train DATASET --out AVATAR --resume` fits one") from exc
+    except RuntimeError:
+        return None, f"{offline}: {LIVE_MOTION} does not fit the avatar's motion net ({refit})"
     return net.eval(), (f"the live motion net (distilled for {meta['lookahead_ms']:g} ms), "
                         f"{LIVE_NET_WEIGHT:g} of it with the offline net")
 
@@ -251,24 +259,27 @@ class _Windows(LiveSpeech):
 
 
 def speech_copies(pcm: np.ndarray, copies: int, seed: int = 0) -> list[tuple[int, float, np.ndarray]]:
-    """Up to `copies` versions of pcm [n] (16 kHz): (shift ms, speed, samples), the clip as
-    it is first, then started 10-30 ms later, its pieces reordered (shuffled_segments) and
-    played 0.9-1.1x as fast (Kaldi's speed perturbation, by linear resampling), with no
-    more than LIVE_AUDIO_S in all."""
+    """Up to `copies` (at most 12) versions of pcm [n] (16 kHz): (shift ms, speed,
+    samples), the clip as it is first, then started 0-30 ms later, its pieces reordered
+    (shuffled_segments) and played 0.9-1.1x as fast (Kaldi's speed perturbation, by linear
+    resampling). Each lasts at most LIVE_AUDIO_S / copies: a longer clip gives each copy
+    an excerpt of its own (the first from the start)."""
     rng = np.random.default_rng(seed)
     plan = [(shift, speed) for speed in SPEEDS for shift in SHIFTS_MS]
     plan.sort(key=lambda p: (SHIFTS_MS.index(p[0]) + SPEEDS.index(p[1])) % len(SHIFTS_MS))  # mixed early
-    out, total = [], 0.0
-    for shift, speed in plan[:copies]:
+    plan = plan[:copies]
+    out = []
+    for k, (shift, speed) in enumerate(plan):
         x = pcm[int(shift * SAMPLE_RATE / 1000):]
-        if out:
+        longest = int(LIVE_AUDIO_S / len(plan) * speed * SAMPLE_RATE)  # of the source, before the speed change
+        if len(x) > longest:
+            start = 0 if k == 0 else int(rng.integers(0, len(x) - longest + 1))
+            x = x[start: start + longest]
+        if k:
             x = shuffled_segments(x, rng)
         if speed != 1.0:
             x = np.interp(np.arange(0, len(x) - 1, speed), np.arange(len(x)), x).astype(np.float32)
-        if out and total + len(x) / SAMPLE_RATE > LIVE_AUDIO_S:
-            break
         out.append((shift, speed, x))
-        total += len(x) / SAMPLE_RATE
     return out
 
 
@@ -327,7 +338,7 @@ def distill_live_motion(av: TrainedAvatar, ds, lookahead_s: float, steps: int, c
         feats = compute_features(x, n, fps)
         with torch.no_grad():
             target = teacher.raw(normalize_mel(feats["mel"]), viseme_features(feats))  # [n, K]
-        rec = _Windows(av, lookahead_s, ds.features["mel"])
+        rec = _Windows(av, lookahead_s, ds.features["mel"][: int(train_end_s * fps)])
         chunk = int(0.02 * SAMPLE_RATE)
         for s in range(0, len(x), chunk):
             rec.push(x[s: s + chunk])
@@ -366,7 +377,7 @@ def distill_live_motion(av: TrainedAvatar, ds, lookahead_s: float, steps: int, c
     bar = tqdm(total=steps, desc="live motion: distil", unit="it", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the dropout's draws
+        torch.random.default_generator.manual_seed(seed)  # the dropout's draws (on the host)
         for step in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr * 0.1 ** (step / max(steps - 1, 1))
@@ -395,30 +406,30 @@ def load_audio_file(ds) -> np.ndarray:
     return load_audio(ds.root / ds.meta["audio"])
 
 
-def ensure_live_motion(root: Path, progress: bool = True) -> dict | None:
-    """Distil the live motion net of the trained avatar in `root` (its config's
-    live_lookahead_ms, live_motion_steps, live_copies), unless it has an up-to-date one
-    already, or speaks through no motion net, or that setting is 0. Written to
-    root/LIVE_MOTION; its figures are returned (None where nothing was done). Without the
-    audio stack, a warning and nothing (live speech then drives the offline net)."""
+def ensure_live_motion(root: Path, cfg=None, dataset: Path | None = None, progress: bool = True) -> dict | None:
+    """Distil the live motion net of the trained avatar in `root` (cfg: the run's config,
+    by default the avatar's: live_lookahead_ms, live_motion_steps, live_copies; dataset:
+    the run's, by default the avatar's), unless it has an up-to-date one already, or speaks
+    through no motion net, or live_lookahead_ms is 0. Written to root/LIVE_MOTION, after
+    removing one that is stale or damaged; its figures are returned (None where nothing was
+    done). Where it cannot be made (no audio stack, too little speech, the dataset gone), a
+    warning: the avatar stands, and live speech drives its offline net."""
     av = load_avatar(root)
-    lookahead_ms = float(getattr(av.config, "live_lookahead_ms", 0.0))
+    cfg = cfg or av.config
+    lookahead_ms = float(getattr(cfg, "live_lookahead_ms", 0.0))
     if not lookahead_ms or av.motion_net is None or not av.meta.get("speech", True):
         return None
+    if live_motion_net(av, lookahead_ms / 1000)[0] is not None:
+        return None
+    (root / LIVE_MOTION).unlink(missing_ok=True)  # stale or damaged: never left to be mistaken for the new one
     try:
-        if live_motion_net(av, lookahead_ms / 1000)[0] is not None:
-            return None
-    except AvatarError:  # a damaged file: made again
-        pass
-    ds = open_dataset(av, av.size, required=True)
-    cfg = av.config
-    try:
+        ds = Dataset(dataset or av.dataset, size=av.size, cache_frames=8)
         net, figures = distill_live_motion(av, ds, lookahead_ms / 1000, cfg.live_motion_steps, cfg.live_copies,
                                            cfg.audio_noise, cfg.seed, progress=progress)
-    except (ImportError, AvatarError) as exc:  # the avatar stands; live speech drives its offline net
+    except (ImportError, AvatarError) as exc:
         why = (f"it needs the audio stack, and {exc.name} is not installed" if isinstance(exc, ImportError)
-               else str(exc))
-        print(f"warning: no live motion net: {why}; live speech will drive the offline net", file=sys.stderr)
+               else f"{exc.path}: {exc.problem}" if exc.path else exc.problem)
+        print(f"warning: no live motion net ({why}); live speech will drive the offline net", file=sys.stderr)
         return None
     meta = {"kind": "live-motion", "lookahead_ms": lookahead_ms, "teacher": tensors_digest(av.motion_net.state_dict()),
             **figures}

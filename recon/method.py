@@ -44,6 +44,7 @@ from torch import Tensor
 
 from avatar.errors import AvatarError
 
+from .conditioning import speech_motion as net_speech_motion
 from .dataset import Dataset, Frame
 
 if TYPE_CHECKING:
@@ -290,11 +291,15 @@ class TrainedAvatar(ABC):
             raise AvatarError(self.root, "was trained on a dataset filmed without sound, so speech cannot drive it",
                               "capture the subject speaking, with sound, and train again")
 
-    @abstractmethod
     def speech_motion(self, feats: dict) -> Tensor:
         """[N, C] motion codes of the N video frames of speech features (capture's layout:
         avatar.dataset_format; "mel_norm", when given, holds the windows already normalised:
-        conditioning.mel_input), on the avatar's device."""
+        conditioning.mel_input), on the avatar's device: the motion net's; a method without
+        one gives its own."""
+        self.check_speech()
+        if self.motion_net is None:
+            raise NotImplementedError(f"{type(self).__name__} has no motion net, so it must give speech_motion")
+        return net_speech_motion(self.motion_net, feats)
 
     @property
     def motion_net(self) -> MotionNet | None:

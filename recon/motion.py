@@ -216,8 +216,12 @@ class MotionNet(nn.Module):
         """Calibrated codes [T, K] for rendering (eval mode, no gradient): the range is
         restored before the lips close."""
         with torch.no_grad():
-            raw = self.eval().raw(mel, visemes)
-            return self.close_lips(self.centre + self.gain * (raw - self.centre), visemes)
+            return self.calibrated(self.eval().raw(mel, visemes), visemes)
+
+    def calibrated(self, raw: Tensor, visemes: Tensor) -> Tensor:
+        """Codes [T, K] from raw codes [T, K] (`raw`'s, or a blend of nets sharing this
+        one's calibration and lip axis): the range restored, then the lips closed."""
+        return self.close_lips(self.centre + self.gain * (raw - self.centre), visemes)
 
     def set_closed_mouth(self, basis: MotionBasis, codes: Tensor, opening: np.ndarray) -> None:
         """Set the lip axis from `basis` and the closed gap from the training frames' codes
@@ -259,7 +263,7 @@ def fit_motion_net(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, 
     losses = []
     net.train()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         for step in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr * 0.1 ** (step / max(steps - 1, 1))

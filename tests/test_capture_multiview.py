@@ -158,8 +158,11 @@ def test_a_filmed_rig_becomes_a_dataset_an_avatar_trains_on(filmed_rig, speech_w
     ds = Dataset(spoken)
     assert ds.has_speech and ds.features["mel"].shape == (30, 16, 80) and (spoken / "audio.wav").is_file()
     # ... and an avatar of it speaks: replayed through the first camera's clip.
+    short = tmp_path / "short_live.json"  # a live motion net of a few steps (recon/live.py)
+    short.write_text(json.dumps({"live_motion_steps": 10, "live_copies": 1}))
     assert main(["train", str(spoken), "--out", str(tmp_path / "spoken_av"), "--preset", "demo", "--iterations", "6",
-                 "--size", "64"]) == 0
+                 "--size", "64", "--config", str(short)]) == 0
+    assert (tmp_path / "spoken_av" / "live_motion.safetensors").is_file()
     video = tmp_path / "spoken.mp4"
     assert main(["render", str(tmp_path / "spoken_av"), "--audio", str(speech_wav), "--out", str(video)]) == 0
     import av

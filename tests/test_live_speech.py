@@ -231,7 +231,6 @@ def test_speech_copies_are_shifted_reordered_and_sped_up_within_the_budget(pcm):
 def test_a_stale_or_damaged_live_motion_net_is_not_used(trained_avatar, tmp_path):
     import shutil
 
-    from avatar.errors import AvatarError
     from recon.avatar_dir import CHECKPOINT, load_avatar
     from recon.checkpoint import load_checkpoint, save_checkpoint
     from recon.live import LIVE_MOTION, LiveSpeech, ensure_live_motion
@@ -246,6 +245,7 @@ def test_a_stale_or_damaged_live_motion_net_is_not_used(trained_avatar, tmp_path
     assert LiveSpeech(load_avatar(avatar), 0.08).net is not None
     assert ensure_live_motion(avatar, progress=False) is None  # up to date: nothing to do
     (avatar / LIVE_MOTION).write_bytes(b"\0" * 64)
-    with pytest.raises(AvatarError, match="not a readable checkpoint"):
-        LiveSpeech(load_avatar(avatar), 0.08)
-    assert ensure_live_motion(avatar, progress=False) is not None  # a damaged one is made again
+    damaged = LiveSpeech(load_avatar(avatar), 0.08)  # live speech goes on, with the offline net
+    assert damaged.net is None and "live_motion.safetensors is damaged" in damaged.motion_note
+    assert ensure_live_motion(avatar, progress=False) is not None  # and it is made again
+    assert LiveSpeech(load_avatar(avatar), 0.08).net is not None

@@ -243,6 +243,8 @@ iterations = 30
 size = 64
 rays_per_view = 256
 motion_steps = 10
+live_motion_steps = 10
+live_copies = 1
 [eval]
 enabled = false
 """)

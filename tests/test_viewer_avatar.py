@@ -38,6 +38,9 @@ def lively_avatar(trained_avatar, tmp_path_factory):
         tensors[f"{head}.out.4.weight"] = 0.02 * torch.randn(w.shape, generator=g)
     tensors["motion_net.temporal.6.weight"] *= 10  # motion codes that differ from frame to frame
     save_checkpoint(out / CHECKPOINT, tensors, meta)
+    from recon.live import ensure_live_motion
+
+    ensure_live_motion(out, progress=False)  # the live motion net of this motion net (the old one is stale)
     return out
 
 

@@ -69,6 +69,8 @@ def test_the_microphone_drives_the_mouth_live(mic_browser, lively_avatar):
         wait_for(lambda: session.live is not None, what="the microphone stream")
         wait_for(lambda: shown and shown[-1][0] > SPEECH_S + SILENCE_S - 0.6, timeout=60, what="the silence")
         assert "Stop microphone" in mic.inner_text()
+        readout = session.stats_md.content  # while the microphone is on
+        assert all(k in readout for k in ("live: sound to frame", "transit", "motion: the live motion net")), readout
         mic.click()
         wait_for(lambda: session.live is None, what="the stream to close")
 
@@ -86,8 +88,6 @@ def test_the_microphone_drives_the_mouth_live(mic_browser, lively_avatar):
         assert np.median([r["buffering"] for r in lat]) >= 80 - 25  # a frame waits for its look-ahead (clock jitter)
         transit = np.median([r["transit"] for r in lat])  # the page -> the server, on the browser's clock tied to ours
         assert 0 < transit < 200, transit
-        assert "transit" in session.stats_md.content or session.live is None
-        assert "live: sound to frame" in session.stats_md.content or session.live is None
         assert sorted(p.relative_to(lively_avatar) for p in lively_avatar.rglob("*")) == before  # nothing written
 
         # Recorded on purpose: Record while the microphone is on; closing the stream ends the take.
@@ -121,5 +121,4 @@ def test_the_browser_clock_is_tied_by_the_round_trip_with_the_least_delay():
     clock.sample(ping=3000.0, server=9000.0, back=3100.0)  # slower: ignored
     clock.sample(ping=3000.0, server=float("nan"), back=3001.0)  # damaged: ignored
     assert clock.offset_ms == 5000.0 and clock.rtt_ms == 6.0
-    browser_now = time.time() * 1000 - 5000.0
-    assert abs(clock.perf(browser_now) - time.perf_counter()) < 0.01
+    assert clock.perf(time.perf_counter() * 1000 - 5000.0) == pytest.approx(time.perf_counter(), abs=0.01)

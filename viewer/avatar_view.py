@@ -614,7 +614,8 @@ class ClientSession:
             return None
         return min(int(t * self.studio.av.fps), len(self.play.track.drive) - 1)
 
-    def render_now(self, resolution: int, live: tuple[LiveFrame, float, float] | None = None) -> tuple[np.ndarray, dict]:
+    def render_now(self, resolution: int, live: tuple[LiveFrame, float, float, float] | None = None
+                   ) -> tuple[np.ndarray, dict]:
         """The tab's frame now: the track's at the playback time, or with the microphone on,
         the live frame `live` (default: the newest)."""
         if self.live is not None:

@@ -10,7 +10,8 @@ got it from the worklet (float64 milliseconds of the browser's clock, little-end
 16-bit PCM. The server hands each chunk to the tab (`on_audio`) with that moment on the
 server's clock, and says when a tab's stream opens and closes (`on_state`). The two
 clocks are tied as NTP does (BrowserClock): the page pings every 2 s, and the round trip
-with the least delay gives the offset. Audio stays in memory: nothing here writes it to
+with the least delay gives the offset (kept for the stream: clocks drift by parts per
+million). Audio stays in memory: nothing here writes it to
 disk.
 """
 
@@ -57,11 +58,12 @@ const btn = document.getElementById("mic"), state = document.getElementById("sta
 const now = () => performance.timeOrigin + performance.now();  // ms, the browser's clock
 let live = null;
 async function start() {
-  const stream = await navigator.mediaDevices.getUserMedia(
+  live = {};  // filled as each part is made: stop() frees what a failed start made
+  const stream = live.stream = await navigator.mediaDevices.getUserMedia(
     {audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true}});
-  const ctx = new AudioContext({sampleRate: 16000});
+  const ctx = live.ctx = new AudioContext({sampleRate: 16000});
   await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([worklet], {type: "application/javascript"})));
-  const ws = new WebSocket(`ws://${location.host}/stream/__TOKEN__`);
+  const ws = live.ws = new WebSocket(`ws://${location.host}/stream/__TOKEN__`);
   ws.binaryType = "arraybuffer";
   await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = () => fail(new Error("the studio did not answer")); });
   ws.onmessage = (e) => {  // the clock: {pong, server} answered with when it came back
@@ -70,7 +72,7 @@ async function start() {
   };
   const ping = () => { if (ws.readyState === 1) ws.send(JSON.stringify({ping: now()})); };
   ping();
-  const clock = setInterval(ping, 2000);
+  live.clock = setInterval(ping, 2000);
   const node = new AudioWorkletNode(ctx, "chunker");
   node.port.onmessage = (e) => {
     if (ws.readyState !== 1) return;
@@ -85,15 +87,14 @@ async function start() {
   ctx.createMediaStreamSource(stream).connect(node);
   node.connect(mute).connect(ctx.destination);
   ws.onclose = () => stop("the studio closed the stream");
-  live = {stream, ctx, ws, clock};
   btn.textContent = "Stop microphone"; btn.className = "live"; state.textContent = "the avatar speaks what it hears";
 }
 function stop(why) {
   if (live) {
-    live.stream.getTracks().forEach((t) => t.stop());
-    live.ctx.close();
-    clearInterval(live.clock);
-    if (live.ws.readyState <= 1) live.ws.close();
+    if (live.stream) live.stream.getTracks().forEach((t) => t.stop());
+    if (live.ctx) live.ctx.close();
+    if (live.clock) clearInterval(live.clock);
+    if (live.ws && live.ws.readyState <= 1) live.ws.close();
     live = null;
   }
   btn.textContent = "Start microphone"; btn.className = ""; state.textContent = why || "";
@@ -108,12 +109,12 @@ class BrowserClock:
     trip with the least delay bounds the offset best (NTP's rule)."""
 
     def __init__(self):
-        self.offset_ms: float | None = None  # server wall clock minus the browser's
+        self.offset_ms: float | None = None  # the server's time.perf_counter() minus the browser's clock
         self.rtt_ms = math.inf
 
     def sample(self, ping: float, server: float, back: float) -> None:
         """One round trip: sent at `ping` and back at `back` (browser ms), answered at
-        `server` (server wall-clock ms)."""
+        `server` (the server's time.perf_counter(), ms)."""
         rtt = back - ping
         if all(map(math.isfinite, (ping, server, back))) and 0 <= rtt < self.rtt_ms:
             self.offset_ms, self.rtt_ms = server - (ping + back) / 2, rtt
@@ -123,7 +124,7 @@ class BrowserClock:
         before the first round trip."""
         if self.offset_ms is None or not math.isfinite(browser_ms):
             return None
-        return (browser_ms + self.offset_ms) / 1000 - (time.time() - time.perf_counter())
+        return (browser_ms + self.offset_ms) / 1000
 
 
 class MicServer:
@@ -221,6 +222,6 @@ class MicServer:
             if "back" in m:
                 clock.sample(float(m["ping"]), float(m["server"]), float(m["back"]))
             elif "ping" in m:
-                await ws.send(json.dumps({"pong": float(m["ping"]), "server": time.time() * 1000}))
+                await ws.send(json.dumps({"pong": float(m["ping"]), "server": time.perf_counter() * 1000}))
         except (ValueError, TypeError, KeyError):  # not the page's: ignored
             return

@@ -35,7 +35,7 @@ from torch import Tensor
 from avatar.dataset_format import VISEMES
 from avatar.errors import AvatarError
 
-from ..conditioning import normalize_mel, speech_motion, viseme_features
+from ..conditioning import normalize_mel, viseme_features
 from ..config import replace_checked
 from ..dataset import Dataset, behind_head, dilate
 from ..fields.hash_encoding import HashGridConfig
@@ -376,10 +376,6 @@ class TrainedRadianceField(TrainedAvatar):
     def __init__(self, root: Path, model: FieldModel, config: NerfConfig, meta: dict, background: Tensor, K: Tensor):
         super().__init__(root, config, meta, background, K)
         self.model = model.eval()
-
-    def speech_motion(self, feats: dict) -> Tensor:
-        self.check_speech()
-        return speech_motion(self.model.motion_net, feats)
 
     @property
     def motion_net(self) -> MotionNet:
