@@ -24,10 +24,10 @@ offline net's on other voices).
 So training ends with a live motion net for its look-ahead (`live_lookahead_ms`, 80 ms;
 distill_live_motion): the offline net fine-tuned to give, from the windows a stream has
 heard, the codes it gives offline, on reordered and sped-up copies of the training speech.
-Blended with the offline net (LIVE_NET_WEIGHT), it brings the 80 ms cost to 0.32 and
-0.40 dB, and the lip gap on three other voices follows the offline one as well or better
-(correlation 0.68, 0.60, 0.61 against 0.65, 0.57, 0.62 through the HDTF avatar; 0.73,
-0.72, 0.73 against 0.69, 0.69, 0.68 through the 20 s clip's), opening to 0.73-0.95 of the
+Blended with the offline net (LIVE_NET_WEIGHT), it brings the 80 ms cost to 0.31 and
+0.35 dB, and the lip gap on three other voices follows the offline one about as well or better
+(correlation 0.68, 0.59, 0.61 against 0.65, 0.57, 0.62 through the HDTF avatar; 0.73,
+0.73, 0.73 against 0.69, 0.69, 0.68 through the 20 s clip's), opening to 0.73-0.95 of the
 offline range (the offline net streamed: 0.98-1.34). Other look-aheads drive the offline net.
 
 Latency is measured per frame from the moment its sound reached the microphone (the
