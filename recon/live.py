@@ -120,6 +120,12 @@ class LiveSpeech:
         ready = self.stream.push(pcm)
         return self._motion(ready, (time.perf_counter() - t) * 1000, end=False)
 
+    def stream_all(self, pcm: np.ndarray, chunk_ms: float = 20.0) -> list[LiveFrame]:
+        """Every frame of pcm [n] (16 kHz mono) pushed in `chunk_ms` chunks, as a microphone
+        delivers it, then flushed."""
+        chunk = max(1, int(round(chunk_ms / 1000 * SAMPLE_RATE)))
+        return [f for start in range(0, len(pcm), chunk) for f in self.push(pcm[start: start + chunk])] + self.flush()
+
     def flush(self) -> list[LiveFrame]:
         """The frames left once the stream has ended."""
         t = time.perf_counter()
@@ -188,9 +194,7 @@ def stream_codes(av: TrainedAvatar, pcm: np.ndarray, lookahead_s: float = 0.08, 
     avatar, for scoring against the offline codes; which net gave them: LiveSpeech's
     `motion_note`)."""
     live = LiveSpeech(av, lookahead_s, prior_mel, motion=motion)
-    chunk = max(1, int(round(chunk_ms / 1000 * SAMPLE_RATE)))
-    frames = [f for start in range(0, len(pcm), chunk) for f in live.push(pcm[start: start + chunk])] + live.flush()
-    return torch.stack([f.codes for f in frames]), live.motion_note
+    return torch.stack([f.codes for f in live.stream_all(pcm, chunk_ms)]), live.motion_note
 
 
 LIVE_MOTION = "live_motion.safetensors"
@@ -205,7 +209,7 @@ lip gap followed the offline one less than the offline net's own did on other vo
 together followed it better than either (0.68, 0.59), and kept most of the gain on the
 subject's own voice (the module docstring)."""
 LIVE_AUDIO_S = 240.0
-"""Audio the distillation learns from, at most (the copies of a long clip are fewer)."""
+"""Audio the distillation learns from, at most (a long clip's copies are excerpts of it)."""
 SHIFTS_MS, SPEEDS = (0, 20, 10, 30), (1.0, 0.9, 1.1)
 
 
@@ -316,9 +320,9 @@ def distill_live_motion(av: TrainedAvatar, ds, lookahead_s: float, steps: int, c
     `copies` time-shifted, reordered and speed-perturbed versions (speech_copies): on the
     clip alone the net learnt its few seconds by heart (HDTF: 1.12 dB of held-out face
     PSNR lost to the offline codes instead of 0.99), and on the clip in its own order it
-    learnt what comes next in it, which other voices do not say. Loss: the codes' squared error plus the
-    inner-lip gap's (in units of its variance), with noise of std `noise` on the mel and
-    the net's dropout, as MotionNet's own fit (recon/motion.py). Returns (the net, in eval
+    learnt what comes next in it, which other voices do not say. Loss: the codes' squared
+    error plus the inner-lip gap's (in units of its variance), with noise of std `noise` on
+    the mel and the net's dropout, as MotionNet's own fit (recon/motion.py). Returns (the net, in eval
     mode on the host; figures for the file's metadata)."""
     from capture import compute_features
     from tqdm import tqdm
@@ -339,10 +343,7 @@ def distill_live_motion(av: TrainedAvatar, ds, lookahead_s: float, steps: int, c
         with torch.no_grad():
             target = teacher.raw(normalize_mel(feats["mel"]), viseme_features(feats))  # [n, K]
         rec = _Windows(av, lookahead_s, ds.features["mel"][: int(train_end_s * fps)])
-        chunk = int(0.02 * SAMPLE_RATE)
-        for s in range(0, len(x), chunk):
-            rec.push(x[s: s + chunk])
-        rec.flush()
+        rec.stream_all(x)
         for k, (idx, at) in enumerate(rec.windows[:n]):
             if at == reach and len(idx) == 2 * reach + 1:  # the stream's first frames have less past
                 windows.append([start + i for i in idx])
