@@ -15,6 +15,7 @@ import pytest
 from _rigs import board_poses, rig_errors, ring_rig, write_board_rig, write_room_rig
 from avatar.cli import main
 from avatar.errors import AvatarError
+from capture import sfm
 from capture.calibration import (Calibration, calibrate_rig, import_given, load_calibration,
                                  relative_rotation_deg, save_calibration)
 from capture.charuco import Board, load_board
@@ -100,26 +101,57 @@ def test_sfm_places_a_rig_carried_through_a_static_scene(tmp_path, capsys):
         calibrate_rig(tmp_path / "room", "sfm", progress=False)
 
 
-def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys):
+def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys, monkeypatch):
     """A rig that stays put (3 frames each of the same room) sees one picture per camera:
     the principal points stay at the image centres, and COLMAP's focal trades with its
     radial distortion on a scene that is mostly one wall: measured 2.8 degrees, 3.5 % of the
     radius, focal 4-6 % long (the charuco board, or carrying the rig, pin all three far
-    better)."""
+    better). Some mapper runs leave that valley for lenses no camera has (fx/fy of 4): such
+    a solve is redone, here forced on the first, and refused when every solve is."""
     root = tmp_path / "room"
     truth = ring_rig(6, RADIUS, arc_deg=80)
     write_room_rig(root, truth, 3)
+    checked, lens_problem = [], sfm.lens_problem
+
+    def first_solve_rejected(camera):
+        checked.append(camera.camera_id)
+        return "forced by the test" if len(checked) == 1 else lens_problem(camera)
+
+    monkeypatch.setattr(sfm, "lens_problem", first_solve_rejected)
     calib, (rot, pos, focal) = _sfm_rig(root, truth, capsys)
+    assert calib.report["rejected_solves"] == [f"{truth[0].name}: forced by the test"]
+    assert len(checked) == 2 * len(truth)  # every camera of two solves
     assert rot < 4.0 and pos < 0.06 and focal < 0.08, (rot, pos, focal)
     assert calib.report["principal_points"].startswith("image centres")
     assert abs(calib.cameras[1].dist[0] - truth[1].dist[0]) < 0.06  # the barrel lens is found
     for cam in calib.cameras:
         assert cam.reprojection["median_px"] < 0.5 and cam.reprojection["free_solve_deg"] < 0.1
 
+    pair = tmp_path / "pair"  # two of the cameras: a cheaper solve
+    for cam in truth[:2]:
+        shutil.copytree(root / cam.name, pair / cam.name)
+    monkeypatch.setattr(sfm, "SFM_SOLVES", 1)
+    monkeypatch.setattr(sfm, "lens_problem", lambda camera: "forced by the test")
+    with pytest.raises(AvatarError, match=r"(?s)implausible lenses in all 1 solves \(cam_0: forced by the test.*--intrinsics"):
+        calibrate_rig(pair, "sfm", progress=False)
+
     for png in (root / "cam_5").glob("*.png"):  # a camera facing a blank wall
         cv2.imwrite(str(png), np.full((480, 640), 110, np.uint8))
     with pytest.raises(AvatarError, match="structure from motion could not place camera cam_5"):
         calibrate_rig(root, "sfm", progress=False)
+
+
+def test_lens_problem_names_lenses_no_camera_has():
+    """Square pixels and COLMAP's bounds (focal 0.1-10x the larger side, distortion within 1)."""
+    import pycolmap
+
+    def lens(fx, fy, k1=0.0, k2=0.0):
+        return pycolmap.Camera(model="OPENCV", width=640, height=480, params=[fx, fy, 320, 240, k1, k2, 0, 0])
+
+    assert sfm.lens_problem(lens(600, 606, -0.28, 0.09)) is None  # a barrel lens
+    assert "1569" in sfm.lens_problem(lens(5935, 1569))  # seen: a mapper run off along the focal-distortion valley
+    assert "out of range" in sfm.lens_problem(lens(600, 600, -0.3, 119.9))
+    assert "out of range" in sfm.lens_problem(lens(40, 40))
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="the real ChArUco rig is not in ../shared/data")
