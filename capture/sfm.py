@@ -45,7 +45,7 @@ from .rig import RigCamera, sync_indices
 SFM_INSTANTS = 6
 """Sync indices whose frames enter the reconstruction (more add matching time, n^2)."""
 SFM_UNITS = "rig units: the first two cameras 1 apart"
-SFM_SOLVES = 3
+SFM_SOLVES = 5
 """Mapper runs (random seeds 0, 1, ...) tried until one gives plausible lenses."""
 SFM_MAX_ASPECT = 1.1
 """A solved camera's fx/fy beyond this (or its inverse) is no real lens: the solve is redone."""
