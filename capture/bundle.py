@@ -6,7 +6,10 @@ object's pose at every timestep, fitted to where the object's points are seen.
 
 The first camera is the world frame (its pose is held at identity). The object's points
 are known (a calibration board, whose scale is then the rig's), or refined about where
-they start under a prior (a face: capture/face_calibration.py). Intrinsics are fitted
+they start under a prior (a face: capture/face_calibration.py). Points matched between two
+cameras at one instant (texture, not landmarks) may enter too, by their epipolar
+(Sampson) distance: the rig's cameras are fixed to each other, so every instant's matches
+obey one epipolar geometry per pair, whatever moves in front of them. Intrinsics are fitted
 only where asked (see capture/charuco.py: DEPTH_RATIO for when they can be). Solved by
 Levenberg-Marquardt with a robust (soft-L1) loss in pixels and the exact, sparse Jacobian.
 """
@@ -90,6 +93,70 @@ class Observations:
         return Observations(self.camera[keep], self.timestep[keep], self.point[keep], self.uv[keep])
 
 
+@dataclass
+class Matches:
+    """One scene point seen by cameras a [E] and b [E] at the same instant, at undistorted
+    pixels uv_a [E, 2] and uv_b [E, 2] (the lens's distortion taken out)."""
+
+    camera_a: np.ndarray
+    camera_b: np.ndarray
+    uv_a: np.ndarray
+    uv_b: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.camera_a)
+
+    def subset(self, keep: np.ndarray) -> "Matches":
+        return Matches(self.camera_a[keep], self.camera_b[keep], self.uv_a[keep], self.uv_b[keep])
+
+
+def _sampson(cam_a: torch.Tensor, cam_b: torch.Tensor, uv_a: torch.Tensor, uv_b: torch.Tensor) -> torch.Tensor:
+    """Signed Sampson distance [E] (pixels, first order of the distance to the epipolar
+    lines) of matches under packed cameras [E, 15]: F = K_b^-T [t]x R K_a^-1 with (R, t)
+    camera a -> camera b. The distortion terms do not enter (the pixels are undistorted)."""
+    Ra, Rb = so3_exp(cam_a[:, 9:12]), so3_exp(cam_b[:, 9:12])
+    R = Rb @ Ra.transpose(1, 2)
+    t = cam_b[:, 12:15] - (R @ cam_a[:, 12:15, None])[..., 0]
+    zero = torch.zeros_like(t[:, 0])
+    tx = torch.stack([torch.stack([zero, -t[:, 2], t[:, 1]], 1), torch.stack([t[:, 2], zero, -t[:, 0]], 1),
+                      torch.stack([-t[:, 1], t[:, 0], zero], 1)], 1)
+
+    def normalised(cam, uv):  # K^-1 [u, v, 1]
+        return torch.stack([(uv[:, 0] - cam[:, 2]) / cam[:, 0], (uv[:, 1] - cam[:, 3]) / cam[:, 1],
+                            torch.ones_like(uv[:, 0])], 1)
+
+    xa, xb = normalised(cam_a, uv_a), normalised(cam_b, uv_b)
+    E = tx @ R
+    Exa = (E @ xa[..., None])[..., 0]  # the epipolar line of a in b (normalised coordinates)
+    Etxb = (E.transpose(1, 2) @ xb[..., None])[..., 0]
+    # Lines to pixels: each coordinate's gradient scaled by its camera's focal length.
+    grad2 = ((Exa[:, 0] / cam_b[:, 0]) ** 2 + (Exa[:, 1] / cam_b[:, 1]) ** 2
+             + (Etxb[:, 0] / cam_a[:, 0]) ** 2 + (Etxb[:, 1] / cam_a[:, 1]) ** 2)
+    return (xb * Exa).sum(1) / torch.sqrt(grad2.clamp_min(1e-30))
+
+
+def _matched(cameras: np.ndarray, matches: Matches) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(a, np.float64)) for a in (
+        cameras[matches.camera_a], cameras[matches.camera_b], matches.uv_a, matches.uv_b))
+
+
+def sampson_px(cameras: np.ndarray, matches: Matches) -> np.ndarray:
+    """|Sampson distance| [E] in pixels of `matches` under packed cameras [C, 15]."""
+    with torch.no_grad():
+        return _sampson(*_matched(cameras, matches)).abs().numpy()
+
+
+def sampson_jacobian(cameras: np.ndarray, matches: Matches) -> tuple[np.ndarray, np.ndarray]:
+    """The exact derivatives of each match's Sampson distance (autograd, per match):
+    d / d camera a [E, 15], d / d camera b [E, 15]."""
+    from torch.func import jacrev, vmap
+
+    def one(a, b, ua, ub):
+        return _sampson(a[None], b[None], ua[None], ub[None])[0]
+
+    return tuple(d.numpy() for d in vmap(jacrev(one, argnums=(0, 1)))(*_matched(cameras, matches)))
+
+
 def pack_camera(K: np.ndarray, dist: np.ndarray, world_to_camera: np.ndarray) -> np.ndarray:
     return np.concatenate([[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], np.asarray(dist, float)[:5],
                            rotation_vector(world_to_camera[:3, :3]), world_to_camera[:3, 3]])
@@ -125,7 +192,8 @@ def reproject_jacobian(cameras: np.ndarray, poses: np.ndarray, points: np.ndarra
 def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, obs: Observations,
                   free_intrinsics: np.ndarray | None = None, loss_scale_px: float = 1.0,
                   max_iterations: int = 200, square_pixels: bool = False, shared_focal: bool = False,
-                  point_prior_m: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  point_prior_m: float | None = None,
+                  matches: Matches | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Refine the poses of cameras [C, 15] (all but the first), object poses [T, 6] and
     the intrinsics flagged in `free_intrinsics` ([9] bools over fx fy cx cy k1 k2 p1 p2 k3;
     default none). square_pixels: fy is set to fx (one focal per camera);
@@ -134,6 +202,8 @@ def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, ob
     point_prior_m: None holds the object's points [P, 3] fixed; a length lets them move,
     each pulled back to where it started as hard as one `loss_scale_px` residual per that
     many metres (the prior also fixes the object frame, which free points leave open).
+    matches: texture matched between cameras, each adding its Sampson distance in pixels
+    (they pin the cameras' relative poses; the object's points give the scale).
     Robust loss: soft-L1 with scale `loss_scale_px`. Returns the refined (cameras, poses,
     points)."""
     C, T, P = len(cameras), len(poses), len(points)
@@ -160,12 +230,17 @@ def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, ob
         pts = x[n_cam + 6 * T:].reshape(P, 3) if n_pts else points
         return cams, x[n_cam:n_cam + 6 * T].reshape(T, 6), pts
 
+    n_matches = len(matches) if matches is not None else 0
+
     def residuals(x):
         cams, ps, pts = unpack(x)
-        r = (reproject(cams, ps, pts, obs) - obs.uv).ravel()
+        r = [(reproject(cams, ps, pts, obs) - obs.uv).ravel()]
         if n_pts:
-            r = np.concatenate([r, (loss_scale_px / point_prior_m) * (pts - points).ravel()])
-        return r
+            r.append((loss_scale_px / point_prior_m) * (pts - points).ravel())
+        if n_matches:
+            with torch.no_grad():
+                r.append(_sampson(*_matched(cams, matches)).numpy())
+        return np.concatenate(r)
 
     # The Jacobian, exact and sparse: an observation depends on its camera's free parameters,
     # its pose and (when free) its point; a point's prior on that point.
@@ -181,6 +256,10 @@ def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, ob
     point_cols = n_cam + 6 * T + 3 * obs.point[:, None] + np.arange(3)  # [M, 3]
     rows = 2 * np.arange(M)[:, None, None] + np.arange(2)[None, :, None]  # [M, 2, 1]
     n_cols = n_cam + 6 * T + n_pts
+    if n_matches:
+        match_rows = 2 * M + n_pts + np.arange(n_matches)
+        match_cols = [col_of[cams[:, None] * CAMERA_PARAMS + np.arange(CAMERA_PARAMS)]  # [E, 15] each
+                      for cams in (matches.camera_a, matches.camera_b)]
 
     def jacobian(x):
         cams, ps, pts = unpack(x)
@@ -195,30 +274,41 @@ def bundle_adjust(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, ob
         if n_pts:
             r.append(2 * M + np.arange(n_pts)), c.append(n_cam + 6 * T + np.arange(n_pts))
             v.append(np.full(n_pts, loss_scale_px / point_prior_m))
+        if n_matches:
+            for d, cols in zip(sampson_jacobian(cams, matches), match_cols):
+                keep = cols >= 0
+                r.append(np.broadcast_to(match_rows[:, None], d.shape)[keep]), c.append(cols[keep])
+                v.append(d[keep])
         return coo_matrix((np.concatenate(v), (np.concatenate(r), np.concatenate(c))),
-                          shape=(2 * M + n_pts, n_cols)).tocsr()  # duplicates (fx, fy) add up
+                          shape=(2 * M + n_pts + n_matches, n_cols)).tocsr()  # duplicates (fx, fy) add up
 
     x0 = np.concatenate([cameras.ravel()[cam_index], poses.ravel(), points.ravel() if n_pts else []])
     return unpack(levenberg_marquardt(residuals, jacobian, x0, loss_scale_px, max_iterations))
 
 
 def adjust_rig(cameras: np.ndarray, poses: np.ndarray, points: np.ndarray, obs: Observations,
-               free_intrinsics: np.ndarray | None, outlier_px: float, **options):
+               free_intrinsics: np.ndarray | None, outlier_px: float, matches: Matches | None = None, **options):
     """bundle_adjust in three passes: the poses with the lenses held, then with the
-    `free_intrinsics` too (when any), then once more without the observations off by more
-    than max(outlier_px, 3 x the median). `options` go to every pass. Returns (cameras,
-    poses, points, the observations kept, their pixel errors [M], how many were dropped)."""
+    `free_intrinsics` too (when any), then once more without the observations (and
+    matches) off by more than max(outlier_px, 3 x their median). `options` go to every
+    pass. Returns (cameras, poses, points, the observations kept, their pixel errors [M],
+    how many were dropped, the matches kept or None)."""
     free = free_intrinsics if free_intrinsics is not None and np.any(free_intrinsics) else None
-    cameras, poses, points = bundle_adjust(cameras, poses, points, obs, None, **options)
+    cameras, poses, points = bundle_adjust(cameras, poses, points, obs, None, matches=matches, **options)
     if free is not None:
-        cameras, poses, points = bundle_adjust(cameras, poses, points, obs, free, **options)
-    err = np.linalg.norm(reproject(cameras, poses, points, obs) - obs.uv, axis=1)
-    keep = err <= max(outlier_px, 3 * float(np.median(err)))
-    if not keep.all():
+        cameras, poses, points = bundle_adjust(cameras, poses, points, obs, free, matches=matches, **options)
+
+    def inliers(err):
+        return err <= max(outlier_px, 3 * float(np.median(err)))
+
+    keep = inliers(np.linalg.norm(reproject(cameras, poses, points, obs) - obs.uv, axis=1))
+    keep_matches = inliers(sampson_px(cameras, matches)) if matches else None
+    if not keep.all() or keep_matches is not None and not keep_matches.all():
         obs = obs.subset(keep)
-        cameras, poses, points = bundle_adjust(cameras, poses, points, obs, free, **options)
-        err = np.linalg.norm(reproject(cameras, poses, points, obs) - obs.uv, axis=1)
-    return cameras, poses, points, obs, err, int((~keep).sum())
+        matches = matches.subset(keep_matches) if matches else None
+        cameras, poses, points = bundle_adjust(cameras, poses, points, obs, free, matches=matches, **options)
+    err = np.linalg.norm(reproject(cameras, poses, points, obs) - obs.uv, axis=1)
+    return cameras, poses, points, obs, err, int((~keep).sum()), matches
 
 
 def levenberg_marquardt(residuals, jacobian, x0: np.ndarray, loss_scale: float, max_iterations: int = 200,

@@ -200,7 +200,7 @@ def calibrate_charuco(root: Path, cameras: list[RigCamera], board: Board, intrin
                    for b in board_in_cam]
     refine = bool(intrinsics is None and min(depth_ratio) >= DEPTH_RATIO)
     free = np.ones(INTRINSICS, bool) if refine else None
-    params, poses, _, obs, err, dropped = adjust_rig(params, poses, grid, obs, free, OUTLIER_PX)
+    params, poses, _, obs, err, dropped, _ = adjust_rig(params, poses, grid, obs, free, OUTLIER_PX)
 
     out = []
     for c, cam in enumerate(cameras):

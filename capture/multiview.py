@@ -56,7 +56,7 @@ from avatar.io import write_json
 from . import audio as audio_mod
 from .bundle import triangulate
 from .calibration import Calibration, find_given, import_given, load_calibration
-from .face_calibration import LANDMARKS, solve_face_rig, track_rig
+from .face_calibration import LANDMARKS, bundle_timesteps, face_features, solve_face_rig, track_rig
 from .masks import background_plate, eye_openness, frame_masks
 from .pipeline import _write_jpg, _write_png, face_window, stale_fields
 from .pose import c2w_opengl, canonical_face
@@ -154,14 +154,16 @@ def _paired(root: Path, cameras: list[RigCamera], fps: float) -> tuple[list[np.n
     return sync_indices(root, cameras), {"method": "frame position"}
 
 
-def _calibration(cfg: RigCaptureConfig, cameras: list[RigCamera], seen: list[dict[int, np.ndarray]]) -> Calibration:
+def _calibration(cfg: RigCaptureConfig, cameras: list[RigCamera], sync: list[np.ndarray],
+                 seen: list[dict[int, np.ndarray]], progress: bool) -> Calibration:
     if cfg.calib is not None:
         calib = load_calibration(cfg.calib)
     elif (given := find_given(Path(cfg.rig)) if Path(cfg.rig).is_dir() else None) is not None:
         calib = import_given(given, cameras)
     else:
         log.info("no --calib and no calibration file in the rig: calibrating from the face")
-        return solve_face_rig(Path(cfg.rig), cameras, seen)
+        return solve_face_rig(Path(cfg.rig), cameras, seen,
+                              features=face_features(cameras, sync, seen, bundle_timesteps(seen), progress))
     where = cfg.calib or Path(cfg.rig)
     for cam in cameras:
         try:
@@ -347,7 +349,7 @@ def _capture(cfg: RigCaptureConfig, cameras: list[RigCamera], inputs: dict, work
     seen_raw = track_rig(cameras, sync, progress)
     timed("track", t0)
     t0 = time.perf_counter()
-    calib = _calibration(cfg, cameras, seen_raw)
+    calib = _calibration(cfg, cameras, sync, seen_raw, progress)
     timed("calibration", t0)
 
     # 3-4. Triangulated face and head poses.
