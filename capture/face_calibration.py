@@ -69,6 +69,8 @@ MATCH_RATIO = 0.8
 """Lowe's ratio test on the two nearest descriptors."""
 MIN_PAIR_MATCHES = 16
 """Matches two cameras need over the clip for their epipolar geometry to enter."""
+UNDISTORT = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-10)
+"""Iterations of the lens's inversion (OpenCV's 5 leave strong barrel lenses off)."""
 EPIPOLAR_RANSAC_PX = 2.0
 """RANSAC's inlier distance for a pair's fundamental matrix (a coarse cut: the bundle's
 robust loss and outlier pass do the rest)."""
@@ -115,17 +117,18 @@ def face_features(cameras: list[RigCamera], sync: list[np.ndarray], seen: list[d
     sift = cv2.SIFT_create(nfeatures=FACE_FEATURES)
     wanted = set(timesteps)
     out = []
-    with tqdm(total=sum(c.frames for c in cameras), desc="face features", unit="frame", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=sum(len(wanted & set(views)) for views in seen), desc="face features", unit="frame",
+              disable=not progress, dynamic_ncols=True) as bar:
         for cam, indices, views in zip(cameras, sync, seen):
-            found = {}
-            for k, rgb in cam.iter_frames(rgb=True):
-                bar.update(1)
-                if k >= len(indices):
+            needed = wanted & set(views)
+            found, last = {}, max((k for k, step in enumerate(indices) if int(step) in needed), default=-1)
+            for k, rgb in cam.iter_frames(rgb=True):  # grey as the tracker's frames, not the decoder's own
+                if k > last:
                     break
                 step = int(indices[k])
-                if step not in wanted or step not in views:
+                if step not in needed:
                     continue
+                bar.update(1)
                 grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
                 mask = np.zeros_like(grey)
                 cv2.fillConvexPoly(mask, cv2.convexHull(views[step][:, :2].astype(np.float32)).astype(np.int32), 255)
@@ -158,7 +161,7 @@ def match_features(features: FaceFeatures, lenses: list[tuple[np.ndarray, np.nda
                 continue
             uv_a, uv_b = np.array(uv_a), np.array(uv_b)
             if lenses is not None:
-                uv_a, uv_b = (cv2.undistortPoints(uv[:, None], K, dist, None, K)[:, 0].astype(np.float64)
+                uv_a, uv_b = (cv2.undistortPointsIter(uv[:, None], K, dist, None, K, UNDISTORT)[:, 0].astype(np.float64)
                               for uv, (K, dist) in ((uv_a, lenses[a]), (uv_b, lenses[b])))
             _, inlier = cv2.findFundamentalMat(uv_a, uv_b, cv2.FM_RANSAC, EPIPOLAR_RANSAC_PX, 0.999)
             if inlier is None or inlier.sum() < MIN_PAIR_MATCHES:

