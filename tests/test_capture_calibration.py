@@ -107,7 +107,7 @@ def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys, monkeypatch):
     radial distortion on a scene that is mostly one wall: measured 2.8 degrees, 3.5 % of the
     radius, focal 4-6 % long (the charuco board, or carrying the rig, pin all three far
     better). Some mapper runs leave that valley for lenses no camera has (fx/fy of 4): such
-    a solve is redone, here forced on the first, and refused when every solve is."""
+    a solve is redone (forced here on the first), and refused when every solve is."""
     root = tmp_path / "room"
     truth = ring_rig(6, RADIUS, arc_deg=80)
     write_room_rig(root, truth, 3)
@@ -119,8 +119,8 @@ def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sfm, "lens_problem", first_solve_rejected)
     calib, (rot, pos, focal) = _sfm_rig(root, truth, capsys)
-    assert calib.report["rejected_solves"] == [f"{truth[0].name}: forced by the test"]
-    assert len(checked) == 2 * len(truth)  # every camera of two solves
+    assert calib.report["rejected_solves"][0] == f"{truth[0].name}: forced by the test"
+    assert len(checked) >= 2 * len(truth)  # every camera of the first solve and of the next
     assert rot < 4.0 and pos < 0.06 and focal < 0.08, (rot, pos, focal)
     assert calib.report["principal_points"].startswith("image centres")
     assert abs(calib.cameras[1].dist[0] - truth[1].dist[0]) < 0.06  # the barrel lens is found
@@ -135,6 +135,7 @@ def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys, monkeypatch):
     with pytest.raises(AvatarError, match=r"(?s)no plausible rig in 1 solves \(cam_0: forced by the test.*--intrinsics"):
         calibrate_rig(pair, "sfm", progress=False)
 
+    monkeypatch.undo()
     for png in (root / "cam_5").glob("*.png"):  # a camera facing a blank wall
         cv2.imwrite(str(png), np.full((480, 640), 110, np.uint8))
     with pytest.raises(AvatarError, match="structure from motion could not place camera cam_5"):

@@ -1,6 +1,7 @@
 """`avatar calibrate --method face`: a rig solved from the talking head alone, on exact
 landmarks (the solver), on a rendered rig and a composite through the face tracker (the
-whole path), and on the real 3-camera NeRSemble composite."""
+whole path). The real 3-camera NeRSemble composite is calibrated in
+test_capture_multiview.py: test_real_three_camera_capture, which captures it too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from _rigs import COMPOSITE, TILES, face_landmarks, head_motion, head_rig, rig_errors, write_head_rig
+from _rigs import face_landmarks, head_motion, head_rig, rig_errors, write_head_rig
 from avatar.cli import main
 from avatar.errors import AvatarError
 from capture.bundle import Matches, pack_camera, sampson_px
@@ -202,20 +203,3 @@ def test_bad_face_rigs_are_named(filmed_rig, tmp_path, capsys):
         main(["calibrate", str(root), "--out", str(calib), "--tile", "0,0,8"])
     assert "is not X,Y,W,H" in capsys.readouterr().err
     assert not calib.exists()
-
-
-@pytest.mark.skipif(not COMPOSITE.is_file(), reason="the NeRSemble composite is not in ../shared/data")
-def test_real_three_camera_face_rig(tmp_path, capsys):
-    """NeRSemble subject 074, three of its 16 identical cameras (tiles of VHAP's composite;
-    no calibration is published with it): one lens model, so --same-lens."""
-    out = tmp_path / "CALIB.json"
-    argv = ["calibrate", str(COMPOSITE), "--method", "face", "--same-lens", "--out", str(out)]
-    assert main(argv + [a for t in TILES for a in ("--tile", t)]) == 0
-    calib = load_calibration(out)
-    assert calib.method == "face" and len(calib.cameras) == 3
-    for cam in calib.cameras:
-        assert cam.reprojection["median_px"] < 2.0, cam.reprojection  # the issue's bound, every view
-        assert cam.K[0, 0] == calib.cameras[0].K[0, 0]
-    assert 300 < calib.cameras[0].K[0, 0] < 800  # 17-45 degrees across a 247 px tile
-    centres = np.stack([c.centre for c in calib.cameras])
-    assert 0.2 < np.linalg.norm(centres[1] - centres[0]) < 3.0  # metres, from the 9 cm eye corners
