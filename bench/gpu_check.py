@@ -178,8 +178,9 @@ def _training(dataset: Path, avatar: Path, device: torch.device, steps: int, tor
     from recon.engine import train
     from recon.raster.api import check_backend
 
-    cfg = preset("gpu", iterations=steps, torso_steps=torso_steps, checkpoint_every=max(steps // 2, 1),
-                 log_every=max(steps // 20, 1), size=size, live_lookahead_ms=0)  # the training alone is timed
+    cfg = preset("gpu", iterations=steps, torso_steps=torso_steps, motion_steps=min(steps, 600),
+                 checkpoint_every=max(steps // 2, 1), log_every=max(steps // 20, 1), size=size,
+                 live_lookahead_ms=0)  # the training alone is timed
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
