@@ -17,7 +17,7 @@ from avatar.cli import main
 from avatar.errors import AvatarError
 from capture.bundle import Matches, pack_camera, sampson_px
 from capture.calibration import Calibration, calibrate_rig, load_calibration, save_calibration
-from capture.face_calibration import solve_face_rig
+from capture.face_calibration import match_features, solve_face_rig
 from capture.rig import RigCamera, open_rig
 
 RADIUS = 0.8
@@ -82,29 +82,44 @@ def test_sampson_distance_is_opencvs():
 
 def test_texture_matches_hold_the_rig_where_landmarks_slide(face):
     """Landmarks that slide by a view's own 1.5 px bias (constant over the clip, as
-    mediapipe's do) bend the rig (4.8 degrees, 7 % of the radius); 60 points of texture on
-    the face, matched between the cameras by their descriptors, pull it most of the way
-    back (1.3 degrees, 1.6 %: through 26-35 degree lenses a face's few centimetres of
-    depth leave a camera's small turn and sideways shift hard to tell apart, and there
-    the biased landmarks still decide)."""
+    mediapipe's do) bend the rig (3.0 degrees, 4.1 % of the radius); 60 points of texture
+    on the face, matched between the cameras by their descriptors and undistorted by the
+    given lenses (one a barrel lens), pull it most of the way back (0.96 degrees, 1.3 %:
+    through 26-35 degree lenses a face's few centimetres of depth leave a camera's small
+    turn and sideways shift hard to tell apart, and there the biased landmarks still
+    decide)."""
     cams = head_rig(4, RADIUS, arc_deg=50)
+    cams[1].dist[:] = [-0.28, 0.09, 0.001, -0.001, 0.0]  # a given barrel lens: the matches are undistorted by it
     motion = head_motion(30)
     rng = np.random.default_rng(3)
+
+    def through_lens(cam, points: np.ndarray, noise_px: float) -> dict[int, np.ndarray]:
+        """{frame: [L, 3]} as face_landmarks, the pixels through the camera's lens."""
+        out = {}
+        for k, lm in face_landmarks(cam, points, motion, 0.0).items():
+            M = cam.world_to_camera @ motion[k]
+            uv = cv2.projectPoints(points, cv2.Rodrigues(M[:3, :3])[0], M[:3, 3], cam.K, cam.dist)[0][:, 0]
+            out[k] = np.c_[uv + rng.normal(0, noise_px, uv.shape), lm[:, 2]].astype(np.float32)
+        return out
+
     seen = []
-    for c, cam in enumerate(cams):
-        bias = rng.normal(0, 1.5, (478, 2))
-        seen.append({k: lm + np.c_[bias, np.zeros(478)].astype(np.float32)
-                     for k, lm in face_landmarks(cam, face, motion, 0.1, seed=c).items()})
+    for cam in cams:
+        bias = np.c_[rng.normal(0, 1.5, (478, 2)), np.zeros(478)].astype(np.float32)
+        seen.append({k: lm + bias for k, lm in through_lens(cam, face, 0.1).items()})
     lenses = Calibration("given", cams, "truth")
     alone = rig_errors(solve_face_rig(Path("rig"), _placeholders(cams), seen, lenses=lenses).cameras, cams, RADIUS)
 
     texture = face[rng.choice(478, 60, replace=False)] + rng.normal(0, 0.004, (60, 3))  # skin between the landmarks
     descriptors = rng.uniform(0, 255, (60, 128)).astype(np.float32)  # one per point, alike in every view
-    features = [{k: (uv[:, :2].astype(np.float64), descriptors) for k, uv in
-                 face_landmarks(cam, texture, motion, 0.05, seed=10 + c).items()} for c, cam in enumerate(cams)]
+    features = [{k: (uv[:, :2].astype(np.float64), descriptors) for k, uv in through_lens(cam, texture, 0.05).items()}
+                for cam in cams]
+    first, _ = match_features([{0: views[0]} for views in features], [(c.K, c.dist) for c in cams])
+    pinhole = face_landmarks(cams[1], texture, motion[:1], 0.0)[0][:, :2]  # the lens taken out exactly
+    for uv in (first.uv_a[first.camera_a == 1], first.uv_b[first.camera_b == 1]):
+        assert np.linalg.norm(uv[:, None] - pinhole[None], axis=2).min(1).max() < 0.25
     calib = solve_face_rig(Path("rig"), _placeholders(cams), seen, lenses=lenses, features=features)
     rot, pos, _ = rig_errors(calib.cameras, cams, RADIUS)
-    assert alone[0] > 3 and rot < alone[0] / 3 and pos < alone[1] / 3, (alone, rot, pos)
+    assert alone[0] > 2 and rot < alone[0] / 2.5 and pos < alone[1] / 2.5, (alone, rot, pos)
     assert calib.report["texture_matches_kept"] >= 6 * 60 * 25 and calib.report["epipolar_median_px"] < 0.1
 
 
