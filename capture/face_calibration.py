@@ -96,14 +96,19 @@ def track_rig(cameras: list[RigCamera], sync: list[np.ndarray], progress: bool =
     return out
 
 
-def bundle_timesteps(seen: list[dict[int, np.ndarray]]) -> list[int]:
-    """The timesteps the bundle adjustment uses: up to MAX_TIMESTEPS of those at least two
-    cameras see the face at, spread over the clip."""
+def _cameras_per_timestep(seen: list[dict[int, np.ndarray]]) -> dict[int, int]:
+    """How many cameras see the face at each timestep."""
     shared = defaultdict(int)
     for views in seen:
         for k in views:
             shared[k] += 1
-    return spread_evenly(sorted(k for k, n in shared.items() if n >= 2), MAX_TIMESTEPS)
+    return shared
+
+
+def bundle_timesteps(seen: list[dict[int, np.ndarray]]) -> list[int]:
+    """The timesteps the bundle adjustment uses: up to MAX_TIMESTEPS of those at least two
+    cameras see the face at, spread over the clip."""
+    return spread_evenly(sorted(k for k, n in _cameras_per_timestep(seen).items() if n >= 2), MAX_TIMESTEPS)
 
 
 FaceFeatures = list[dict[int, tuple[np.ndarray, np.ndarray]]]
@@ -111,11 +116,11 @@ FaceFeatures = list[dict[int, tuple[np.ndarray, np.ndarray]]]
 
 
 def face_features(cameras: list[RigCamera], sync: list[np.ndarray], seen: list[dict[int, np.ndarray]],
-                  timesteps: list[int], progress: bool = True) -> FaceFeatures:
+                  progress: bool = True) -> FaceFeatures:
     """SIFT features inside the face (the convex hull of its tracked landmarks) of every
-    camera's frames at `timesteps`. Frames stream one at a time."""
+    camera's frames at the bundle's timesteps. Frames stream one at a time."""
     sift = cv2.SIFT_create(nfeatures=FACE_FEATURES)
-    wanted = set(timesteps)
+    wanted = set(bundle_timesteps(seen))
     out = []
     with tqdm(total=sum(len(wanted & set(views)) for views in seen), desc="face features", unit="frame",
               disable=not progress, dynamic_ncols=True) as bar:
@@ -190,7 +195,7 @@ def calibrate_face(root: Path, cameras: list[RigCamera], lenses: Calibration | N
     cameras)."""
     sync = sync_indices(root, cameras)
     seen = track_rig(cameras, sync, progress)
-    features = face_features(cameras, sync, seen, bundle_timesteps(seen), progress)
+    features = face_features(cameras, sync, seen, progress)
     return solve_face_rig(root, cameras, seen, lenses, same_lens, features)
 
 
@@ -198,16 +203,13 @@ def solve_face_rig(root: Path, cameras: list[RigCamera], seen: list[dict[int, np
                    lenses: Calibration | None = None, same_lens: bool = False,
                    features: FaceFeatures | None = None) -> Calibration:
     """Steps 2-5 of the module doc on tracked landmarks `seen` (track_rig's) and, where
-    given, the face's texture (face_features' at bundle_timesteps)."""
+    given, the face's texture (face_features')."""
     for cam, views in zip(cameras, seen):
         if len(views) < MIN_FACE_VIEWS:
             raise AvatarError(cam.path, f"camera {cam.name} finds a face in {len(views)} frame"
                               f"{'s' if len(views) != 1 else ''} (at least {MIN_FACE_VIEWS} needed)",
                               "film the head so that every camera sees the face, less than side-on, for a few seconds")
-    shared = defaultdict(int)
-    for views in seen:
-        for k in views:
-            shared[k] += 1
+    shared = _cameras_per_timestep(seen)
     if max(shared.values()) < 2:
         raise AvatarError(root, "no two cameras see the face at the same time, so their poses cannot be related",
                           "film the head with the cameras running together, each seeing the face")

@@ -56,7 +56,7 @@ from avatar.io import write_json
 from . import audio as audio_mod
 from .bundle import triangulate
 from .calibration import Calibration, find_given, import_given, load_calibration
-from .face_calibration import LANDMARKS, bundle_timesteps, face_features, solve_face_rig, track_rig
+from .face_calibration import LANDMARKS, face_features, solve_face_rig, track_rig
 from .masks import background_plate, eye_openness, frame_masks
 from .pipeline import _write_jpg, _write_png, face_window, stale_fields
 from .pose import c2w_opengl, canonical_face
@@ -163,7 +163,7 @@ def _calibration(cfg: RigCaptureConfig, cameras: list[RigCamera], sync: list[np.
     else:
         log.info("no --calib and no calibration file in the rig: calibrating from the face")
         return solve_face_rig(Path(cfg.rig), cameras, seen,
-                              features=face_features(cameras, sync, seen, bundle_timesteps(seen), progress))
+                              features=face_features(cameras, sync, seen, progress))
     where = cfg.calib or Path(cfg.rig)
     for cam in cameras:
         try:
