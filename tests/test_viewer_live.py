@@ -87,7 +87,7 @@ def test_the_microphone_drives_the_mouth_live(mic_browser, lively_avatar):
                                                   "deform", "rasterize", "encode"}
         assert np.median([r["buffering"] for r in lat]) >= 80 - 25  # a frame waits for its look-ahead (clock jitter)
         transit = np.median([r["transit"] for r in lat])  # the page -> the server, on the browser's clock tied to ours
-        assert 0 < transit < 200, transit
+        assert 0 <= transit < 200, transit  # 0 where a capture stamp after its arrival is clamped to it (by design)
         assert sorted(p.relative_to(lively_avatar) for p in lively_avatar.rglob("*")) == before  # nothing written
 
         # Recorded on purpose: Record while the microphone is on; closing the stream ends the take.
