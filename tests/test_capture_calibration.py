@@ -136,10 +136,11 @@ def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys, monkeypatch):
         calibrate_rig(pair, "sfm", progress=False)
 
     monkeypatch.undo()
-    for png in (root / "cam_5").glob("*.png"):  # a camera facing a blank wall
+    shutil.copytree(root / "cam_5", pair / "cam_5")  # the pair and a camera facing a blank wall
+    for png in (pair / "cam_5").glob("*.png"):
         cv2.imwrite(str(png), np.full((480, 640), 110, np.uint8))
     with pytest.raises(AvatarError, match="structure from motion could not place camera cam_5"):
-        calibrate_rig(root, "sfm", progress=False)
+        calibrate_rig(pair, "sfm", progress=False)
 
 
 def test_lens_problem_names_lenses_no_camera_has():
