@@ -14,7 +14,8 @@ Format (every key optional except one input; see the three files in scenes/):
     [capture]  CaptureConfig fields (fps, size, audio, ...); for a rig RigCaptureConfig's
                (calib = "CALIB.json", tiles = [[X, Y, W, H], ...], fps, size, audio)
     [train]    method = "gaussians" | "nerf" (recon/method.py), preset = "cpu" | "gpu" | "demo",
-               plus any field of that method's config
+               plus any field of that method's config; for a rig, holdout_cameras = ["NAME", ...]
+               (`avatar train --holdout-cameras`: cameras kept out, scored as novel views)
     [render]   audio = ["speech.wav", ...], camera = "orbit" | "dataset" | "dataset:CAMERA" | "fixed:YAW,PITCH", size
     [eval]     enabled = true
 
@@ -62,6 +63,8 @@ class JobConfig:
     train: dict = field(default_factory=dict)
     """The method's config fields; "method" picks the method (default gaussians), "preset"
     the base (cpu, gpu, demo)."""
+    holdout_cameras: list[str] = field(default_factory=list)
+    """Cameras of a rig kept out of training ([train] holdout_cameras), scored as novel views."""
     render_audio: list[Path] = field(default_factory=list)
     """Speech files to render the avatar with."""
     render_camera: str = "orbit"
@@ -153,6 +156,9 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     except ValueError as exc:
         raise AvatarError(path, f"[capture] {exc}") from exc
     train = dict(d.get("train", {}))
+    holdout = _typed(path, "[train] holdout_cameras", train.pop("holdout_cameras", []), list, "a list of camera names")
+    if not all(isinstance(name, str) and name for name in holdout):
+        raise AvatarError(path, f"[train] holdout_cameras must be a list of camera names, got {holdout!r}")
     _typed(path, "[train] method", train.get("method", ""), str, "a method name")
     _typed(path, "[train] preset", train.get("preset", ""), str, "a preset name")
     try:
@@ -178,7 +184,7 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
         out=out_dir, video=resolve("[input] video", inp["video"]) if "video" in inp else None,
         rig=resolve("[input] rig", inp["rig"]) if "rig" in inp else None,
         ernerf=resolve("[input] ernerf", inp["ernerf"]) if "ernerf" in inp else None, sample=sample,
-        capture=capture, train=train,
+        capture=capture, train=train, holdout_cameras=holdout,
         render_audio=[resolve("[render] audio", a) for a in audio],
         render_camera=camera, render_size=size, render_torso=torso,
         evaluate=_typed(path, "[eval] enabled", d.get("eval", {}).get("enabled", True), bool, "true or false"),
@@ -268,6 +274,9 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
         saved = load_checkpoint(avatar / CHECKPOINT)[1]
         steps_done = int(saved.get("step", 0))
         _, changed = checkpoint_differences(avatar / CHECKPOINT, saved, cfg, dataset)
+        held = sorted(saved.get("holdout_cameras", []))
+        if held != sorted(job.holdout_cameras):
+            changed.append(f"held-out cameras {held or 'none'} -> {sorted(job.holdout_cameras) or 'none'}")
         if changed:  # a stale avatar is kept aside, not reused and not lost
             previous = out / "avatar.previous"
             _say("train", f"{avatar} was trained with other settings or data ({'; '.join(changed)}); "
@@ -280,7 +289,7 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
     else:
         _say("train", f"{'finishing' if resume else 'training'} {avatar} (method {method}, preset {cfg.preset}, "
                       f"{cfg.total_steps} steps)")
-    train(dataset, avatar, cfg, resume=resume, device=device, method=method)
+    train(dataset, avatar, cfg, resume=resume, device=device, method=method, holdout_cameras=job.holdout_cameras)
     result["avatar"] = str(avatar)
     result["timings_s"]["train"] = time.perf_counter() - t
     checkpoint = file_digest(avatar / CHECKPOINT)

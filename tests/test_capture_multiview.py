@@ -19,6 +19,7 @@ from avatar.errors import AvatarError
 from capture.calibration import Calibration, CameraCalibration, load_calibration, save_calibration
 from capture.face_calibration import LANDMARKS
 from capture.multiview import crop_view, head_poses, triangulate_face
+from recon.checkpoint import load_checkpoint
 from recon.dataset import Dataset
 
 RADIUS = 0.8
@@ -191,7 +192,8 @@ def test_a_filmed_rig_becomes_a_dataset_an_avatar_trains_on(filmed_rig, speech_w
 
 def test_a_job_runs_a_rig(filmed_rig, tmp_path, capsys):
     """`avatar run` with [input] rig: the rig captured with its calibration, an avatar
-    trained on its cameras; a setting only one camera's capture has is refused by name."""
+    trained on its cameras but the one [train] holds out, trained again when the held-out
+    cameras change; a setting only one camera's capture has is refused by name."""
     rig, calib, cams = filmed_rig
     job = tmp_path / "rig.toml"
     text = f"""[job]
@@ -206,6 +208,7 @@ preset = "demo"
 iterations = 6
 torso_steps = 0
 size = 64
+holdout_cameras = ["{cams[-1].name}"]
 [eval]
 enabled = false
 """
@@ -214,7 +217,15 @@ enabled = false
     assert "the rig " in capsys.readouterr().err
     ds = Dataset(tmp_path / "work" / "dataset")
     assert [c.name for c in ds.cameras] == [c.name for c in cams] and len(ds) == 120
-    assert (tmp_path / "work" / "avatar" / "checkpoint.safetensors").is_file()
+    checkpoint = tmp_path / "work" / "avatar" / "checkpoint.safetensors"
+    assert load_checkpoint(checkpoint)[1]["holdout_cameras"] == [cams[-1].name]
+    job.write_text(text.replace(f'holdout_cameras = ["{cams[-1].name}"]', "holdout_cameras = []"))
+    assert main(["run", str(job)]) == 0
+    assert f"(held-out cameras ['{cams[-1].name}'] -> none)" in capsys.readouterr().err
+    assert load_checkpoint(checkpoint)[1]["holdout_cameras"] == []
+    job.write_text(text.replace(f'["{cams[-1].name}"]', f'"{cams[-1].name}"'))
+    assert main(["run", str(job)]) == 1
+    assert "[train] holdout_cameras must be a list of camera names" in capsys.readouterr().err
     job.write_text(text.replace("size = 64\n[train]", "size = 64\nphotometric = true\n[train]"))
     assert main(["run", str(job)]) == 1
     assert "[capture] has unknown keys ['photometric'] for a rig" in capsys.readouterr().err
