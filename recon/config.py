@@ -75,10 +75,6 @@ class TrainConfig:
     """Weight of the inner-lip gap's error (and its velocity's) in the speech-to-motion loss,
     beside the codes' (recon/motion.py: fit_motion_net): the opening is what lip sync is
     judged by, and one direction among 16 codes when weighed equally."""
-    motion_range_folds: int = 3
-    """Blocks of the training speech held aside in turn (the first, the last, evenly between)
-    to measure how much MotionNet's range shrinks on speech it has not heard
-    (recon/motion.py: fit_motion_stage); pooled, so one unusual stretch does not set it."""
     motion_falloff: float = 0.015
     """Distance (metres) over which a Gaussian's share of the face mesh's motion falls off
     (exp(-(d / falloff)^2)): points on the lips move with them, the skull does not."""

@@ -288,18 +288,14 @@ def spread(x: Tensor) -> Tensor:
 
 
 def fit_motion_stage(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor, rows: Tensor, steps: int,
-                     holdout: float = 0.15, max_gain: float = 2.0, folds: int = 1, progress=None, **fit) -> dict:
+                     holdout: float = 0.15, max_gain: float = 2.0, progress=None, **fit) -> dict:
     """The speech-to-motion stage: fit `net` on all training rows, and calibrate its range.
 
     A squared-error fit regresses to the mean where speech is ambiguous, so the predicted
     mouth opens less than the real one on speech it has not heard. The shrinkage is
-    measured out of sample: a block of `holdout` of the rows is held aside, and a second
-    net of the same shape, fitted on the rest, predicts it. With `folds` > 1, as many
-    blocks are held aside in turn (the first, the last, evenly between), each with its own
-    probe, and pooled: on the 20 s clip the last block alone was easier speech than the
-    rest, found no shrinkage and left the held-out range at 0.72 of the real one (three
-    blocks: gain 1.10, range 0.78). One gain for every code, set so that the inner-lip gap
-    of the held-aside rows (after the bilabial closure) spans the tracked gap's p5-p95
+    measured out of sample: a second net of the same shape is fitted on the first
+    1 - `holdout` of the rows and predicts the rest; one gain for every code, set so that
+    the inner-lip gap there (after the bilabial closure) spans the tracked gap's p5-p95
     range, clamped to [1, max_gain], is applied around the mean of the final net's codes
     at inference (MotionNet.predict). (Without a lip axis, before set_closed_mouth, the
     codes' total spread is matched instead.) One gain, not one per code: per-code gains,
@@ -307,32 +303,21 @@ def fit_motion_stage(net: MotionNet, mel: Tensor, visemes: Tensor, codes: Tensor
     predicts and cost the 50 s clip 0.05-0.13 of held-out correlation (gap weights 1-4).
     `fit` goes to fit_motion_net. Returns {"loss", "gain"}.
     """
-    n_held = len(rows) - int(round(len(rows) * (1 - holdout)))
+    n_fit = int(round(len(rows) * (1 - holdout)))
     gain = torch.ones(())
-    if n_held >= 3 and len(rows) - n_held >= 3:
-        # Held-aside blocks spread over the clip (folds > 1: its first, last and evenly
-        # between), each predicted by a probe fitted on the other rows; pooled, so that one
-        # stretch of unusual speech does not set the gain alone.
-        starts = np.linspace(len(rows) - n_held, 0, max(folds, 1)).round().astype(int) if folds > 1 \
-            else np.array([len(rows) - n_held])
-        probes = []
-        for start in sorted(set(starts.tolist())):
-            held = torch.zeros(len(rows), dtype=torch.bool)
-            held[start:start + n_held] = True
-            probe = copy.deepcopy(net)  # the same shape and start
-            fit_motion_net(probe, mel, visemes, codes[~held], rows[~held], steps, **fit)
-            with torch.no_grad():
-                every = probe.raw(mel, visemes)
-                probes.append((probe, every[rows[~held]].mean(0), every[rows[held]], visemes[rows[held]], codes[held]))
+    if 3 <= len(rows) - n_fit and n_fit >= 3:
+        probe = copy.deepcopy(net)  # the same shape and start
+        fit_motion_net(probe, mel, visemes, codes[:n_fit], rows[:n_fit], steps, **fit)
         with torch.no_grad():
+            every = probe.raw(mel, visemes)
+            centre, held, vis = every[rows[:n_fit]].mean(0), every[rows[n_fit:]], visemes[rows[n_fit:]]
             if net.lip_axis.any():
                 measure = lambda c: spread(c @ net.lip_axis)  # noqa: E731
             else:
                 measure = lambda c: c.std(0).square().sum().sqrt()  # noqa: E731
-            target = measure(torch.cat([p[4] for p in probes]))
+            target = measure(codes[n_fit:])
             for _ in range(4):  # the closure narrows the spread it adds to: a few fixed-point steps
-                out = torch.cat([probe.close_lips(centre + gain * (held - centre), vis)
-                                 for probe, centre, held, vis, _ in probes])
+                out = probe.close_lips(centre + gain * (held - centre), vis)
                 gain = (gain * target / measure(out).clamp_min(1e-9)).clamp(1.0, max_gain)
     losses = fit_motion_net(net, mel, visemes, codes, rows, steps, progress=progress, **fit)
     with torch.no_grad():
@@ -506,12 +491,11 @@ def tracked_motion_rows(ds: Dataset, rig: MotionRig) -> Tensor:
 
 def fit_speech_to_motion(net: MotionNet, rig: MotionRig, ds: Dataset, train_ids: list[int], motion: Tensor,
                          mel: Tensor, visemes: Tensor, out: Path, progress: bool, *, steps: int, lr: float,
-                         noise: float, velocity_weight: float, gap_weight: float, range_folds: int,
-                         seed: int) -> None:
+                         noise: float, velocity_weight: float, gap_weight: float, seed: int) -> None:
     """The speech-to-motion stage of a speech-driven avatar (on the host): `net` fitted to
     the training frames' tracked codes (motion [len(ds), K]) from the clip's speech (mel,
     visemes), its lips' closed gap set from the subject's own and its range calibrated out
-    of sample on `range_folds` blocks (fit_motion_stage); logged to OUT/motion.json."""
+    of sample (fit_motion_stage); logged to OUT/motion.json."""
     from tqdm import tqdm
 
     rows = torch.tensor([int(ds.frames[i]["frame_index"]) for i in train_ids])
@@ -520,10 +504,10 @@ def fit_speech_to_motion(net: MotionNet, rig: MotionRig, ds: Dataset, train_ids:
     bar = tqdm(total=steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     t0 = time.perf_counter()
-    result = fit_motion_stage(net, mel, visemes, motion[train_ids], rows, steps, folds=range_folds, lr=lr,
-                              noise=noise, velocity_weight=velocity_weight, gap_weight=gap_weight, seed=seed,
+    result = fit_motion_stage(net, mel, visemes, motion[train_ids], rows, steps, lr=lr, noise=noise,
+                              velocity_weight=velocity_weight, gap_weight=gap_weight, seed=seed,
                               progress=lambda step, loss: (bar.update(1),
                                                            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)))
     bar.close()
-    write_json(out / "motion.json", {**result, "range_folds": range_folds, "seconds": time.perf_counter() - t0,
+    write_json(out / "motion.json", {**result, "seconds": time.perf_counter() - t0,
                                      "frames": len(rows), "codes": motion.shape[1]})

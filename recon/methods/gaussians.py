@@ -226,8 +226,7 @@ class GaussianAvatar(Method):
             fit_speech_to_motion(self.model.motion_net, rig, self.host_ds, self.train_ids, motion, self.mel.cpu(),
                                  self.visemes.cpu(), out, progress, steps=cfg.motion_steps, lr=cfg.lr_motion,
                                  noise=cfg.audio_noise, velocity_weight=cfg.motion_velocity_weight,
-                                 gap_weight=cfg.motion_gap_weight, range_folds=cfg.motion_range_folds,
-                                 seed=cfg.seed)  # host: setup
+                                 gap_weight=cfg.motion_gap_weight, seed=cfg.seed)  # host: setup
         self.model.to(self.device)
         self.stats = {name: GradStats(len(self.model.branch(b)), self.device) for name, b in BRANCHES}
         face = g.means[g.branch == FACE]

@@ -86,7 +86,6 @@ class NerfConfig:
     motion_steps: int = 600
     motion_velocity_weight: float = 1.0
     motion_gap_weight: float = 1.0
-    motion_range_folds: int = 3
     lr_motion: float = 2e-3
     audio_noise: float = 0.4
     audio_window: int = 16
@@ -265,7 +264,7 @@ class RadianceFieldAvatar(Method):
             fit_speech_to_motion(self.model.motion_net, rig, self.host_ds, self.train_ids, motion, mel.cpu(),
                                  visemes.cpu(), out, progress, steps=cfg.motion_steps, lr=cfg.lr_motion,
                                  noise=cfg.audio_noise, velocity_weight=cfg.motion_velocity_weight,
-                                 gap_weight=cfg.motion_gap_weight, range_folds=cfg.motion_range_folds, seed=cfg.seed)
+                                 gap_weight=cfg.motion_gap_weight, seed=cfg.seed)
         self.model.to(self.device)
         self.motion = motion.to(self.device)
 
