@@ -159,6 +159,7 @@ def load_job(path: str | Path, out: str | Path | None = None) -> JobConfig:
     holdout = _typed(path, "[train] holdout_cameras", train.pop("holdout_cameras", []), list, "a list of camera names")
     if not all(isinstance(name, str) and name for name in holdout):
         raise AvatarError(path, f"[train] holdout_cameras must be a list of camera names, got {holdout!r}")
+    holdout = list(dict.fromkeys(holdout))  # a name twice holds out one camera
     _typed(path, "[train] method", train.get("method", ""), str, "a method name")
     _typed(path, "[train] preset", train.get("preset", ""), str, "a preset name")
     try:
@@ -238,6 +239,7 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
     from recon.evaluate import eval_inputs, evaluate
     from recon.render import render_video
     from recon.checkpoint import load_checkpoint
+    from recon.dataset import Dataset
     from recon.engine import checkpoint_differences, train
 
     check_inputs(job)
@@ -268,6 +270,8 @@ def run_job(job: JobConfig, device: torch.device | str = "cpu") -> dict:
     t = time.perf_counter()
     avatar = out / "avatar"
     method, cfg = train_config(job.train)  # checked by load_job
+    if job.holdout_cameras:  # names the dataset lacks are refused before an avatar is moved aside
+        Dataset(dataset).split(holdout_cameras=job.holdout_cameras)
     resume = (avatar / CHECKPOINT).is_file()
     steps_done = 0
     if resume:

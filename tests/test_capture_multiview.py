@@ -219,10 +219,17 @@ enabled = false
     assert [c.name for c in ds.cameras] == [c.name for c in cams] and len(ds) == 120
     checkpoint = tmp_path / "work" / "avatar" / "checkpoint.safetensors"
     assert load_checkpoint(checkpoint)[1]["holdout_cameras"] == [cams[-1].name]
+    assert main(["run", str(job)]) == 0  # the same cameras held out: the avatar is reused
+    assert "reusing" in capsys.readouterr().err
+    job.write_text(text.replace(f'["{cams[-1].name}"]', '["cam_9"]'))  # refused before the avatar is moved
+    assert main(["run", str(job)]) == 1
+    assert "has no camera named 'cam_9'" in capsys.readouterr().err and checkpoint.is_file()
     job.write_text(text.replace(f'holdout_cameras = ["{cams[-1].name}"]', "holdout_cameras = []"))
     assert main(["run", str(job)]) == 0
     assert f"(held-out cameras ['{cams[-1].name}'] -> none)" in capsys.readouterr().err
     assert load_checkpoint(checkpoint)[1]["holdout_cameras"] == []
+    previous = tmp_path / "work" / "avatar.previous" / "checkpoint.safetensors"
+    assert load_checkpoint(previous)[1]["holdout_cameras"] == [cams[-1].name]
     job.write_text(text.replace(f'["{cams[-1].name}"]', f'"{cams[-1].name}"'))
     assert main(["run", str(job)]) == 1
     assert "[train] holdout_cameras must be a list of camera names" in capsys.readouterr().err
