@@ -123,7 +123,8 @@ def test_sfm_places_a_rig_filming_a_static_scene(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sfm, "lens_problem", first_solve_rejected)
     calib, (rot, pos, focal) = _sfm_rig(root, truth, capsys)
-    assert calib.report["rejected_solves"][0] == f"{truth[0].name}: forced by the test"
+    # The forced camera first (the same solve's other cameras may have implausible lenses of their own).
+    assert calib.report["rejected_solves"][0].startswith(f"{truth[0].name}: forced by the test")
     assert len(checked) >= 2 * len(truth)  # every camera of the first solve and of the next
     assert rot < 4.0 and pos < 0.06 and focal < 0.08, (rot, pos, focal)
     assert calib.report["principal_points"].startswith("image centres")
