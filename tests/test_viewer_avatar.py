@@ -86,6 +86,23 @@ def wait_for(cond, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def move_camera(session, position, tries: int = 5) -> None:
+    """Move a tab's camera from the server and wait until its browser reports it there.
+    The server's copy changes at once, but a report the browser sent before it got the
+    move can still arrive and put the old camera back: so wait for a report that came
+    after the move, and move again if none did."""
+    target = np.asarray(position, dtype=np.float64)
+    for _ in range(tries):
+        sent = time.perf_counter()
+        session.client.camera.position = target
+        end = time.time() + 5.0
+        while time.time() < end:
+            if session.last_move > sent and np.allclose(np.asarray(session.client.camera.position), target, atol=1e-5):
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"the browser never reported the camera moved to {target}")
+
+
 def screenshot(page) -> np.ndarray:
     import cv2
 
@@ -196,8 +213,7 @@ def test_two_tabs_have_their_own_cameras(browser, studio):
                                                         for s in studio.sessions.values()),
              what="two served tabs, their cameras placed")
     first, second = list(studio.sessions.values())
-    second.client.camera.position = second.client.camera.position + np.array([0.2, 0.0, 0.0])
-    time.sleep(1.0)
+    move_camera(second, second.client.camera.position + np.array([0.2, 0.0, 0.0]))
     assert not np.allclose(first.client.camera.position, second.client.camera.position)
     # Closing one tab mid-stream leaves the other served.
     b.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_viewer_avatar import VIEWPORT, browser, lively_avatar, wait_for  # noqa: F401 (fixtures)
+from test_viewer_avatar import VIEWPORT, browser, lively_avatar, move_camera, wait_for  # noqa: F401 (fixtures)
 from test_viewer_dataset import free_port
 
 pytestmark = pytest.mark.slow
@@ -76,14 +76,12 @@ def test_eight_tabs_for_a_minute(browser, lively_avatar, minute_speech, speech_w
         wait_for(lambda: set(studio.sessions) - known, what="the new tab's session")
         (cid,) = set(studio.sessions) - known
         session = studio.sessions[cid]
-        cam = session.client.camera
         # Its first frame, and the camera the studio placed on the face as the browser
         # reports it back (a loading page may first report its own default).
         wait_for(lambda: session.frames_sent > 0 and session.camera_placed, what="its first frame and its camera")
         # Its own camera, a little to one side (as the browser reports it back), and the speech playing.
-        target = np.asarray(cam.position) + np.array([0.01 * (k - TABS / 2), 0.005 * k, 0.0])
-        cam.position = target
-        wait_for(lambda: np.allclose(np.asarray(cam.position), target, atol=1e-5), what="the moved camera")
+        target = np.asarray(session.client.camera.position) + np.array([0.01 * (k - TABS / 2), 0.005 * k, 0.0])
+        move_camera(session, target)
         if play:  # the first tabs wait for the minute to start: their renders would slow the others' loading
             session.start()
         expected[cid] = (target, session.play.track.name)
