@@ -221,6 +221,10 @@ def _eval(args: argparse.Namespace) -> int:
         m = t["tracked_motion"]
         fit += (f"\n  driven by their tracked motion (the renderer's fit): PSNR full {fmt(m['psnr'], '.2f')} dB, "
                 f"face {fmt(m['psnr_face'], '.2f')} dB, LMD {fmt(m['lmd'], '.2f')} px")
+    m = r.get("tracked_motion")
+    tracked = (f"\n  driven by their tracked motion (a perfect speech -> motion stage): PSNR full "
+               f"{fmt(m['psnr'], '.2f')} dB, face {fmt(m['psnr_face'], '.2f')} dB, LMD {fmt(m['lmd'], '.2f')} px"
+               if m else "")
     b = r.get("torso")
     torso = (f"\n  with the 3D torso over the plate: PSNR full {fmt(b['psnr'], '.2f')} dB (torso region "
              f"{fmt(b['psnr_torso_region'], '.2f')} dB), silhouette IoU {fmt(b['silhouette_iou'], '.3f')}, "
@@ -241,7 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
   PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB (the frame's own pixels around the head){torso}
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
   LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
-  FPS   {r['fps']:.1f}{pose}{live}
+  FPS   {r['fps']:.1f}{tracked}{pose}{live}
 {lipsync}{fit}{novel}
 results: {args.avatar}/eval.json, strip: {args.avatar}/eval_strip.png""")
     return 0

@@ -19,10 +19,12 @@ from avatar.cli import main as cli
 from avatar.errors import AvatarError
 from recon.avatar_dir import load_avatar
 from recon.config import preset
-from recon.evaluate import evaluate, evaluate_drive
+from recon.dataset import behind_head
+from recon.evaluate import evaluate, evaluate_drive, render_frame
 from recon.export import export
 from recon.gaussians import load_ply
-from recon.render import render_video
+from recon.losses import psnr
+from recon.render import open_dataset, render_video
 from recon.engine import train
 
 pytestmark = pytest.mark.slow
@@ -88,9 +90,22 @@ def test_eval_render_export(trained, speech_wav, tmp_path):
     assert live["frames"] == len(r["held_out_frames"]) and live["psnr_face_offline"] == pytest.approx(r["psnr_face"])
     assert 10 < live["psnr_face"] < 60 and live["face_cost_db"] == pytest.approx(r["psnr_face"] - live["psnr_face"])
     assert live["motion"].startswith("the live motion net (distilled for 80 ms)")  # trained with the avatar
+    # The held-out frames driven by their own tracked motion: the renderer without the speech stage.
+    first = r["per_frame"][0]
+    a = load_avatar(trained)
+    ds = open_dataset(a, a.size, required=True)
+    f = ds[first["frame"]]
+    with torch.no_grad():
+        pred = render_frame(a, ds, first["frame"], behind_head(f, ds.plate(first["frame"])),
+                            a.tracked_motion(ds)[f.frame_index], torch.tensor([f.eye_openness]))[0]
+    assert first["tracked_motion"]["psnr"] == pytest.approx(float(psnr(pred, f.image)), abs=1e-4)
+    assert saved["tracked_motion"]["psnr"] == pytest.approx(np.mean([row["tracked_motion"]["psnr"]
+                                                                      for row in r["per_frame"]]))
     fit = saved["train_fit"]
     assert fit["frames"] and not set(fit["frames"]) & set(r["held_out_frames"]) and max(fit["frames"]) < 73
     assert len(fit["per_frame"]) == len(fit["frames"]) and 10 < fit["psnr_face"] < 60
+    for scores in (saved["tracked_motion"], fit, fit["tracked_motion"]):  # what `avatar eval` prints
+        assert {"psnr", "ssim", "psnr_face", "ssim_face", "lmd"} <= set(scores)
 
     for camera in ("dataset", "orbit", "fixed:20,-5"):
         out = tmp_path / f"{camera.replace(':', '_')}.mp4"
