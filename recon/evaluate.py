@@ -23,11 +23,13 @@ Metrics, written to AVATAR/eval.json:
                    is what speaking live costs in the face;
   driven_by        speech, or tracked_motion for a dataset filmed without sound (its
                    lipsync is then null);
-  tracked_motion   (speech-driven avatars with a mesh rig) the held-out frames' PSNR/SSIM/
-                   LMD driven by their own tracked motion: what a perfect speech-to-motion
-                   stage would give this renderer. Its gap to the speech-driven figures is
-                   the speech-to-motion stage's; its gap to train_fit's tracked_motion is
-                   the renderer's generalisation to unseen frames;
+  tracked_motion   the held-out frames' PSNR/SSIM/LMD driven by their own tracked motion
+                   (lmd_frames: how many renders mediapipe tracked): what a perfect
+                   speech-to-motion stage would give this renderer. Its gap to the
+                   speech-driven figures is the speech-to-motion stage's; its gap to
+                   train_fit's tracked_motion is the renderer's generalisation to unseen
+                   frames. Null for an avatar driven by tracked motion anyway (no sound)
+                   and for a dataset without tracked faces (no mesh rig);
   torso            (avatars with a torso branch) the held-out frames rendered with the 3D
                    torso over the plate instead of their own pixels: full-frame PSNR/SSIM
                    beside the frame-pixel figures above, PSNR inside the torso mask, the
@@ -182,7 +184,9 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             static_lm = _track(tracker, static_u8)
             row["lmd_static_mouth"] = _lmd(static_lm, gt_lm)
             row["opening_static_mouth"] = _opening(static_lm)
-            if tracked is not None:  # what a perfect speech-to-motion stage would give this renderer
+            if tracked is not None and not speaks:  # tracked motion drove the render itself
+                row["opening_tracked_motion"] = row["opening"]
+            elif tracked is not None:  # what a perfect speech-to-motion stage would give this renderer
                 tracked_pred = render_frame(av, ds, i, under, tracked[f.frame_index], eye)[0]
                 tracked_lm = _track(tracker, _to_uint8(tracked_pred))
                 row["opening_tracked_motion"] = _opening(tracked_lm)
@@ -205,8 +209,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         "lmd_static_mouth": float(np.mean([r["lmd_static_mouth"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_frames": len(lmd_frames),
         "driven_by": "speech" if speaks else "tracked_motion",
-        "tracked_motion": {k: _mean([r["tracked_motion"] for r in rows], k) for k in SCORE_LMD_KEYS}
-        if speaks and "tracked_motion" in rows[0] else None,
+        "tracked_motion": tracked_scores([r["tracked_motion"] for r in rows]) if "tracked_motion" in rows[0] else None,
         "lipsync": held_out_lipsync(ds, [r for r in rows if ds.camera_of[r["frame"]] == ds.camera_of[rows[0]["frame"]]],
                                     av.fps) if speaks else None,
         "novel_views": novel_view_scores(av, ds, holdout_cameras, *((tracked, "tracked_motion") if tracked is not None
@@ -388,6 +391,12 @@ def drive_result_path(avatar: str | Path, speech: str | Path, camera: str | None
 def half_size(image: torch.Tensor) -> torch.Tensor:
     """[H, W, C] -> [H // 2, W // 2, C]: the mean of each 2x2 block."""
     return torch.nn.functional.avg_pool2d(image.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
+
+
+def tracked_scores(rows: list[dict]) -> dict:
+    """The held-out frames' mean scores driven by their tracked motion; `lmd_frames` counts
+    those whose render mediapipe tracked (the speech-driven LMD has its own count)."""
+    return {**{k: _mean(rows, k) for k in SCORE_LMD_KEYS}, "lmd_frames": sum(r["lmd"] is not None for r in rows)}
 
 
 def train_fit(frames: list[int], rows: list[dict]) -> dict:

@@ -89,15 +89,21 @@ def wait_for(cond, timeout=60.0, what="condition"):
 def move_camera(session, position, tries: int = 5) -> None:
     """Move a tab's camera from the server and wait until its browser reports it there.
     The server's copy changes at once, but a report the browser sent before it got the
-    move can still arrive and put the old camera back: so wait for a report that came
-    after the move, and move again if none did."""
+    move can still arrive and put the old camera back: so wait for a report that arrived
+    after the move with the new position, and move again if none did. (viser swaps in a
+    new camera state object for each report from the browser; its own setter mutates the
+    one it has, and stamps its update time too, so neither the time nor our camera
+    callback, which viser runs later on a thread pool, can tell a report from the move.)"""
+    camera = session.client.camera
     target = np.asarray(position, dtype=np.float64)
-    for _ in range(tries):
-        sent = time.perf_counter()
-        session.client.camera.position = target
+    for attempt in range(tries):
+        if attempt:  # viser sends nothing for a position its copy already holds
+            camera.position = target + 1e-3
+        camera.position = target
+        moved = camera._state
         end = time.time() + 5.0
         while time.time() < end:
-            if session.last_move > sent and np.allclose(np.asarray(session.client.camera.position), target, atol=1e-5):
+            if camera._state is not moved and np.allclose(np.asarray(camera.position), target, atol=1e-5):
                 return
             time.sleep(0.05)
     raise AssertionError(f"the browser never reported the camera moved to {target}")
