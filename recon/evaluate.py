@@ -394,8 +394,8 @@ def half_size(image: torch.Tensor) -> torch.Tensor:
 
 
 def tracked_scores(rows: list[dict]) -> dict:
-    """The held-out frames' mean scores driven by their tracked motion; `lmd_frames` counts
-    those whose render mediapipe tracked (the speech-driven LMD has its own count)."""
+    """Mean scores of frames driven by their tracked motion; `lmd_frames` counts those whose
+    render mediapipe tracked (the speech-driven LMD has its own count)."""
     return {**{k: _mean(rows, k) for k in SCORE_LMD_KEYS}, "lmd_frames": sum(r["lmd"] is not None for r in rows)}
 
 
@@ -405,7 +405,7 @@ def train_fit(frames: list[int], rows: list[dict]) -> dict:
     out = {"frames": frames, **{k: _mean(rows, k) for k in SCORE_LMD_KEYS},
            **agreement([r["opening"] for r in rows], [r["opening_real"] for r in rows])}
     if "tracked_motion" in rows[0]:
-        out["tracked_motion"] = {k: _mean([r["tracked_motion"] for r in rows], k) for k in SCORE_LMD_KEYS}
+        out["tracked_motion"] = tracked_scores([r["tracked_motion"] for r in rows])
     return {**out, "per_frame": rows}
 
 
