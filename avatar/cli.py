@@ -209,6 +209,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     r = evaluate(args.avatar, device=_device(args))
     fmt = _fmt
+
+    def regions(scores: dict) -> str:
+        return (" (upper / middle / lower face " + " / ".join(fmt(scores.get(f"psnr_face_{k}"), ".2f") for k in
+                                                             ("upper", "middle", "lower")) + " dB)")
     p = r.get("pose_fit")
     pose = (f"\n  pose-only fit to {len(p['frames'])} frames: face PSNR {fmt(p['psnr_face_capture_pose'], '.2f')} dB with "
             f"capture's poses -> {fmt(p['psnr_face_fitted_pose'], '.2f')} dB fitted "
@@ -220,11 +224,11 @@ def _eval(args: argparse.Namespace) -> int:
     if t and t.get("tracked_motion"):
         m = t["tracked_motion"]
         fit += (f"\n  driven by their tracked motion (the renderer's fit): PSNR full {fmt(m['psnr'], '.2f')} dB, "
-                f"face {fmt(m['psnr_face'], '.2f')} dB, LMD {fmt(m['lmd'], '.2f')} px")
+                f"face {fmt(m['psnr_face'], '.2f')} dB{regions(m)}, LMD {fmt(m['lmd'], '.2f')} px")
     m = r.get("tracked_motion")
     tracked = (f"\n  driven by their tracked motion (a perfect speech -> motion stage): PSNR full "
-               f"{fmt(m['psnr'], '.2f')} dB, face {fmt(m['psnr_face'], '.2f')} dB, LMD {fmt(m['lmd'], '.2f')} px"
-               if m else "")
+               f"{fmt(m['psnr'], '.2f')} dB, face {fmt(m['psnr_face'], '.2f')} dB{regions(m)}, LMD "
+               f"{fmt(m['lmd'], '.2f')} px" if m else "")
     b = r.get("torso")
     torso = (f"\n  with the 3D torso over the plate: PSNR full {fmt(b['psnr'], '.2f')} dB (torso region "
              f"{fmt(b['psnr_torso_region'], '.2f')} dB), silhouette IoU {fmt(b['silhouette_iou'], '.3f')}, "
@@ -242,7 +246,7 @@ def _eval(args: argparse.Namespace) -> int:
     lipsync = _lipsync_table(r["lipsync"]) if r.get("lipsync") else \
         f"  lip sync: not measured (the dataset has no sound; frames driven by {r['driven_by'].replace('_', ' ')})"
     print(f"""held-out frames: {len(r['held_out_frames'])} at {r['size']}x{r['size']}
-  PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB (the frame's own pixels around the head){torso}
+  PSNR  full {fmt(r['psnr'], '.2f')} dB, face {fmt(r['psnr_face'], '.2f')} dB{regions(r)} (the frame's own pixels around the head){torso}
   SSIM  full {fmt(r['ssim'], '.4f')}, face {fmt(r['ssim_face'], '.4f')}
   LMD   {fmt(r['lmd'], '.2f')} px (static-mouth baseline {fmt(r['lmd_static_mouth'], '.2f')} px, {r['lmd_frames']} frames)
   FPS   {r['fps']:.1f}{tracked}{pose}{live}

@@ -340,6 +340,10 @@ LEFT_EAR = (263, 387, 385, 362, 380, 373)
 EYE_OUTER = (33, 263)
 UPPER_LIP, LOWER_LIP = 13, 14
 BROW_TOP, CHIN = 10, 152
+NOSE_BASE = 2
+"""The subnasale: below it the face moves with speech (lips, cheeks, jaw, chin), above it
+the face is rigid but for eyes and brows."""
+NASION, NOSE_DORSUM = 168, 197  # between the eyes; the nose's bridge just below the eyes
 N_LANDMARKS = 478
 
 

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from avatar.dataset_format import LEFT_EYE, RIGHT_EYE, RIGID, face_triangles
+from avatar.dataset_format import LEFT_EYE, NOSE_BASE, RIGHT_EYE, RIGID, face_triangles
 from avatar.geometry import pseudo_huber
 
 from .pose import so3_exp
 
-NOSE_BASE = 2  # subnasale: the rigid surface is what lies above it
 MIN_COS = 0.3  # samples seen more obliquely than ~73 deg are ignored
 
 

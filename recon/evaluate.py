@@ -6,6 +6,10 @@ pixels outside the head mask and the background plate inside it (as ER-NeRF and
 TalkingGaussian evaluate heads; the face metrics are what measure the avatar).
 Metrics, written to AVATAR/eval.json:
   psnr/ssim        full image, and face (inside mediapipe's face oval of the real frame);
+  psnr_face_upper, _middle, _lower   the face PSNR in three bands across the face
+                   (FACE_REGIONS: forehead-brows-eyes, nose-cheeks, lips-jaw-chin), here
+                   and in every block that scores faces: which part of the face the
+                   error is in, the speech-driven lower face or the rest;
   lmd              mouth-landmark distance: mediapipe face mesh on the render and on the
                    real frame, mean distance of the 40 lip landmarks in pixels;
   lmd_static_mouth the same with motion codes of zero (the clip's average mouth);
@@ -61,7 +65,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avatar.dataset_format import FACE_OVAL, LIPS, polygon_mask
+from avatar.dataset_format import CHIN, FACE_OVAL, LIPS, NASION, NOSE_BASE, NOSE_DORSUM, polygon_mask
 from avatar.errors import AvatarError
 from avatar.io import atomic_path, file_digest, write_json
 from capture import FaceTracker
@@ -81,11 +85,13 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # host: to the face tracker and the strip
 
 
-def _score(pred: torch.Tensor, gt: torch.Tensor, face: torch.Tensor | None) -> dict:
-    """PSNR/SSIM of a render [S, S, 3] against its frame, full and inside the face oval."""
+def _score(pred: torch.Tensor, gt: torch.Tensor, face: dict[str, torch.Tensor] | None) -> dict:
+    """PSNR/SSIM of a render [S, S, 3] against its frame, full and inside the face oval
+    (face_masks': also the PSNR of each of its FACE_REGIONS)."""
     row = {"psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}
-    if face is not None and face.any():
-        row.update(psnr_face=psnr(pred, gt, face), ssim_face=ssim(pred, gt, face))
+    if face is not None and face["face"].any():
+        row.update(psnr_face=psnr(pred, gt, face["face"]), ssim_face=ssim(pred, gt, face["face"]))
+        row.update({f"psnr_face_{r}": psnr(pred, gt, face[r]) if face[r].any() else None for r in FACE_REGIONS})
     return row
 
 
@@ -119,11 +125,33 @@ def eval_inputs(avatar: Path, dataset: Path) -> dict:
     return {"checkpoint": file_digest(Path(avatar) / CHECKPOINT), "dataset": dataset_fingerprint(dataset)}
 
 
-def face_mask(ds: Dataset, i: int) -> torch.Tensor | None:
-    """[S, S] bool inside frame i's tracked face oval (the face PSNR's region), or None
-    without landmarks."""
+FACE_REGIONS = ("upper", "middle", "lower")
+"""The face oval cut across the face's own vertical axis (landmarks NASION to CHIN, so a
+tilted head is cut along its face): `upper` above the nose's bridge just below the eyes
+(forehead, brows, eyes: driven by the eye signal alone), `lower` below the subnasale
+(lips, jaw, chin: what the motion codes move), `middle` the nose and cheeks between."""
+
+
+def face_region_masks(lm: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """{"face": the face oval, and each of FACE_REGIONS}: [size, size] bool masks from one
+    frame's landmarks [478, >=2] (pixels)."""
+    face = polygon_mask((size, size), lm[list(FACE_OVAL)])
+    top = lm[NASION, :2]
+    axis = lm[CHIN, :2] - top
+    axis = axis / max(float(np.linalg.norm(axis)), 1e-9)
+    yy, xx = np.mgrid[0:size, 0:size]
+    down = (xx - top[0]) * axis[0] + (yy - top[1]) * axis[1]  # pixels along the face, from between the eyes
+    upper = face & (down < (lm[NOSE_DORSUM, :2] - top) @ axis)
+    lower = face & (down >= (lm[NOSE_BASE, :2] - top) @ axis)
+    return {"face": face, "upper": upper, "middle": face & ~upper & ~lower, "lower": lower}
+
+
+def face_masks(ds: Dataset, i: int) -> dict[str, torch.Tensor] | None:
+    """face_region_masks of frame i (the face PSNR's regions) on ds.device, or None without
+    landmarks."""
     lm = ds.landmarks(i)
-    return None if lm is None else torch.from_numpy(polygon_mask((ds.size, ds.size), lm[list(FACE_OVAL)])).to(ds.device)
+    return None if lm is None else {k: torch.from_numpy(m).to(ds.device)
+                                    for k, m in face_region_masks(lm, ds.size).items()}
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -165,7 +193,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
             pred, view = render_frame(av, ds, i, under, codes[f.frame_index], eye)
             if is_held_out:
                 t_render += time.perf_counter() - t0
-            face = face_mask(ds, i)
+            face = face_masks(ds, i)
             gt_u8, pred_u8 = _to_uint8(f.image), _to_uint8(pred)
             gt_lm, pred_lm = _track(tracker, gt_u8), _track(tracker, pred_u8)
             row = {"frame": i, **_score(pred, f.image, face), "lmd": _lmd(pred_lm, gt_lm),
@@ -205,6 +233,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
         "size": ds.size,
         "psnr": _mean(rows, "psnr"), "ssim": _mean(rows, "ssim"),
         "psnr_face": _mean(rows, "psnr_face"), "ssim_face": _mean(rows, "ssim_face"),
+        **{f"psnr_face_{k}": _mean(rows, f"psnr_face_{k}") for k in FACE_REGIONS},
         "lmd": float(np.mean([r["lmd"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_static_mouth": float(np.mean([r["lmd_static_mouth"] for r in lmd_frames])) if lmd_frames else None,
         "lmd_frames": len(lmd_frames),
@@ -254,7 +283,7 @@ def live_speech_scores(av: TrainedAvatar, ds: Dataset, rows: list[dict], lookahe
             f = ds[i]
             pred = render_frame(av, ds, i, behind_head(f, ds.plate(i)), codes[min(f.frame_index, len(codes) - 1)],
                                torch.tensor([f.eye_openness], device=ds.device))[0]
-            live.append(_score(pred, f.image, face_mask(ds, i)))
+            live.append(_score(pred, f.image, face_masks(ds, i)))
     out = {"lookahead_ms": round(lookahead_s * 1000, 1), "motion": motion, "frames": len(live), "psnr": _mean(live, "psnr"),
            "psnr_face": _mean(live, "psnr_face"), "psnr_offline": _mean(rows, "psnr"),
            "psnr_face_offline": _mean(rows, "psnr_face")}
@@ -280,13 +309,13 @@ def novel_view_scores(av: TrainedAvatar, ds: Dataset, cameras: list[str], codes:
                 f = ds[i]
                 pred = render_frame(av, ds, i, behind_head(f, ds.plate(i)), codes[f.frame_index],
                                     torch.tensor([f.eye_openness], device=ds.device))[0]
-                rows.append({"frame": i, **_score(pred, f.image, face_mask(ds, i))})
+                rows.append({"frame": i, **_score(pred, f.image, face_masks(ds, i))})
             out["cameras"][name] = {"frames": len(rows), **{k: _mean(rows, k) for k in SCORE_KEYS}}
             rows_all += rows
     return {**out, **{k: _mean(rows_all, k) for k in SCORE_KEYS}}
 
 
-SCORE_KEYS = ("psnr", "ssim", "psnr_face", "ssim_face")
+SCORE_KEYS = ("psnr", "ssim", "psnr_face", "ssim_face", *(f"psnr_face_{r}" for r in FACE_REGIONS))
 SCORE_LMD_KEYS = (*SCORE_KEYS, "lmd")
 TORSO_KEYS = ("psnr", "ssim", "psnr_torso_region", "silhouette_iou", "seam", "seam_frame_pixels", "neck_coverage",
               "neck_coverage_head")
@@ -351,7 +380,7 @@ def held_out_pose_fit(av: TrainedAvatar, ds: Dataset, frames: list[int], codes: 
     for i in frames:
         f = ds[i]
         under, eye = behind_head(f, ds.plate(i)), torch.tensor([f.eye_openness], device=ds.device)
-        face = face_mask(ds, i)
+        face = (face_masks(ds, i) or {}).get("face")
         head = f.masks["head"]
         with torch.no_grad():
             pose = av.deform(codes[f.frame_index][None], eye[None])[0]

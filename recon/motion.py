@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatar.dataset_format import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, VISEMES, face_triangles, mouth_opening
+from avatar.dataset_format import (LOWER_LIP, N_LANDMARKS, NOSE_BASE, RIGID, UPPER_LIP, VISEMES, face_triangles,
+                                   mouth_opening)
 from avatar.geometry import umeyama
 from avatar.io import write_json
 
@@ -42,8 +43,6 @@ from .lipsync import closed_threshold
 if TYPE_CHECKING:
     from .dataset import Dataset
 
-NOSE_BASE = 2
-"""mediapipe's subnasale: mesh vertices below it move with speech (lips, cheeks, jaw, chin)."""
 BILABIAL = VISEMES.index("PP")
 
 

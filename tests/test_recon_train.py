@@ -20,7 +20,7 @@ from avatar.errors import AvatarError
 from recon.avatar_dir import load_avatar
 from recon.config import preset
 from recon.dataset import behind_head
-from recon.evaluate import evaluate_drive, render_frame
+from recon.evaluate import FACE_REGIONS, evaluate_drive, face_masks, face_region_masks, render_frame
 from recon.export import export
 from recon.gaussians import load_ply
 from recon.losses import psnr
@@ -74,6 +74,23 @@ def test_training_writes_a_documented_avatar(trained, sample_dataset):
         train(sample_dataset, trained, None, resume=True, progress=False, overrides={"iterations": 61})
 
 
+def test_face_regions_cut_along_the_face(face):
+    """The face oval in three bands across the face, upright or tilted: the eyes in the
+    upper band, the nose tip in the middle one, the lips in the lower one; together the
+    whole oval, each pixel in one band."""
+    size = 256
+    upright = np.c_[size / 2 + 700 * face[:, 0], size / 2 - 700 * face[:, 1]]  # head frame: y up; pixels: y down
+    c, s = np.cos(np.radians(35)), np.sin(np.radians(35))
+    tilted = (upright - size / 2) @ np.array([[c, s], [-s, c]]) + size / 2
+    for lm in (upright, tilted):
+        masks = face_region_masks(lm, size)
+        bands = np.stack([masks[k] for k in FACE_REGIONS])
+        assert (bands.sum(0) == masks["face"]).all() and all(b.sum() > 200 for b in bands)
+        for band, points in (("upper", (159, 386, 105, 334)), ("middle", (4, 205, 425)), ("lower", (13, 14, 17, 61))):
+            x, y = np.round(lm[list(points)]).astype(int).T
+            assert masks[band][y, x].all(), band
+
+
 def test_eval_render_export(trained, speech_wav, tmp_path, capsys):
     assert cli(["eval", str(trained)]) == 0
     printed = capsys.readouterr().out
@@ -105,6 +122,14 @@ def test_eval_render_export(trained, speech_wav, tmp_path, capsys):
     assert all(10 < tracked[k] < 60 for k in ("psnr", "psnr_face")) and 0 < tracked["ssim"] <= 1
     assert tracked["lmd_frames"] == sum(row["tracked_motion"]["lmd"] is not None for row in r["per_frame"])
     assert f"driven by their tracked motion (a perfect speech -> motion stage): PSNR full {tracked['psnr']:.2f} dB" \
+        in printed
+    # The face PSNR by region: each over its own band of the face oval.
+    masks = face_masks(ds, first["frame"])
+    assert first["tracked_motion"]["psnr_face_lower"] == pytest.approx(float(psnr(pred, f.image, masks["lower"])),
+                                                                       abs=1e-4)
+    assert all(r[f"psnr_face_{k}"] == pytest.approx(np.mean([row[f"psnr_face_{k}"] for row in r["per_frame"]]))
+               for k in FACE_REGIONS)
+    assert " (upper / middle / lower face " + " / ".join(f"{r[f'psnr_face_{k}']:.2f}" for k in FACE_REGIONS) + " dB)" \
         in printed
     fit = saved["train_fit"]
     assert fit["frames"] and not set(fit["frames"]) & set(r["held_out_frames"]) and max(fit["frames"]) < 73
