@@ -205,14 +205,15 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"driven by {speech}: {r['frames']} frames through camera {r['camera']}\n"
                   f"{_lipsync_table(r['lipsync'])}\nresults: {drive_result_path(args.avatar, speech, args.camera)}")
         return 0
-    from recon.evaluate import evaluate
+    from recon.evaluate import FACE_REGIONS, evaluate
 
     r = evaluate(args.avatar, device=_device(args))
     fmt = _fmt
 
     def regions(scores: dict) -> str:
-        return (" (upper / middle / lower face " + " / ".join(fmt(scores.get(f"psnr_face_{k}"), ".2f") for k in
-                                                             ("upper", "middle", "lower")) + " dB)")
+        bands = [scores.get(f"psnr_face_{k}") for k in FACE_REGIONS]
+        return "" if all(b is None for b in bands) else \
+            f" ({' / '.join(FACE_REGIONS)} face {' / '.join(fmt(b, '.2f') for b in bands)} dB)"
     p = r.get("pose_fit")
     pose = (f"\n  pose-only fit to {len(p['frames'])} frames: face PSNR {fmt(p['psnr_face_capture_pose'], '.2f')} dB with "
             f"capture's poses -> {fmt(p['psnr_face_fitted_pose'], '.2f')} dB fitted "

@@ -7,9 +7,9 @@ TalkingGaussian evaluate heads; the face metrics are what measure the avatar).
 Metrics, written to AVATAR/eval.json:
   psnr/ssim        full image, and face (inside mediapipe's face oval of the real frame);
   psnr_face_upper, _middle, _lower   the face PSNR in three bands across the face
-                   (FACE_REGIONS: forehead-brows-eyes, nose-cheeks, lips-jaw-chin), here
-                   and in every block that scores faces: which part of the face the
-                   error is in, the speech-driven lower face or the rest;
+                   (FACE_REGIONS: forehead-brows-eyes, nose-cheeks, lips-jaw-chin), here,
+                   in tracked_motion, train_fit (both rows) and novel_views: which part
+                   of the face the error is in, the speech-driven lower face or the rest;
   lmd              mouth-landmark distance: mediapipe face mesh on the render and on the
                    real frame, mean distance of the 40 lip landmarks in pixels;
   lmd_static_mouth the same with motion codes of zero (the clip's average mouth);
@@ -87,7 +87,7 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 
 def _score(pred: torch.Tensor, gt: torch.Tensor, face: dict[str, torch.Tensor] | None) -> dict:
     """PSNR/SSIM of a render [S, S, 3] against its frame, full and inside the face oval
-    (face_masks': also the PSNR of each of its FACE_REGIONS)."""
+    (with face_masks' bands: also the PSNR of each of FACE_REGIONS)."""
     row = {"psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}
     if face is not None and face["face"].any():
         row.update(psnr_face=psnr(pred, gt, face["face"]), ssim_face=ssim(pred, gt, face["face"]))
@@ -128,8 +128,9 @@ def eval_inputs(avatar: Path, dataset: Path) -> dict:
 FACE_REGIONS = ("upper", "middle", "lower")
 """The face oval cut across the face's own vertical axis (landmarks NASION to CHIN, so a
 tilted head is cut along its face): `upper` above the nose's bridge just below the eyes
-(forehead, brows, eyes: driven by the eye signal alone), `lower` below the subnasale
-(lips, jaw, chin: what the motion codes move), `middle` the nose and cheeks between."""
+(forehead, brows, eyes), `lower` below the subnasale (lips, jaw, chin: what the motion
+codes move), `middle` the nose and cheeks between. The cut is made in the image, so a
+chin raised by more than about 12 degrees brings the lower eyelids into the middle band."""
 
 
 def face_region_masks(lm: np.ndarray, size: int) -> dict[str, np.ndarray]:
@@ -141,8 +142,9 @@ def face_region_masks(lm: np.ndarray, size: int) -> dict[str, np.ndarray]:
     axis = axis / max(float(np.linalg.norm(axis)), 1e-9)
     yy, xx = np.mgrid[0:size, 0:size]
     down = (xx - top[0]) * axis[0] + (yy - top[1]) * axis[1]  # pixels along the face, from between the eyes
-    upper = face & (down < (lm[NOSE_DORSUM, :2] - top) @ axis)
-    lower = face & (down >= (lm[NOSE_BASE, :2] - top) @ axis)
+    dorsum, base = (float((lm[k, :2] - top) @ axis) for k in (NOSE_DORSUM, NOSE_BASE))
+    upper = face & (down < dorsum)
+    lower = face & (down >= max(base, dorsum))  # a steep pitch can bring the two marks together
     return {"face": face, "upper": upper, "middle": face & ~upper & ~lower, "lower": lower}
 
 

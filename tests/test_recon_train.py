@@ -131,6 +131,8 @@ def test_eval_render_export(trained, speech_wav, tmp_path, capsys):
                for k in FACE_REGIONS)
     assert " (upper / middle / lower face " + " / ".join(f"{r[f'psnr_face_{k}']:.2f}" for k in FACE_REGIONS) + " dB)" \
         in printed
+    assert all(10 < block[f"psnr_face_{k}"] < 60 for block in (tracked, saved["train_fit"]["tracked_motion"])
+               for k in FACE_REGIONS)
     fit = saved["train_fit"]
     assert fit["frames"] and not set(fit["frames"]) & set(r["held_out_frames"]) and max(fit["frames"]) < 73
     assert len(fit["per_frame"]) == len(fit["frames"]) and 10 < fit["psnr_face"] < 60
