@@ -104,8 +104,11 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> AvatarMo
     try:
         g = concat([branch_from_tensors(tensors, prefix, b) for prefix, b in (("face", FACE), ("mouth", MOUTH))])
         first = tensors["motion_net.temporal.0.weight"]  # [width, 32 + visemes, kernel]
-        model = AvatarModel(g, rig_from_tensors(tensors), motion_dim=tensors["motion_net.temporal.6.weight"].shape[0],
-                            visemes=first.shape[1] - 32, window=4 * first.shape[2])
+        model = AvatarModel(g, rig_from_tensors(tensors), motion_dim=len(tensors["motion_net.centre"]),
+                            visemes=first.shape[1] - 32, window=4 * first.shape[2],
+                            spoken=tensors["motion_net.temporal.6.weight"].shape[0])
+        if model.rig is not None:
+            model.rig.basis.spoken = model.motion_net.spoken
         for prefix in ("face_deform", "mouth_deform", "motion_net"):
             getattr(model, prefix).load_state_dict(_state(tensors, prefix))
         if any(k.startswith("torso.") for k in tensors):  # an avatar with a torso: all of it

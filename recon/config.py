@@ -66,6 +66,11 @@ class TrainConfig:
     (a few seconds of speech are easy to memorise; noise makes the mouth follow the sound)."""
     motion_components: int = 16
     """Motion codes: PCA components of the lower face's tracked motion (recon/motion.py)."""
+    motion_upper_components: int = 6
+    """Motion codes of the face above the nose base (brows, forehead, cheeks), after the lower
+    face's: the renderer learns each training frame's tracked brows instead of averaging
+    them into blur. Speech does not move them: a dataset's own frames take their tracked
+    values (like the eye signal), other speech the clip's average (recon/motion.py)."""
     motion_steps: int = 600
     """Full-clip Adam steps of the speech-to-motion stage (about 10 s per 200 frames here)."""
     motion_velocity_weight: float = 1.0

@@ -12,7 +12,8 @@ Metrics, written to AVATAR/eval.json:
                    of the face the error is in, the speech-driven lower face or the rest;
   lmd              mouth-landmark distance: mediapipe face mesh on the render and on the
                    real frame, mean distance of the 40 lip landmarks in pixels;
-  lmd_static_mouth the same with motion codes of zero (the clip's average mouth);
+  lmd_static_mouth the same with the mouth's motion codes at zero (the clip's average
+                   mouth; the upper face's kept);
   lipsync          recon/lipsync.py's measures, one row each for the real frames, the
                    avatar driven by speech, the avatar driven by each frame's tracked
                    motion (the renderer alone: it shows whether a mouth that does not
@@ -179,7 +180,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
     train_ids, held_out = ds.split(holdout_cameras=holdout_cameras)
     tracked = av.tracked_motion(ds)
     speaks = ds.has_speech and av.meta.get("speech", True)
-    codes = av.speech_motion(ds.features) if speaks else tracked  # filmed without sound: tracked motion drives
+    codes = av.dataset_motion(ds) if speaks else tracked  # filmed without sound: tracked motion drives
     fit_ids = train_ids[:: max(1, len(train_ids) // train_fit_frames)][:train_fit_frames] if train_fit_frames else []
     rows, fit_rows, strip = [], [], []
     t_render = 0.0
@@ -209,7 +210,7 @@ def evaluate(avatar: str | Path, progress: bool = True, strip_frames: int = 6, t
                                              "lmd": _lmd(_track(tracker, _to_uint8(fit_pred)), gt_lm)}
                 fit_rows.append(row)
                 continue
-            static = render_frame(av, ds, i, under, torch.zeros_like(codes[0]), eye)[0]
+            static = render_frame(av, ds, i, under, av.static_mouth(codes[f.frame_index]), eye)[0]
             static_u8 = _to_uint8(static)
             static_lm = _track(tracker, static_u8)
             row["lmd_static_mouth"] = _lmd(static_lm, gt_lm)
@@ -482,7 +483,7 @@ def evaluate_drive(avatar: str | Path, speech: str | Path, progress: bool = True
             i = replay[ping_pong(k, len(replay))]
             f = ds[i]
             under, eye = behind_head(f, ds.plate(i)), torch.tensor([1.0], device=ds.device)
-            for name, code in (("avatar", codes[k]), ("static_mouth", torch.zeros_like(codes[k]))):
+            for name, code in (("avatar", codes[k]), ("static_mouth", av.static_mouth(codes[k]))):
                 img = render_frame(av, ds, i, under, code, eye)[0]
                 opened[name].append(_opening(_track(tracker, _to_uint8(img))))
             bar.update(1)

@@ -59,7 +59,7 @@ def export(avatar: str | Path, ply: str | Path | None = None, frame: int | None 
         pose = None
         if frame is not None:
             ds, f = _dataset_frame(av, frame)
-            codes = av.speech_motion(ds.features)
+            codes = av.dataset_motion(ds)
             pose = av.deform(codes[f.frame_index][None], torch.tensor([[f.eye_openness]], device=codes.device))[0]
         return [save_mesh_ply(mesh, *av.mesh(pose, mesh_resolution))]
     if not av.has_gaussians:
@@ -79,7 +79,7 @@ def export(avatar: str | Path, ply: str | Path | None = None, frame: int | None 
     if frame is None:
         return [save_ply(ply, av.gaussians())]
     ds, f = _dataset_frame(av, frame)
-    drive = Drive(av.speech_motion(ds.features), np.full(len(ds.features["mel"]), f.eye_openness, np.float32))
+    drive = Drive(av.dataset_motion(ds), np.full(len(ds.features["mel"]), f.eye_openness, np.float32))
     return [save_ply(ply, posed_gaussians(av, drive, f.frame_index, f))]
 
 

@@ -320,6 +320,31 @@ class TrainedAvatar(ABC):
         method or the dataset has none."""
         return None
 
+    @property
+    def spoken_codes(self) -> int | None:
+        """How many of the motion codes speech drives, the first ones (the lower face's; the
+        rest are the upper face's: recon/motion.py); None: all."""
+        return None if self.motion_net is None else self.motion_net.spoken
+
+    def dataset_motion(self, ds: Dataset) -> Tensor:
+        """[rows of ds.features, C] the codes that drive a dataset's own frames from its
+        speech: the motion net's for the codes speech moves (the lower face), each frame's
+        tracked ones for the rest (the upper face: brows, forehead, cheeks), as the eye
+        signal is each frame's own. Other speech leaves those at zero, the clip's average."""
+        codes = self.speech_motion(ds.features)
+        spoken = self.spoken_codes or codes.shape[1]
+        tracked = self.tracked_motion(ds) if spoken < codes.shape[1] else None
+        if tracked is not None:
+            codes[:, spoken:] = tracked[:, spoken:]
+        return codes
+
+    def static_mouth(self, codes: Tensor) -> Tensor:
+        """codes [..., C] with the mouth at rest: the codes speech drives at zero (the clip's
+        average mouth), the upper face's as they are (eval's static-mouth baseline)."""
+        out = codes.clone()
+        out[..., : self.spoken_codes or codes.shape[-1]] = 0
+        return out
+
     # -- the head ----------------------------------------------------------------------
     @abstractmethod
     def head_points(self) -> Tensor:

@@ -99,21 +99,23 @@ class AvatarModel(nn.Module):
     rig that carries motion onto the Gaussians, and the residual deformation heads.
 
     rig: None for datasets without tracked face-mesh landmarks (ER-NeRF imports); the
-    motion codes are then a latent learned through the renders alone.
+    motion codes are then a latent learned through the renders alone. spoken: the codes
+    speech drives (MotionNet; default: the rig's, or all).
     """
 
     torso: "TorsoModel | None"
     """The neck-and-shoulders branch (recon/torso.py), None until the torso stage starts."""
 
     def __init__(self, g: Gaussians, rig: MotionRig | None = None, motion_dim: int = 16, visemes: int = 15,
-                 window: int = 16):
+                 window: int = 16, spoken: int | None = None):
         super().__init__()
         self.torso = None
         self.face = BranchParams(g.select(g.branch == FACE))
         self.mouth = BranchParams(g.select(g.branch == MOUTH))
         motion_dim = rig.basis.dim if rig is not None else motion_dim
         self.rig = rig
-        self.motion_net = MotionNet(codes=motion_dim, visemes=visemes, window=window)
+        spoken = spoken if spoken is not None else rig.basis.spoken if rig is not None else None
+        self.motion_net = MotionNet(codes=motion_dim, visemes=visemes, window=window, spoken=spoken)
         self.face_deform = DeformationHead(motion_only=False, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M),
                                            motion_dim=motion_dim)
         self.mouth_deform = DeformationHead(motion_only=True, encoding=TriPlaneEncoding(bound=HEAD_BOUND_M),

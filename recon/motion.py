@@ -9,14 +9,19 @@ mouth. The face mesh can: its mouth slit is a hole, so a point bound to a triang
 upper lip moves with the upper lip.
 
     tracked landmarks [T, 478, 3] --Procrustes onto the canonical face--> offsets [T, 478, 3]
-    offsets of the lower face --PCA on training frames--> motion codes [T, K] (whitened)
-    speech features (log-mel windows, viseme posteriors) --MotionNet--> motion codes [T, K]
-        (lips closed wherever the phone recogniser hears P, B or M)
+    offsets of the lower face, of the upper face --one PCA each on training frames-->
+        motion codes [T, K] (whitened; the lower face's first)
+    speech features (log-mel windows, viseme posteriors) --MotionNet--> the lower face's codes
+        (lips closed wherever the phone recogniser hears P, B or M; the upper face's: zero,
+        or a dataset frame's own tracked ones)
     motion codes --MotionBasis.decode--> mesh offsets [B, 478, 3] --skin--> Gaussian offsets [B, N, 3]
 
 Training renders with each frame's *tracked* motion (the renderer learns motion -> image),
 while MotionNet learns speech -> motion on the same frames; new speech goes through
-MotionNet. Codes of zero are the clip's average mouth (the static-mouth baseline).
+MotionNet. Codes of zero are the clip's average face (the static-mouth baseline).
+
+The upper face (brows, forehead) moves with expression, not speech; without codes of its
+own the renderer averaged each training frame's brows into blur.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatar.dataset_format import (LOWER_LIP, N_LANDMARKS, NOSE_BASE, RIGID, UPPER_LIP, VISEMES, face_triangles,
-                                   mouth_opening)
+from avatar.dataset_format import (LEFT_EYE, LOWER_LIP, N_LANDMARKS, NOSE_BASE, RIGHT_EYE, RIGID, UPPER_LIP, VISEMES,
+                                   face_triangles, mouth_opening)
 from avatar.geometry import umeyama
 from avatar.io import write_json
 
@@ -64,7 +69,8 @@ def tracked_offsets(landmarks: np.ndarray, canonical: np.ndarray, rigid: list[in
 
 
 class MotionBasis(nn.Module):
-    """PCA of the lower face's offsets over the training frames; codes are whitened.
+    """PCA of the face's offsets over the training frames; codes are whitened. The first
+    `spoken` codes are the lower face's (what speech moves), the rest the upper face's.
 
     Buffers: vertices [P] mesh indices that move; mean [P * 3]; components [K, P * 3]
     (orthonormal rows); std [K] the codes' standard deviation on the training frames.
@@ -77,24 +83,39 @@ class MotionBasis(nn.Module):
         self.register_buffer("mean", torch.zeros(n_moving * 3))
         self.register_buffer("components", torch.zeros(components, n_moving * 3))
         self.register_buffer("std", torch.ones(components))
+        self.spoken = components
 
     @property
     def dim(self) -> int:
         return self.components.shape[0]
 
     @classmethod
-    def fit(cls, offsets: np.ndarray, canonical: np.ndarray, components: int = 16) -> "MotionBasis":
-        """offsets: [T, P, 3] of the training frames; canonical: [P, 3]."""
-        moving = np.flatnonzero(canonical[:, 1] < canonical[NOSE_BASE, 1])
-        x = torch.from_numpy(offsets[:, moving].reshape(len(offsets), -1)).double()
-        mean = x.mean(0)
-        _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        k = min(components, len(sv))
-        basis = cls(canonical.shape[0], len(moving), k)
+    def fit(cls, offsets: np.ndarray, canonical: np.ndarray, components: int = 16, upper: int = 0) -> "MotionBasis":
+        """offsets: [T, P, 3] of the training frames; canonical: [P, 3]. `components` codes
+        of the lower face, then `upper` codes of the face above the nose base (brows,
+        forehead, cheeks; not the rigid points or the eyes' contours), each block a PCA of
+        its own vertices, so a lower code never moves a brow."""
+        lower = np.flatnonzero(canonical[:, 1] < canonical[NOSE_BASE, 1])
+        above = np.setdiff1d(np.arange(len(canonical)), np.concatenate([lower, RIGID, RIGHT_EYE, LEFT_EYE]))
+        blocks = [(lower, components)] + ([(above, upper)] if upper > 0 else [])
+        moving = np.concatenate([v for v, _ in blocks])
+        means, rows, stds, at = [], [], [], 0
+        for verts, want in blocks:
+            x = torch.from_numpy(offsets[:, verts].reshape(len(offsets), -1)).double()
+            mean = x.mean(0)
+            _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
+            k = min(want, len(sv))
+            padded = torch.zeros(k, 3 * len(moving), dtype=torch.float64)
+            padded[:, at:at + vt.shape[1]] = vt[:k]
+            means.append(mean); rows.append(padded); stds.append(sv[:k] / max(len(x) - 1, 1) ** 0.5)
+            at += vt.shape[1]
+        components = torch.cat(rows)
+        basis = cls(canonical.shape[0], len(moving), len(components))
         basis.vertices.copy_(torch.from_numpy(moving))
-        basis.mean.copy_(mean.float())
-        basis.components.copy_(vt[:k].float())
-        basis.std.copy_((sv[:k] / max(len(x) - 1, 1) ** 0.5).clamp_min(1e-9).float())
+        basis.mean.copy_(torch.cat(means).float())
+        basis.components.copy_(components.float())
+        basis.std.copy_(torch.cat(stds).clamp_min(1e-9).float())
+        basis.spoken = len(rows[0])
         return basis
 
     def axis(self, a: int, b: int, dim: int) -> Tensor:
@@ -113,7 +134,7 @@ class MotionBasis(nn.Module):
         return (x - self.mean) @ self.components.T / self.std
 
     def decode(self, codes: Tensor) -> Tensor:
-        """[B, K] codes -> [B, P, 3] offsets of every mesh vertex (zero above the nose base)."""
+        """[B, K] codes -> [B, P, 3] offsets of every mesh vertex (zero where none moves)."""
         x = self.mean + (codes * self.std) @ self.components  # [B, M * 3]
         out = x.new_zeros(len(codes), self.n_vertices, 3)
         out[:, self.vertices] = x.reshape(len(codes), -1, 3)
@@ -127,10 +148,16 @@ class MotionNet(nn.Module):
     (speaker-independent: which mouth shape the phone needs). Each frame is encoded from
     its 160 ms window, then temporal convolutions over about +-`window` / 2 frames give
     the codes [T, K] (lips move ahead of the sound they make, and settle after it).
+    Only the first `spoken` codes (default: all) come from speech, the lower face's; the
+    rest (the upper face's: MotionBasis.fit) are zero, the clip's average, for any speech.
     """
 
-    def __init__(self, codes: int = 16, visemes: int = 15, window: int = 16, width: int = 64, dropout: float = 0.2):
+    def __init__(self, codes: int = 16, visemes: int = 15, window: int = 16, width: int = 64, dropout: float = 0.2,
+                 spoken: int | None = None):
         super().__init__()
+        self.spoken = codes if spoken is None else spoken
+        if not 1 <= self.spoken <= codes:
+            raise ValueError(f"spoken codes must be 1..{codes}, got {self.spoken}")
         self.frame_net = nn.Sequential(
             nn.Conv1d(80, 64, 3, padding=1), nn.LeakyReLU(0.02),
             nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.02),
@@ -141,7 +168,7 @@ class MotionNet(nn.Module):
         self.temporal = nn.Sequential(
             nn.Conv1d(32 + visemes, width, k, padding=k // 2), nn.LeakyReLU(0.02), nn.Dropout(dropout),
             nn.Conv1d(width, width, k, padding=k // 2), nn.LeakyReLU(0.02), nn.Dropout(dropout),
-            nn.Conv1d(width, codes, k, padding=k // 2),
+            nn.Conv1d(width, self.spoken, k, padding=k // 2),
         )
         # Inference calibration (fit_motion_stage): codes = centre + gain * (raw - centre).
         self.register_buffer("centre", torch.zeros(codes))
@@ -161,7 +188,7 @@ class MotionNet(nn.Module):
         return sum(m.kernel_size[0] // 2 for m in self.temporal if isinstance(m, nn.Conv1d))
 
     def raw(self, mel: Tensor, visemes: Tensor) -> Tensor:
-        """Codes [T, K] before the bilabial closure."""
+        """Codes [T, K] before the bilabial closure (zero past the `spoken` ones)."""
         return self.raw_windows(mel[None], visemes[None])[0]
 
     def raw_windows(self, mel: Tensor, visemes: Tensor) -> Tensor:
@@ -169,7 +196,8 @@ class MotionNet(nn.Module):
         B, T = mel.shape[:2]
         per_frame = self.frame_net(mel.reshape(B * T, *mel.shape[2:]).transpose(1, 2))[..., 0]  # [B T, 32]
         x = torch.cat([per_frame.reshape(B, T, -1), visemes.to(per_frame)], -1).transpose(1, 2)  # [B, 32 + V, T]
-        return self.temporal(x).transpose(1, 2)
+        out = self.temporal(x).transpose(1, 2)
+        return F.pad(out, (0, len(self.centre) - self.spoken))
 
     def close_lips(self, codes: Tensor, visemes: Tensor) -> Tensor:
         """codes [T, K] with the lips closed once per bilabial phone (visemes [T, V]). The
@@ -460,13 +488,14 @@ def tracked_landmarks(ds: Dataset) -> np.ndarray:
     return np.load(ds.root / ds.meta.get("landmarks_3d", ds.meta["landmarks"]), mmap_mode="r")
 
 
-def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float) -> tuple[MotionRig, Tensor]:
+def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float,
+            upper: int = 0) -> tuple[MotionRig, Tensor]:
     """The face mesh rig of a dataset (its canonical face, triangles, and the motion basis
     of `components` codes fitted on the training frames' tracked lower-face motion), and
     every frame's tracked codes [len(ds), K] (as tracked_motion gives them)."""
     canonical = ds.face_geometry().numpy()
     offsets = tracked_offsets(tracked_landmarks(ds), canonical, list(RIGID))
-    basis = MotionBasis.fit(offsets[train_ids], canonical, components)
+    basis = MotionBasis.fit(offsets[train_ids], canonical, components, upper)
     rig = MotionRig(basis, torch.from_numpy(canonical), torch.tensor(face_triangles()), falloff)
     return rig, basis.encode(torch.from_numpy(offsets)).float()
 
@@ -494,16 +523,19 @@ def fit_speech_to_motion(net: MotionNet, rig: MotionRig, ds: Dataset, train_ids:
     """The speech-to-motion stage of a speech-driven avatar (on the host): `net` fitted to
     the training frames' tracked codes (motion [len(ds), K]) from the clip's speech (mel,
     visemes), its lips' closed gap set from the subject's own and its range calibrated out
-    of sample (fit_motion_stage); logged to OUT/motion.json."""
+    of sample (fit_motion_stage); logged to OUT/motion.json. Codes past the net's `spoken`
+    ones are not speech's: their targets are zero, as its output is."""
     from tqdm import tqdm
 
     rows = torch.tensor([int(ds.frames[i]["frame_index"]) for i in train_ids])
+    targets = motion[train_ids].clone()
+    targets[:, net.spoken:] = 0
     opening = mouth_opening(np.stack([ds.landmarks(i) for i in train_ids]))
     net.set_closed_mouth(rig.basis, motion[train_ids], opening)
     bar = tqdm(total=steps, desc="speech -> motion", unit="it", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     t0 = time.perf_counter()
-    result = fit_motion_stage(net, mel, visemes, motion[train_ids], rows, steps, lr=lr, noise=noise,
+    result = fit_motion_stage(net, mel, visemes, targets, rows, steps, lr=lr, noise=noise,
                               velocity_weight=velocity_weight, gap_weight=gap_weight, seed=seed,
                               progress=lambda step, loss: (bar.update(1),
                                                            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)))

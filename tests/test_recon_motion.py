@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from avatar.dataset_format import LOWER_LIP, N_LANDMARKS, RIGID, UPPER_LIP, face_triangles
+from avatar.dataset_format import LEFT_EYE, LOWER_LIP, N_LANDMARKS, RIGHT_EYE, RIGID, UPPER_LIP, face_triangles
 from recon.motion import (MotionBasis, MotionNet, MotionRig, bind_to_mesh, closest_on_triangles, fit_motion_net,
                           fit_motion_stage, tracked_offsets)
 
@@ -48,6 +48,57 @@ def test_basis_round_trips_and_moves_only_the_lower_face():
     back = basis.decode(codes)
     torch.testing.assert_close(back, torch.from_numpy(offsets).float(), atol=1e-6, rtol=1e-4)
     assert float(back[:, ~torch.from_numpy(lower)].abs().max()) == 0
+
+
+def test_upper_face_codes_move_the_brows_and_never_the_mouth():
+    """With `upper` codes, the basis has a second block for the face above the nose base:
+    each block's codes move only its own vertices, the rigid points and the eyes' contours
+    move with neither, and a brow raise round-trips through the upper codes alone."""
+    face = canonical_face()
+    eyes = np.zeros(N_LANDMARKS, bool)
+    eyes[list(RIGHT_EYE) + list(LEFT_EYE)] = True
+    face[eyes, 1] = np.abs(face[eyes, 1]) + 0.01  # the eyes above the nose base, as in a face
+    rng = np.random.default_rng(3)
+    lower = face[:, 1] < face[2, 1]
+    still = np.zeros(N_LANDMARKS, bool)
+    still[list(RIGID) + list(RIGHT_EYE) + list(LEFT_EYE)] = True
+    upper = ~lower & ~still
+    mouth = rng.normal(size=(2, N_LANDMARKS, 3)) * lower[:, None]
+    brows = rng.normal(size=(1, N_LANDMARKS, 3)) * upper[:, None]
+    blink = rng.normal(size=(N_LANDMARKS, 3)) * eyes[:, None]  # the eye signal's, not the codes'
+    weights = rng.normal(size=(40, 4))
+    offsets = (np.einsum("tk,kpi->tpi", weights[:, :2], mouth) + weights[:, 2, None, None] * brows[0]
+               + weights[:, 3, None, None] * blink) * 1e-3
+    basis = MotionBasis.fit(offsets.astype(np.float32), face, components=2, upper=1)
+    assert basis.dim == 3 and basis.spoken == 2
+    codes = basis.encode(torch.from_numpy(offsets).float())
+    torch.testing.assert_close(basis.decode(codes), torch.from_numpy(offsets * ~eyes[:, None]).float(), atol=1e-6,
+                               rtol=1e-4)
+    torch.testing.assert_close(codes[:, 2].abs(), torch.from_numpy(np.abs(weights[:, 2] - weights[:, 2].mean())
+                                                                    / weights[:, 2].std(ddof=1)).float(), atol=1e-4, rtol=1e-3)
+    lower_t, upper_t = torch.from_numpy(lower), torch.from_numpy(upper)
+    by_mouth = basis.decode(torch.tensor([[3.0, -2.0, 0.0]])) - basis.decode(torch.zeros(1, 3))
+    by_brows = basis.decode(torch.tensor([[0.0, 0.0, 3.0]])) - basis.decode(torch.zeros(1, 3))
+    assert float(by_mouth[:, ~lower_t].abs().max()) == 0 and float(by_mouth[:, lower_t].abs().max()) > 1e-3
+    assert float(by_brows[:, ~upper_t].abs().max()) == 0 and float(by_brows[:, upper_t].abs().max()) > 1e-3
+    without = MotionBasis.fit(offsets.astype(np.float32), face, components=2)
+    assert without.spoken == without.dim == 2
+    assert not np.isin(upper.nonzero()[0], without.vertices.numpy()).any()  # no upper codes: the brows stay
+
+
+def test_motion_net_leaves_unspoken_codes_at_zero():
+    """The codes past `spoken` (the upper face's) are zero for any speech, before and after
+    the calibration, and fitting ignores those targets."""
+    g = torch.Generator().manual_seed(0)
+    mel, visemes = torch.randn(30, 16, 80, generator=g), torch.rand(30, 15, generator=g)
+    net = MotionNet(codes=5, window=4, spoken=3)
+    codes = torch.randn(30, 5, generator=g)
+    fit_motion_stage(net, mel, visemes, codes, torch.arange(30), steps=5)
+    assert net.raw(mel, visemes).shape == (30, 5)
+    assert float(net.predict(mel, visemes)[:, 3:].abs().max()) == 0
+    assert float(net.predict(mel, visemes)[:, :3].abs().max()) > 0
+    with pytest.raises(ValueError, match="spoken codes must be 1..5"):
+        MotionNet(codes=5, spoken=6)
 
 
 def test_closest_points_agree_with_a_dense_search():

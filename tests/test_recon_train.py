@@ -117,6 +117,19 @@ def test_eval_render_export(trained, speech_wav, tmp_path, capsys):
         pred = render_frame(a, ds, first["frame"], behind_head(f, ds.plate(first["frame"])),
                             a.tracked_motion(ds)[f.frame_index], torch.tensor([f.eye_openness]))[0]
     assert first["tracked_motion"]["psnr"] == pytest.approx(float(psnr(pred, f.image)), abs=1e-4)
+    # The upper face's codes: any speech leaves them at the clip's average; a dataset's own
+    # frame takes its tracked ones (eval's held-out rows), and they survive the checkpoint.
+    spoken = a.motion_net.spoken
+    assert spoken == a.model.rig.basis.spoken == 16 and a.model.rig.basis.dim == 22
+    speech, own, tracked_codes = a.speech_motion(ds.features), a.dataset_motion(ds), a.tracked_motion(ds)
+    assert float(speech[:, spoken:].abs().max()) == 0 and float(tracked_codes[:, spoken:].abs().max()) > 0
+    torch.testing.assert_close(own, torch.cat([speech[:, :spoken], tracked_codes[:, spoken:]], 1))
+    rest = a.static_mouth(own)  # the static-mouth baseline keeps the frame's brows
+    assert float(rest[:, :spoken].abs().max()) == 0 and torch.equal(rest[:, spoken:], own[:, spoken:])
+    with torch.no_grad():
+        pred_own = render_frame(a, ds, first["frame"], behind_head(f, ds.plate(first["frame"])), own[f.frame_index],
+                                torch.tensor([f.eye_openness]))[0]
+    assert first["psnr"] == pytest.approx(float(psnr(pred_own, f.image)), abs=1e-4)
     tracked = saved["tracked_motion"]
     assert tracked["psnr"] == pytest.approx(np.mean([row["tracked_motion"]["psnr"] for row in r["per_frame"]]))
     assert all(10 < tracked[k] < 60 for k in ("psnr", "psnr_face")) and 0 < tracked["ssim"] <= 1

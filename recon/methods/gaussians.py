@@ -215,7 +215,8 @@ class GaussianAvatar(Method):
         cfg = self.cfg
         g = init_gaussians(self.host_ds, n_volume=cfg.init_volume_points, n_mouth=cfg.init_mouth_points,
                            sh_degree=cfg.sh_degree, seed=cfg.seed, train_ids=self.train_ids)
-        rig, motion = (fit_rig(self.host_ds, self.train_ids, cfg.motion_components, cfg.motion_falloff)
+        rig, motion = (fit_rig(self.host_ds, self.train_ids, cfg.motion_components, cfg.motion_falloff,
+                               cfg.motion_upper_components)
                        if has_tracked_faces(self.host_ds) else (None, None))
         if rig is None and not self.ds.has_speech:
             raise AvatarError(self.ds.root, "has neither speech nor tracked faces: nothing drives the avatar",
