@@ -105,15 +105,17 @@ class MotionBasis(nn.Module):
             mean = x.mean(0)
             _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
             k = min(want, len(sv))
-            padded = torch.zeros(k, 3 * len(moving), dtype=torch.float64)
-            padded[:, at:at + vt.shape[1]] = vt[:k]
-            means.append(mean); rows.append(padded); stds.append(sv[:k] / max(len(x) - 1, 1) ** 0.5)
+            row = torch.zeros(k, 3 * len(moving), dtype=torch.float64)  # zero on the other block's vertices
+            row[:, at:at + vt.shape[1]] = vt[:k]
+            means.append(mean)
+            rows.append(row)
+            stds.append(sv[:k] / max(len(x) - 1, 1) ** 0.5)
             at += vt.shape[1]
-        components = torch.cat(rows)
-        basis = cls(canonical.shape[0], len(moving), len(components))
+        stacked = torch.cat(rows)
+        basis = cls(canonical.shape[0], len(moving), len(stacked))
         basis.vertices.copy_(torch.from_numpy(moving))
         basis.mean.copy_(torch.cat(means).float())
-        basis.components.copy_(components.float())
+        basis.components.copy_(stacked.float())
         basis.std.copy_(torch.cat(stds).clamp_min(1e-9).float())
         basis.spoken = len(rows[0])
         return basis
@@ -491,8 +493,9 @@ def tracked_landmarks(ds: Dataset) -> np.ndarray:
 def fit_rig(ds: Dataset, train_ids: list[int], components: int, falloff: float,
             upper: int = 0) -> tuple[MotionRig, Tensor]:
     """The face mesh rig of a dataset (its canonical face, triangles, and the motion basis
-    of `components` codes fitted on the training frames' tracked lower-face motion), and
-    every frame's tracked codes [len(ds), K] (as tracked_motion gives them)."""
+    of `components` codes fitted on the training frames' tracked lower-face motion, then
+    `upper` of their upper face's), and every frame's tracked codes [len(ds), K] (as
+    tracked_motion gives them)."""
     canonical = ds.face_geometry().numpy()
     offsets = tracked_offsets(tracked_landmarks(ds), canonical, list(RIGID))
     basis = MotionBasis.fit(offsets[train_ids], canonical, components, upper)
