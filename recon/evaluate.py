@@ -1,7 +1,7 @@
 """`avatar eval`: score a trained avatar on the held-out frames (the last 1/11 of the clip,
 never trained on), and its lip sync on any speech.
 
-Each held-out frame is rendered from its own camera, speech and eye signal, over its own
+Each held-out frame is rendered from its own camera, speech, eye signal and tracked upper-face codes, over its own
 pixels outside the head mask and the background plate inside it (as ER-NeRF and
 TalkingGaussian evaluate heads; the face metrics are what measure the avatar).
 Metrics, written to AVATAR/eval.json:

@@ -18,7 +18,7 @@ upper lip moves with the upper lip.
 
 Training renders with each frame's *tracked* motion (the renderer learns motion -> image),
 while MotionNet learns speech -> motion on the same frames; new speech goes through
-MotionNet. Codes of zero are the clip's average face (the static-mouth baseline).
+MotionNet. Codes of zero are the clip's average face (the mouth's at zero: the static-mouth baseline).
 
 The upper face (brows, forehead) moves with expression, not speech; without codes of its
 own the renderer averaged each training frame's brows into blur.
